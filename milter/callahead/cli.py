@@ -1,0 +1,139 @@
+"""The command line: ``callahead serve``, ``callahead probe ADDRESS``, ``callahead config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from . import __version__
+from .config import EX_CONFIG, VARIABLES, Config, ConfigError, load_config
+from .policy import split_recipient
+from .probe import SmtpProber, UnsendableAddress, Verdict, wire_address
+
+EX_USAGE = 64
+EX_SOFTWARE = 70
+PROBE_EXIT = {Verdict.VALID: 0, Verdict.UNKNOWN: 1, Verdict.TEMPFAIL: 2}
+
+log = logging.getLogger("callahead")
+
+
+def variables_help() -> str:
+    width = max(len(v.name) for v in VARIABLES)
+    lines = ["environment variables (default in brackets):"]
+    for v in VARIABLES:
+        default = v.default if v.default else "empty"
+        lines.append(f"  {v.name:<{width}}  {v.meaning} [{default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = {
+        "epilog": variables_help(),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+    parser = argparse.ArgumentParser(
+        prog="callahead",
+        description="Recipient-verification milter for a Postfix backup MX: probes the "
+        "primary for every RCPT TO and rejects unknown recipients with 550.",
+        **common,  # type: ignore[arg-type]
+    )
+    parser.add_argument("--version", action="version", version=f"callahead {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        help="run the milter in the foreground",
+        description="Run the milter in the foreground until SIGTERM or SIGINT.",
+        **common,  # type: ignore[arg-type]
+    )
+    probe = sub.add_parser(
+        "probe",
+        help="probe the primary for one address",
+        description="Probe the primary for one address, with the same configuration and "
+        "no cache. Exit 0 valid, 1 unknown, 2 tempfail, 64 usage error, 78 bad config.",
+        **common,  # type: ignore[arg-type]
+    )
+    probe.add_argument("address", metavar="ADDRESS", help="recipient, e.g. user@example.com")
+    sub.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the effective configuration; exit 78 if a value is bad.",
+        **common,  # type: ignore[arg-type]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(os.environ if env is None else env)
+    except ConfigError as exc:
+        print(f"callahead: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    command: str = args.command
+    if command == "config":
+        for name, value in config.describe():
+            print(f"{name}={value}")
+        return 0
+    if command == "probe":
+        return run_probe(config, args.address)
+    return run_serve(config)
+
+
+def run_probe(config: Config, address_arg: str) -> int:
+    if not config.routes:
+        print("callahead: CALLAHEAD_ROUTES is empty: no primary to probe", file=sys.stderr)
+        return EX_CONFIG
+    parts = split_recipient(address_arg)
+    if parts is None:
+        print(
+            f"callahead: {address_arg!r} is not an address (expected user@domain)", file=sys.stderr
+        )
+        return EX_USAGE
+    address = f"{parts[0]}@{parts[1]}"
+    try:
+        wire_address(address)
+    except UnsendableAddress as exc:
+        print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
+        return EX_USAGE
+    hops = config.routes.lookup(parts[1])
+    if not hops:
+        print(f"callahead: no route for {parts[1]!r} in CALLAHEAD_ROUTES", file=sys.stderr)
+        return EX_USAGE
+    prober = SmtpProber(
+        helo_name=config.helo_name, sender=config.probe_sender, timeout=config.probe_timeout
+    )
+
+    async def once() -> int:
+        result = await prober.probe(address, hops)
+        code = "no reply" if result.code is None else str(result.code)
+        print(
+            f"{result.verdict.value}: {address} at {result.primary}: {code} at "
+            f"{result.stage.value.upper()} ({result.duration * 1000:.1f} ms): {result.detail}"
+        )
+        await prober.aclose()
+        return PROBE_EXIT[result.verdict]
+
+    return asyncio.run(once())
+
+
+def run_serve(config: Config) -> int:
+    if not config.routes:
+        print(
+            "callahead: CALLAHEAD_ROUTES='' is invalid: serve needs at least one "
+            "domain=nexthop route",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
+    from .server import serve
+
+    return serve(config)

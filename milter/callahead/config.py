@@ -1,0 +1,327 @@
+"""Configuration: every ``CALLAHEAD_*`` variable, read once and validated.
+
+``load_config`` turns an environment mapping into a frozen ``Config`` or raises
+``ConfigError`` naming the variable, the value and what is allowed. Nothing else in the
+package reads the environment.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import math
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .routes import RouteError, RouteTable, parse_routes
+
+EX_CONFIG = 78
+"""Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
+
+DEFAULT_SOCKET = "inet:127.0.0.1:8895"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
+
+
+class TempfailAction(enum.Enum):
+    """What a recipient gets when the probe cannot decide."""
+
+    ACCEPT = "accept"
+    DEFER = "defer"
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable, as ``--help`` and the README list it."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "CALLAHEAD_SOCKET",
+        DEFAULT_SOCKET,
+        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path",
+    ),
+    Variable(
+        "CALLAHEAD_ROUTES",
+        "",
+        "domain=nexthop entries, separated by spaces or commas; nexthop as in "
+        "transport(5): [host], [host]:port or host:port, optional smtp:/relay: "
+        "prefix; .example.com matches subdomains; a domain listed twice fails over "
+        "in order (required by serve and probe)",
+    ),
+    Variable("CALLAHEAD_CACHE_TTL", "86400", "seconds a positive answer is trusted"),
+    Variable("CALLAHEAD_CACHE_SIZE", "100000", "most addresses kept in the positive cache"),
+    Variable(
+        "CALLAHEAD_TEMPFAIL_ACTION",
+        "accept",
+        "accept or defer, when the probe cannot decide",
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_TIMEOUT",
+        "10",
+        "seconds for a whole probe; keep well below Postfix's milter_command_timeout",
+    ),
+    Variable("CALLAHEAD_PROBE_SENDER", "", "MAIL FROM of the probes; empty is <>"),
+    Variable("CALLAHEAD_HELO_NAME", "(this host's FQDN)", "EHLO name of the probes"),
+    Variable(
+        "CALLAHEAD_METRICS_LISTEN",
+        DEFAULT_METRICS_LISTEN,
+        "HOST:PORT of the Prometheus /metrics endpoint; empty disables it",
+    ),
+    Variable("CALLAHEAD_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+_NAMES = frozenset(v.name for v in VARIABLES)
+_DEFAULTS = {v.name: v.default for v in VARIABLES}
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A bad value: names the variable, the value and what is allowed."""
+
+    def __init__(self, variable: str, value: str, allowed: str) -> None:
+        super().__init__(f"{variable}={value!r} is invalid: {allowed}")
+        self.variable = variable
+        self.value = value
+        self.allowed = allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration."""
+
+    socket: str
+    """The socket as the operator wrote it."""
+    milter_socket: str
+    """The same socket in libmilter's form (``inet:PORT@HOST``, ``inet6:…``, ``unix:…``)."""
+    routes: RouteTable
+    cache_ttl: float
+    cache_size: int
+    tempfail_action: TempfailAction
+    probe_timeout: float
+    probe_sender: str
+    helo_name: str
+    metrics_listen: tuple[str, int] | None
+    log_level: int
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(variable, effective value) pairs, in the order of ``VARIABLES``."""
+        metrics = "" if self.metrics_listen is None else _join_hostport(*self.metrics_listen)
+        routes = " ".join(f"{d}={h}" for d, h in self.routes.entries())
+        return [
+            ("CALLAHEAD_SOCKET", self.socket),
+            ("CALLAHEAD_ROUTES", routes),
+            ("CALLAHEAD_CACHE_TTL", _fmt_number(self.cache_ttl)),
+            ("CALLAHEAD_CACHE_SIZE", str(self.cache_size)),
+            ("CALLAHEAD_TEMPFAIL_ACTION", self.tempfail_action.value),
+            ("CALLAHEAD_PROBE_TIMEOUT", _fmt_number(self.probe_timeout)),
+            ("CALLAHEAD_PROBE_SENDER", self.probe_sender),
+            ("CALLAHEAD_HELO_NAME", self.helo_name),
+            ("CALLAHEAD_METRICS_LISTEN", metrics),
+            ("CALLAHEAD_LOG_LEVEL", logging.getLevelName(self.log_level)),
+        ]
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+T = TypeVar("T")
+
+
+def _parse_number(
+    name: str,
+    value: str,
+    convert: Callable[[str], T],
+    *,
+    what: str,
+    minimum: float = 0,
+    maximum: float = math.inf,
+    exclusive_minimum: bool = False,
+) -> T:
+    try:
+        number = convert(value.strip())
+    except ValueError:
+        raise ConfigError(name, value, what) from None
+    if (
+        not isinstance(number, int | float)
+        or not math.isfinite(number)
+        or number < minimum
+        or (exclusive_minimum and number == minimum)
+        or number > maximum
+    ):
+        raise ConfigError(name, value, what)
+    return number
+
+
+def _parse_port(text: str) -> int | None:
+    if text.isdigit() and 0 < int(text) < 65536:
+        return int(text)
+    return None
+
+
+def _valid_host(host: str) -> bool:
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return all(part and part.replace("-", "").isalnum() for part in host.rstrip(".").split("."))
+
+
+def _split_hostport(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6addr]:port``; None when malformed."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return None
+        port = _parse_port(rest[1:])
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            return None
+        port = _parse_port(port_text)
+    if port is None or not _valid_host(host):
+        return None
+    return host, port
+
+
+def parse_socket(name: str, value: str) -> str:
+    """Validate a milter socket spec and return it in libmilter's form."""
+    allowed = "expected inet:HOST:PORT, inet:PORT@HOST, inet6:PORT@HOST or unix:/absolute/path"
+    kind, sep, rest = value.strip().partition(":")
+    kind = kind.lower()
+    if not sep or not rest:
+        raise ConfigError(name, value, allowed)
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ConfigError(name, value, allowed)
+        return f"unix:{rest}"
+    if kind not in ("inet", "inet6"):
+        raise ConfigError(name, value, allowed)
+    if "@" in rest:
+        port_text, _, host = rest.partition("@")
+        port = _parse_port(port_text)
+        if port is None or not _valid_host(host.strip("[]")):
+            raise ConfigError(name, value, allowed)
+        host = host.strip("[]")
+    else:
+        parsed = _split_hostport(rest)
+        if parsed is None:
+            raise ConfigError(name, value, allowed)
+        host, port = parsed
+    family = "inet6" if ":" in host or kind == "inet6" else "inet"
+    return f"{family}:{port}@{host}"
+
+
+def _parse_metrics(name: str, value: str) -> tuple[str, int] | None:
+    if not value.strip():
+        return None
+    parsed = _split_hostport(value.strip())
+    if parsed is None:
+        raise ConfigError(name, value, "expected HOST:PORT or [IPV6]:PORT, or empty to disable")
+    return parsed
+
+
+def _parse_address(name: str, value: str) -> str:
+    sender = value.strip()
+    if sender.startswith("<") and sender.endswith(">"):
+        sender = sender[1:-1]
+    if any(c in sender for c in "<>\r\n\0 \t") or len(sender) > 254:
+        raise ConfigError(name, value, "expected an email address, or empty for <>")
+    if sender and "@" not in sender:
+        raise ConfigError(name, value, "expected an email address, or empty for <>")
+    return sender
+
+
+def _parse_helo(name: str, value: str) -> str:
+    helo = value.strip()
+    if not helo:
+        return socket.getfqdn() or "localhost"
+    if not _valid_host(helo) and not (helo.startswith("[") and helo.endswith("]")):
+        raise ConfigError(name, value, "expected a host name (or [address] literal)")
+    return helo
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Read and validate every ``CALLAHEAD_*`` variable from ``env``."""
+    unknown = sorted(k for k in env if k.startswith("CALLAHEAD_") and k not in _NAMES)
+    if unknown:
+        raise ConfigError(unknown[0], env[unknown[0]], "unknown variable (see --help)")
+
+    def get(name: str) -> str:
+        value = env.get(name)
+        if value is None:
+            return _DEFAULTS[name] if name != "CALLAHEAD_HELO_NAME" else ""
+        return value
+
+    socket_value = get("CALLAHEAD_SOCKET")
+    milter_socket = parse_socket("CALLAHEAD_SOCKET", socket_value)
+
+    routes_value = get("CALLAHEAD_ROUTES")
+    try:
+        routes = parse_routes(routes_value)
+    except RouteError as exc:
+        raise ConfigError("CALLAHEAD_ROUTES", routes_value, str(exc)) from None
+
+    cache_ttl = _parse_number(
+        "CALLAHEAD_CACHE_TTL",
+        get("CALLAHEAD_CACHE_TTL"),
+        float,
+        what="expected a number of seconds >= 0 (0 disables the cache)",
+    )
+    cache_size = _parse_number(
+        "CALLAHEAD_CACHE_SIZE",
+        get("CALLAHEAD_CACHE_SIZE"),
+        int,
+        what="expected a whole number >= 0 (0 disables the cache)",
+    )
+    action_value = get("CALLAHEAD_TEMPFAIL_ACTION")
+    try:
+        tempfail_action = TempfailAction(action_value.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            "CALLAHEAD_TEMPFAIL_ACTION", action_value, "expected accept or defer"
+        ) from None
+    probe_timeout = _parse_number(
+        "CALLAHEAD_PROBE_TIMEOUT",
+        get("CALLAHEAD_PROBE_TIMEOUT"),
+        float,
+        exclusive_minimum=True,
+        maximum=300,
+        what="expected a number of seconds > 0 and at most 300",
+    )
+    probe_sender = _parse_address("CALLAHEAD_PROBE_SENDER", get("CALLAHEAD_PROBE_SENDER"))
+    helo_name = _parse_helo("CALLAHEAD_HELO_NAME", get("CALLAHEAD_HELO_NAME"))
+    metrics_listen = _parse_metrics("CALLAHEAD_METRICS_LISTEN", get("CALLAHEAD_METRICS_LISTEN"))
+    level_value = get("CALLAHEAD_LOG_LEVEL")
+    level_name = level_value.strip().upper()
+    if level_name not in _LOG_LEVELS:
+        raise ConfigError("CALLAHEAD_LOG_LEVEL", level_value, "expected " + ", ".join(_LOG_LEVELS))
+
+    return Config(
+        socket=socket_value.strip(),
+        milter_socket=milter_socket,
+        routes=routes,
+        cache_ttl=cache_ttl,
+        cache_size=cache_size,
+        tempfail_action=tempfail_action,
+        probe_timeout=probe_timeout,
+        probe_sender=probe_sender,
+        helo_name=helo_name,
+        metrics_listen=metrics_listen,
+        log_level=logging.getLevelNamesMapping()[level_name],
+    )

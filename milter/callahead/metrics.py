@@ -1,0 +1,70 @@
+"""Prometheus metrics. Names are part of the product: see SPEC.md and the README."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .policy import Action, Decision, Reason
+from .probe import Verdict
+
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric callahead exports, in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "callahead_rcpt_decisions",
+            "Recipients judged, by decision and reason",
+            ["decision", "reason"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "callahead_probes", "Probes of a primary, by outcome", ["outcome"], registry=r
+        )
+        self.probe_duration = Histogram(
+            "callahead_probe_duration_seconds",
+            "Time for a whole probe",
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "callahead_cache_hits", "Routed recipients found in the positive cache", registry=r
+        )
+        self.cache_misses = Counter(
+            "callahead_cache_misses", "Routed recipients not in the positive cache", registry=r
+        )
+        self.cache_entries = Gauge(
+            "callahead_cache_entries", "Addresses in the positive cache", registry=r
+        )
+        self.errors = Counter(
+            "callahead_errors",
+            "Exceptions inside callahead, answered with the tempfail action",
+            registry=r,
+        )
+        # Pre-create the label sets so that every series exists from the first scrape.
+        for verdict in Verdict:
+            self.probes.labels(verdict.value)
+
+    def track_cache_size(self, size: Callable[[], int]) -> None:
+        self.cache_entries.set_function(lambda: float(size()))
+
+    def observe(self, decision: Decision) -> None:
+        """Count one decision, and its probe if there was one."""
+        self.decisions.labels(decision.action.value, decision.reason.value).inc()
+        if decision.reason is Reason.CACHE_HIT:
+            self.cache_hits.inc()
+        elif decision.action is not Action.SKIP and decision.reason is not Reason.ERROR:
+            self.cache_misses.inc()
+        if decision.probe is not None:
+            self.probes.labels(decision.probe.verdict.value).inc()
+            self.probe_duration.observe(decision.probe.duration)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` over HTTP from a daemon thread."""
+        start_http_server(port, addr=host, registry=self.registry)

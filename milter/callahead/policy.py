@@ -1,0 +1,109 @@
+"""The decision for one recipient, with no I/O of its own.
+
+The policy looks up the route, consults the positive cache, asks a ``Prober`` when it
+must, and maps the verdict to an action. It never talks to the network itself: the
+prober is handed in, so tests drive it with a fake one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .cache import PositiveCache
+from .config import TempfailAction
+from .probe import ProbeResult, UnsendableAddress, Verdict, wire_address
+from .routes import Nexthop, RouteTable, normalize_domain
+
+
+class Action(enum.Enum):
+    """What the sender is told. The values are the ``decision`` metric label."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    DEFER = "defer"
+    SKIP = "skip"
+
+
+class Reason(enum.Enum):
+    """Why. The values are the ``reason`` metric label."""
+
+    CACHE_HIT = "cache_hit"
+    PROBE_VALID = "probe_valid"
+    PROBE_UNKNOWN = "probe_unknown"
+    PROBE_TEMPFAIL = "probe_tempfail"
+    UNROUTED = "unrouted"
+    BAD_ADDRESS = "bad_address"
+    ERROR = "error"
+
+
+class Prober(Protocol):
+    """Answers one probe synchronously; the real one runs it on the probe loop."""
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: Reason
+    address: str
+    """The recipient as it was judged (angle brackets removed, domain normalized)."""
+    probe: ProbeResult | None = None
+
+
+def split_recipient(recipient: str) -> tuple[str, str] | None:
+    """``<local@domain>`` to (local, normalized domain); None without a domain."""
+    address = recipient.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain:
+        return None
+    return local, normalize_domain(domain)
+
+
+class Policy:
+    def __init__(
+        self,
+        *,
+        routes: RouteTable,
+        cache: PositiveCache,
+        prober: Prober,
+        tempfail_action: TempfailAction,
+    ) -> None:
+        self._routes = routes
+        self._cache = cache
+        self._prober = prober
+        self._undecided = (
+            Action.ACCEPT if tempfail_action is TempfailAction.ACCEPT else Action.DEFER
+        )
+
+    def tempfail_decision(self, address: str, reason: Reason) -> Decision:
+        """The answer when nothing can be decided: the configured tempfail action."""
+        return Decision(self._undecided, reason, address)
+
+    def decide(self, recipient: str) -> Decision:
+        parts = split_recipient(recipient)
+        if parts is None:
+            return Decision(Action.SKIP, Reason.UNROUTED, recipient)
+        local, domain = parts
+        address = f"{local}@{domain}"
+        hops = self._routes.lookup(domain)
+        if not hops:
+            return Decision(Action.SKIP, Reason.UNROUTED, address)
+        if address in self._cache:
+            return Decision(Action.ACCEPT, Reason.CACHE_HIT, address)
+        try:
+            wire_address(address)
+        except UnsendableAddress:
+            return self.tempfail_decision(address, Reason.BAD_ADDRESS)
+        result = self._prober.probe(address, hops)
+        if result.verdict is Verdict.VALID:
+            self._cache.add(address)
+            return Decision(Action.ACCEPT, Reason.PROBE_VALID, address, result)
+        if result.verdict is Verdict.UNKNOWN:
+            return Decision(Action.REJECT, Reason.PROBE_UNKNOWN, address, result)
+        return Decision(self._undecided, Reason.PROBE_TEMPFAIL, address, result)

@@ -1,0 +1,146 @@
+"""Which primary answers for which recipient domain.
+
+Routes are written the way Postfix transport(5) writes a nexthop, so an operator can copy
+the right-hand side of a `transport_maps` entry: ``example.com=[mx1.example.com]:25``.
+An entry for ``.example.com`` matches every subdomain of example.com (not example.com
+itself, as in Postfix with ``parent_domain_matches_subdomains`` off).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+DEFAULT_SMTP_PORT = 25
+
+_TRANSPORT_PREFIXES = ("smtp:", "relay:")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+_IPV6 = re.compile(r"^(?:ipv6:)?[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?$")
+
+
+class RouteError(ValueError):
+    """A route entry or nexthop that cannot be used; the message says what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """One primary: the host to connect to and its port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}"
+
+
+def parse_nexthop(text: str) -> Nexthop:
+    """Parse ``[host]``, ``[host]:port`` or ``host:port``, with an optional ``smtp:``
+    or ``relay:`` transport prefix. A bare ``host`` without brackets would mean an MX
+    lookup to Postfix; callahead never looks up MX records, so it is refused."""
+    spec = text.strip()
+    for prefix in _TRANSPORT_PREFIXES:
+        if spec.lower().startswith(prefix):
+            spec = spec[len(prefix) :]
+            break
+    port_text: str | None = None
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            raise RouteError(f"nexthop {text!r} has '[' without ']'")
+        host = spec[1:close]
+        rest = spec[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise RouteError(f"nexthop {text!r}: expected ':port' after ']'")
+            port_text = rest[1:]
+    else:
+        host, sep, port_text = spec.rpartition(":")
+        if not sep or ":" in host:
+            raise RouteError(f"nexthop {text!r} must be [host], [host]:port or host:port")
+    host = host.strip()
+    if host.lower().startswith("ipv6:"):
+        host = host[5:]
+    if not host or not (_HOSTNAME.match(host) or (":" in host and _IPV6.match(host))):
+        raise RouteError(f"nexthop {text!r}: {host!r} is not a host name or address")
+    port = DEFAULT_SMTP_PORT
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise RouteError(f"nexthop {text!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    return Nexthop(host=host, port=port)
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form."""
+    domain = domain.strip().rstrip(".").lower()
+    if any(ord(c) > 127 for c in domain):
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return domain
+    return domain
+
+
+class RouteTable:
+    """Domain to nexthops. A domain listed more than once keeps its nexthops in order."""
+
+    def __init__(self, entries: Iterable[tuple[str, Nexthop]] = ()) -> None:
+        exact: dict[str, list[Nexthop]] = {}
+        parents: dict[str, list[Nexthop]] = {}
+        for domain, hop in entries:
+            key = normalize_domain(domain)
+            if key.startswith("."):
+                parents.setdefault(key[1:], []).append(hop)
+            else:
+                exact.setdefault(key, []).append(hop)
+        self._exact: Mapping[str, tuple[Nexthop, ...]] = {k: tuple(v) for k, v in exact.items()}
+        self._parents: Mapping[str, tuple[Nexthop, ...]] = {k: tuple(v) for k, v in parents.items()}
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._parents)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._parents)
+
+    def lookup(self, domain: str) -> tuple[Nexthop, ...]:
+        """The nexthops for a recipient domain, or an empty tuple when it has no route.
+
+        An exact entry wins over a parent-domain entry; among parent entries the
+        closest parent wins."""
+        key = normalize_domain(domain)
+        if not key:
+            return ()
+        hops = self._exact.get(key)
+        if hops:
+            return hops
+        labels = key.split(".")
+        for i in range(1, len(labels)):
+            hops = self._parents.get(".".join(labels[i:]))
+            if hops:
+                return hops
+        return ()
+
+    def entries(self) -> list[tuple[str, Nexthop]]:
+        """Every entry in a stable order, for printing the configuration."""
+        out = [(d, h) for d, hops in self._exact.items() for h in hops]
+        out += [("." + d, h) for d, hops in self._parents.items() for h in hops]
+        return out
+
+
+def parse_routes(text: str) -> RouteTable:
+    """Parse ``domain=nexthop`` entries separated by whitespace or commas."""
+    entries: list[tuple[str, Nexthop]] = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        domain, sep, hop = item.partition("=")
+        if not sep:
+            raise RouteError(f"entry {item!r} has no '=' (expected domain=nexthop)")
+        if not domain.strip(".") or not _HOSTNAME.match(normalize_domain(domain).lstrip(".")):
+            raise RouteError(f"entry {item!r}: {domain!r} is not a domain")
+        entries.append((domain, parse_nexthop(hop)))
+    return RouteTable(entries)
