@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .probe import UnsendableAddress, wire_address
 from .routes import RouteError, RouteTable, parse_routes
 
 EX_CONFIG = 78
@@ -179,7 +180,9 @@ def _valid_host(host: str) -> bool:
         return True
     except ValueError:
         pass
-    return all(part and part.replace("-", "").isalnum() for part in host.rstrip(".").split("."))
+    return host.isascii() and all(
+        part and part.replace("-", "").isalnum() for part in host.rstrip(".").split(".")
+    )
 
 
 def _split_hostport(text: str) -> tuple[str, int] | None:
@@ -240,10 +243,13 @@ def _parse_address(name: str, value: str) -> str:
     sender = value.strip()
     if sender.startswith("<") and sender.endswith(">"):
         sender = sender[1:-1]
-    if any(c in sender for c in "<>\r\n\0 \t") or len(sender) > 254:
-        raise ConfigError(name, value, "expected an email address, or empty for <>")
-    if sender and "@" not in sender:
-        raise ConfigError(name, value, "expected an email address, or empty for <>")
+    if sender:
+        try:
+            wire_address(sender)
+        except UnsendableAddress:
+            raise ConfigError(
+                name, value, "expected an ASCII email address (user@domain), or empty for <>"
+            ) from None
     return sender
 
 

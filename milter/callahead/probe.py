@@ -95,14 +95,35 @@ def wire_address(address: str) -> bytes:
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain:
         raise UnsendableAddress("address has no local part or no domain")
-    quoted = len(local) >= 2 and local.startswith('"') and local.endswith('"')
-    if not quoted and any(c in local for c in '<> "'):
+    if local.startswith('"'):
+        if not _is_quoted_string(local):
+            raise UnsendableAddress("malformed quoted local part")
+    elif any(c in local for c in '<> "\\'):
         raise UnsendableAddress("unquoted local part holds a forbidden character")
     if any(c in domain for c in '<> "\\'):
         raise UnsendableAddress("forbidden character in domain")
     if len(local.encode()) > MAX_LOCAL_PART_OCTETS or len(raw) + 2 > MAX_PATH_OCTETS:
         raise UnsendableAddress("address longer than RFC 5321 allows")
     return raw
+
+
+def _is_quoted_string(local: str) -> bool:
+    """RFC 5321 Quoted-string: DQUOTE *(qtext / quoted-pair) DQUOTE, nothing after it."""
+    if len(local) < 2 or not local.endswith('"'):
+        return False
+    inner = local[1:-1]
+    i = 0
+    while i < len(inner):
+        c = inner[i]
+        if c == "\\":
+            i += 2
+            if i > len(inner):
+                return False
+            continue
+        if c == '"':
+            return False
+        i += 1
+    return True
 
 
 class SmtpProber:

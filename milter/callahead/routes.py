@@ -78,8 +78,9 @@ def normalize_domain(domain: str) -> str:
     """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form."""
     domain = domain.strip().rstrip(".").lower()
     if any(ord(c) > 127 for c in domain):
+        dot = "." if domain.startswith(".") else ""
         try:
-            domain = domain.encode("idna").decode("ascii")
+            domain = dot + domain[len(dot):].encode("idna").decode("ascii")
         except UnicodeError:
             return domain
     return domain
@@ -140,7 +141,8 @@ def parse_routes(text: str) -> RouteTable:
         domain, sep, hop = item.partition("=")
         if not sep:
             raise RouteError(f"entry {item!r} has no '=' (expected domain=nexthop)")
-        if not domain.strip(".") or not _HOSTNAME.match(normalize_domain(domain).lstrip(".")):
+        key = normalize_domain(domain)
+        if not _HOSTNAME.match(key[1:] if key.startswith(".") else key):
             raise RouteError(f"entry {item!r}: {domain!r} is not a domain")
         entries.append((domain, parse_nexthop(hop)))
     return RouteTable(entries)

@@ -1,0 +1,295 @@
+"""The pymilter adapter, driven through Milter.testctx.TestCtx."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import Milter
+import pytest
+from Milter import testctx
+
+from callahead.adapter import DEFER_REPLY, REJECT_REPLY, CallaheadMilter
+from callahead.cache import PositiveCache
+from callahead.config import TempfailAction
+from callahead.metrics import Metrics
+from callahead.policy import Policy
+from callahead.probe import ProbeResult, Stage, Verdict
+from callahead.routes import Nexthop, parse_routes
+
+PRIMARY_HOST = "10.9.8.7"
+PRIMARY_PORT = 2526
+PRIMARY = f"[{PRIMARY_HOST}]:{PRIMARY_PORT}"
+ROUTES = parse_routes(f"example.com={PRIMARY}")
+SECRET_REPLY = "5.1.1 <bob@example.com>: mailbox zz-secret-42 unknown at primary.internal"
+
+
+def result(verdict: Verdict, code: int | None, detail: str) -> ProbeResult:
+    return ProbeResult(verdict, Stage.RCPT, code, detail, 0.012, PRIMARY)
+
+
+VALID = result(Verdict.VALID, 250, "2.1.5 Ok")
+UNKNOWN = result(Verdict.UNKNOWN, 550, SECRET_REPLY)
+TEMPFAIL = result(Verdict.TEMPFAIL, 451, "4.3.0 primary.internal is busy")
+
+
+class FakeProber:
+    def __init__(self, answers: dict[str, ProbeResult]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        self.calls.append(address)
+        return self.answers[address]
+
+
+class BrokenProber:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        self.calls += 1
+        raise RuntimeError("prober blew up")
+
+
+class Harness:
+    """One milter connection through TestCtx, with its policy, prober and metrics."""
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        prober: FakeProber | BrokenProber,
+        action: TempfailAction = TempfailAction.ACCEPT,
+    ) -> None:
+        self.prober = prober
+        self.metrics = Metrics()
+        self.policy = Policy(
+            routes=ROUTES,
+            cache=PositiveCache(ttl=60, maxsize=100),
+            prober=prober,
+            tempfail_action=action,
+        )
+        self.instances: list[CallaheadMilter] = []
+
+        def factory() -> CallaheadMilter:
+            milter = CallaheadMilter(self.policy, self.metrics)
+            self.instances.append(milter)
+            return milter
+
+        monkeypatch.setattr(Milter, "factory", factory)
+        self.ctx: Any = testctx.TestCtx()
+
+    def connect(self, macros: dict[str, str] | None = None) -> None:
+        for name, value in (macros or {}).items():
+            self.ctx._setsymval(name, value)
+        rc = self.ctx._connect(host="client.example.net", helo="client.example.net", ip="192.0.2.7")
+        assert rc == Milter.CONTINUE
+        assert len(self.instances) == 1
+        # Negotiation really happened: otherwise TestCtx skips every callback and the
+        # tests below would pass without ever calling envrcpt.
+        assert not self.ctx._protocol & Milter.P_NORCPT
+        assert self.ctx._envfrom("<sender@example.org>") == Milter.CONTINUE
+
+    def rcpt(self, recipient: str) -> int:
+        self.ctx._reply = None
+        return int(self.ctx._envrcpt(recipient))
+
+    @property
+    def reply(self) -> tuple[str, ...] | None:
+        reply: tuple[str, ...] | None = self.ctx._reply
+        return reply
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def test_valid_continues_without_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(monkeypatch, FakeProber({"alice@example.com": VALID}))
+    h.connect()
+    rc = h.rcpt("<alice@example.com>")
+    assert rc == Milter.CONTINUE
+    assert rc != Milter.ACCEPT
+    assert h.reply is None
+    assert h.prober.calls == ["alice@example.com"]
+    # The cache hit is a CONTINUE as well.
+    assert h.rcpt("<alice@example.com>") == Milter.CONTINUE
+    assert h.reply is None
+    assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="probe_valid") == 1
+    assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="cache_hit") == 1
+
+
+def test_unknown_rejects_550_511_without_primary_details(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect()
+    assert h.rcpt("<bob@example.com>") == Milter.REJECT
+    assert h.reply is not None
+    code, xcode, text = h.reply
+    assert (code, xcode) == ("550", "5.1.1")
+    assert text == REJECT_REPLY.text
+    for secret in (PRIMARY_HOST, str(PRIMARY_PORT), "primary.internal", "zz-secret-42", "mailbox"):
+        assert secret not in text
+    assert SECRET_REPLY not in text
+
+
+def test_unrouted_continues_without_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    prober = FakeProber({})
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    assert h.rcpt("<someone@example.org>") == Milter.CONTINUE
+    assert h.reply is None
+    assert prober.calls == []
+    assert h.sample("callahead_rcpt_decisions_total", decision="skip", reason="unrouted") == 1
+
+
+def test_tempfail_with_accept_continues(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(monkeypatch, FakeProber({"carol@example.com": TEMPFAIL}), TempfailAction.ACCEPT)
+    h.connect()
+    assert h.rcpt("<carol@example.com>") == Milter.CONTINUE
+    assert h.reply is None
+
+
+def test_tempfail_with_defer_tempfails_4xx(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(monkeypatch, FakeProber({"carol@example.com": TEMPFAIL}), TempfailAction.DEFER)
+    h.connect()
+    assert h.rcpt("<carol@example.com>") == Milter.TEMPFAIL
+    assert h.reply is not None
+    code, xcode, text = h.reply
+    assert code.startswith("4")
+    assert len(code) == 3
+    assert xcode.startswith("4.")
+    assert (code, xcode, text) == (DEFER_REPLY.code, DEFER_REPLY.xcode, DEFER_REPLY.text)
+    assert "primary.internal" not in text
+    assert PRIMARY_HOST not in text
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Milter.CONTINUE), (TempfailAction.DEFER, Milter.TEMPFAIL)],
+)
+def test_internal_error_gets_tempfail_action_and_is_logged_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    action: TempfailAction,
+    expected: int,
+) -> None:
+    prober = BrokenProber()
+    h = Harness(monkeypatch, prober, action)
+    h.connect({"i": "4QUEUE1", "{client_addr}": "192.0.2.7"})
+    assert h.sample("callahead_errors_total") == 0
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        rc = h.rcpt("<dave@example.com>")
+    assert rc == expected
+    assert rc != Milter.REJECT
+    assert prober.calls == 1
+    assert h.sample("callahead_errors_total") == 1
+    if expected == Milter.TEMPFAIL:
+        assert h.reply is not None
+        assert h.reply[0].startswith("4")
+    else:
+        assert h.reply is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert errors[0].exc_info[0] is RuntimeError
+    assert "dave@example.com" in errors[0].getMessage()
+    assert "4QUEUE1" in errors[0].getMessage()
+    assert "Traceback" in caplog.text
+    assert "prober blew up" in caplog.text
+    assert h.sample("callahead_rcpt_decisions_total", decision=action.value, reason="error") == 1
+
+
+def test_three_recipients_in_one_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    prober = FakeProber({"a@example.com": VALID, "b@example.com": UNKNOWN, "c@example.com": VALID})
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    rcs = []
+    replies = []
+    for rcpt in ("<a@example.com>", "<b@example.com>", "<c@example.com>"):
+        rcs.append(h.rcpt(rcpt))
+        replies.append(h.reply)
+    assert rcs == [Milter.CONTINUE, Milter.REJECT, Milter.CONTINUE]
+    assert replies[0] is None
+    assert replies[1] is not None
+    assert replies[1][:2] == ("550", "5.1.1")
+    assert replies[2] is None
+    assert prober.calls == ["a@example.com", "b@example.com", "c@example.com"]
+    assert h.ctx._data() == Milter.CONTINUE
+    assert h.ctx._eom() == Milter.CONTINUE
+
+
+def test_protocol_mask_skips_everything_but_rcpt_and_data() -> None:
+    mask = CallaheadMilter.protocol_mask()
+    for skipped in (
+        Milter.P_NOCONNECT,
+        Milter.P_NOHELO,
+        Milter.P_NOMAIL,
+        Milter.P_NOHDRS,
+        Milter.P_NOEOH,
+        Milter.P_NOBODY,
+        Milter.P_NOUNKNOWN,
+    ):
+        assert not mask & skipped, hex(skipped)  # not cleared: the step stays skipped
+    for wanted in (Milter.P_NORCPT, Milter.P_NODATA, Milter.P_NR_RCPT, Milter.P_NR_DATA):
+        assert mask & wanted, hex(wanted)  # cleared: the step is called and answered
+
+
+def test_negotiated_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness(monkeypatch, FakeProber({}))
+    assert h.ctx._negotiate() == Milter.CONTINUE
+    protocol: int = h.ctx._protocol
+    for skipped in (
+        Milter.P_NOCONNECT,
+        Milter.P_NOHELO,
+        Milter.P_NOMAIL,
+        Milter.P_NOHDRS,
+        Milter.P_NOEOH,
+        Milter.P_NOBODY,
+        Milter.P_NOUNKNOWN,
+    ):
+        assert protocol & skipped, hex(skipped)
+    for called in (Milter.P_NORCPT, Milter.P_NODATA, Milter.P_NR_RCPT, Milter.P_NR_DATA):
+        assert not protocol & called, hex(called)
+    # Only the macros it logs are asked for, at the RCPT stage.
+    assert h.ctx._symlist[Milter.M_ENVRCPT] == {b"i", b"{client_addr}"}
+
+
+def _rcpt_log_line(caplog: pytest.LogCaptureFixture) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.name == "callahead.adapter"]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_log_line_has_queue_id_and_client(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        h.rcpt("<bob@example.com>")
+    line = _rcpt_log_line(caplog)
+    assert line.startswith("4ABCDEF123: ")
+    assert "client=198.51.100.23" in line
+    assert "rcpt=<bob@example.com>" in line
+    assert "decision=reject" in line
+    assert "reason=probe_unknown" in line
+    assert f"primary={PRIMARY}" in line
+    assert "code=550" in line
+    # The primary's words are for the log, and only there.
+    assert "zz-secret-42" in line
+
+
+def test_log_line_without_queue_id_says_noqueue(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(monkeypatch, FakeProber({"alice@example.com": VALID}))
+    h.connect({"{client_addr}": "2001:db8::25"})
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        h.rcpt("<alice@example.com>")
+    line = _rcpt_log_line(caplog)
+    assert line.startswith("NOQUEUE: ")
+    assert "client=2001:db8::25" in line
+    assert "decision=accept reason=probe_valid" in line

@@ -1,0 +1,120 @@
+"""The positive cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from callahead.cache import PositiveCache
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    return condition()
+
+
+def test_add_and_contains() -> None:
+    cache = PositiveCache(ttl=60, maxsize=10)
+    assert "a@example.com" not in cache
+    assert len(cache) == 0
+    cache.add("a@example.com")
+    assert "a@example.com" in cache
+    assert "b@example.com" not in cache
+    assert len(cache) == 1
+    cache.add("a@example.com")
+    assert len(cache) == 1
+
+
+def test_contains_is_exact() -> None:
+    cache = PositiveCache(ttl=60, maxsize=10)
+    cache.add("User@example.com")
+    assert "User@example.com" in cache
+    assert "user@example.com" not in cache
+    assert 42 not in cache
+
+
+def test_entry_expires_after_ttl() -> None:
+    ttl = 0.05
+    cache = PositiveCache(ttl=ttl, maxsize=10)
+    added = time.monotonic()
+    cache.add("a@example.com")
+    assert "a@example.com" in cache
+    assert wait_for(lambda: "a@example.com" not in cache)
+    assert time.monotonic() - added >= ttl
+    assert len(cache) == 0
+
+
+def test_entry_survives_before_ttl() -> None:
+    cache = PositiveCache(ttl=60, maxsize=10)
+    cache.add("a@example.com")
+    time.sleep(0.01)
+    assert "a@example.com" in cache
+
+
+def test_expiry_with_controlled_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    cache = PositiveCache(ttl=100, maxsize=10)
+    cache.add("a@example.com")
+    now[0] += 99
+    assert "a@example.com" in cache
+    cache.add("b@example.com")
+    now[0] += 2
+    assert "a@example.com" not in cache
+    assert "b@example.com" in cache
+    assert len(cache) == 1
+
+
+def test_maxsize_bounds_the_entries() -> None:
+    cache = PositiveCache(ttl=60, maxsize=3)
+    for i in range(10):
+        cache.add(f"u{i}@example.com")
+    assert len(cache) == 3
+    assert "u9@example.com" in cache  # the newest is kept
+    assert "u0@example.com" not in cache  # the oldest is gone
+
+
+@pytest.mark.parametrize(("ttl", "maxsize"), [(0, 10), (60, 0), (0, 0)])
+def test_zero_disables(ttl: float, maxsize: int) -> None:
+    cache = PositiveCache(ttl=ttl, maxsize=maxsize)
+    cache.add("a@example.com")
+    assert "a@example.com" not in cache
+    assert len(cache) == 0
+
+
+def test_thread_safety_smoke() -> None:
+    cache = PositiveCache(ttl=60, maxsize=500)
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(300):
+                address = f"t{n}-{i}@example.com"
+                cache.add(address)
+                assert address in cache or len(cache) <= 500
+                _ = f"t{(n + 1) % 8}-{i}@example.com" in cache
+                assert len(cache) <= 500
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert len(cache) == 500
+    cache.add("after@example.com")
+    assert "after@example.com" in cache
+    assert len(cache) == 500

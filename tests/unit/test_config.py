@@ -1,0 +1,417 @@
+"""Configuration: defaults, every variable parsed, every bad value named; and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callahead.cli import main
+from callahead.config import (
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_SOCKET,
+    EX_CONFIG,
+    VARIABLES,
+    ConfigError,
+    TempfailAction,
+    load_config,
+)
+from callahead.routes import Nexthop
+
+GOOD_ENV: dict[str, str] = {
+    "CALLAHEAD_ROUTES": "example.com=[127.0.0.1]:2525",
+    "CALLAHEAD_HELO_NAME": "backup.example.net",
+}
+
+
+def env_with(**overrides: str) -> dict[str, str]:
+    env = dict(GOOD_ENV)
+    env.update(overrides)
+    return env
+
+
+# --- defaults --------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load_config({})
+    assert config.socket == DEFAULT_SOCKET == "inet:127.0.0.1:8895"
+    assert config.milter_socket == "inet:8895@127.0.0.1"
+    assert not config.routes
+    assert len(config.routes) == 0
+    assert config.cache_ttl == 86400
+    assert config.cache_size == 100000
+    assert config.tempfail_action is TempfailAction.ACCEPT
+    assert config.probe_timeout == 10
+    assert config.probe_sender == ""
+    assert config.helo_name == (socket.getfqdn() or "localhost")
+    assert config.metrics_listen == ("127.0.0.1", 9895)
+    assert DEFAULT_METRICS_LISTEN == "127.0.0.1:9895"
+    assert config.log_level == logging.INFO
+
+
+def test_documented_defaults_match_the_effective_ones() -> None:
+    documented = {v.name: v.default for v in VARIABLES}
+    described = dict(load_config({"CALLAHEAD_HELO_NAME": "h.example"}).describe())
+    for name, default in documented.items():
+        if name == "CALLAHEAD_HELO_NAME":
+            continue
+        assert described[name] == default, name
+
+
+def test_variables_list_is_complete_and_ordered() -> None:
+    names = [v.name for v in VARIABLES]
+    assert names == [
+        "CALLAHEAD_SOCKET",
+        "CALLAHEAD_ROUTES",
+        "CALLAHEAD_CACHE_TTL",
+        "CALLAHEAD_CACHE_SIZE",
+        "CALLAHEAD_TEMPFAIL_ACTION",
+        "CALLAHEAD_PROBE_TIMEOUT",
+        "CALLAHEAD_PROBE_SENDER",
+        "CALLAHEAD_HELO_NAME",
+        "CALLAHEAD_METRICS_LISTEN",
+        "CALLAHEAD_LOG_LEVEL",
+    ]
+    assert [n for n, _ in load_config(GOOD_ENV).describe()] == names
+
+
+def test_other_environment_variables_are_ignored() -> None:
+    config = load_config({"PATH": "/bin", "HOME": "/root", "CALLAHEADX": "1"})
+    assert config.socket == DEFAULT_SOCKET
+
+
+# --- every variable parsed -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "milter_form"),
+    [
+        ("inet:127.0.0.1:10025", "inet:10025@127.0.0.1"),
+        ("inet:localhost:10025", "inet:10025@localhost"),
+        ("inet:10025@127.0.0.1", "inet:10025@127.0.0.1"),
+        ("inet:10025@milter.example.net", "inet:10025@milter.example.net"),
+        ("inet:[::1]:10025", "inet6:10025@::1"),
+        ("inet:10025@[::1]", "inet6:10025@::1"),
+        ("inet6:10025@::1", "inet6:10025@::1"),
+        ("INET:127.0.0.1:1", "inet:1@127.0.0.1"),
+        ("inet:127.0.0.1:65535", "inet:65535@127.0.0.1"),
+        ("unix:/run/callahead/milter.sock", "unix:/run/callahead/milter.sock"),
+        ("local:/run/callahead.sock", "unix:/run/callahead.sock"),
+        ("  inet:127.0.0.1:10025  ", "inet:10025@127.0.0.1"),
+    ],
+)
+def test_socket_forms(spec: str, milter_form: str) -> None:
+    config = load_config(env_with(CALLAHEAD_SOCKET=spec))
+    assert config.milter_socket == milter_form
+    assert config.socket == spec.strip()
+
+
+def test_routes_parsed() -> None:
+    config = load_config(
+        env_with(CALLAHEAD_ROUTES="example.com=[mx1.example.com]:2525, .example.org=[10.0.0.1]")
+    )
+    assert config.routes.lookup("example.com") == (Nexthop("mx1.example.com", 2525),)
+    assert config.routes.lookup("a.example.org") == (Nexthop("10.0.0.1", 25),)
+    described = dict(config.describe())
+    assert described["CALLAHEAD_ROUTES"] == (
+        "example.com=[mx1.example.com]:2525 .example.org=[10.0.0.1]:25"
+    )
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0.0), ("3600", 3600.0), ("1.5", 1.5)])
+def test_cache_ttl(text: str, value: float) -> None:
+    assert load_config(env_with(CALLAHEAD_CACHE_TTL=text)).cache_ttl == value
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("1", 1), (" 500 ", 500)])
+def test_cache_size(text: str, value: int) -> None:
+    config = load_config(env_with(CALLAHEAD_CACHE_SIZE=text))
+    assert config.cache_size == value
+    assert isinstance(config.cache_size, int)
+
+
+@pytest.mark.parametrize(
+    ("text", "action"),
+    [
+        ("accept", TempfailAction.ACCEPT),
+        ("defer", TempfailAction.DEFER),
+        ("DEFER", TempfailAction.DEFER),
+        (" Accept ", TempfailAction.ACCEPT),
+    ],
+)
+def test_tempfail_action(text: str, action: TempfailAction) -> None:
+    assert load_config(env_with(CALLAHEAD_TEMPFAIL_ACTION=text)).tempfail_action is action
+
+
+@pytest.mark.parametrize(("text", "value"), [("0.5", 0.5), ("1", 1.0), ("300", 300.0)])
+def test_probe_timeout(text: str, value: float) -> None:
+    assert load_config(env_with(CALLAHEAD_PROBE_TIMEOUT=text)).probe_timeout == value
+
+
+@pytest.mark.parametrize(
+    ("text", "sender"),
+    [
+        ("", ""),
+        ("<>", ""),
+        ("probe@example.net", "probe@example.net"),
+        ("<probe@example.net>", "probe@example.net"),
+    ],
+)
+def test_probe_sender(text: str, sender: str) -> None:
+    assert load_config(env_with(CALLAHEAD_PROBE_SENDER=text)).probe_sender == sender
+
+
+def test_helo_name() -> None:
+    assert load_config(env_with(CALLAHEAD_HELO_NAME="mx2.example.net")).helo_name == (
+        "mx2.example.net"
+    )
+    assert load_config(env_with(CALLAHEAD_HELO_NAME="[192.0.2.1]")).helo_name == "[192.0.2.1]"
+    assert load_config(env_with(CALLAHEAD_HELO_NAME="")).helo_name == (
+        socket.getfqdn() or "localhost"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "listen"),
+    [
+        ("", None),
+        ("   ", None),
+        ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+        ("localhost:9100", ("localhost", 9100)),
+        ("[::1]:9100", ("::1", 9100)),
+    ],
+)
+def test_metrics_listen(text: str, listen: tuple[str, int] | None) -> None:
+    config = load_config(env_with(CALLAHEAD_METRICS_LISTEN=text))
+    assert config.metrics_listen == listen
+    described = dict(config.describe())["CALLAHEAD_METRICS_LISTEN"]
+    assert described == text.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "level"),
+    [
+        ("DEBUG", logging.DEBUG),
+        ("INFO", logging.INFO),
+        ("WARNING", logging.WARNING),
+        ("ERROR", logging.ERROR),
+        ("debug", logging.DEBUG),
+    ],
+)
+def test_log_level(text: str, level: int) -> None:
+    assert load_config(env_with(CALLAHEAD_LOG_LEVEL=text)).log_level == level
+
+
+# --- every bad value -------------------------------------------------------------------
+
+
+BAD_VALUES: list[tuple[str, str, str]] = [
+    # (variable, value, a fragment of "what is allowed")
+    ("CALLAHEAD_CACHE_TTL", "abc", "number of seconds"),
+    ("CALLAHEAD_CACHE_TTL", "-1", "number of seconds"),
+    ("CALLAHEAD_CACHE_TTL", "nan", "number of seconds"),
+    ("CALLAHEAD_CACHE_TTL", "inf", "number of seconds"),
+    ("CALLAHEAD_CACHE_TTL", "", "number of seconds"),
+    ("CALLAHEAD_CACHE_SIZE", "1.5", "whole number"),
+    ("CALLAHEAD_CACHE_SIZE", "-3", "whole number"),
+    ("CALLAHEAD_CACHE_SIZE", "many", "whole number"),
+    ("CALLAHEAD_ROUTES", "example.com", "domain=nexthop"),
+    ("CALLAHEAD_ROUTES", "example.com=[mx]:25 example.org", "domain=nexthop"),
+    ("CALLAHEAD_ROUTES", "example.com=mx.example.com", "[host], [host]:port or host:port"),
+    ("CALLAHEAD_ROUTES", "example.com=[mx.example.com", "]"),
+    ("CALLAHEAD_ROUTES", "example.com=[h]:0", "1 to 65535"),
+    ("CALLAHEAD_ROUTES", "example.com=[h]:99999", "1 to 65535"),
+    ("CALLAHEAD_ROUTES", "example.com=[h]x", ":port"),
+    ("CALLAHEAD_ROUTES", "example.com=[]:25", "host name or address"),
+    ("CALLAHEAD_ROUTES", "example.com=[bad!host]", "host name or address"),
+    ("CALLAHEAD_ROUTES", "=[mx]:25", "domain"),
+    ("CALLAHEAD_TEMPFAIL_ACTION", "reject", "accept or defer"),
+    ("CALLAHEAD_TEMPFAIL_ACTION", "", "accept or defer"),
+    ("CALLAHEAD_SOCKET", "tcp:1:2", "inet:HOST:PORT"),
+    ("CALLAHEAD_SOCKET", "inet:host", "inet:HOST:PORT"),
+    ("CALLAHEAD_SOCKET", "unix:relative", "unix:/absolute/path"),
+    ("CALLAHEAD_SOCKET", "inet:70000@127.0.0.1", "inet:PORT@HOST"),
+    ("CALLAHEAD_SOCKET", "inet:127.0.0.1:0", "inet:HOST:PORT"),
+    ("CALLAHEAD_SOCKET", "inet:", "inet:HOST:PORT"),
+    ("CALLAHEAD_SOCKET", "/run/milter.sock", "unix:/absolute/path"),
+    ("CALLAHEAD_PROBE_TIMEOUT", "0", "> 0 and at most 300"),
+    ("CALLAHEAD_PROBE_TIMEOUT", "301", "> 0 and at most 300"),
+    ("CALLAHEAD_PROBE_TIMEOUT", "-5", "> 0 and at most 300"),
+    ("CALLAHEAD_PROBE_TIMEOUT", "soon", "> 0 and at most 300"),
+    ("CALLAHEAD_PROBE_SENDER", "no-at-sign", "email address"),
+    ("CALLAHEAD_PROBE_SENDER", "a b@example.net", "email address"),
+    ("CALLAHEAD_HELO_NAME", "bad host!", "host name"),
+    ("CALLAHEAD_METRICS_LISTEN", "9100", "HOST:PORT"),
+    ("CALLAHEAD_METRICS_LISTEN", "127.0.0.1:0", "HOST:PORT"),
+    ("CALLAHEAD_METRICS_LISTEN", "127.0.0.1:http", "HOST:PORT"),
+    ("CALLAHEAD_METRICS_LISTEN", "::1:9100", "HOST:PORT"),
+    ("CALLAHEAD_LOG_LEVEL", "TRACE", "DEBUG, INFO, WARNING, ERROR"),
+    ("CALLAHEAD_LOG_LEVEL", "", "DEBUG, INFO, WARNING, ERROR"),
+    ("CALLAHEAD_FOO", "1", "unknown variable"),
+    ("CALLAHEAD_CACHETTL", "60", "unknown variable"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_VALUES)
+def test_bad_value_names_variable_value_and_what_is_allowed(
+    variable: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(**{variable: value}))
+    exc = info.value
+    message = str(exc)
+    assert exc.variable == variable
+    assert exc.value == value
+    assert message.startswith(variable)
+    assert repr(value) in message
+    assert allowed in exc.allowed
+    assert exc.allowed in message
+    assert "\n" not in message
+
+
+# --- through the CLI -------------------------------------------------------------------
+
+
+CLI_COMMANDS: list[list[str]] = [["config"], ["probe", "user@example.com"], ["serve"]]
+
+
+@pytest.mark.parametrize("argv", CLI_COMMANDS, ids=lambda a: a[0])
+@pytest.mark.parametrize(("variable", "value", "allowed"), BAD_VALUES[::4])
+def test_cli_bad_value_exits_78_with_one_line(
+    argv: list[str],
+    variable: str,
+    value: str,
+    allowed: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = main(argv, env=env_with(**{variable: value}))
+    assert status == EX_CONFIG == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert variable in lines[0]
+    assert repr(value) in lines[0]
+    assert allowed in lines[0]
+
+
+@pytest.mark.parametrize("argv", CLI_COMMANDS, ids=lambda a: a[0])
+def test_cli_value_with_newline_still_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(argv, env=env_with(CALLAHEAD_ROUTES="example.com=[mx]:25\nbroken"))
+    assert status == 78
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "CALLAHEAD_ROUTES" in err
+
+
+def test_cli_config_prints_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(
+        ["config"],
+        env=env_with(CALLAHEAD_TEMPFAIL_ACTION="defer", CALLAHEAD_CACHE_TTL="60"),
+    )
+    assert status == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == [v.name for v in VARIABLES]
+    assert "CALLAHEAD_TEMPFAIL_ACTION=defer" in lines
+    assert "CALLAHEAD_CACHE_TTL=60" in lines
+    assert "CALLAHEAD_HELO_NAME=backup.example.net" in lines
+    assert "CALLAHEAD_ROUTES=example.com=[127.0.0.1]:2525" in lines
+    assert f"CALLAHEAD_SOCKET={DEFAULT_SOCKET}" in lines
+
+
+def test_cli_serve_without_routes_exits_78(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["serve"], env={"CALLAHEAD_HELO_NAME": "backup.example.net"})
+    assert status == 78
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert "CALLAHEAD_ROUTES" in lines[0]
+
+
+def test_cli_probe_without_routes_exits_78(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["probe", "user@example.com"], env={"CALLAHEAD_HELO_NAME": "h.example"})
+    assert status == 78
+    assert "CALLAHEAD_ROUTES" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["not-an-address", "user@", "a b@example.com"])
+def test_cli_probe_usage_error_exits_64(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", address], env=GOOD_ENV) == 64
+    assert capsys.readouterr().err.strip()
+
+
+def test_cli_probe_unrouted_domain_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "user@elsewhere.example"], env=GOOD_ENV) == 64
+    assert "elsewhere.example" in capsys.readouterr().err
+
+
+def _help_output(*args: str) -> str:
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=30, check=False, env={"PATH": "/usr/bin"}
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _assert_lists_every_variable(text: str) -> None:
+    lines = text.splitlines()
+    for variable in VARIABLES:
+        matching = [line for line in lines if line.strip().startswith(variable.name + " ")]
+        assert len(matching) == 1, variable.name
+        default = variable.default or "empty"
+        assert matching[0].rstrip().endswith(f"[{default}]"), matching[0]
+
+
+def test_python_m_help_lists_every_variable_with_default() -> None:
+    _assert_lists_every_variable(_help_output(sys.executable, "-m", "callahead", "--help"))
+
+
+@pytest.mark.parametrize("command", ["serve", "probe", "config"])
+def test_console_script_subcommand_help_lists_every_variable(command: str) -> None:
+    script = Path(sys.executable).parent / "callahead"
+    assert script.exists(), script
+    _assert_lists_every_variable(_help_output(str(script), command, "--help"))
+
+
+# --- values the parsers let through but the probe cannot use ----------------------------
+
+
+@pytest.mark.parametrize("sender", ["jörg@example.net", "pro\x01be@example.net"])
+def test_unsendable_probe_sender_is_refused(sender: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(CALLAHEAD_PROBE_SENDER=sender))
+    assert info.value.variable == "CALLAHEAD_PROBE_SENDER"
+
+
+def test_cli_probe_with_non_ascii_sender_exits_78(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["probe", "user@example.com"], env=env_with(CALLAHEAD_PROBE_SENDER="jörg@x.net"))
+    assert status == 78
+    assert "CALLAHEAD_PROBE_SENDER" in capsys.readouterr().err
+
+
+def test_non_ascii_helo_name_is_refused_or_encoded() -> None:
+    try:
+        config = load_config(env_with(CALLAHEAD_HELO_NAME="bücher.example"))
+    except ConfigError as exc:
+        assert exc.variable == "CALLAHEAD_HELO_NAME"
+    else:
+        assert config.helo_name.isascii(), config.helo_name
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CALLAHEAD_SOCKET", "inet:8895@bücher"), ("CALLAHEAD_METRICS_LISTEN", "bücher:9100")],
+)
+def test_non_ascii_listen_host_is_refused(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(**{variable: value}))
+    assert info.value.variable == variable

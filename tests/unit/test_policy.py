@@ -1,0 +1,235 @@
+"""The per-recipient decision, driven with a fake prober."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from callahead.cache import PositiveCache
+from callahead.config import TempfailAction
+from callahead.policy import Action, Policy, Reason, split_recipient
+from callahead.probe import ProbeResult, Stage, Verdict
+from callahead.routes import Nexthop, parse_routes
+
+ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
+HOPS = (Nexthop("mx1.example.com", 2525), Nexthop("mx2.example.com", 25))
+
+
+def result(verdict: Verdict, code: int | None = None) -> ProbeResult:
+    stage = Stage.CONNECT if code is None else Stage.RCPT
+    return ProbeResult(verdict, stage, code, f"scripted {verdict.value}", 0.01, str(HOPS[0]))
+
+
+VALID = result(Verdict.VALID, 250)
+UNKNOWN = result(Verdict.UNKNOWN, 550)
+TEMPFAIL = result(Verdict.TEMPFAIL, 451)
+REFUSED = result(Verdict.TEMPFAIL)
+
+
+class FakeProber:
+    """Records every probe and answers from a script: per address, a list of results
+    handed out in order (the last one repeats)."""
+
+    def __init__(self, script: dict[str, list[ProbeResult]] | None = None) -> None:
+        self.script = script if script is not None else {}
+        self.calls: list[tuple[str, tuple[Nexthop, ...]]] = []
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        self.calls.append((address, tuple(hops)))
+        answers = self.script[address]
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+
+def make_policy(
+    prober: FakeProber,
+    action: TempfailAction = TempfailAction.ACCEPT,
+    cache: PositiveCache | None = None,
+) -> tuple[Policy, PositiveCache]:
+    cache = cache if cache is not None else PositiveCache(ttl=3600, maxsize=100)
+    policy = Policy(routes=ROUTES, cache=cache, prober=prober, tempfail_action=action)
+    return policy, cache
+
+
+def test_valid_is_accepted_and_cached() -> None:
+    prober = FakeProber({"alice@example.com": [VALID]})
+    policy, cache = make_policy(prober)
+    decision = policy.decide("<alice@example.com>")
+    assert decision.action is Action.ACCEPT
+    assert decision.reason is Reason.PROBE_VALID
+    assert decision.address == "alice@example.com"
+    assert decision.probe is VALID
+    assert prober.calls == [("alice@example.com", HOPS)]
+    assert "alice@example.com" in cache
+
+
+def test_second_valid_is_a_cache_hit_without_probe() -> None:
+    prober = FakeProber({"alice@example.com": [VALID]})
+    policy, _ = make_policy(prober)
+    policy.decide("<alice@example.com>")
+    decision = policy.decide("<alice@example.com>")
+    assert decision.action is Action.ACCEPT
+    assert decision.reason is Reason.CACHE_HIT
+    assert decision.probe is None
+    assert len(prober.calls) == 1
+
+
+def test_unknown_is_rejected_and_not_cached() -> None:
+    prober = FakeProber({"bob@example.com": [UNKNOWN, VALID]})
+    policy, cache = make_policy(prober)
+    decision = policy.decide("<bob@example.com>")
+    assert decision.action is Action.REJECT
+    assert decision.reason is Reason.PROBE_UNKNOWN
+    assert decision.probe is UNKNOWN
+    assert "bob@example.com" not in cache
+    # The user is created on the primary: the next attempt probes again and is accepted.
+    decision = policy.decide("<bob@example.com>")
+    assert decision.action is Action.ACCEPT
+    assert decision.reason is Reason.PROBE_VALID
+    assert len(prober.calls) == 2
+
+
+def test_unknown_is_probed_every_time() -> None:
+    prober = FakeProber({"bob@example.com": [UNKNOWN]})
+    policy, _ = make_policy(prober)
+    for _ in range(3):
+        assert policy.decide("<bob@example.com>").action is Action.REJECT
+    assert len(prober.calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+@pytest.mark.parametrize("answer", [TEMPFAIL, REFUSED], ids=["451", "refused"])
+def test_tempfail_follows_the_action_and_is_never_cached(
+    action: TempfailAction, expected: Action, answer: ProbeResult
+) -> None:
+    prober = FakeProber({"carol@example.com": [answer, answer, UNKNOWN]})
+    policy, cache = make_policy(prober, action)
+    for _ in range(2):
+        decision = policy.decide("<carol@example.com>")
+        assert decision.action is expected
+        assert decision.reason is Reason.PROBE_TEMPFAIL
+        assert decision.probe is answer
+        assert "carol@example.com" not in cache
+    assert policy.decide("<carol@example.com>").action is Action.REJECT
+    assert len(prober.calls) == 3
+
+
+def test_unrouted_is_skipped_without_probe() -> None:
+    prober = FakeProber()
+    policy, cache = make_policy(prober)
+    for rcpt in ("<dave@example.org>", "<dave@sub.example.com>", "<postmaster>", "<>", "x"):
+        decision = policy.decide(rcpt)
+        assert decision.action is Action.SKIP, rcpt
+        assert decision.reason is Reason.UNROUTED
+        assert decision.probe is None
+    assert prober.calls == []
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ["<alice@example.com>", "alice@example.com", " <alice@example.com> ", "<alice@EXAMPLE.COM>"],
+)
+def test_recipient_forms(recipient: str) -> None:
+    prober = FakeProber({"alice@example.com": [VALID]})
+    policy, _ = make_policy(prober)
+    decision = policy.decide(recipient)
+    assert decision.action is Action.ACCEPT
+    assert decision.address == "alice@example.com"
+    assert prober.calls == [("alice@example.com", HOPS)]
+
+
+def test_domain_case_normalized_for_cache_and_probe() -> None:
+    prober = FakeProber({"Alice@example.com": [VALID]})
+    policy, cache = make_policy(prober)
+    assert policy.decide("<Alice@Example.COM>").reason is Reason.PROBE_VALID
+    assert policy.decide("<Alice@EXAMPLE.com.>").reason is Reason.CACHE_HIT
+    assert prober.calls == [("Alice@example.com", HOPS)]
+    assert "Alice@example.com" in cache
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "<jörg@example.com>",
+        "<a b@example.com>",
+        "<" + "x" * 65 + "@example.com>",
+        "<a>b@example.com>",
+    ],
+)
+def test_unsendable_address_gets_tempfail_action_without_probe(
+    action: TempfailAction, expected: Action, recipient: str
+) -> None:
+    prober = FakeProber()
+    policy, _ = make_policy(prober, action)
+    decision = policy.decide(recipient)
+    assert decision.action is expected
+    assert decision.reason is Reason.BAD_ADDRESS
+    assert prober.calls == []
+
+
+def test_multiple_recipients_judged_independently() -> None:
+    prober = FakeProber(
+        {
+            "a@example.com": [VALID],
+            "b@example.com": [UNKNOWN],
+            "c@example.com": [TEMPFAIL],
+            "d@example.com": [VALID],
+        }
+    )
+    policy, cache = make_policy(prober, TempfailAction.DEFER)
+    recipients = ["<a@example.com>", "<b@example.com>", "<c@example.com>", "<d@example.com>"]
+    actions = [policy.decide(r).action for r in [*recipients, "<e@example.org>"]]
+    assert actions == [Action.ACCEPT, Action.REJECT, Action.DEFER, Action.ACCEPT, Action.SKIP]
+    assert [c[0] for c in prober.calls] == [f"{x}@example.com" for x in "abcd"]
+    assert "a@example.com" in cache
+    assert "d@example.com" in cache
+    assert "b@example.com" not in cache
+    assert "c@example.com" not in cache
+
+
+def test_disabled_cache_probes_every_time() -> None:
+    prober = FakeProber({"a@example.com": [VALID]})
+    policy, _ = make_policy(prober, cache=PositiveCache(ttl=0, maxsize=100))
+    for _ in range(2):
+        assert policy.decide("<a@example.com>").reason is Reason.PROBE_VALID
+    assert len(prober.calls) == 2
+
+
+def test_parent_route_hops_are_passed_to_the_prober() -> None:
+    prober = FakeProber({"a@x.sub.test": [VALID]})
+    policy = Policy(
+        routes=parse_routes(".sub.test=[mx.sub.test]:26"),
+        cache=PositiveCache(ttl=60, maxsize=10),
+        prober=prober,
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    assert policy.decide("<a@X.sub.test>").action is Action.ACCEPT
+    assert prober.calls == [("a@x.sub.test", (Nexthop("mx.sub.test", 26),))]
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+def test_tempfail_decision(action: TempfailAction, expected: Action) -> None:
+    policy, _ = make_policy(FakeProber(), action)
+    decision = policy.tempfail_decision("a@example.com", Reason.ERROR)
+    assert decision.action is expected
+    assert decision.reason is Reason.ERROR
+    assert decision.address == "a@example.com"
+
+
+def test_split_recipient() -> None:
+    assert split_recipient("<User@Example.COM>") == ("User", "example.com")
+    assert split_recipient('<"a@b"@example.com>') == ('"a@b"', "example.com")
+    assert split_recipient("<postmaster>") is None
+    assert split_recipient("<>") is None
+    assert split_recipient("<@example.com>") is None

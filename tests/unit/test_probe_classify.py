@@ -1,0 +1,198 @@
+"""Verdict classification and the address that goes on the wire."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from callahead.probe import (
+    MAX_LOCAL_PART_OCTETS,
+    MAX_PATH_OCTETS,
+    Stage,
+    UnsendableAddress,
+    Verdict,
+    classify,
+    wire_address,
+)
+
+NOT_RCPT = [Stage.CONNECT, Stage.BANNER, Stage.EHLO, Stage.MAIL]
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("code", [None, 220, 221, 250, 354, 421, 450, 500, 550, 554])
+def test_classify_every_stage_and_code(stage: Stage, code: int | None) -> None:
+    expected = Verdict.TEMPFAIL
+    if stage is Stage.RCPT and code is not None:
+        if 200 <= code < 300:
+            expected = Verdict.VALID
+        elif 500 <= code < 600:
+            expected = Verdict.UNKNOWN
+    assert classify(stage, code) is expected
+
+
+@pytest.mark.parametrize("code", [250, 251, 252])
+def test_rcpt_2xx_is_valid(code: int) -> None:
+    assert classify(Stage.RCPT, code) is Verdict.VALID
+
+
+@pytest.mark.parametrize("code", [550, 551, 553, 554, 500, 501])
+def test_rcpt_5xx_is_unknown(code: int) -> None:
+    assert classify(Stage.RCPT, code) is Verdict.UNKNOWN
+
+
+@pytest.mark.parametrize("code", [450, 451, 452, 421, None, 354, 100, 600, 999, 0])
+def test_rcpt_anything_else_is_tempfail(code: int | None) -> None:
+    assert classify(Stage.RCPT, code) is Verdict.TEMPFAIL
+
+
+@pytest.mark.parametrize("code", [421, 554, 550, 220, None])
+def test_banner_never_decides(code: int | None) -> None:
+    assert classify(Stage.BANNER, code) is Verdict.TEMPFAIL
+
+
+@pytest.mark.parametrize("stage", [Stage.EHLO, Stage.MAIL])
+@pytest.mark.parametrize("code", [500, 501, 502, 550, 553, 554, 250, 421, 451])
+def test_replies_before_rcpt_never_decide(stage: Stage, code: int) -> None:
+    assert classify(stage, code) is Verdict.TEMPFAIL
+
+
+@pytest.mark.parametrize("stage", NOT_RCPT)
+def test_no_reply_is_tempfail(stage: Stage) -> None:
+    assert classify(stage, None) is Verdict.TEMPFAIL
+
+
+# --- wire_address ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "user@example.com",
+        "first.last+tag@sub.example.com",
+        "UPPER@EXAMPLE.COM",
+        "a@b",
+        "user@[192.0.2.1]",
+        "user@xn--bcher-kva.example",
+        '"john doe"@example.test',
+        '"a<b>c"@example.test',
+        '"x"@example.test',
+        "!#$%&'*+-/=?^_`{|}~@example.test",
+        "x" * MAX_LOCAL_PART_OCTETS + "@example.test",
+    ],
+)
+def test_wire_address_accepts(address: str) -> None:
+    assert wire_address(address) == address.encode("ascii")
+
+
+def test_wire_address_longest_path_accepted() -> None:
+    local = "l" * 64
+    domain = "d" * (MAX_PATH_OCTETS - 2 - len(local) - 1)
+    address = f"{local}@{domain}"
+    assert len(address) + 2 == MAX_PATH_OCTETS
+    assert wire_address(address) == address.encode()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "user@example.com\r\nRSET",
+        "user@example.com\r",
+        "user@example.com\n",
+        "us\ner@example.com",
+        "user\x00@example.com",
+        "user@exa\x00mple.com",
+        "user\t@example.com",
+        "user\x7f@example.com",
+        "us<er@example.com",
+        "us>er@example.com",
+        "user@example.com>",
+        "user@exam<ple.com",
+        "us er@example.com",
+        "user@exa mple.com",
+        '"user@example.com',
+        'us"er@example.com',
+        "jörg@example.com",
+        "user@bücher.example",
+        "user\u2028@example.com",
+        "x" * (MAX_LOCAL_PART_OCTETS + 1) + "@example.test",
+        "no-at-sign",
+        "@example.com",
+        "user@",
+    ],
+)
+def test_wire_address_refuses(address: str) -> None:
+    with pytest.raises(UnsendableAddress):
+        wire_address(address)
+
+
+def test_wire_address_refuses_path_over_256_octets() -> None:
+    local = "l" * 64
+    domain = "d" * (MAX_PATH_OCTETS - 2 - len(local))  # one octet too many
+    address = f"{local}@{domain}"
+    assert len(address) + 2 == MAX_PATH_OCTETS + 1
+    with pytest.raises(UnsendableAddress):
+        wire_address(address)
+
+
+def test_wire_address_refuses_long_quoted_local_part() -> None:
+    with pytest.raises(UnsendableAddress):
+        wire_address('"' + "x" * 63 + '"@example.test')  # 65 octets with the quotes
+
+
+def _brackets_outside_quotes(text: str) -> bool:
+    """Whether ``text`` holds ``<`` or ``>`` outside an RFC 5321 quoted string."""
+    quoted = False
+    escaped = False
+    for c in text:
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c in "<>":
+            return True
+    return False
+
+
+_SMTP_ISH = st.text(alphabet=st.sampled_from(list('ab.@"<> \\\r\n\x00\té')), max_size=30)
+_ADDRESSES = st.one_of(st.text(max_size=300), _SMTP_ISH)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ADDRESSES)
+def test_wire_address_never_emits_line_breaks_or_nul(address: str) -> None:
+    try:
+        raw = wire_address(address)
+    except UnsendableAddress:
+        return
+    assert isinstance(raw, bytes)
+    assert raw == address.encode("ascii")
+    assert b"\r" not in raw
+    assert b"\n" not in raw
+    assert b"\x00" not in raw
+    assert len(raw) + 2 <= MAX_PATH_OCTETS
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ADDRESSES)
+@example('"a">"@example.com')
+def test_wire_address_never_emits_brackets_outside_quotes(address: str) -> None:
+    try:
+        raw = wire_address(address)
+    except UnsendableAddress:
+        return
+    text = raw.decode("ascii")
+    assert not any(c in text for c in "\r\n\x00")
+    assert not _brackets_outside_quotes(text), text
+
+
+@pytest.mark.parametrize("address", ['"a">"@example.com', '"a"<"@example.com', '"a" "b"@x.test'])
+def test_wire_address_refuses_bracket_after_closing_quote(address: str) -> None:
+    with pytest.raises(UnsendableAddress):
+        wire_address(address)
