@@ -32,6 +32,10 @@ DEFER_REPLY = Reply(
 )
 
 
+RCPT_MACROS = "i {client_addr}"
+"""The Postfix queue id and the client address, for the decision log line."""
+
+
 class CallaheadMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection, created by libmilter's negotiate callback."""
 
@@ -39,7 +43,24 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         self._policy = policy
         self._metrics = metrics
 
-    @Milter.symlist("i", "{client_addr}")  # type: ignore[untyped-decorator]
+    def negotiate(self, opts: list[int]) -> int:
+        """Ask only for the RCPT stage, with only the macros we log.
+
+        pymilter's own negotiate (and so its ``@symlist``) hands libmilter the macro list
+        as bytes, which raises under Python 3; it then answers ALL_OPTS, and Postfix
+        would call every callback for every message. This does the same negotiation
+        with the list as text, and keeps the skipped callbacks skipped even when the
+        MTA cannot set macro lists."""
+        self._actions, offered, _, _ = opts
+        if self._actions & Milter.SETSYMLIST:
+            try:
+                self._ctx.setsymlist(Milter.M_ENVRCPT, RCPT_MACROS)
+            except (TypeError, ValueError, Milter.milter.error) as exc:
+                log.warning("cannot ask the MTA for the macros %s: %s", RCPT_MACROS, exc)
+        opts[1] = self._protocol = offered & ~self.protocol_mask()
+        opts[2] = opts[3] = 0
+        return int(Milter.CONTINUE)
+
     def envrcpt(self, to: str, *params: str) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
         client = self.getsymval("{client_addr}") or "unknown"

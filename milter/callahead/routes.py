@@ -80,7 +80,7 @@ def normalize_domain(domain: str) -> str:
     if any(ord(c) > 127 for c in domain):
         dot = "." if domain.startswith(".") else ""
         try:
-            domain = dot + domain[len(dot):].encode("idna").decode("ascii")
+            domain = dot + domain[len(dot) :].encode("idna").decode("ascii")
         except UnicodeError:
             return domain
     return domain

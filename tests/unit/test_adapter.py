@@ -293,3 +293,45 @@ def test_log_line_without_queue_id_says_noqueue(
     assert line.startswith("NOQUEUE: ")
     assert "client=2001:db8::25" in line
     assert "decision=accept reason=probe_valid" in line
+
+
+class StrictCtx:
+    """Like pymilter's C ``milterContext``: ``setsymlist`` takes the list as ``str``
+    (TestCtx accepts bytes too, which hid pymilter's own bytes bug)."""
+
+    def __init__(self) -> None:
+        self.priv: object = None
+        self.symlists: dict[int, str] = {}
+
+    def setpriv(self, priv: object) -> None:
+        self.priv = priv
+
+    def setsymlist(self, stage: int, macros: object) -> None:
+        if not isinstance(macros, str):
+            raise TypeError(f"setsymlist() argument 2 must be str, not {type(macros).__name__}")
+        self.symlists[stage] = macros
+
+
+@pytest.mark.parametrize(
+    "offered_actions", [Milter.CURR_ACTS, Milter.CURR_ACTS & ~Milter.SETSYMLIST]
+)
+def test_negotiate_with_the_c_context(offered_actions: int) -> None:
+    policy = Policy(
+        routes=ROUTES,
+        cache=PositiveCache(ttl=60, maxsize=100),
+        prober=FakeProber({}),
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    milter = CallaheadMilter(policy, Metrics())
+    ctx = StrictCtx()
+    milter._setctx(ctx)
+    opts = [offered_actions, 0x1FFFFF, 0, 0]
+
+    # Never ALL_OPTS, which would make Postfix call every callback for every message.
+    assert milter.negotiate(opts) == Milter.CONTINUE
+    assert opts[1] & Milter.P_NOCONNECT and opts[1] & Milter.P_NOHDRS
+    assert not opts[1] & Milter.P_NORCPT
+    if offered_actions & Milter.SETSYMLIST:
+        assert ctx.symlists == {Milter.M_ENVRCPT: "i {client_addr}"}
+    else:
+        assert ctx.symlists == {}

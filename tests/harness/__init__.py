@@ -1,0 +1,14 @@
+"""Test harness: stand-in primaries, throwaway Postfix instances and wait helpers.
+
+Modules:
+
+- :mod:`tests.harness.waiting` -- ``wait_for``: poll a condition instead of sleeping.
+- :mod:`tests.harness.ports` -- ``free_port``: a TCP port on 127.0.0.1 never handed out
+  twice in one process.
+- :mod:`tests.harness.primary` -- ``Primary`` (an aiosmtpd primary MX that knows its
+  users and records every probe and delivery) and ``SilentServer`` (a primary that
+  accepts TCP and never answers).
+- :mod:`tests.harness.postfix` -- ``PostfixInstance`` (a real Postfix under a temp dir)
+  and the ``main.cf`` builders ``backup_mx_main_cf`` / ``primary_main_cf``.
+- :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``).
+"""
