@@ -145,7 +145,14 @@ def main() -> int:
                     say(f"callahead: {callahead.socket}, metrics on port {callahead.metrics_port}")
                     say(f"Postfix backup MX for {DOMAIN}: 127.0.0.1:{port}")
                     say()
-                    demo(primary, backup, port, callahead)
+                    try:
+                        demo(primary, backup, port, callahead)
+                    except TimeoutError:
+                        say("--- backup maillog (tail) ---")
+                        say("\n".join(backup.maillog().splitlines()[-30:]))
+                        say("--- callahead log (tail) ---")
+                        say("\n".join(callahead.log().splitlines()[-30:]))
+                        raise
     say()
     say(f"demo finished in {time.monotonic() - started:.1f} s; everything it started is stopped.")
     return 0
