@@ -30,6 +30,7 @@ REJECT_REPLY = Reply("550", "5.1.1", "Recipient address rejected: User unknown")
 DEFER_REPLY = Reply(
     "451", "4.4.3", "Recipient address verification temporarily unavailable, try again later"
 )
+CLIENT_LIMIT_REPLY = Reply("450", "4.7.1", "Too many unknown recipients, try again later")
 
 
 RCPT_MACROS = "i {client_addr}"
@@ -63,22 +64,25 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
 
     def envrcpt(self, to: str, *params: str) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
-        client = self.getsymval("{client_addr}") or "unknown"
+        client: str | None = self.getsymval("{client_addr}")
         try:
-            decision = self._policy.decide(to)
+            decision = self._policy.decide(to, client)
         except Exception:  # the last line of defence: never reject because of our own fault
-            log.exception("%s: client=%s rcpt=%s: internal error", queue_id, client, to)
+            log.exception(
+                "%s: client=%s rcpt=%s: internal error", queue_id, client or "unknown", to
+            )
             self._metrics.errors.inc()
             parts = split_recipient(to)
             address = f"{parts[0]}@{parts[1]}" if parts else to
             decision = self._policy.tempfail_decision(address, Reason.ERROR)
         self._metrics.observe(decision)
-        log.info("%s: client=%s %s", queue_id, client, describe(decision))
+        log.info("%s: client=%s %s", queue_id, client or "unknown", describe(decision))
         if decision.action is Action.REJECT:
             self.setreply(REJECT_REPLY.code, REJECT_REPLY.xcode, REJECT_REPLY.text)
             return int(Milter.REJECT)
         if decision.action is Action.DEFER:
-            self.setreply(DEFER_REPLY.code, DEFER_REPLY.xcode, DEFER_REPLY.text)
+            reply = CLIENT_LIMIT_REPLY if decision.reason is Reason.CLIENT_LIMIT else DEFER_REPLY
+            self.setreply(reply.code, reply.xcode, reply.text)
             return int(Milter.TEMPFAIL)
         # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never ACCEPT,
         # which would skip the checks of the recipients that follow.

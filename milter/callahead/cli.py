@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .config import EX_CONFIG, VARIABLES, Config, ConfigError, load_config
+from .engine import EngineSettings, ProbeEngine
 from .policy import split_recipient
-from .probe import SmtpProber, UnsendableAddress, Verdict, wire_address
+from .probe import UnsendableAddress, Verdict, wire_address
 
 EX_USAGE = 64
 EX_SOFTWARE = 70
@@ -95,7 +96,7 @@ def run_probe(config: Config, address_arg: str) -> int:
         return EX_USAGE
     address = f"{parts[0]}@{parts[1]}"
     try:
-        wire_address(address)
+        wire_address(address, allow_utf8=True)
     except UnsendableAddress as exc:
         print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -103,18 +104,16 @@ def run_probe(config: Config, address_arg: str) -> int:
     if not hops:
         print(f"callahead: no route for {parts[1]!r} in CALLAHEAD_ROUTES", file=sys.stderr)
         return EX_USAGE
-    prober = SmtpProber(
-        helo_name=config.helo_name, sender=config.probe_sender, timeout=config.probe_timeout
-    )
 
     async def once() -> int:
-        result = await prober.probe(address, hops)
+        engine = ProbeEngine(EngineSettings.from_config(config))
+        result = await engine.probe(address, hops)
         code = "no reply" if result.code is None else str(result.code)
         print(
             f"{result.verdict.value}: {address} at {result.primary}: {code} at "
             f"{result.stage.value.upper()} ({result.duration * 1000:.1f} ms): {result.detail}"
         )
-        await prober.aclose()
+        await engine.aclose()
         return PROBE_EXIT[result.verdict]
 
     return asyncio.run(once())

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .probe import UnsendableAddress, wire_address
+from .probe import TlsMode, UnsendableAddress, wire_address
 from .routes import RouteError, RouteTable, parse_routes
 
 EX_CONFIG = 78
@@ -76,6 +76,48 @@ VARIABLES: tuple[Variable, ...] = (
         "HOST:PORT of the Prometheus /metrics endpoint; empty disables it",
     ),
     Variable("CALLAHEAD_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Variable(
+        "CALLAHEAD_PROBE_TLS",
+        "may",
+        "STARTTLS for probes, as smtp_tls_security_level: none, may (when offered) or "
+        "encrypt (required); certificates are not verified",
+    ),
+    Variable("CALLAHEAD_POOL_SIZE", "4", "open probe sessions kept per primary (1-100)"),
+    Variable(
+        "CALLAHEAD_POOL_IDLE",
+        "30",
+        "seconds an idle probe session is kept open; keep below the primary's "
+        "smtpd_timeout (300 s in Postfix, 10 s under stress)",
+    ),
+    Variable("CALLAHEAD_MAX_PROBES", "64", "probes in flight at once, all primaries (1-10000)"),
+    Variable(
+        "CALLAHEAD_PROBE_WAIT",
+        "2",
+        "seconds a recipient may wait for a probe slot before the tempfail action "
+        "(reason overload)",
+    ),
+    Variable(
+        "CALLAHEAD_BREAKER_FAILURES",
+        "5",
+        "consecutive connection-level failures after which a primary is treated as "
+        "down (reason primary_down); 0 disables",
+    ),
+    Variable(
+        "CALLAHEAD_BREAKER_COOLDOWN",
+        "30",
+        "seconds a primary treated as down gets no probes; then one trial probe",
+    ),
+    Variable(
+        "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
+        "20",
+        "unknown recipients a client may send per window; past it, uncached recipients "
+        "get 450 4.7.1 without a probe (reason client_limit); 0 disables",
+    ),
+    Variable(
+        "CALLAHEAD_CLIENT_WINDOW",
+        "600",
+        "seconds of the sliding window of CALLAHEAD_CLIENT_UNKNOWN_LIMIT; 0 disables",
+    ),
 )
 
 _NAMES = frozenset(v.name for v in VARIABLES)
@@ -111,6 +153,15 @@ class Config:
     helo_name: str
     metrics_listen: tuple[str, int] | None
     log_level: int
+    probe_tls: TlsMode = TlsMode.MAY
+    pool_size: int = 4
+    pool_idle: float = 30.0
+    max_probes: int = 64
+    probe_wait: float = 2.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    client_unknown_limit: int = 20
+    client_window: float = 600.0
 
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) pairs, in the order of ``VARIABLES``."""
@@ -127,6 +178,15 @@ class Config:
             ("CALLAHEAD_HELO_NAME", self.helo_name),
             ("CALLAHEAD_METRICS_LISTEN", metrics),
             ("CALLAHEAD_LOG_LEVEL", logging.getLevelName(self.log_level)),
+            ("CALLAHEAD_PROBE_TLS", self.probe_tls.value),
+            ("CALLAHEAD_POOL_SIZE", str(self.pool_size)),
+            ("CALLAHEAD_POOL_IDLE", _fmt_number(self.pool_idle)),
+            ("CALLAHEAD_MAX_PROBES", str(self.max_probes)),
+            ("CALLAHEAD_PROBE_WAIT", _fmt_number(self.probe_wait)),
+            ("CALLAHEAD_BREAKER_FAILURES", str(self.breaker_failures)),
+            ("CALLAHEAD_BREAKER_COOLDOWN", _fmt_number(self.breaker_cooldown)),
+            ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", str(self.client_unknown_limit)),
+            ("CALLAHEAD_CLIENT_WINDOW", _fmt_number(self.client_window)),
         ]
 
 
@@ -318,7 +378,45 @@ def load_config(env: Mapping[str, str]) -> Config:
     if level_name not in _LOG_LEVELS:
         raise ConfigError("CALLAHEAD_LOG_LEVEL", level_value, "expected " + ", ".join(_LOG_LEVELS))
 
+    tls_value = get("CALLAHEAD_PROBE_TLS")
+    try:
+        probe_tls = TlsMode(tls_value.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            "CALLAHEAD_PROBE_TLS", tls_value, "expected none, may or encrypt"
+        ) from None
+
+    def whole(name: str, low: int, high: int) -> int:
+        return _parse_number(
+            name,
+            get(name),
+            int,
+            minimum=low,
+            maximum=high,
+            what=f"expected a whole number from {low} to {high}",
+        )
+
+    def seconds(name: str, *, positive: bool = False, high: float = 86400) -> float:
+        low = "> 0" if positive else ">= 0"
+        return _parse_number(
+            name,
+            get(name),
+            float,
+            exclusive_minimum=positive,
+            maximum=high,
+            what=f"expected a number of seconds {low} and at most {high:g}",
+        )
+
     return Config(
+        probe_tls=probe_tls,
+        pool_size=whole("CALLAHEAD_POOL_SIZE", 1, 100),
+        pool_idle=seconds("CALLAHEAD_POOL_IDLE", positive=True, high=3600),
+        max_probes=whole("CALLAHEAD_MAX_PROBES", 1, 10000),
+        probe_wait=seconds("CALLAHEAD_PROBE_WAIT", high=300),
+        breaker_failures=whole("CALLAHEAD_BREAKER_FAILURES", 0, 1000),
+        breaker_cooldown=seconds("CALLAHEAD_BREAKER_COOLDOWN", positive=True, high=3600),
+        client_unknown_limit=whole("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", 0, 1_000_000),
+        client_window=seconds("CALLAHEAD_CLIENT_WINDOW"),
         socket=socket_value.strip(),
         milter_socket=milter_socket,
         routes=routes,

@@ -14,7 +14,8 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from .probe import ProbeResult, SmtpProber, Stage, Verdict
+from .engine import ProbeEngine
+from .probe import ProbeResult, Stage, Verdict
 from .routes import Nexthop
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,16 @@ class ProbeLoop:
 
 
 class LoopProber:
-    """The policy's ``Prober``: runs ``SmtpProber`` probes on a ``ProbeLoop``."""
+    """The policy's ``Prober``: runs ``ProbeEngine`` probes on a ``ProbeLoop``."""
 
-    def __init__(self, loop: ProbeLoop, prober: SmtpProber, timeout: float) -> None:
+    def __init__(self, loop: ProbeLoop, engine: ProbeEngine, wait: float | None = None) -> None:
         self._loop = loop
-        self._prober = prober
-        self._wait = timeout + HANDOFF_MARGIN
+        self._engine = engine
+        self._wait = wait if wait is not None else engine.settings.longest_answer + HANDOFF_MARGIN
 
     def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
         try:
-            return self._loop.run(self._prober.probe(address, hops), self._wait)
+            return self._loop.run(self._engine.probe(address, hops), self._wait)
         except TimeoutError as exc:
             log.warning("probe for %s overran its deadline: %s", address, exc)
             return ProbeResult(

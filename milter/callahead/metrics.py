@@ -47,6 +47,35 @@ class Metrics:
             "Exceptions inside callahead, answered with the tempfail action",
             registry=r,
         )
+        self.in_flight = Gauge(
+            "callahead_probes_in_flight", "Probes running now, all primaries", registry=r
+        )
+        self.connections = Counter(
+            "callahead_probe_connections",
+            "New SMTP connections opened to a primary",
+            ["primary"],
+            registry=r,
+        )
+        self.pool_sessions = Gauge(
+            "callahead_pool_sessions", "Open probe sessions to a primary", ["primary"], registry=r
+        )
+        self.coalesced = Counter(
+            "callahead_coalesced_waits",
+            "Recipients that shared a probe already in flight for the same address",
+            registry=r,
+        )
+        self.primary_reached = Gauge(
+            "callahead_primary_reached",
+            "1 if the last probe of a primary reached it at the SMTP level, else 0",
+            ["primary"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "callahead_breaker_open",
+            "1 while a primary is treated as down (no probes until the cooldown ends)",
+            ["primary"],
+            registry=r,
+        )
         # Pre-create the label sets so that every series exists from the first scrape.
         for verdict in Verdict:
             self.probes.labels(verdict.value)
@@ -55,15 +84,13 @@ class Metrics:
         self.cache_entries.set_function(lambda: float(size()))
 
     def observe(self, decision: Decision) -> None:
-        """Count one decision, and its probe if there was one."""
+        """Count one decision. Probes are counted where they are made (the engine):
+        with coalescing, one probe can serve several decisions."""
         self.decisions.labels(decision.action.value, decision.reason.value).inc()
         if decision.reason is Reason.CACHE_HIT:
             self.cache_hits.inc()
         elif decision.action is not Action.SKIP and decision.reason is not Reason.ERROR:
             self.cache_misses.inc()
-        if decision.probe is not None:
-            self.probes.labels(decision.probe.verdict.value).inc()
-            self.probe_duration.observe(decision.probe.duration)
 
     def serve(self, host: str, port: int) -> None:
         """Serve ``/metrics`` over HTTP from a daemon thread."""

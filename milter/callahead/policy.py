@@ -14,7 +14,8 @@ from typing import Protocol
 
 from .cache import PositiveCache
 from .config import TempfailAction
-from .probe import ProbeResult, UnsendableAddress, Verdict, wire_address
+from .guard import ClientGuard
+from .probe import ProbeResult, Skip, UnsendableAddress, Verdict, wire_address
 from .routes import Nexthop, RouteTable, normalize_domain
 
 
@@ -36,6 +37,9 @@ class Reason(enum.Enum):
     PROBE_TEMPFAIL = "probe_tempfail"
     UNROUTED = "unrouted"
     BAD_ADDRESS = "bad_address"
+    OVERLOAD = "overload"
+    PRIMARY_DOWN = "primary_down"
+    CLIENT_LIMIT = "client_limit"
     ERROR = "error"
 
 
@@ -73,10 +77,12 @@ class Policy:
         cache: PositiveCache,
         prober: Prober,
         tempfail_action: TempfailAction,
+        guard: ClientGuard | None = None,
     ) -> None:
         self._routes = routes
         self._cache = cache
         self._prober = prober
+        self._guard = guard if guard is not None else ClientGuard(limit=0, window=0)
         self._undecided = (
             Action.ACCEPT if tempfail_action is TempfailAction.ACCEPT else Action.DEFER
         )
@@ -85,7 +91,8 @@ class Policy:
         """The answer when nothing can be decided: the configured tempfail action."""
         return Decision(self._undecided, reason, address)
 
-    def decide(self, recipient: str) -> Decision:
+    def decide(self, recipient: str, client: str | None = None) -> Decision:
+        """Judge one recipient; ``client`` is the SMTP client's address, if known."""
         parts = split_recipient(recipient)
         if parts is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
@@ -96,8 +103,10 @@ class Policy:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
         if address in self._cache:
             return Decision(Action.ACCEPT, Reason.CACHE_HIT, address)
+        if self._guard.blocked(client):
+            return Decision(Action.DEFER, Reason.CLIENT_LIMIT, address)
         try:
-            wire_address(address)
+            wire_address(address, allow_utf8=True)
         except UnsendableAddress:
             return self.tempfail_decision(address, Reason.BAD_ADDRESS)
         result = self._prober.probe(address, hops)
@@ -105,5 +114,11 @@ class Policy:
             self._cache.add(address)
             return Decision(Action.ACCEPT, Reason.PROBE_VALID, address, result)
         if result.verdict is Verdict.UNKNOWN:
+            self._guard.record_unknown(client)
             return Decision(Action.REJECT, Reason.PROBE_UNKNOWN, address, result)
-        return Decision(self._undecided, Reason.PROBE_TEMPFAIL, address, result)
+        reason = Reason.PROBE_TEMPFAIL
+        if result.skipped is Skip.OVERLOAD:
+            reason = Reason.OVERLOAD
+        elif result.skipped is Skip.PRIMARY_DOWN:
+            reason = Reason.PRIMARY_DOWN
+        return Decision(self._undecided, reason, address, result)

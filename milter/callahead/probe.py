@@ -1,7 +1,10 @@
-"""The SMTP probe: ask a primary whether it would accept mail for one address.
+"""The SMTP probe dialogue with one primary, on one (reusable) session.
 
-The dialogue is EHLO (HELO if EHLO is refused), ``MAIL FROM:<sender>`` (the null sender by
-default), ``RCPT TO:<address>``, then QUIT. Only the reply to RCPT TO can decide:
+A session connects, reads the banner, says EHLO (HELO if EHLO is refused), upgrades with
+STARTTLS when asked to, then opens one transaction with ``MAIL FROM:<sender>`` and asks
+``RCPT TO:<address>`` for each probe. Several probes share the transaction: a Postfix
+primary takes an inflow token only for a transaction's first accepted recipient, and no
+RSET (a "junk" command Postfix limits) is ever needed. Only the reply to RCPT TO decides:
 
 * 2xx at RCPT TO: the address is valid;
 * 5xx at RCPT TO: the address is unknown;
@@ -12,11 +15,10 @@ default), ``RCPT TO:<address>``, then QUIT. Only the reply to RCPT TO can decide
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
+import ssl
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -30,8 +32,15 @@ MAX_PATH_OCTETS = 256
 MAX_LOCAL_PART_OCTETS = 64
 """RFC 5321 4.5.3.1.1."""
 
+ERROR_BUDGET = 9
+"""4xx/5xx replies a session may collect. A Postfix primary counts every one as an
+error, sleeps 1 s before each reply after the 10th and hangs up at the 20th; only a
+delivered message resets the count. A session is retired after this many, without
+sending it another command."""
+MAX_RCPTS_PER_SESSION = 500
+"""RCPTs in one session (and transaction); Postfix's smtpd_recipient_limit is 1000."""
 QUIT_TIMEOUT = 2.0
-"""Seconds a courtesy QUIT may take after the verdict is known."""
+"""Seconds a courtesy QUIT may take when a session is retired."""
 
 
 class Verdict(enum.Enum):
@@ -46,8 +55,24 @@ class Stage(enum.Enum):
     CONNECT = "connect"
     BANNER = "banner"
     EHLO = "ehlo"
+    STARTTLS = "starttls"
     MAIL = "mail"
     RCPT = "rcpt"
+
+
+class Skip(enum.Enum):
+    """Why no probe was made at all."""
+
+    OVERLOAD = "overload"
+    PRIMARY_DOWN = "primary_down"
+
+
+class TlsMode(enum.Enum):
+    """Named as Postfix's smtp_tls_security_level names them."""
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
 
 
 class UnsendableAddress(ValueError):
@@ -65,6 +90,10 @@ class ProbeResult:
     duration: float
     primary: str
     """The nexthop that gave the answer (or the last one tried)."""
+    reached: bool = True
+    """False for connection-level failures (refused, timeout, 421, disconnect, TLS)."""
+    skipped: Skip | None = None
+    """Set when no probe was made (``verdict`` is then TEMPFAIL)."""
 
 
 def classify(stage: Stage, code: int | None) -> Verdict:
@@ -77,24 +106,29 @@ def classify(stage: Stage, code: int | None) -> Verdict:
     return Verdict.TEMPFAIL
 
 
-def wire_address(address: str) -> bytes:
+def needs_smtputf8(address: str) -> bool:
+    """True when the local part is not ASCII (the domain is sent in A-label form)."""
+    return not address.rpartition("@")[0].isascii()
+
+
+def wire_address(address: str, *, allow_utf8: bool = False) -> bytes:
     """The bytes of ``address`` for a ``<...>`` path, or ``UnsendableAddress``.
 
     Refuses anything that could end a command early or break the path: control
-    characters (CR, LF, NUL…), angle brackets outside a quoted local part, non-ASCII
-    (that needs SMTPUTF8, which this probe does not negotiate), and lengths over the
-    RFC 5321 limits."""
+    characters (CR, LF, NUL…), angle brackets or spaces outside a well-formed quoted
+    local part, a non-ASCII domain (send the A-label), a non-ASCII local part unless
+    ``allow_utf8`` (SMTPUTF8), and lengths over the RFC 5321 limits."""
     if not address:
         raise UnsendableAddress("empty address")
     if any(ord(c) < 32 or ord(c) == 127 for c in address):
         raise UnsendableAddress("control character in address")
-    try:
-        raw = address.encode("ascii")
-    except UnicodeEncodeError:
-        raise UnsendableAddress("non-ASCII address needs SMTPUTF8") from None
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain:
         raise UnsendableAddress("address has no local part or no domain")
+    if not domain.isascii():
+        raise UnsendableAddress("non-ASCII domain (expected its A-label form)")
+    if not local.isascii() and not allow_utf8:
+        raise UnsendableAddress("non-ASCII local part needs SMTPUTF8")
     if local.startswith('"'):
         if not _is_quoted_string(local):
             raise UnsendableAddress("malformed quoted local part")
@@ -102,7 +136,12 @@ def wire_address(address: str) -> bytes:
         raise UnsendableAddress("unquoted local part holds a forbidden character")
     if any(c in domain for c in '<> "\\'):
         raise UnsendableAddress("forbidden character in domain")
-    if len(local.encode()) > MAX_LOCAL_PART_OCTETS or len(raw) + 2 > MAX_PATH_OCTETS:
+    try:
+        raw = address.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        raise UnsendableAddress("address is not valid UTF-8") from None
+    local_octets = len(raw) - len(domain) - 1
+    if local_octets > MAX_LOCAL_PART_OCTETS or len(raw) + 2 > MAX_PATH_OCTETS:
         raise UnsendableAddress("address longer than RFC 5321 allows")
     return raw
 
@@ -126,120 +165,220 @@ def _is_quoted_string(local: str) -> bool:
     return True
 
 
-class SmtpProber:
-    """Runs probes on the event loop it is awaited on. One instance serves all probes."""
+class SessionLost(Exception):
+    """The session died before the primary answered RCPT TO (closed, 421, reset): the
+    probe may be retried on a fresh session."""
 
-    def __init__(self, *, helo_name: str, sender: str, timeout: float) -> None:
-        self._helo_name = helo_name
-        self._sender = sender.encode("ascii")
-        self._timeout = timeout
-        self._closing: set[asyncio.Task[None]] = set()
 
-    async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
-        """Probe ``address`` at each nexthop in order until one gives a definite answer,
-        all within one ``timeout``. A tempfail from one primary tries the next."""
-        start = time.monotonic()
-        deadline = start + self._timeout
-        rcpt = wire_address(address)
-        result: ProbeResult | None = None
-        for hop in hops:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            result = await self._probe_one(rcpt, hop, remaining, start)
-            if result.verdict is not Verdict.TEMPFAIL:
-                return result
-        if result is None:
-            return ProbeResult(
-                Verdict.TEMPFAIL,
-                Stage.CONNECT,
-                None,
-                "no time left",
-                0.0,
-                str(hops[0]) if hops else "",
-            )
-        return result
+class SessionFailed(Exception):
+    """Opening the session failed; carries the result to report."""
 
-    async def _probe_one(
-        self, rcpt: bytes, hop: Nexthop, budget: float, start: float
-    ) -> ProbeResult:
-        smtp = aiosmtplib.SMTP(
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+def unverified_tls_context() -> ssl.SSLContext:
+    """Opportunistic TLS, as Postfix's ``may`` and ``encrypt``: encrypt, don't verify."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    helo_name: str
+    sender: str
+    tls: TlsMode
+    tls_context: ssl.SSLContext | None
+
+
+class Session:
+    """One SMTP connection to one primary, carrying probes one at a time."""
+
+    def __init__(self, hop: Nexthop, settings: SessionSettings) -> None:
+        self.hop = hop
+        self._settings = settings
+        self._smtp = aiosmtplib.SMTP(
             hostname=hop.host,
             port=hop.port,
-            local_hostname=self._helo_name,
-            timeout=budget,
+            local_hostname=settings.helo_name,
             start_tls=False,
             use_tls=False,
+            timeout=None,
         )
+        self.opened = False
+        self.probes = 0
+        self.rcpts = 0
+        self.errors = 0
+        self.last_used = time.monotonic()
+        self.stage = Stage.CONNECT
+        """Where the dialogue is, for reporting a timeout."""
+        self._in_transaction = False
+        self._retire = False
+
+    @property
+    def alive(self) -> bool:
+        return self.opened and self._smtp.is_connected and not self._retire
+
+    @property
+    def waiting_at(self) -> Stage:
+        """The stage a probe on this session is stuck at, for reporting a timeout."""
+        if self.stage is Stage.CONNECT and self._smtp.protocol is not None:
+            return Stage.BANNER
+        return self.stage
+
+    def timed_out(self, budget: float, started: float) -> ProbeResult:
+        """The result of a probe that ran out of time on this session, which is closed."""
+        self.close()
+        return ProbeResult(
+            Verdict.TEMPFAIL,
+            self.waiting_at,
+            None,
+            f"timed out after {budget:.3g}s",
+            time.monotonic() - started,
+            str(self.hop),
+            reached=False,
+        )
+
+    @property
+    def reusable(self) -> bool:
+        return self.alive and self.errors < ERROR_BUDGET and self.rcpts < MAX_RCPTS_PER_SESSION
+
+    def _fail(self, stage: Stage, code: int | None, detail: str, started: float) -> SessionFailed:
+        reached = code is not None and code != 421
+        return SessionFailed(
+            ProbeResult(
+                Verdict.TEMPFAIL,
+                stage,
+                code,
+                detail,
+                time.monotonic() - started,
+                str(self.hop),
+                reached=reached,
+            )
+        )
+
+    async def open(self) -> None:
+        """Connect, banner, EHLO/HELO, STARTTLS per the TLS mode. Raises SessionFailed."""
+        started = time.monotonic()
+        smtp = self._smtp
         stage = Stage.CONNECT
-        code: int | None = None
-        detail = ""
         try:
-            async with asyncio.timeout(budget):
-                try:
-                    await smtp.connect()
-                except aiosmtplib.SMTPConnectResponseError as exc:
-                    stage, code, detail = Stage.BANNER, exc.code, exc.message
-                    raise _Stop from None
-                except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
-                    # The banner never came, or the connection failed or closed first.
-                    stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
-                    detail = str(exc)
-                    raise _Stop from None
-                stage = Stage.EHLO
-                try:
-                    await smtp.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    reply = await smtp.execute_command(b"HELO", self._helo_name.encode())
-                    if not 200 <= reply.code < 300:
-                        code, detail = reply.code, reply.message
-                        raise _Stop from None
-                stage = Stage.MAIL
-                reply = await smtp.execute_command(b"MAIL", b"FROM:<" + self._sender + b">")
-                if not 200 <= reply.code < 300:
-                    code, detail = reply.code, reply.message
-                    raise _Stop
-                stage = Stage.RCPT
-                reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt + b">")
-                code, detail = reply.code, reply.message
-        except _Stop:
-            pass
-        except TimeoutError:
-            code, detail = None, f"timed out after {budget:.3g}s"
-        except aiosmtplib.SMTPException as exc:
-            code = getattr(exc, "code", None)
-            code = code if isinstance(code, int) and code > 0 else None
-            detail = str(exc) or type(exc).__name__
-        except OSError as exc:
-            code, detail = None, str(exc) or type(exc).__name__
-        finally:
-            self._close_later(smtp)
-        verdict = classify(stage, code)
-        return ProbeResult(verdict, stage, code, detail, time.monotonic() - start, str(hop))
+            try:
+                self.stage = Stage.CONNECT
+                await smtp.connect()
+            except aiosmtplib.SMTPConnectResponseError as exc:
+                raise self._fail(Stage.BANNER, exc.code, exc.message, started) from None
+            except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
+                stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
+                raise self._fail(stage, None, str(exc), started) from None
+            stage = self.stage = Stage.EHLO
+            await self._greet(started)
+            if self._settings.tls is not TlsMode.NONE:
+                stage = self.stage = Stage.STARTTLS
+                await self._starttls(started)
+        except SessionFailed:
+            self.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            self.close()
+            raise self._fail(stage, None, str(exc) or type(exc).__name__, started) from None
+        self.opened = True
 
-    def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
-        """Say QUIT without making the caller wait for the reply."""
-        if not smtp.is_connected:
-            smtp.close()
+    async def _greet(self, started: float) -> None:
+        try:
+            await self._smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            if exc.code == 421 or not self._smtp.is_connected:
+                raise self._fail(Stage.EHLO, exc.code, exc.message, started) from None
+            reply = await self._smtp.execute_command(
+                b"HELO", self._settings.helo_name.encode("ascii")
+            )
+            if not 200 <= reply.code < 300:
+                raise self._fail(Stage.EHLO, reply.code, reply.message, started) from None
+
+    async def _starttls(self, started: float) -> None:
+        smtp = self._smtp
+        offered = smtp.supports_extension("starttls")
+        if not offered:
+            if self._settings.tls is TlsMode.ENCRYPT:
+                raise self._fail(Stage.STARTTLS, None, "STARTTLS not offered", started)
             return
-        task = asyncio.get_running_loop().create_task(self._quit(smtp))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    @staticmethod
-    async def _quit(smtp: aiosmtplib.SMTP) -> None:
         try:
-            await smtp.quit(timeout=QUIT_TIMEOUT)
+            await smtp.starttls(
+                tls_context=self._settings.tls_context or unverified_tls_context(),
+                server_hostname=self.hop.host,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            if self._settings.tls is TlsMode.ENCRYPT or exc.code == 421 or not smtp.is_connected:
+                raise self._fail(Stage.STARTTLS, exc.code, exc.message, started) from None
+            return  # "may": carry on in plaintext, as Postfix does
+        except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+            # A failed handshake is a connection-level failure of this primary.
+            raise self._fail(
+                Stage.STARTTLS, None, f"TLS handshake failed: {exc}", started
+            ) from None
+        await self._greet(started)
+
+    async def rcpt(self, address: str, started: float) -> ProbeResult:
+        """Probe one address on this (open) session. Raises SessionLost when the session
+        died before RCPT TO was answered."""
+        smtp = self._smtp
+        self.probes += 1
+        utf8 = needs_smtputf8(address)
+        offers_utf8 = smtp.supports_extension("smtputf8")
+        if utf8 and not offers_utf8:
+            return self._result(Stage.RCPT, None, "primary does not offer SMTPUTF8", started)
+        rcpt = wire_address(address, allow_utf8=True)
+        try:
+            if not self._in_transaction:
+                self.stage = Stage.MAIL
+                command = b"FROM:<" + self._settings.sender.encode("ascii") + b">"
+                if offers_utf8:
+                    command += b" SMTPUTF8"
+                reply = await smtp.execute_command(b"MAIL", command)
+                if reply.code == 421:
+                    raise SessionLost(f"{reply.code} {reply.message}")
+                if not 200 <= reply.code < 300:
+                    self.errors += 1
+                    self._retire = True
+                    return self._result(Stage.MAIL, reply.code, reply.message, started)
+                self._in_transaction = True
+            self.stage = Stage.RCPT
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt + b">")
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self._retire = True
+            raise SessionLost(str(exc) or type(exc).__name__) from None
+        if reply.code == 421:
+            self._retire = True
+            raise SessionLost(f"{reply.code} {reply.message}")
+        self.rcpts += 1
+        if not 200 <= reply.code < 300:
+            self.errors += 1
+            if reply.code == 452 and self.rcpts > 1:
+                # "too many recipients": this transaction is full, not the address.
+                self._retire = True
+                raise SessionLost(f"{reply.code} {reply.message}")
+        return self._result(Stage.RCPT, reply.code, reply.message, started)
+
+    def _result(self, stage: Stage, code: int | None, detail: str, started: float) -> ProbeResult:
+        return ProbeResult(
+            classify(stage, code), stage, code, detail, time.monotonic() - started, str(self.hop)
+        )
+
+    async def quit(self) -> None:
+        """Retire politely: QUIT, unless the error budget is spent (then just hang up,
+        since a Postfix primary would make even QUIT wait)."""
+        try:
+            if self._smtp.is_connected and self.errors < ERROR_BUDGET:
+                await self._smtp.quit(timeout=QUIT_TIMEOUT)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            log.debug("QUIT after probe failed: %s", exc)
+            log.debug("QUIT to %s failed: %s", self.hop, exc)
         finally:
-            smtp.close()
+            self.close()
 
-    async def aclose(self) -> None:
-        """Wait for pending QUITs (at most ``QUIT_TIMEOUT``)."""
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=QUIT_TIMEOUT)
-
-
-class _Stop(Exception):
-    """Internal: the dialogue ended early with a reply already recorded."""
+    def close(self) -> None:
+        self._retire = True
+        self._smtp.close()

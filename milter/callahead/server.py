@@ -9,35 +9,47 @@ import Milter
 from .adapter import CallaheadMilter
 from .cache import PositiveCache
 from .config import Config
-from .loop import LoopProber, ProbeLoop
+from .engine import EngineSettings, ProbeEngine
+from .guard import ClientGuard
+from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
-from .probe import SmtpProber
 
 log = logging.getLogger(__name__)
 
 EX_UNAVAILABLE = 69
+MILTER_COMMAND_TIMEOUT = 30
+"""Postfix's default milter_command_timeout, in seconds."""
 
 
-def build_policy(config: Config, loop: ProbeLoop) -> tuple[Policy, PositiveCache]:
+def build_policy(
+    config: Config, loop: ProbeLoop, metrics: Metrics
+) -> tuple[Policy, PositiveCache, ProbeEngine]:
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    prober = SmtpProber(
-        helo_name=config.helo_name, sender=config.probe_sender, timeout=config.probe_timeout
-    )
+    engine = ProbeEngine(EngineSettings.from_config(config), metrics)
     policy = Policy(
         routes=config.routes,
         cache=cache,
-        prober=LoopProber(loop, prober, config.probe_timeout),
+        prober=LoopProber(loop, engine),
         tempfail_action=config.tempfail_action,
+        guard=ClientGuard(limit=config.client_unknown_limit, window=config.client_window),
     )
-    return policy, cache
+    return policy, cache, engine
 
 
 def serve(config: Config) -> int:
     """Run until libmilter stops (SIGTERM, SIGINT). Returns the exit status."""
     loop = ProbeLoop()
-    policy, cache = build_policy(config, loop)
     metrics = Metrics()
+    policy, cache, engine = build_policy(config, loop, metrics)
+    longest = engine.settings.longest_answer + HANDOFF_MARGIN
+    if longest >= MILTER_COMMAND_TIMEOUT:
+        log.warning(
+            "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT allow answers of up to %.0f s: "
+            "set Postfix's milter_command_timeout above that (its default is %d s)",
+            longest,
+            MILTER_COMMAND_TIMEOUT,
+        )
     metrics.track_cache_size(cache.__len__)
     if config.metrics_listen is not None:
         host, port = config.metrics_listen
@@ -62,6 +74,10 @@ def serve(config: Config) -> int:
         log.error("milter stopped: %s (socket %s)", exc, config.socket)
         return EX_UNAVAILABLE
     finally:
+        try:
+            loop.run(engine.aclose(), timeout=5)
+        except TimeoutError:
+            log.warning("probe sessions did not close in time")
         loop.stop()
     log.info("callahead stopped")
     return 0

@@ -1,0 +1,276 @@
+"""The probe engine: every probe callahead makes goes through here, on the probe loop.
+
+* **Coalescing**: concurrent requests for the same address share one probe.
+* **Bounds**: at most ``max_probes`` probes in flight over all primaries; a request that
+  cannot get a slot within ``probe_wait`` seconds is answered at once (``overload``).
+* **Breaker** per primary (see breaker.py): a primary that keeps failing at the
+  connection level is skipped for a cooldown (``primary_down``).
+* **Failover**: a domain's nexthops are tried in order within one probe deadline; a
+  tempfail tries the next, a definite answer ends the search.
+* **Pooled sessions** per primary (see pool.py and probe.py); a reused session that the
+  primary has closed is detected and the probe retried once on a fresh session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .breaker import Breaker, State
+from .config import Config
+from .metrics import Metrics
+from .pool import SessionPool
+from .probe import (
+    ProbeResult,
+    Session,
+    SessionFailed,
+    SessionLost,
+    SessionSettings,
+    Skip,
+    Stage,
+    TlsMode,
+    Verdict,
+    unverified_tls_context,
+)
+from .routes import Nexthop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    helo_name: str
+    sender: str
+    timeout: float
+    tls: TlsMode = TlsMode.MAY
+    pool_size: int = 4
+    pool_idle: float = 30.0
+    max_probes: int = 64
+    probe_wait: float = 2.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> EngineSettings:
+        return cls(
+            helo_name=config.helo_name,
+            sender=config.probe_sender,
+            timeout=config.probe_timeout,
+            tls=config.probe_tls,
+            pool_size=config.pool_size,
+            pool_idle=config.pool_idle,
+            max_probes=config.max_probes,
+            probe_wait=config.probe_wait,
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown=config.breaker_cooldown,
+        )
+
+    @property
+    def longest_answer(self) -> float:
+        """The longest a probe request can take: a wait for a slot, then the probe."""
+        return self.probe_wait + self.timeout
+
+
+class ProbeEngine:
+    def __init__(self, settings: EngineSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self._metrics = metrics if metrics is not None else Metrics()
+        tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
+        self._session_settings = SessionSettings(
+            settings.helo_name, settings.sender, settings.tls, tls_context
+        )
+        self._slots = asyncio.Semaphore(settings.max_probes)
+        self._inflight: dict[str, asyncio.Task[ProbeResult]] = {}
+        self._pools: dict[Nexthop, SessionPool] = {}
+        self._breakers: dict[Nexthop, Breaker] = {}
+        self._janitor: asyncio.Task[None] | None = None
+
+    # -- per primary --------------------------------------------------------------------
+
+    def _pool(self, hop: Nexthop) -> SessionPool:
+        pool = self._pools.get(hop)
+        if pool is None:
+            opened = self._metrics.connections.labels(str(hop))
+            pool = SessionPool(
+                lambda: Session(hop, self._session_settings),
+                size=self.settings.pool_size,
+                idle=self.settings.pool_idle,
+                on_open=opened.inc,
+            )
+            self._pools[hop] = pool
+            self._metrics.pool_sessions.labels(str(hop)).set_function(
+                lambda: float(pool.open_sessions)
+            )
+        return pool
+
+    def _breaker(self, hop: Nexthop) -> Breaker:
+        breaker = self._breakers.get(hop)
+        if breaker is None:
+            breaker = Breaker(
+                failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
+            )
+            self._breakers[hop] = breaker
+            self._metrics.breaker_open.labels(str(hop)).set_function(
+                lambda: 1.0 if breaker.state is State.OPEN else 0.0
+            )
+        return breaker
+
+    def breaker_state(self, hop: Nexthop) -> State:
+        breaker = self._breakers.get(hop)
+        return State.CLOSED if breaker is None else breaker.state
+
+    # -- probing --------------------------------------------------------------------
+
+    async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        """Probe ``address`` (already normalized), sharing a probe already in flight."""
+        task = self._inflight.get(address)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._bounded(address, tuple(hops)))
+            self._inflight[address] = task
+            task.add_done_callback(lambda t: self._forget(address, t))
+        else:
+            self._metrics.coalesced.inc()
+        return await asyncio.shield(task)
+
+    def _forget(self, address: str, task: asyncio.Task[ProbeResult]) -> None:
+        if self._inflight.get(address) is task:
+            del self._inflight[address]
+
+    def _skipped(self, skip: Skip, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
+        primary = str(hops[0]) if hops else ""
+        return ProbeResult(
+            Verdict.TEMPFAIL,
+            Stage.CONNECT,
+            None,
+            detail,
+            0.0,
+            primary,
+            reached=False,
+            skipped=skip,
+        )
+
+    async def _bounded(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
+        self._ensure_janitor()
+        if self._slots.locked():
+            wait = self.settings.probe_wait
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self._slots.acquire(), wait)
+            except TimeoutError:
+                return self._skipped(Skip.OVERLOAD, hops, f"no probe slot within {wait:g}s")
+        else:
+            await self._slots.acquire()
+        self._metrics.in_flight.inc()
+        try:
+            result = await self._across(address, hops)
+        finally:
+            self._metrics.in_flight.dec()
+            self._slots.release()
+        if result.skipped is None:
+            self._metrics.probes.labels(result.verdict.value).inc()
+            self._metrics.probe_duration.observe(result.duration)
+        return result
+
+    async def _across(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
+        """Failover: each nexthop in order, all within one deadline."""
+        started = time.monotonic()
+        deadline = started + self.settings.timeout
+        result: ProbeResult | None = None
+        for hop in hops:
+            breaker = self._breaker(hop)
+            if not breaker.allow():
+                continue
+            budget = deadline - time.monotonic()
+            if budget <= 0:
+                breaker.release()
+                break
+            try:
+                result = await self._at(hop, address, started, budget)
+            except BaseException:
+                breaker.release()
+                raise
+            breaker.record(result.reached)
+            self._metrics.primary_reached.labels(str(hop)).set(1.0 if result.reached else 0.0)
+            if result.verdict is not Verdict.TEMPFAIL:
+                return result
+        if result is None:
+            return self._skipped(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
+        return result
+
+    async def _at(self, hop: Nexthop, address: str, started: float, budget: float) -> ProbeResult:
+        """One primary: a pooled session, retried once on a fresh one if it was lost."""
+        pool = self._pool(hop)
+        session: Session | None = None
+        try:
+            async with asyncio.timeout(budget):
+                for attempt in (1, 2):
+                    session = None
+                    session = await pool.acquire()
+                    try:
+                        reused = session.opened
+                        if not reused:
+                            await session.open()
+                        return await session.rcpt(address, started)
+                    except SessionLost as exc:
+                        if not reused or attempt == 2:
+                            return ProbeResult(
+                                Verdict.TEMPFAIL,
+                                session.stage,
+                                None,
+                                f"session lost: {exc}",
+                                time.monotonic() - started,
+                                str(hop),
+                                reached=False,
+                            )
+                        # The primary closed an idle session (timeout, restart): the
+                        # other idle ones are likely stale too; retry on a fresh one.
+                        log.debug("pooled session to %s lost (%s); retrying", hop, exc)
+                        pool.reap(drop_all=True)
+                    except BaseException:
+                        session.close()
+                        raise
+                    finally:
+                        pool.release(session)
+        except SessionFailed as exc:
+            return exc.result
+        except TimeoutError:
+            if session is None:  # waited for a free session the whole time
+                return ProbeResult(
+                    Verdict.TEMPFAIL,
+                    Stage.CONNECT,
+                    None,
+                    "no free session in time",
+                    time.monotonic() - started,
+                    str(hop),
+                    reached=True,
+                )
+            return session.timed_out(budget, started)
+        raise AssertionError("unreachable")
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    def _ensure_janitor(self) -> None:
+        if self._janitor is None:
+            self._janitor = asyncio.get_running_loop().create_task(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        interval = max(0.2, min(self.settings.pool_idle / 2, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            for pool in self._pools.values():
+                pool.reap()
+
+    async def aclose(self) -> None:
+        """Close every pooled session (QUIT where polite)."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+            self._janitor = None
+        for pool in self._pools.values():
+            await pool.aclose()
