@@ -11,4 +11,9 @@ Modules:
 - :mod:`tests.harness.postfix` -- ``PostfixInstance`` (a real Postfix under a temp dir)
   and the ``main.cf`` builders ``backup_mx_main_cf`` / ``primary_main_cf``.
 - :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``).
+- :mod:`tests.harness.scripted` -- ``ScriptedServer``: an SMTP server that answers each
+  stage as its ``Script`` says (faults, delays, disconnects, STARTTLS good or broken).
+- :mod:`tests.harness.tlsutil` -- self-signed certificates made with ``openssl``.
+- :mod:`tests.harness.callahead_process` -- ``callahead serve`` as a real process.
+- :mod:`tests.harness.client` -- an SMTP client that records every reply and its time.
 """

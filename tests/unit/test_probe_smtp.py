@@ -1,128 +1,27 @@
-"""The SMTP probe against a scripted SMTP server on loopback (no Postfix)."""
+"""The SMTP probe through the engine, against a scripted SMTP server on loopback (no
+Postfix): one probe per test, the dialogue and how each reply is classified."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
 
 from callahead import loop as loop_module
 from callahead.cli import main
+from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
-from callahead.probe import ProbeResult, SmtpProber, Stage, Verdict
+from callahead.probe import ProbeResult, Stage, TlsMode, Verdict
 from callahead.routes import Nexthop
+from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port
 
 HELO = "backup.example.net"
 T = TypeVar("T")
-
-
-@dataclass
-class Script:
-    """How the fake primary answers: a reply code per stage, and misbehaviour."""
-
-    banner: int = 220
-    ehlo: int = 250
-    helo: int = 250
-    mail: int = 250
-    rcpt: int = 250
-    greet: bool = True
-    """False: accept the connection and never say a word."""
-    hang_up: bool = False
-    """True: accept the connection and close it at once, without a banner."""
-    close_after: str | None = None
-    """Verb (``MAIL``, ``RCPT``…) after which the server hangs up instead of replying."""
-    delay: dict[str, float] = field(default_factory=dict)
-    """Seconds to wait before the reply, per verb (``BANNER`` for the greeting)."""
-
-
-class FakeSmtpServer:
-    """A line-based SMTP server on 127.0.0.1 that records what it receives."""
-
-    def __init__(self, script: Script | None = None) -> None:
-        self.script = script if script is not None else Script()
-        self.lines: list[str] = []
-        self.connections = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def hop(self) -> Nexthop:
-        return Nexthop("127.0.0.1", self.port)
-
-    def verbs(self) -> list[str]:
-        return [line.split(" ", 1)[0].split(":", 1)[0].upper() for line in self.lines]
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def close(self) -> None:
-        for writer in list(self._writers):
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _reply(self, writer: asyncio.StreamWriter, verb: str, text: str) -> None:
-        delay = self.script.delay.get(verb)
-        if delay:
-            await asyncio.sleep(delay)
-        writer.write(text.encode("ascii"))
-        await writer.drain()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        s = self.script
-        try:
-            if s.hang_up:
-                return
-            if not s.greet:
-                await reader.read()  # until the client gives up
-                return
-            await self._reply(writer, "BANNER", f"{s.banner} fake.test ESMTP banner\r\n")
-            while True:
-                raw = await reader.readline()
-                if not raw:
-                    return
-                line = raw.decode("ascii", "replace").rstrip("\r\n")
-                self.lines.append(line)
-                verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
-                if verb == s.close_after:
-                    return
-                if verb == "EHLO":
-                    if s.ehlo == 250:
-                        text = "250-fake.test hello\r\n250 8BITMIME\r\n"
-                    else:
-                        text = f"{s.ehlo} EHLO not here\r\n"
-                elif verb == "QUIT":
-                    await self._reply(writer, verb, "221 2.0.0 bye\r\n")
-                    return
-                else:
-                    code = {"HELO": s.helo, "MAIL": s.mail, "RCPT": s.rcpt}.get(verb, 502)
-                    text = f"{code} fake reply to {verb}\r\n"
-                await self._reply(writer, verb, text)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -132,6 +31,14 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(wrapper())
 
 
+@dataclass
+class Probed:
+    result: ProbeResult
+    elapsed: float
+    at_end: list[list[str]]
+    """What each server had received when the probe returned (before ``aclose``)."""
+
+
 async def probe_with(
     servers: list[FakeSmtpServer],
     address: str = "user@example.test",
@@ -139,26 +46,25 @@ async def probe_with(
     sender: str = "",
     timeout: float = 5.0,
     before: list[Nexthop] | None = None,
-) -> tuple[ProbeResult, float]:
+) -> Probed:
     """Start ``servers``, probe ``address`` at the nexthops ``before`` and then at the
     servers in order, close everything, and return the result and the probe's time."""
     for server in servers:
         await server.start()
     hops = (before or []) + [server.hop for server in servers]
-    prober = SmtpProber(helo_name=HELO, sender=sender, timeout=timeout)
+    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender=sender, timeout=timeout))
     try:
         started = time.monotonic()
-        result = await prober.probe(address, hops)
+        result = await engine.probe(address, hops)
         elapsed = time.monotonic() - started
+        at_end = [list(server.lines) for server in servers]
+        # Pooled sessions are closed (QUIT where polite) only now.
+        await engine.aclose()
     finally:
-        # Let the courtesy QUIT reach servers that answer; hang up on those that stall
-        # first, so that no test waits for QUIT_TIMEOUT.
-        if all(s.script.greet and not s.script.delay for s in servers):
-            await prober.aclose()
         for server in servers:
             await server.close()
-        await prober.aclose()
-    return result, elapsed
+        await engine.aclose()
+    return Probed(result, elapsed, at_end)
 
 
 def probe_one(
@@ -167,24 +73,30 @@ def probe_one(
     """Probe ``address`` at one fake primary that follows ``script``."""
     server = FakeSmtpServer(script)
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([server], address, sender=sender, timeout=timeout)
 
-    result, elapsed = run(go)
-    return result, server, elapsed
+    probed = run(go)
+    return probed.result, server, probed.elapsed
 
 
 # --- the dialogue ----------------------------------------------------------------------
 
 
 def test_dialogue_with_null_sender() -> None:
-    result, server, _ = probe_one(Script(rcpt=250))
-    assert server.lines[:3] == [
-        f"EHLO {HELO}",
-        "MAIL FROM:<>",
-        "RCPT TO:<user@example.test>",
-    ]
-    assert server.lines[3:] == ["QUIT"]
+    server = FakeSmtpServer(Script(rcpt=250))
+
+    async def go() -> Probed:
+        return await probe_with([server])
+
+    probed = run(go)
+    result = probed.result
+    dialogue = [f"EHLO {HELO}", "MAIL FROM:<>", "RCPT TO:<user@example.test>"]
+    # The session stays open in the pool after the probe: no QUIT, no RSET yet ...
+    assert probed.at_end == [dialogue]
+    # ... and is closed politely when the engine is closed.
+    assert server.lines == [*dialogue, "QUIT"]
+    assert server.connections == 1
     assert result.verdict is Verdict.VALID
     assert result.stage is Stage.RCPT
     assert result.code == 250
@@ -243,11 +155,24 @@ def test_ehlo_and_helo_refused_is_tempfail(ehlo: int, helo: int) -> None:
     assert "RCPT" not in server.verbs()
 
 
-@pytest.mark.parametrize("code", [550, 553, 421, 451])
+@pytest.mark.parametrize("code", [550, 553, 451])
 def test_mail_from_refused_is_tempfail_and_rcpt_never_sent(code: int) -> None:
     result, server, _ = probe_one(Script(mail=code, rcpt=550))
     assert (result.verdict, result.stage, result.code) == (Verdict.TEMPFAIL, Stage.MAIL, code)
+    assert result.reached
     assert "RCPT" not in server.verbs()
+
+
+def test_mail_from_421_is_tempfail_not_reached_and_rcpt_never_sent() -> None:
+    # 421 means the primary is closing the session: a connection-level failure (it
+    # feeds the breaker), reported without a decisive code.
+    result, server, _ = probe_one(Script(mail=421, rcpt=550))
+    assert result.verdict is Verdict.TEMPFAIL
+    assert result.stage is Stage.MAIL
+    assert not result.reached
+    assert "421" in result.detail
+    assert "RCPT" not in server.verbs()
+    assert server.count("MAIL") == 1  # a lost fresh session is not retried
 
 
 def test_disconnect_after_mail_is_tempfail() -> None:
@@ -293,10 +218,11 @@ def test_never_greets_is_tempfail_within_timeout() -> None:
 def test_connection_refused_is_tempfail_at_connect() -> None:
     port = closed_port()
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([], before=[Nexthop("127.0.0.1", port)], timeout=2)
 
-    result, elapsed = run(go)
+    probed = run(go)
+    result, elapsed = probed.result, probed.elapsed
     assert (result.verdict, result.stage, result.code) == (Verdict.TEMPFAIL, Stage.CONNECT, None)
     assert result.primary == f"[127.0.0.1]:{port}"
     assert elapsed < 1.0
@@ -322,10 +248,10 @@ def test_failover_refused_then_unknown_from_second() -> None:
     second = FakeSmtpServer(Script(rcpt=550))
     refused = Nexthop("127.0.0.1", closed_port())
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([second], before=[refused])
 
-    result, _ = run(go)
+    result = run(go).result
     assert (result.verdict, result.stage, result.code) == (Verdict.UNKNOWN, Stage.RCPT, 550)
     assert result.primary == str(second.hop)
     assert second.connections == 1
@@ -339,10 +265,10 @@ def test_failover_definite_first_answer_never_contacts_second(
     first = FakeSmtpServer(Script(rcpt=first_code))
     second = FakeSmtpServer(Script(rcpt=250 if first_code == 550 else 550))
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([first, second])
 
-    result, _ = run(go)
+    result = run(go).result
     assert result.verdict is verdict
     assert result.primary == str(first.hop)
     assert first.connections == 1
@@ -354,10 +280,10 @@ def test_failover_tempfail_tries_the_next() -> None:
     first = FakeSmtpServer(Script(rcpt=451))
     second = FakeSmtpServer(Script(rcpt=250))
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([first, second])
 
-    result, _ = run(go)
+    result = run(go).result
     assert result.verdict is Verdict.VALID
     assert result.primary == str(second.hop)
     assert first.connections == 1
@@ -368,10 +294,10 @@ def test_all_nexthops_tempfail_reports_the_last() -> None:
     first = FakeSmtpServer(Script(rcpt=451))
     second = FakeSmtpServer(Script(mail=550))
 
-    async def go() -> tuple[ProbeResult, float]:
+    async def go() -> Probed:
         return await probe_with([first, second])
 
-    result, _ = run(go)
+    result = run(go).result
     assert (result.verdict, result.stage, result.code) == (Verdict.TEMPFAIL, Stage.MAIL, 550)
     assert result.primary == str(second.hop)
 
@@ -395,11 +321,10 @@ def probe_loop() -> ProbeLoop:
 
 def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop) -> None:
     server = FakeSmtpServer(Script(rcpt=250))
+    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=2.0))
     try:
         probe_loop.run(server.start(), 5)
-        prober = LoopProber(
-            probe_loop, SmtpProber(helo_name=HELO, sender="", timeout=2.0), timeout=2.0
-        )
+        prober = LoopProber(probe_loop, engine)
         results: dict[int, ProbeResult] = {}
 
         def worker(n: int) -> None:
@@ -416,49 +341,67 @@ def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop) -> None:
         for n in range(5):
             assert f"RCPT TO:<user{n}@example.test>" in server.lines
     finally:
+        probe_loop.run(engine.aclose(), 5)
         probe_loop.run(server.close(), 5)
         probe_loop.stop()
+
+
+def test_loop_prober_default_wait_covers_slot_wait_and_probe() -> None:
+    settings = EngineSettings(helo_name=HELO, sender="", timeout=7.0, probe_wait=1.5)
+    assert settings.longest_answer == 8.5
+    prober = LoopProber(ProbeLoop(), ProbeEngine(settings))
+    assert prober._wait == 8.5 + HANDOFF_MARGIN
+    assert LoopProber(ProbeLoop(), ProbeEngine(settings), wait=0.25)._wait == 0.25
 
 
 def test_loop_prober_gives_up_on_a_stuck_probe(probe_loop: ProbeLoop) -> None:
     server = FakeSmtpServer(Script(greet=False))
-    wait_timeout = 0.2
+    wait = 0.2
+    # The engine itself would wait 30 s for the banner; the hand-off must not.
+    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=30.0))
     try:
         probe_loop.run(server.start(), 5)
-        # The coroutine itself would wait 30 s for the banner; the hand-off must not.
-        prober = LoopProber(
-            probe_loop, SmtpProber(helo_name=HELO, sender="", timeout=30.0), timeout=wait_timeout
-        )
+        prober = LoopProber(probe_loop, engine, wait=wait)
         started = time.monotonic()
         result = prober.probe("user@example.test", [server.hop])
         elapsed = time.monotonic() - started
-        bound = wait_timeout + HANDOFF_MARGIN
         assert result.verdict is Verdict.TEMPFAIL
         assert result.code is None
         assert result.primary == str(server.hop)
-        assert bound * 0.9 <= elapsed < bound + 0.5
+        assert wait * 0.9 <= elapsed < wait + 0.5
         assert server.connections == 1
     finally:
         probe_loop.run(server.close(), 5)
+        probe_loop.run(engine.aclose(), 5)
         probe_loop.stop()
+
+
+class StuckEngine(ProbeEngine):
+    """An engine whose probes never end, to test the hand-off bound alone."""
+
+    async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
 
 
 def test_loop_prober_bound_uses_handoff_margin(
     probe_loop: ProbeLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(loop_module, "HANDOFF_MARGIN", 0.1)
-    server = FakeSmtpServer(Script(greet=False))
+    engine = StuckEngine(
+        EngineSettings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1)
+    )
+    hop = Nexthop("127.0.0.1", closed_port())
     try:
-        probe_loop.run(server.start(), 5)
-        prober = LoopProber(
-            probe_loop, SmtpProber(helo_name=HELO, sender="", timeout=30.0), timeout=0.1
-        )
+        prober = LoopProber(probe_loop, engine)
         started = time.monotonic()
-        result = prober.probe("user@example.test", [server.hop])
+        result = prober.probe("user@example.test", [hop])
+        elapsed = time.monotonic() - started
         assert result.verdict is Verdict.TEMPFAIL
-        assert time.monotonic() - started < 0.2 + 0.4
+        assert result.primary == str(hop)
+        bound = 0.2 + 0.1 + 0.1  # timeout + probe_wait + margin
+        assert bound * 0.9 <= elapsed < bound + 0.4
     finally:
-        probe_loop.run(server.close(), 5)
         probe_loop.stop()
 
 
@@ -503,3 +446,29 @@ def test_cli_probe_exit_status(
     assert "User@example.test" in out
     assert str(code) in out
     assert "RCPT TO:<User@example.test>" in server.lines
+    assert server.verbs()[-1] == "QUIT"  # the command closes its pooled session
+
+
+@pytest.mark.parametrize(
+    ("extensions", "status"), [(("8BITMIME", "SMTPUTF8"), 0), (("8BITMIME",), 2)]
+)
+def test_cli_probe_non_ascii_local_part(
+    probe_loop: ProbeLoop,
+    capsys: pytest.CaptureFixture[str],
+    extensions: tuple[str, ...],
+    status: int,
+) -> None:
+    server = FakeSmtpServer(Script(rcpt=250, extensions=extensions))
+    try:
+        port = probe_loop.run(server.start(), 5)
+        env = {
+            "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{port}",
+            "CALLAHEAD_HELO_NAME": HELO,
+            "CALLAHEAD_PROBE_TIMEOUT": "3",
+        }
+        assert main(["probe", "jörg@example.test"], env=env) == status
+    finally:
+        probe_loop.run(server.close(), 5)
+        probe_loop.stop()
+    assert "jörg@example.test" in capsys.readouterr().out
+    assert ("RCPT TO:<jörg@example.test>" in server.lines) is (status == 0)
