@@ -160,7 +160,10 @@ class ProbeEngine:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(self._slots.acquire(), wait)
+                # asyncio.timeout, not wait_for: a slot acquired just as the wait ends
+                # must not be lost.
+                async with asyncio.timeout(wait):
+                    await self._slots.acquire()
             except TimeoutError:
                 return self._skipped(Skip.OVERLOAD, hops, f"no probe slot within {wait:g}s")
         else:

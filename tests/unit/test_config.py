@@ -20,6 +20,8 @@ from callahead.config import (
     TempfailAction,
     load_config,
 )
+from callahead.engine import EngineSettings
+from callahead.probe import TlsMode
 from callahead.routes import Nexthop
 
 GOOD_ENV: dict[str, str] = {
@@ -52,6 +54,17 @@ def test_defaults() -> None:
     assert config.metrics_listen == ("127.0.0.1", 9895)
     assert DEFAULT_METRICS_LISTEN == "127.0.0.1:9895"
     assert config.log_level == logging.INFO
+    assert config.probe_tls is TlsMode.MAY
+    assert config.pool_size == 4
+    assert config.pool_idle == 30
+    assert config.max_probes == 64
+    assert config.probe_wait == 2
+    assert config.breaker_failures == 5
+    assert config.breaker_cooldown == 30
+    assert config.client_unknown_limit == 20
+    assert config.client_window == 600
+    # Every answer to Postfix stays well inside milter_command_timeout (30 s).
+    assert config.probe_wait + config.probe_timeout < 30
 
 
 def test_documented_defaults_match_the_effective_ones() -> None:
@@ -76,6 +89,15 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_HELO_NAME",
         "CALLAHEAD_METRICS_LISTEN",
         "CALLAHEAD_LOG_LEVEL",
+        "CALLAHEAD_PROBE_TLS",
+        "CALLAHEAD_POOL_SIZE",
+        "CALLAHEAD_POOL_IDLE",
+        "CALLAHEAD_MAX_PROBES",
+        "CALLAHEAD_PROBE_WAIT",
+        "CALLAHEAD_BREAKER_FAILURES",
+        "CALLAHEAD_BREAKER_COOLDOWN",
+        "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
+        "CALLAHEAD_CLIENT_WINDOW",
     ]
     assert [n for n, _ in load_config(GOOD_ENV).describe()] == names
 
@@ -208,6 +230,79 @@ def test_log_level(text: str, level: int) -> None:
     assert load_config(env_with(CALLAHEAD_LOG_LEVEL=text)).log_level == level
 
 
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ("none", TlsMode.NONE),
+        ("may", TlsMode.MAY),
+        ("encrypt", TlsMode.ENCRYPT),
+        (" ENCRYPT ", TlsMode.ENCRYPT),
+    ],
+)
+def test_probe_tls(text: str, mode: TlsMode) -> None:
+    assert load_config(env_with(CALLAHEAD_PROBE_TLS=text)).probe_tls is mode
+
+
+@pytest.mark.parametrize(
+    ("variable", "attribute", "text", "value"),
+    [
+        ("CALLAHEAD_POOL_SIZE", "pool_size", "1", 1),
+        ("CALLAHEAD_POOL_SIZE", "pool_size", "100", 100),
+        ("CALLAHEAD_POOL_IDLE", "pool_idle", "0.5", 0.5),
+        ("CALLAHEAD_POOL_IDLE", "pool_idle", "3600", 3600.0),
+        ("CALLAHEAD_MAX_PROBES", "max_probes", "1", 1),
+        ("CALLAHEAD_MAX_PROBES", "max_probes", "10000", 10000),
+        ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0", 0.0),
+        ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0.25", 0.25),
+        ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", "0", 0),
+        ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", " 3 ", 3),
+        ("CALLAHEAD_BREAKER_COOLDOWN", "breaker_cooldown", "0.5", 0.5),
+        ("CALLAHEAD_BREAKER_COOLDOWN", "breaker_cooldown", "120", 120.0),
+        ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "client_unknown_limit", "0", 0),
+        ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "client_unknown_limit", "50", 50),
+        ("CALLAHEAD_CLIENT_WINDOW", "client_window", "0", 0.0),
+        ("CALLAHEAD_CLIENT_WINDOW", "client_window", "90.5", 90.5),
+    ],
+)
+def test_engine_and_guard_variables(
+    variable: str, attribute: str, text: str, value: float
+) -> None:
+    config = load_config(env_with(**{variable: text}))
+    parsed = getattr(config, attribute)
+    assert parsed == value
+    assert type(parsed) is type(value)
+    assert dict(config.describe())[variable] == text.strip()
+
+
+def test_engine_settings_from_config() -> None:
+    config = load_config(
+        env_with(
+            CALLAHEAD_PROBE_TIMEOUT="4",
+            CALLAHEAD_PROBE_SENDER="probe@example.net",
+            CALLAHEAD_PROBE_TLS="encrypt",
+            CALLAHEAD_POOL_SIZE="7",
+            CALLAHEAD_POOL_IDLE="12",
+            CALLAHEAD_MAX_PROBES="9",
+            CALLAHEAD_PROBE_WAIT="0.5",
+            CALLAHEAD_BREAKER_FAILURES="2",
+            CALLAHEAD_BREAKER_COOLDOWN="15",
+        )
+    )
+    assert EngineSettings.from_config(config) == EngineSettings(
+        helo_name="backup.example.net",
+        sender="probe@example.net",
+        timeout=4.0,
+        tls=TlsMode.ENCRYPT,
+        pool_size=7,
+        pool_idle=12.0,
+        max_probes=9,
+        probe_wait=0.5,
+        breaker_failures=2,
+        breaker_cooldown=15.0,
+    )
+    assert EngineSettings.from_config(config).longest_answer == 4.5
+
+
 # --- every bad value -------------------------------------------------------------------
 
 
@@ -255,6 +350,26 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_LOG_LEVEL", "", "DEBUG, INFO, WARNING, ERROR"),
     ("CALLAHEAD_FOO", "1", "unknown variable"),
     ("CALLAHEAD_CACHETTL", "60", "unknown variable"),
+    ("CALLAHEAD_PROBE_TLS", "ssl", "none, may or encrypt"),
+    ("CALLAHEAD_PROBE_TLS", "", "none, may or encrypt"),
+    ("CALLAHEAD_POOL_SIZE", "0", "whole number from 1 to 100"),
+    ("CALLAHEAD_POOL_SIZE", "101", "whole number from 1 to 100"),
+    ("CALLAHEAD_POOL_SIZE", "x", "whole number from 1 to 100"),
+    ("CALLAHEAD_POOL_SIZE", "2.5", "whole number from 1 to 100"),
+    ("CALLAHEAD_POOL_IDLE", "0", "seconds > 0"),
+    ("CALLAHEAD_POOL_IDLE", "-1", "seconds > 0"),
+    ("CALLAHEAD_MAX_PROBES", "0", "whole number from 1 to 10000"),
+    ("CALLAHEAD_MAX_PROBES", "10001", "whole number from 1 to 10000"),
+    ("CALLAHEAD_PROBE_WAIT", "-1", "seconds >= 0"),
+    ("CALLAHEAD_PROBE_WAIT", "nan", "seconds >= 0"),
+    ("CALLAHEAD_BREAKER_FAILURES", "-1", "whole number from 0 to 1000"),
+    ("CALLAHEAD_BREAKER_FAILURES", "many", "whole number from 0 to 1000"),
+    ("CALLAHEAD_BREAKER_COOLDOWN", "0", "seconds > 0"),
+    ("CALLAHEAD_BREAKER_COOLDOWN", "inf", "seconds > 0"),
+    ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "-1", "whole number from 0"),
+    ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "lots", "whole number from 0"),
+    ("CALLAHEAD_CLIENT_WINDOW", "abc", "seconds >= 0"),
+    ("CALLAHEAD_CLIENT_WINDOW", "-5", "seconds >= 0"),
 ]
 
 
@@ -327,6 +442,26 @@ def test_cli_config_prints_every_variable(capsys: pytest.CaptureFixture[str]) ->
     assert "CALLAHEAD_HELO_NAME=backup.example.net" in lines
     assert "CALLAHEAD_ROUTES=example.com=[127.0.0.1]:2525" in lines
     assert f"CALLAHEAD_SOCKET={DEFAULT_SOCKET}" in lines
+
+
+def test_cli_config_prints_the_engine_and_guard_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    values = {
+        "CALLAHEAD_PROBE_TLS": "encrypt",
+        "CALLAHEAD_POOL_SIZE": "8",
+        "CALLAHEAD_POOL_IDLE": "20",
+        "CALLAHEAD_MAX_PROBES": "32",
+        "CALLAHEAD_PROBE_WAIT": "1.5",
+        "CALLAHEAD_BREAKER_FAILURES": "0",
+        "CALLAHEAD_BREAKER_COOLDOWN": "45",
+        "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "10",
+        "CALLAHEAD_CLIENT_WINDOW": "300",
+    }
+    assert main(["config"], env=env_with(**values)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, value in values.items():
+        assert f"{name}={value}" in lines
 
 
 def test_cli_serve_without_routes_exits_78(capsys: pytest.CaptureFixture[str]) -> None:

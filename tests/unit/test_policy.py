@@ -8,8 +8,9 @@ import pytest
 
 from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
+from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, split_recipient
-from callahead.probe import ProbeResult, Stage, Verdict
+from callahead.probe import ProbeResult, Skip, Stage, Verdict
 from callahead.routes import Nexthop, parse_routes
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
@@ -158,7 +159,6 @@ def test_domain_case_normalized_for_cache_and_probe() -> None:
 @pytest.mark.parametrize(
     "recipient",
     [
-        "<jörg@example.com>",
         "<a b@example.com>",
         "<" + "x" * 65 + "@example.com>",
         "<a>b@example.com>",
@@ -173,6 +173,39 @@ def test_unsendable_address_gets_tempfail_action_without_probe(
     assert decision.action is expected
     assert decision.reason is Reason.BAD_ADDRESS
     assert prober.calls == []
+
+
+@pytest.mark.parametrize("action", list(TempfailAction))
+def test_non_ascii_local_part_is_probed(action: TempfailAction) -> None:
+    # Not bad_address any more: the engine probes it with SMTPUTF8 when the primary
+    # offers it (and answers tempfail when it does not).
+    prober = FakeProber({"jörg@example.com": [VALID]})
+    policy, cache = make_policy(prober, action)
+    decision = policy.decide("<jörg@Example.com>")
+    assert decision.action is Action.ACCEPT
+    assert decision.reason is Reason.PROBE_VALID
+    assert decision.address == "jörg@example.com"
+    assert prober.calls == [("jörg@example.com", HOPS)]
+    assert "jörg@example.com" in cache
+
+
+@pytest.mark.parametrize("route", ["bücher.example", "xn--bcher-kva.example"])
+@pytest.mark.parametrize(
+    "recipient", ["<jörg@bücher.example>", "<jörg@BÜCHER.example>", "<jörg@xn--bcher-kva.example>"]
+)
+def test_idn_domain_matches_its_route_in_both_forms(route: str, recipient: str) -> None:
+    hop = Nexthop("mx.xn--bcher-kva.example", 25)
+    prober = FakeProber({"jörg@xn--bcher-kva.example": [UNKNOWN]})
+    policy = Policy(
+        routes=parse_routes(f"{route}=[{hop.host}]"),
+        cache=PositiveCache(ttl=60, maxsize=10),
+        prober=prober,
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    decision = policy.decide(recipient)
+    assert decision.action is Action.REJECT
+    # The probe carries the A-label: a non-ASCII domain can never go on the wire.
+    assert prober.calls == [("jörg@xn--bcher-kva.example", (hop,))]
 
 
 def test_multiple_recipients_judged_independently() -> None:
@@ -233,3 +266,146 @@ def test_split_recipient() -> None:
     assert split_recipient("<postmaster>") is None
     assert split_recipient("<>") is None
     assert split_recipient("<@example.com>") is None
+
+
+# --- the dictionary-attack guard and skipped probes ------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def guarded_policy(
+    prober: FakeProber,
+    action: TempfailAction = TempfailAction.ACCEPT,
+    *,
+    limit: int = 3,
+    window: float = 60.0,
+) -> tuple[Policy, PositiveCache, FakeClock]:
+    clock = FakeClock()
+    cache = PositiveCache(ttl=3600, maxsize=100)
+    policy = Policy(
+        routes=ROUTES,
+        cache=cache,
+        prober=prober,
+        tempfail_action=action,
+        guard=ClientGuard(limit=limit, window=window, clock=clock),
+    )
+    return policy, cache, clock
+
+
+ATTACKER = "198.51.100.66"
+OTHER = "203.0.113.9"
+
+
+@pytest.mark.parametrize("action", list(TempfailAction))
+def test_client_over_the_limit_is_deferred_without_probe(action: TempfailAction) -> None:
+    script = {f"u{n}@example.com": [UNKNOWN] for n in range(10)}
+    script["alice@example.com"] = [VALID]
+    prober = FakeProber(script)
+    policy, _, _ = guarded_policy(prober, action, limit=3)
+    assert policy.decide("<alice@example.com>", ATTACKER).reason is Reason.PROBE_VALID
+    for n in range(3):
+        decision = policy.decide(f"<u{n}@example.com>", ATTACKER)
+        assert decision.action is Action.REJECT
+        assert decision.reason is Reason.PROBE_UNKNOWN
+    probes = len(prober.calls)
+    assert probes == 4
+    for n in range(3, 10):
+        decision = policy.decide(f"<u{n}@example.com>", ATTACKER)
+        # DEFER (450 4.7.1 in the adapter) even when the tempfail action is accept.
+        assert decision.action is Action.DEFER
+        assert decision.reason is Reason.CLIENT_LIMIT
+        assert decision.probe is None
+        assert decision.address == f"u{n}@example.com"
+    assert len(prober.calls) == probes
+    # A valid cached recipient still passes, without a probe.
+    decision = policy.decide("<alice@example.com>", ATTACKER)
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.CACHE_HIT)
+    # An address the backup does not relay for: still no opinion.
+    assert policy.decide("<x@example.org>", ATTACKER).action is Action.SKIP
+    assert len(prober.calls) == probes
+
+
+def test_only_unknowns_feed_the_guard() -> None:
+    prober = FakeProber(
+        {
+            "valid@example.com": [VALID],
+            "busy@example.com": [TEMPFAIL],
+            "down@example.com": [REFUSED],
+            "nobody@example.com": [UNKNOWN],
+        }
+    )
+    policy, _, _ = guarded_policy(prober, limit=2)
+    for _ in range(5):
+        policy.decide("<busy@example.com>", ATTACKER)
+        policy.decide("<down@example.com>", ATTACKER)
+    # Tempfails and refusals are not the client's fault: not counted.
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.PROBE_UNKNOWN
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.PROBE_UNKNOWN
+    assert policy.decide("<busy@example.com>", ATTACKER).reason is Reason.CLIENT_LIMIT
+
+
+def test_guard_is_per_client_and_needs_a_client() -> None:
+    prober = FakeProber({"nobody@example.com": [UNKNOWN]})
+    policy, _, _ = guarded_policy(prober, limit=2)
+    for _ in range(2):
+        policy.decide("<nobody@example.com>", ATTACKER)
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.CLIENT_LIMIT
+    assert policy.decide("<nobody@example.com>", OTHER).reason is Reason.PROBE_UNKNOWN
+    # Without a client address (or with an empty one) there is nobody to count.
+    for client in (None, ""):
+        for _ in range(5):
+            assert policy.decide("<nobody@example.com>", client).reason is Reason.PROBE_UNKNOWN
+
+
+def test_guard_window_expires() -> None:
+    prober = FakeProber({"nobody@example.com": [UNKNOWN]})
+    policy, _, clock = guarded_policy(prober, limit=2, window=60)
+    policy.decide("<nobody@example.com>", ATTACKER)
+    clock.now += 30
+    policy.decide("<nobody@example.com>", ATTACKER)
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.CLIENT_LIMIT
+    clock.now += 30  # the first unknown leaves the window
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.PROBE_UNKNOWN
+    assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.CLIENT_LIMIT
+
+
+def test_default_policy_has_no_guard() -> None:
+    prober = FakeProber({"nobody@example.com": [UNKNOWN]})
+    policy, _ = make_policy(prober)
+    for _ in range(50):
+        assert policy.decide("<nobody@example.com>", ATTACKER).reason is Reason.PROBE_UNKNOWN
+
+
+def skipped(skip: Skip) -> ProbeResult:
+    return ProbeResult(
+        Verdict.TEMPFAIL, Stage.CONNECT, None, skip.value, 0.0, str(HOPS[0]), False, skip
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+@pytest.mark.parametrize(
+    ("skip", "reason"),
+    [(Skip.OVERLOAD, Reason.OVERLOAD), (Skip.PRIMARY_DOWN, Reason.PRIMARY_DOWN)],
+)
+def test_skipped_probe_maps_to_its_reason_with_the_tempfail_action(
+    action: TempfailAction, expected: Action, skip: Skip, reason: Reason
+) -> None:
+    answer = skipped(skip)
+    prober = FakeProber({"carol@example.com": [answer]})
+    policy, cache, _ = guarded_policy(prober, action, limit=1)
+    for _ in range(3):
+        decision = policy.decide("<carol@example.com>", ATTACKER)
+        assert decision.action is expected
+        assert decision.reason is reason
+        assert decision.probe is answer
+    assert "carol@example.com" not in cache
+    assert len(prober.calls) == 3  # never counted as unknowns of the client

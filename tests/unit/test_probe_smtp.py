@@ -16,7 +16,7 @@ from callahead import loop as loop_module
 from callahead.cli import main
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
-from callahead.probe import ProbeResult, Stage, TlsMode, Verdict
+from callahead.probe import ProbeResult, Stage, Verdict
 from callahead.routes import Nexthop
 from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port
 
