@@ -17,7 +17,7 @@ from .policy import Action, Decision, Reason
 from .probe import Verdict
 
 # The *_created series double the size of a scrape and tell an operator nothing here.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
