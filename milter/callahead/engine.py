@@ -194,6 +194,12 @@ class ProbeEngine:
                 break
             try:
                 result = await self._at(hop, address, started, budget)
+            except _Queued as queued:
+                # Every session to this primary was busy for the whole budget: that
+                # says nothing about whether it is down, so the breaker is not moved.
+                breaker.release()
+                result = queued.result
+                continue
             except BaseException:
                 breaker.release()
                 raise
@@ -243,15 +249,16 @@ class ProbeEngine:
             return exc.result
         except TimeoutError:
             if session is None:  # waited for a free session the whole time
-                return ProbeResult(
-                    Verdict.TEMPFAIL,
-                    Stage.CONNECT,
-                    None,
-                    "no free session in time",
-                    time.monotonic() - started,
-                    str(hop),
-                    reached=True,
-                )
+                raise _Queued(
+                    ProbeResult(
+                        Verdict.TEMPFAIL,
+                        Stage.CONNECT,
+                        None,
+                        "no free session in time",
+                        time.monotonic() - started,
+                        str(hop),
+                    )
+                ) from None
             return session.timed_out(budget, started)
         raise AssertionError("unreachable")
 
@@ -277,3 +284,11 @@ class ProbeEngine:
             self._janitor = None
         for pool in self._pools.values():
             await pool.aclose()
+
+
+class _Queued(Exception):
+    """Internal: a probe timed out waiting for a free session of a busy primary."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.detail)
+        self.result = result

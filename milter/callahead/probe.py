@@ -331,7 +331,11 @@ class Session:
         offers_utf8 = smtp.supports_extension("smtputf8")
         if utf8 and not offers_utf8:
             return self._result(Stage.RCPT, None, "primary does not offer SMTPUTF8", started)
-        rcpt = wire_address(address, allow_utf8=True)
+        try:
+            rcpt = wire_address(address, allow_utf8=True)
+        except UnsendableAddress as exc:
+            # Never on the wire; and no reason to throw away a healthy session.
+            return self._result(Stage.RCPT, None, f"address cannot be sent: {exc}", started)
         try:
             if not self._in_transaction:
                 self.stage = Stage.MAIL

@@ -32,7 +32,7 @@ from tests.harness.postfix import (
     backup_mx_main_cf,
     primary_main_cf,
 )
-from tests.harness.primary import Primary, SilentServer
+from tests.harness.primary import Primary, SilentServer, _ThreadedServer
 from tests.harness.scripted import Script, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ def stack() -> Iterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("the integration tests run a real Postfix, whose master needs root")
     with make_workdir() as workdir:
-        started: list[Primary | SilentServer | ScriptedServer | CallaheadProcess] = []
+        started: list[_ThreadedServer | CallaheadProcess] = []
         instances: list[PostfixInstance] = []
         try:
             primary = Primary([], hostname="primary.test")

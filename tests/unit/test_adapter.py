@@ -8,14 +8,17 @@ from typing import Any
 
 import Milter
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from Milter import testctx
 
-from callahead.adapter import DEFER_REPLY, REJECT_REPLY, CallaheadMilter
+from callahead.adapter import CLIENT_LIMIT_REPLY, DEFER_REPLY, REJECT_REPLY, CallaheadMilter
 from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
+from callahead.guard import ClientGuard
 from callahead.metrics import Metrics
 from callahead.policy import Policy
-from callahead.probe import ProbeResult, Stage, Verdict
+from callahead.probe import ProbeResult, Skip, Stage, Verdict
 from callahead.routes import Nexthop, parse_routes
 
 PRIMARY_HOST = "10.9.8.7"
@@ -59,8 +62,9 @@ class Harness:
     def __init__(
         self,
         monkeypatch: pytest.MonkeyPatch,
-        prober: FakeProber | BrokenProber,
+        prober: FakeProber | BrokenProber | AnyProber,
         action: TempfailAction = TempfailAction.ACCEPT,
+        guard: ClientGuard | None = None,
     ) -> None:
         self.prober = prober
         self.metrics = Metrics()
@@ -69,6 +73,7 @@ class Harness:
             cache=PositiveCache(ttl=60, maxsize=100),
             prober=prober,
             tempfail_action=action,
+            guard=guard,
         )
         self.instances: list[CallaheadMilter] = []
 
@@ -335,3 +340,121 @@ def test_negotiate_with_the_c_context(offered_actions: int) -> None:
         assert ctx.symlists == {Milter.M_ENVRCPT: "i {client_addr}"}
     else:
         assert ctx.symlists == {}
+
+
+# --- the guard and skipped probes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", list(TempfailAction))
+def test_client_limit_answers_450_471_whatever_the_tempfail_action(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, action: TempfailAction
+) -> None:
+    prober = FakeProber(
+        {"bob@example.com": UNKNOWN, "eve@example.com": UNKNOWN, "alice@example.com": VALID}
+    )
+    h = Harness(monkeypatch, prober, action, ClientGuard(limit=2, window=600))
+    h.connect({"i": "4GUARD", "{client_addr}": "198.51.100.66"})
+    assert h.rcpt("<alice@example.com>") == Milter.CONTINUE
+    for _ in range(2):
+        assert h.rcpt("<bob@example.com>") == Milter.REJECT
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        rc = h.rcpt("<eve@example.com>")
+    assert rc == Milter.TEMPFAIL
+    assert h.reply == (CLIENT_LIMIT_REPLY.code, CLIENT_LIMIT_REPLY.xcode, CLIENT_LIMIT_REPLY.text)
+    assert h.reply[:2] == ("450", "4.7.1")
+    assert prober.calls == ["alice@example.com", "bob@example.com", "bob@example.com"]
+    line = _rcpt_log_line(caplog)
+    assert "client=198.51.100.66" in line
+    assert "decision=defer reason=client_limit" in line
+    assert h.sample("callahead_rcpt_decisions_total", decision="defer", reason="client_limit") == 1
+    # The valid cached recipient still passes.
+    assert h.rcpt("<alice@example.com>") == Milter.CONTINUE
+    assert h.reply is None
+
+
+def skipped(skip: Skip) -> ProbeResult:
+    return ProbeResult(Verdict.TEMPFAIL, Stage.CONNECT, None, "no probe", 0.0, PRIMARY, False, skip)
+
+
+@pytest.mark.parametrize("skip", list(Skip))
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Milter.CONTINUE), (TempfailAction.DEFER, Milter.TEMPFAIL)],
+)
+def test_skipped_probe_gets_the_tempfail_action(
+    monkeypatch: pytest.MonkeyPatch, skip: Skip, action: TempfailAction, expected: int
+) -> None:
+    h = Harness(monkeypatch, FakeProber({"carol@example.com": skipped(skip)}), action)
+    h.connect()
+    assert h.rcpt("<carol@example.com>") == expected
+    if expected == Milter.TEMPFAIL:
+        assert h.reply == (DEFER_REPLY.code, DEFER_REPLY.xcode, DEFER_REPLY.text)
+    else:
+        assert h.reply is None
+    assert h.sample("callahead_rcpt_decisions_total", decision=action.value, reason=skip.value) == 1
+
+
+# --- fuzz: whatever Postfix hands over ---------------------------------------------------
+
+
+class AnyProber:
+    """Answers every address, from a verdict picked by the address itself."""
+
+    ANSWERS = (
+        VALID,
+        UNKNOWN,
+        TEMPFAIL,
+        skipped(Skip.OVERLOAD),
+        skipped(Skip.PRIMARY_DOWN),
+    )
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        self.calls.append(address)
+        return self.ANSWERS[len(address) % len(self.ANSWERS)]
+
+
+_ROUTED = st.builds(
+    lambda local, domain, wrap: f"<{local}@{domain}>" if wrap else f"{local}@{domain}",
+    st.text(max_size=80),
+    st.sampled_from(["example.com", "EXAMPLE.com.", "example.org", "bücher.example", ""]),
+    st.booleans(),
+)
+_RECIPIENTS = st.one_of(
+    st.text(max_size=300),
+    _ROUTED,
+    st.text(alphabet=st.sampled_from(list('ab@<> "\\\r\n\x00\té.')), max_size=40),
+)
+
+
+@pytest.mark.parametrize("action", list(TempfailAction))
+def test_fuzz_recipient_callback(monkeypatch: pytest.MonkeyPatch, action: TempfailAction) -> None:
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober, action, ClientGuard(limit=5, window=600))
+    h.connect({"i": "4FUZZ", "{client_addr}": "192.0.2.99"})
+    allowed = {int(Milter.CONTINUE), int(Milter.REJECT), int(Milter.TEMPFAIL)}
+
+    @settings(max_examples=300, deadline=None)
+    @given(_RECIPIENTS)
+    @example("<\udcff@example.com>")
+    @example("<a@example.com>\r\nRSET")
+    @example("<" + "x" * 500 + "@example.com>")
+    def one(recipient: str) -> None:
+        errors = h.sample("callahead_errors_total")
+        rc = h.rcpt(recipient)  # an exception escaping here fails the test
+        assert rc in allowed
+        assert rc != Milter.ACCEPT
+        if rc == Milter.REJECT:
+            assert h.reply is not None
+            assert h.reply[:2] == ("550", "5.1.1")
+        elif rc == Milter.TEMPFAIL:
+            assert h.reply is not None
+            assert h.reply[0].startswith("4")
+        else:
+            assert h.reply is None
+        assert h.sample("callahead_errors_total") == errors  # no internal error either
+
+    one()
+    assert prober.calls  # the fuzz did reach the prober

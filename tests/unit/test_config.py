@@ -264,9 +264,7 @@ def test_probe_tls(text: str, mode: TlsMode) -> None:
         ("CALLAHEAD_CLIENT_WINDOW", "client_window", "90.5", 90.5),
     ],
 )
-def test_engine_and_guard_variables(
-    variable: str, attribute: str, text: str, value: float
-) -> None:
+def test_engine_and_guard_variables(variable: str, attribute: str, text: str, value: float) -> None:
     config = load_config(env_with(**{variable: text}))
     parsed = getattr(config, attribute)
     assert parsed == value

@@ -248,6 +248,5 @@ def test_exposition_has_the_engine_metrics() -> None:
         == 1
     )
     assert (
-        value(metrics, "callahead_rcpt_decisions_total", decision="accept", reason="overload")
-        == 1
+        value(metrics, "callahead_rcpt_decisions_total", decision="accept", reason="overload") == 1
     )

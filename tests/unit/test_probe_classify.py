@@ -196,3 +196,59 @@ def test_wire_address_never_emits_brackets_outside_quotes(address: str) -> None:
 def test_wire_address_refuses_bracket_after_closing_quote(address: str) -> None:
     with pytest.raises(UnsendableAddress):
         wire_address(address)
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(list(Stage)), st.one_of(st.none(), st.integers(-1000, 10_000)))
+def test_classify_decides_only_at_rcpt(stage: Stage, code: int | None) -> None:
+    verdict = classify(stage, code)
+    if stage is not Stage.RCPT or code is None:
+        assert verdict is Verdict.TEMPFAIL
+    elif 200 <= code < 300:
+        assert verdict is Verdict.VALID
+    elif 500 <= code < 600:
+        assert verdict is Verdict.UNKNOWN
+    else:
+        assert verdict is Verdict.TEMPFAIL
+
+
+_UTF8_ISH = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(list('ab.@"<> \\\r\n\x00\té\u2028\x85')),
+        st.characters(codec="utf-8"),
+        st.characters(categories=["Cs"]),  # lone surrogates: not UTF-8 at all
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), _UTF8_ISH, _SMTP_ISH))
+@example("jörg@example.test")
+@example("j\udcf6rg@example.test")
+@example('"jörg müller"@example.test')
+@example("ö" * 33 + "@example.test")  # 66 octets: over the local-part limit
+def test_wire_address_utf8_never_emits_line_breaks_or_nul_and_round_trips(address: str) -> None:
+    try:
+        raw = wire_address(address, allow_utf8=True)
+    except UnsendableAddress:
+        return
+    assert b"\r" not in raw
+    assert b"\n" not in raw
+    assert b"\x00" not in raw
+    assert raw.decode("utf-8") == address
+    local = address.rpartition("@")[0]
+    assert len(local.encode("utf-8")) <= MAX_LOCAL_PART_OCTETS
+    assert len(raw) + 2 <= MAX_PATH_OCTETS
+    assert not _brackets_outside_quotes(address)
+
+
+def test_wire_address_utf8_accepts_non_ascii_local_part_only_when_allowed() -> None:
+    assert wire_address("jörg@example.test", allow_utf8=True) == "jörg@example.test".encode()
+    with pytest.raises(UnsendableAddress):
+        wire_address("jörg@example.test")
+    with pytest.raises(UnsendableAddress):
+        wire_address("jörg@bücher.example", allow_utf8=True)  # the domain goes as A-label

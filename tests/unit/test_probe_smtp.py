@@ -16,9 +16,10 @@ from callahead import loop as loop_module
 from callahead.cli import main
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
+from callahead.metrics import Metrics
 from callahead.probe import ProbeResult, Stage, Verdict
 from callahead.routes import Nexthop
-from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port
+from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port, wait_until
 
 HELO = "backup.example.net"
 T = TypeVar("T")
@@ -346,19 +347,27 @@ def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop) -> None:
         probe_loop.stop()
 
 
-def test_loop_prober_default_wait_covers_slot_wait_and_probe() -> None:
+def test_loop_prober_default_wait_covers_slot_wait_and_probe(probe_loop: ProbeLoop) -> None:
     settings = EngineSettings(helo_name=HELO, sender="", timeout=7.0, probe_wait=1.5)
     assert settings.longest_answer == 8.5
-    prober = LoopProber(ProbeLoop(), ProbeEngine(settings))
-    assert prober._wait == 8.5 + HANDOFF_MARGIN
-    assert LoopProber(ProbeLoop(), ProbeEngine(settings), wait=0.25)._wait == 0.25
+    try:
+        prober = LoopProber(probe_loop, ProbeEngine(settings))
+        assert prober._wait == 8.5 + HANDOFF_MARGIN
+        assert LoopProber(probe_loop, ProbeEngine(settings), wait=0.25)._wait == 0.25
+    finally:
+        probe_loop.stop()
 
 
 def test_loop_prober_gives_up_on_a_stuck_probe(probe_loop: ProbeLoop) -> None:
     server = FakeSmtpServer(Script(greet=False))
     wait = 0.2
     # The engine itself would wait 30 s for the banner; the hand-off must not.
-    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=30.0))
+    metrics = Metrics()
+    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=30.0), metrics)
+
+    def in_flight() -> float:
+        return metrics.registry.get_sample_value("callahead_probes_in_flight") or 0.0
+
     try:
         probe_loop.run(server.start(), 5)
         prober = LoopProber(probe_loop, engine, wait=wait)
@@ -370,8 +379,11 @@ def test_loop_prober_gives_up_on_a_stuck_probe(probe_loop: ProbeLoop) -> None:
         assert result.primary == str(server.hop)
         assert wait * 0.9 <= elapsed < wait + 0.5
         assert server.connections == 1
+        # The abandoned probe goes on (it may be shared) until its primary hangs up.
+        assert in_flight() == 1
     finally:
         probe_loop.run(server.close(), 5)
+        probe_loop.run(wait_until(lambda: in_flight() == 0), 5)
         probe_loop.run(engine.aclose(), 5)
         probe_loop.stop()
 
@@ -379,8 +391,16 @@ def test_loop_prober_gives_up_on_a_stuck_probe(probe_loop: ProbeLoop) -> None:
 class StuckEngine(ProbeEngine):
     """An engine whose probes never end, to test the hand-off bound alone."""
 
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings)
+        self.cancelled = threading.Event()
+
     async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
-        await asyncio.sleep(60)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
         raise AssertionError("not reached")
 
 
@@ -388,9 +408,7 @@ def test_loop_prober_bound_uses_handoff_margin(
     probe_loop: ProbeLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(loop_module, "HANDOFF_MARGIN", 0.1)
-    engine = StuckEngine(
-        EngineSettings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1)
-    )
+    engine = StuckEngine(EngineSettings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1))
     hop = Nexthop("127.0.0.1", closed_port())
     try:
         prober = LoopProber(probe_loop, engine)
@@ -401,6 +419,7 @@ def test_loop_prober_bound_uses_handoff_margin(
         assert result.primary == str(hop)
         bound = 0.2 + 0.1 + 0.1  # timeout + probe_wait + margin
         assert bound * 0.9 <= elapsed < bound + 0.4
+        assert engine.cancelled.wait(2.0)  # given up on, not left running
     finally:
         probe_loop.stop()
 

@@ -1,0 +1,853 @@
+"""The probe engine against scripted SMTP servers on loopback: pooled sessions and their
+dialogue, session loss and retry, coalescing, bounds, the breaker, failover, STARTTLS,
+SMTPUTF8 and idle reaping. Counts are taken at the server, not from the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import example, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
+
+from callahead import probe as probe_module
+from callahead.breaker import State
+from callahead.cache import PositiveCache
+from callahead.config import TempfailAction
+from callahead.engine import EngineSettings, ProbeEngine
+from callahead.loop import LoopProber, ProbeLoop
+from callahead.metrics import Metrics
+from callahead.policy import Action, Policy, Reason, split_recipient
+from callahead.probe import (
+    ERROR_BUDGET,
+    ProbeResult,
+    Skip,
+    Stage,
+    TlsMode,
+    Verdict,
+    wire_address,
+)
+from callahead.routes import Nexthop, parse_routes
+from tests.unit.fakesmtp import (
+    Conn,
+    FakeSmtpServer,
+    Script,
+    closed_port,
+    decode,
+    verb_of,
+    wait_until,
+)
+
+HELO = "backup.example.net"
+T = TypeVar("T")
+
+
+def settings(**overrides: Any) -> EngineSettings:
+    values: dict[str, Any] = {"helo_name": HELO, "sender": "", "timeout": 5.0}
+    values.update(overrides)
+    return EngineSettings(**values)
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    async def wrapper() -> T:
+        return await fn()
+
+    return asyncio.run(wrapper())
+
+
+@asynccontextmanager
+async def serving(*servers: FakeSmtpServer) -> AsyncIterator[None]:
+    for server in servers:
+        await server.start()
+    try:
+        yield
+    finally:
+        for server in servers:
+            await server.close()
+
+
+@asynccontextmanager
+async def engine_with(
+    engine_settings: EngineSettings, metrics: Metrics | None = None
+) -> AsyncIterator[ProbeEngine]:
+    engine = ProbeEngine(engine_settings, metrics)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def timed(coro: Awaitable[ProbeResult]) -> tuple[ProbeResult, float]:
+    started = time.monotonic()
+    result = await coro
+    return result, time.monotonic() - started
+
+
+# --- connection reuse and the dialogue on a session ------------------------------------
+
+
+def test_500_sequential_valid_probes_share_a_handful_of_connections() -> None:
+    server = FakeSmtpServer(Script(rcpt=250))
+    metrics = Metrics()
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings(), metrics) as engine:
+            for n in range(500):
+                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                assert result.verdict is Verdict.VALID, result
+            assert server.count("RCPT") == 500
+            hop = str(server.hop)
+            assert sample(metrics, "callahead_probe_connections_total", primary=hop) == (
+                server.connections
+            )
+            assert sample(metrics, "callahead_probes_total", outcome="valid") == 500
+            assert sample(metrics, "callahead_probe_duration_seconds_count") == 500
+            assert sample(metrics, "callahead_probes_in_flight") == 0
+
+    run(go)
+    assert 1 <= server.connections <= 3
+    assert server.count("RSET") == 0
+    for conn in server.conns:
+        verbs = conn.verbs()
+        # One transaction per session: EHLO, one MAIL FROM:<>, then only RCPTs.
+        assert verbs[:2] == ["EHLO", "MAIL"]
+        assert conn.lines[1] == "MAIL FROM:<>"
+        assert verbs.count("MAIL") == 1
+        assert set(verbs[2:]) <= {"RCPT", "QUIT"}
+        assert conn.rcpts <= probe_module.MAX_RCPTS_PER_SESSION
+
+
+def test_session_rolls_over_after_max_rcpts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe_module, "MAX_RCPTS_PER_SESSION", 10)
+    server = FakeSmtpServer(Script(rcpt=250))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for n in range(25):
+                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                assert result.verdict is Verdict.VALID
+            await wait_until(lambda: server.conns[0].closed and server.conns[1].closed)
+
+    run(go)
+    assert [c.rcpts for c in server.conns] == [10, 10, 5]
+    for conn in server.conns:
+        assert conn.verbs() == ["EHLO", "MAIL", *["RCPT"] * conn.rcpts, "QUIT"]
+
+
+@pytest.mark.parametrize("code", [550, 450])
+def test_session_retired_after_the_error_budget_without_another_command(code: int) -> None:
+    server = FakeSmtpServer(Script(rcpt=code))
+    expected = Verdict.UNKNOWN if code == 550 else Verdict.TEMPFAIL
+    probes = 100
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for n in range(probes):
+                result = await engine.probe(f"nobody{n}@example.test", [server.hop])
+                assert result.verdict is expected, result
+                assert result.code == code
+            full = [c for c in server.conns if c.rcpts == ERROR_BUDGET]
+            await wait_until(lambda: all(c.closed for c in full))
+
+    run(go)
+    assert ERROR_BUDGET == 9
+    assert server.connections == math.ceil(probes / ERROR_BUDGET)
+    assert server.count("RCPT") == probes
+    assert all(c.rcpts <= ERROR_BUDGET for c in server.conns)
+    full = [c for c in server.conns if c.rcpts == ERROR_BUDGET]
+    assert len(full) == probes // ERROR_BUDGET
+    for conn in full:
+        # Hung up after the 9th reject: not even QUIT (a Postfix primary would make a
+        # QUIT after its 10th error wait a second).
+        assert conn.verbs() == ["EHLO", "MAIL", *["RCPT"] * ERROR_BUDGET]
+        assert conn.closed
+
+
+def test_mail_from_refused_retires_the_session() -> None:
+    server = FakeSmtpServer(Script(mail=553, rcpt=550))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for n in range(3):
+                result = await engine.probe(f"u{n}@example.test", [server.hop])
+                assert (result.verdict, result.stage, result.code) == (
+                    Verdict.TEMPFAIL,
+                    Stage.MAIL,
+                    553,
+                )
+
+    run(go)
+    assert server.count("RCPT") == 0
+    assert server.connections == 3  # never a second MAIL on a session
+
+
+# --- sessions the primary closed ---------------------------------------------------------
+
+
+def test_server_closing_after_each_probe_never_shows_as_tempfail() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, close_after_rcpt_reply=True))
+    metrics = Metrics()
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings(), metrics) as engine:
+            for n in range(20):
+                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                assert result.verdict is Verdict.VALID, result
+
+    run(go)
+    assert server.connections == 20
+    assert sample(metrics, "callahead_probes_total", outcome="tempfail") == 0
+
+
+def test_hang_up_at_rcpt_on_a_reused_session_is_retried_on_a_fresh_one() -> None:
+    # The primary drops the session when it gets the second RCPT of a session, with no
+    # reply: the engine cannot know beforehand and must retry on a fresh session.
+    def hook(conn: Conn, address: str) -> int | None:
+        return None if conn.rcpts >= 2 else 250
+
+    server = FakeSmtpServer(Script(rcpt_hook=hook))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for n in range(5):
+                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                assert result.verdict is Verdict.VALID, result
+
+    run(go)
+    assert server.connections == 5
+    assert server.count("RCPT") == 9  # each probe but the first was sent twice
+    assert [c.rcpts for c in server.conns] == [2, 2, 2, 2, 1]
+
+
+def test_452_on_a_reused_session_is_a_full_transaction_not_the_address() -> None:
+    # "452 too many recipients" from a transaction that already has recipients: the
+    # engine opens a fresh session (a fresh transaction) and asks again.
+    def hook(conn: Conn, address: str) -> int | None:
+        return 452 if conn.rcpts >= 3 else 250
+
+    server = FakeSmtpServer(Script(rcpt_hook=hook))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for n in range(4):
+                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                assert (result.verdict, result.code) == (Verdict.VALID, 250), result
+
+    run(go)
+    assert [c.rcpts for c in server.conns] == [3, 2]
+    assert server.conns[0].lines[-1] == "QUIT"  # retired politely
+
+
+def test_452_on_a_fresh_session_is_tempfail() -> None:
+    server = FakeSmtpServer(Script(rcpt=452))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [server.hop])
+            assert (result.verdict, result.stage, result.code) == (
+                Verdict.TEMPFAIL,
+                Stage.RCPT,
+                452,
+            )
+
+    run(go)
+    assert server.count("RCPT") == 1
+
+
+def test_primary_restart_between_probes() -> None:
+    server = FakeSmtpServer(Script(rcpt=250))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            for round_ in range(3):
+                for n in range(3):
+                    result = await engine.probe(f"u{round_}.{n}@example.test", [server.hop])
+                    assert result.verdict is Verdict.VALID, result
+                await server.restart()
+
+    run(go)
+    assert server.connections == 3
+
+
+def test_421_at_rcpt_on_a_reused_session_retries_and_gives_the_real_answer() -> None:
+    fired: list[int] = []
+
+    def hook(conn: Conn, address: str) -> int | None:
+        if conn.rcpts == 2 and not fired:
+            fired.append(conn.number)
+            return 421  # and the server hangs up, as Postfix does
+        return 250 if address.startswith("valid") else 550
+
+    server = FakeSmtpServer(Script(rcpt_hook=hook))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            first = await engine.probe("valid@example.test", [server.hop])
+            assert first.verdict is Verdict.VALID
+            second = await engine.probe("nobody@example.test", [server.hop])
+            assert (second.verdict, second.stage, second.code) == (
+                Verdict.UNKNOWN,
+                Stage.RCPT,
+                550,
+            )
+            assert engine.breaker_state(server.hop) is State.CLOSED
+
+    run(go)
+    assert fired == [1]
+    assert server.connections == 2
+    assert server.conns[1].lines == [
+        f"EHLO {HELO}",
+        "MAIL FROM:<>",
+        "RCPT TO:<nobody@example.test>",
+        "QUIT",  # at aclose
+    ]
+
+
+def test_421_at_rcpt_on_a_fresh_session_is_tempfail_not_retried() -> None:
+    server = FakeSmtpServer(Script(rcpt=421))
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [server.hop])
+            assert result.verdict is Verdict.TEMPFAIL
+            assert not result.reached
+
+    run(go)
+    assert server.count("RCPT") == 1
+
+
+# --- coalescing and bounds ---------------------------------------------------------------
+
+
+def test_concurrent_requests_for_one_address_share_one_probe() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.01}))
+    metrics = Metrics()
+    addresses = [f"user{n % 50}@example.test" for n in range(200)]
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings(), metrics) as engine:
+            results = await asyncio.gather(*(engine.probe(a, [server.hop]) for a in addresses))
+            assert all(r.verdict is Verdict.VALID for r in results)
+
+    run(go)
+    rcpts = server.count("RCPT")
+    assert rcpts <= 50
+    assert sorted(set(server.lines) - {f"EHLO {HELO}", "MAIL FROM:<>", "QUIT"}) == sorted(
+        {f"RCPT TO:<{a}>" for a in addresses}
+    )
+    assert sample(metrics, "callahead_probes_total", outcome="valid") == rcpts
+    assert sample(metrics, "callahead_coalesced_waits_total") == 200 - rcpts
+
+
+@pytest.mark.parametrize("probe_wait", [0.2, 0.0])
+def test_excess_requests_get_overload_within_the_probe_wait(probe_wait: float) -> None:
+    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 1.0}))
+    metrics = Metrics()
+    engine_settings = settings(max_probes=2, probe_wait=probe_wait, timeout=3.0)
+
+    async def go() -> list[tuple[ProbeResult, float]]:
+        async with serving(server), engine_with(engine_settings, metrics) as engine:
+            return await asyncio.gather(
+                *(timed(engine.probe(f"u{n}@example.test", [server.hop])) for n in range(6))
+            )
+
+    outcomes = run(go)
+    valid = [(r, t) for r, t in outcomes if r.verdict is Verdict.VALID]
+    skipped = [(r, t) for r, t in outcomes if r.skipped is not None]
+    assert len(valid) == 2
+    assert len(skipped) == 4
+    for result, elapsed in skipped:
+        assert result.skipped is Skip.OVERLOAD
+        assert result.verdict is Verdict.TEMPFAIL
+        assert probe_wait * 0.9 <= elapsed < probe_wait + 0.15
+    for _, elapsed in valid:
+        assert elapsed >= 0.9
+    assert server.count("RCPT") == 2
+    assert sample(metrics, "callahead_probes_total", outcome="valid") == 2
+    assert sample(metrics, "callahead_probes_total", outcome="tempfail") == 0
+    assert sample(metrics, "callahead_probes_in_flight") == 0
+
+
+def test_a_slot_freed_within_the_probe_wait_is_used() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.05}))
+
+    async def go() -> list[ProbeResult]:
+        async with serving(server), engine_with(settings(max_probes=1, probe_wait=2)) as engine:
+            return await asyncio.gather(
+                *(engine.probe(f"u{n}@example.test", [server.hop]) for n in range(4))
+            )
+
+    assert [r.verdict for r in run(go)] == [Verdict.VALID] * 4
+    assert server.count("RCPT") == 4
+
+
+# --- the breaker -------------------------------------------------------------------------
+
+
+def test_breaker_skips_a_silent_primary_and_one_trial_closes_it() -> None:
+    silent = FakeSmtpServer(Script(greet=False))
+    working = FakeSmtpServer(Script(rcpt=550))
+    metrics = Metrics()
+    engine_settings = settings(timeout=0.3, breaker_failures=3, breaker_cooldown=0.5)
+
+    async def go() -> None:
+        await silent.start()
+        hop = silent.hop
+        label = str(hop)
+        async with engine_with(engine_settings, metrics) as engine:
+            try:
+                for n in range(3):
+                    result, elapsed = await timed(engine.probe(f"u{n}@example.test", [hop]))
+                    assert result.verdict is Verdict.TEMPFAIL
+                    assert result.skipped is None
+                    assert not result.reached
+                    assert 0.25 <= elapsed < 0.6
+                assert engine.breaker_state(hop) is State.OPEN
+                assert sample(metrics, "callahead_breaker_open", primary=label) == 1
+                assert sample(metrics, "callahead_primary_reached", primary=label) == 0
+                for n in range(100):
+                    result, elapsed = await timed(engine.probe(f"v{n}@example.test", [hop]))
+                    assert result.skipped is Skip.PRIMARY_DOWN
+                    assert result.verdict is Verdict.TEMPFAIL
+                    assert elapsed < 0.05
+                assert silent.connections == 3
+            finally:
+                await silent.close()
+            # The primary comes back on the same port.
+            await working.start(hop.port)
+            try:
+                await wait_until(lambda: engine.breaker_state(hop) is State.HALF_OPEN, 2.0)
+                results = await asyncio.gather(
+                    *(engine.probe(f"w{n}@example.test", [hop]) for n in range(5))
+                )
+                trials = [r for r in results if r.skipped is None]
+                assert len(trials) == 1  # exactly one trial probe
+                assert trials[0].verdict is Verdict.UNKNOWN
+                assert all(r.skipped is Skip.PRIMARY_DOWN for r in results if r.skipped)
+                assert working.count("RCPT") == 1
+                assert engine.breaker_state(hop) is State.CLOSED
+                assert sample(metrics, "callahead_breaker_open", primary=label) == 0
+                assert sample(metrics, "callahead_primary_reached", primary=label) == 1
+                result = await engine.probe("x@example.test", [hop])
+                assert result.verdict is Verdict.UNKNOWN
+            finally:
+                await engine.aclose()
+                await working.close()
+        # Skipped requests are no probes.
+        assert sample(metrics, "callahead_probes_total", outcome="tempfail") == 3
+        assert sample(metrics, "callahead_probes_total", outcome="unknown") == 2
+
+    run(go)
+
+
+def test_breaker_opens_for_a_silent_primary_under_concurrent_load() -> None:
+    # The outage case the breaker exists for: many recipients at once, more than the
+    # pool has sessions. The queued probes never touched the primary.
+    silent = FakeSmtpServer(Script(greet=False))
+    engine_settings = settings(timeout=0.3, pool_size=2, breaker_failures=3)
+
+    async def go() -> None:
+        async with serving(silent), engine_with(engine_settings) as engine:
+            for batch in range(3):
+                await asyncio.gather(
+                    *(engine.probe(f"u{batch}.{n}@example.test", [silent.hop]) for n in range(10))
+                )
+            assert engine.breaker_state(silent.hop) is State.OPEN
+            for n in range(100):
+                result, elapsed = await timed(engine.probe(f"v{n}@example.test", [silent.hop]))
+                assert result.skipped is Skip.PRIMARY_DOWN
+                assert elapsed < 0.05
+
+    run(go)
+
+
+def test_slow_primary_with_a_saturated_pool_does_not_trip_the_breaker() -> None:
+    # The other side of the same coin: a primary that answers, only slowly, while
+    # recipients queue for its few sessions, is not down.
+    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.2}))
+    engine_settings = settings(timeout=0.5, pool_size=1, breaker_failures=3)
+
+    async def go() -> None:
+        async with serving(server), engine_with(engine_settings) as engine:
+            for batch in range(3):
+                results = await asyncio.gather(
+                    *(engine.probe(f"u{batch}.{n}@example.test", [server.hop]) for n in range(8))
+                )
+                assert sum(r.verdict is Verdict.VALID for r in results) >= 2
+                assert engine.breaker_state(server.hop) is State.CLOSED
+            result = await engine.probe("last@example.test", [server.hop])
+            assert result.verdict is Verdict.VALID
+
+    run(go)
+
+
+def test_failed_trial_reopens_the_breaker() -> None:
+    port = closed_port()
+    hop = Nexthop("127.0.0.1", port)
+
+    async def go() -> None:
+        async with engine_with(
+            settings(timeout=1.0, breaker_failures=2, breaker_cooldown=0.3)
+        ) as engine:
+            for _ in range(2):
+                result = await engine.probe("u@example.test", [hop])
+                assert (result.skipped, result.stage) == (None, Stage.CONNECT)
+            assert engine.breaker_state(hop) is State.OPEN
+            await wait_until(lambda: engine.breaker_state(hop) is State.HALF_OPEN, 2.0)
+            trial = await engine.probe("u@example.test", [hop])
+            assert trial.skipped is None  # tried, refused again
+            assert engine.breaker_state(hop) is State.OPEN
+            skipped = await engine.probe("u@example.test", [hop])
+            assert skipped.skipped is Skip.PRIMARY_DOWN
+
+    run(go)
+
+
+# --- failover ----------------------------------------------------------------------------
+
+
+def test_failover_refused_first_hop_then_second_answers() -> None:
+    second = FakeSmtpServer(Script(rcpt=550))
+    refused = Nexthop("127.0.0.1", closed_port())
+
+    async def go() -> None:
+        async with serving(second), engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [refused, second.hop])
+            assert (result.verdict, result.code) == (Verdict.UNKNOWN, 550)
+            assert result.primary == str(second.hop)
+
+    run(go)
+    assert second.connections == 1
+
+
+def test_failover_goes_straight_to_the_second_when_the_first_is_down() -> None:
+    first = FakeSmtpServer(Script(banner=421))
+    second = FakeSmtpServer(Script(rcpt=250))
+
+    async def go() -> None:
+        async with serving(first, second), engine_with(settings(breaker_failures=2)) as engine:
+            hops = [first.hop, second.hop]
+            for n in range(2):
+                result = await engine.probe(f"u{n}@example.test", hops)
+                assert result.verdict is Verdict.VALID
+                assert result.primary == str(second.hop)
+            assert engine.breaker_state(first.hop) is State.OPEN
+            for n in range(2, 6):
+                result = await engine.probe(f"u{n}@example.test", hops)
+                assert result.verdict is Verdict.VALID
+                assert result.primary == str(second.hop)
+            assert engine.breaker_state(second.hop) is State.CLOSED
+
+    run(go)
+    assert first.connections == 2  # not contacted while its breaker is open
+    assert second.count("RCPT") == 6
+
+
+def test_every_hop_down_is_primary_down() -> None:
+    hops = [Nexthop("127.0.0.1", closed_port()), Nexthop("127.0.0.1", closed_port())]
+
+    async def go() -> None:
+        async with engine_with(settings(breaker_failures=1)) as engine:
+            first = await engine.probe("u@example.test", hops)
+            assert first.skipped is None
+            assert first.verdict is Verdict.TEMPFAIL
+            assert first.primary == str(hops[1])
+            second = await engine.probe("u@example.test", hops)
+            assert second.skipped is Skip.PRIMARY_DOWN
+            assert second.verdict is Verdict.TEMPFAIL
+
+    run(go)
+
+
+# --- STARTTLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    directory: Path = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=fake.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+TLS_EXTENSIONS = ("8BITMIME", "STARTTLS")
+
+
+def probe_twice(
+    server: FakeSmtpServer, tls: TlsMode, addresses: Sequence[str] = ("a@example.test",)
+) -> list[ProbeResult]:
+    async def go() -> list[ProbeResult]:
+        async with serving(server), engine_with(settings(tls=tls, timeout=3.0)) as engine:
+            return [await engine.probe(a, [server.hop]) for a in addresses]
+
+    return run(go)
+
+
+@pytest.mark.parametrize("tls", [TlsMode.MAY, TlsMode.ENCRYPT])
+def test_starttls_probe_goes_over_tls(tls: TlsMode, tls_server_context: ssl.SSLContext) -> None:
+    server = FakeSmtpServer(
+        Script(rcpt=250, extensions=TLS_EXTENSIONS), tls_context=tls_server_context
+    )
+    results = probe_twice(server, tls, ["a@example.test", "b@example.test"])
+    assert [r.verdict for r in results] == [Verdict.VALID, Verdict.VALID]
+    assert server.connections == 1  # the TLS session is pooled too
+    conn = server.conns[0]
+    assert conn.verbs()[:5] == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT"]
+    assert conn.over_tls[:2] == [False, False]
+    rcpt_indexes = [i for i, v in enumerate(conn.verbs()) if v in ("MAIL", "RCPT")]
+    assert len(rcpt_indexes) == 3
+    assert all(conn.over_tls[i] for i in rcpt_indexes)
+
+
+@pytest.mark.parametrize("tls", [TlsMode.MAY, TlsMode.ENCRYPT])
+def test_failed_tls_handshake_is_tempfail_not_reached(
+    tls: TlsMode, tls_server_context: ssl.SSLContext
+) -> None:
+    server = FakeSmtpServer(
+        Script(rcpt=550, extensions=TLS_EXTENSIONS, tls_broken=True),
+        tls_context=tls_server_context,
+    )
+    [result] = probe_twice(server, tls)
+    assert result.verdict is Verdict.TEMPFAIL
+    assert result.stage is Stage.STARTTLS
+    assert not result.reached
+    assert server.count("RCPT") == 0
+    assert server.count("MAIL") == 0
+
+
+def test_tls_none_never_sends_starttls(tls_server_context: ssl.SSLContext) -> None:
+    server = FakeSmtpServer(
+        Script(rcpt=250, extensions=TLS_EXTENSIONS), tls_context=tls_server_context
+    )
+    [result] = probe_twice(server, TlsMode.NONE)
+    assert result.verdict is Verdict.VALID
+    assert "STARTTLS" not in server.verbs()
+    assert not any(server.conns[0].over_tls)
+
+
+def test_tls_encrypt_without_starttls_offered_never_sends_rcpt() -> None:
+    server = FakeSmtpServer(Script(rcpt=550))
+    [result] = probe_twice(server, TlsMode.ENCRYPT)
+    assert result.verdict is Verdict.TEMPFAIL
+    assert result.stage is Stage.STARTTLS
+    assert server.count("RCPT") == 0
+    assert server.count("MAIL") == 0
+    assert server.count("STARTTLS") == 0
+
+
+@pytest.mark.parametrize(
+    ("tls", "verdict"), [(TlsMode.MAY, Verdict.UNKNOWN), (TlsMode.ENCRYPT, Verdict.TEMPFAIL)]
+)
+def test_starttls_refused(
+    tls: TlsMode, verdict: Verdict, tls_server_context: ssl.SSLContext
+) -> None:
+    # 454 to STARTTLS: "may" goes on in plaintext, as Postfix does; "encrypt" stops.
+    server = FakeSmtpServer(
+        Script(rcpt=550, extensions=TLS_EXTENSIONS, starttls=454), tls_context=tls_server_context
+    )
+    [result] = probe_twice(server, tls)
+    assert result.verdict is verdict
+    assert server.count("RCPT") == (1 if tls is TlsMode.MAY else 0)
+
+
+# --- SMTPUTF8 ----------------------------------------------------------------------------
+
+
+def test_non_ascii_local_part_with_smtputf8() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, extensions=("8BITMIME", "SMTPUTF8")))
+    [result] = probe_twice(server, TlsMode.MAY, ["jörg@example.test"])
+    assert result.verdict is Verdict.VALID
+    assert server.lines[1] == "MAIL FROM:<> SMTPUTF8"
+    assert server.conns[0].raw[2] == "RCPT TO:<jörg@example.test>\r\n".encode()
+
+
+def test_non_ascii_local_part_without_smtputf8_is_tempfail_and_never_sent() -> None:
+    server = FakeSmtpServer(Script(rcpt=250))
+    results = probe_twice(server, TlsMode.MAY, ["jörg@example.test", "joerg@example.test"])
+    assert results[0].verdict is Verdict.TEMPFAIL
+    assert results[0].code is None
+    assert results[1].verdict is Verdict.VALID
+    assert server.count("RCPT") == 1
+    assert "RCPT TO:<joerg@example.test>" in server.lines
+    assert server.connections == 1  # the session was kept for the next probe
+
+
+def test_unsendable_address_never_reaches_the_wire() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, extensions=("SMTPUTF8",)))
+    addresses = ["a@example.test", "x\r\nRSET@example.test", "b c@example.test", "b@example.test"]
+    results = probe_twice(server, TlsMode.NONE, addresses)
+    assert [r.verdict for r in results] == [
+        Verdict.VALID,
+        Verdict.TEMPFAIL,
+        Verdict.TEMPFAIL,
+        Verdict.VALID,
+    ]
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "RCPT", "QUIT"]
+    assert server.connections == 1
+
+
+# --- idle sessions -----------------------------------------------------------------------
+
+
+def test_idle_session_is_closed_before_the_primary_would() -> None:
+    server = FakeSmtpServer(Script(rcpt=250))
+    metrics = Metrics()
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings(pool_idle=0.3), metrics) as engine:
+            result = await engine.probe("a@example.test", [server.hop])
+            assert result.verdict is Verdict.VALID
+            label = str(server.hop)
+            assert sample(metrics, "callahead_pool_sessions", primary=label) == 1
+            waited = await wait_until(lambda: server.conns[0].closed, 3.0)
+            assert waited >= 0.2  # not closed right after the probe
+            assert server.conns[0].verbs()[-1] == "QUIT"
+            assert sample(metrics, "callahead_pool_sessions", primary=label) == 0
+            result = await engine.probe("b@example.test", [server.hop])
+            assert result.verdict is Verdict.VALID
+
+    run(go)
+    assert server.connections == 2
+
+
+def test_aclose_quits_every_pooled_session() -> None:
+    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.05}))
+
+    async def go() -> None:
+        async with serving(server):
+            engine = ProbeEngine(settings(pool_size=3))
+            results = await asyncio.gather(
+                *(engine.probe(f"u{n}@example.test", [server.hop]) for n in range(6))
+            )
+            assert all(r.verdict is Verdict.VALID for r in results)
+            assert server.open_connections == 3
+            await engine.aclose()
+            await wait_until(lambda: server.open_connections == 0)
+
+    run(go)
+    assert server.connections == 3
+    assert all(c.verbs()[-1] == "QUIT" for c in server.conns)
+
+
+# --- fuzz: no crafted recipient adds a command on the wire --------------------------------
+
+ALLOWED_VERBS = {"EHLO", "HELO", "MAIL", "RCPT", "QUIT", "STARTTLS"}
+
+_NASTY = st.sampled_from(
+    ["\n", "\r", "\x00", "<", ">", '"', "\\", " ", "@", "ö", "\u2028", "\x85", ":"]
+)
+_INJECTIONS = st.sampled_from(
+    [
+        "\r\nRSET",
+        "\r\nDATA\r\n",
+        "\nMAIL FROM:<x@y>",
+        ">\r\nRCPT TO:<victim@example.test",
+        "\x00QUIT",
+        "> SMTPUTF8\r\nVRFY root",
+    ]
+)
+_LOCAL = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.one_of(_NASTY, st.sampled_from(list("abcXYZ.+-_"))), max_size=40),
+    st.builds(lambda a, b, c: a + b + c, st.text(max_size=8), _INJECTIONS, st.text(max_size=8)),
+)
+_FUZZ_RECIPIENTS = st.builds(
+    lambda local, domain, wrap: f"<{local}@{domain}>" if wrap else f"{local}@{domain}",
+    _LOCAL,
+    st.sampled_from(["example.test", "EXAMPLE.test", "example.test\r\nRSET", "example.test."]),
+    st.booleans(),
+).filter(lambda r: split_recipient(r) is not None)
+
+
+def test_fuzz_no_recipient_adds_a_command_on_the_wire() -> None:
+    server = FakeSmtpServer(
+        Script(rcpt=550, users={"valid@example.test": 250}, extensions=("8BITMIME", "SMTPUTF8"))
+    )
+    probe_loop = ProbeLoop()
+    probe_loop.start()
+    engine = ProbeEngine(settings(tls=TlsMode.NONE, timeout=3.0))
+    try:
+        port = probe_loop.run(server.start(), 5)
+        policy = Policy(
+            routes=parse_routes(f"example.test=[127.0.0.1]:{port}"),
+            cache=PositiveCache(ttl=0, maxsize=0),
+            prober=LoopProber(probe_loop, engine),
+            tempfail_action=TempfailAction.DEFER,
+        )
+        probed: list[str] = []
+
+        @settings_(max_examples=80, deadline=None)
+        @given(_FUZZ_RECIPIENTS)
+        @example("<valid@example.test>")
+        @example("<a\r\nRSET@example.test>")
+        @example('<"a\r\nDATA"@example.test>')
+        @example("<jörg@example.test>")
+        def one(recipient: str) -> None:
+            before = len(server.raw)
+            decision = policy.decide(recipient)
+            new = server.raw[before:]
+            for raw in new:
+                # One command per line: CRLF at the end and nowhere else, no NUL.
+                assert raw.endswith(b"\r\n"), raw
+                body = raw[:-2]
+                assert b"\r" not in body and b"\n" not in body and b"\x00" not in body, raw
+                assert verb_of(decode(raw)) in ALLOWED_VERBS, raw
+            rcpts = [r for r in new if r.startswith(b"RCPT")]
+            assert len(rcpts) <= 1
+            result = decision.probe
+            if rcpts:
+                assert decision.reason in (Reason.PROBE_VALID, Reason.PROBE_UNKNOWN)
+                wire = wire_address(decision.address, allow_utf8=True)
+                assert rcpts[0] == b"RCPT TO:<" + wire + b">\r\n"
+                probed.append(decision.address)
+            elif result is not None:
+                assert result.verdict is Verdict.TEMPFAIL
+            if decision.action is Action.REJECT:
+                assert rcpts  # a 550 only ever comes from the primary's own answer
+
+        one()
+        assert "valid@example.test" in probed
+    finally:
+        probe_loop.run(engine.aclose(), 5)
+        probe_loop.run(server.close(), 5)
+        probe_loop.stop()
+    # Whatever was sent, every line on the wire was one of ours.
+    assert {verb_of(line) for line in server.lines} <= ALLOWED_VERBS
