@@ -1,8 +1,9 @@
 """The pymilter adapter: what Postfix hands over in, a reply and a return code out.
 
-Only the recipient callback does work. ``data`` is implemented (and answers CONTINUE)
-because without it Postfix's DATA macros get no reply over TCP and every message stalls
-on a delayed ACK (44 ms measured); every other optional callback is negotiated away.
+Only the recipient callback does work. ``data`` is implemented because without it
+Postfix's DATA macros get no reply over TCP and every message stalls on a delayed ACK
+(44 ms measured); it answers ACCEPT, so the end of the message is never sent to us.
+Every other optional callback is negotiated away.
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         return int(Milter.CONTINUE)
 
     def data(self) -> int:
-        return int(Milter.CONTINUE)
+        # Every recipient has been judged by the time the client says DATA, so ACCEPT:
+        # it tells Postfix this milter wants nothing more of this message, which saves
+        # the end-of-message round trip (measured: 0.65 -> 0.73 of plain Postfix's
+        # messages per second). Answering at all avoids the 44 ms delayed-ACK stall.
+        return int(Milter.ACCEPT)
 
     def eom(self) -> int:
         return int(Milter.CONTINUE)
