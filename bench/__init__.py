@@ -1,0 +1,16 @@
+"""A rerunnable benchmark: what callahead costs a Postfix backup MX, and how it compares
+with Postfix's own ``reject_unverified_recipient``.
+
+Run it with ``./dev bench`` (or ``python -m bench.run`` from the repository root, as
+root, in the venv). See ``bench/README.md`` for what is measured and how.
+
+Modules:
+
+- :mod:`bench.smtpclient` -- a small bounded asyncio SMTP client (attack load, latency).
+- :mod:`bench.tools` -- smtp-source and smtp-sink as bounded subprocesses, /proc readers.
+- :mod:`bench.stack` -- the Postfix backup MX with a listener per case, two Postfix
+  primaries, callahead and smtp-sink, all on loopback.
+- :mod:`bench.memory` -- resident memory of callahead's positive cache per address.
+- :mod:`bench.trivial_milter` -- a milter that only says CONTINUE: pymilter's floor.
+- :mod:`bench.run` -- the workloads, the figures and the Markdown report.
+"""
