@@ -6,18 +6,14 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from tests.harness.ports import free_port
-from tests.harness.waiting import wait_for
+from tests.harness.ports import accepts, free_port, listen_inode, listening
+from tests.harness.process import ManagedProcess, stop_process
 
 
 def tool(name: str) -> str:
@@ -35,128 +31,38 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------------------
 
 
-class SmtpSink:
+class SmtpSink(ManagedProcess):
     """``smtp-sink`` on a fresh 127.0.0.1 port: answers 250 to everything, keeps nothing."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
-        self._log = workdir / "smtp-sink.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self._log.open("ab") as log:
-            # -u: it refuses to run as root otherwise; 256: the listen backlog.
-            self._proc = subprocess.Popen(
-                [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{self.port}", "256"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for(
-                lambda: self._exited() or accepts(self.port),
-                10.0,
-                what=f"smtp-sink on port {self.port}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-        if self._exited():
-            raise RuntimeError(f"smtp-sink exited at start: {self._log.read_text()}")
-
-    def _exited(self) -> bool:
-        return self._proc is not None and self._proc.poll() is not None
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        stop_process(proc)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        # -u: it refuses to run as root otherwise; 256: the listen backlog.
+        super().__init__(
+            [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{self.port}", "256"],
+            workdir / "smtp-sink.log",
+            what=f"smtp-sink on port {self.port}",
+            ready=lambda: accepts(self.port),
+            start_timeout=10.0,
+            stop_timeout=5.0,
+        )
 
 
-class TrivialMilterProcess:
+class TrivialMilterProcess(ManagedProcess):
     """``python -m bench.trivial_milter`` on a fresh port (see that module)."""
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
-        self._log = workdir / "trivial-milter.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            [sys.executable, "-m", "bench.trivial_milter", f"inet:{self.port}@127.0.0.1"],
+            workdir / "trivial-milter.log",
+            cwd=Path(__file__).resolve().parents[1],
+            what=f"the trivial milter on port {self.port}",
+            ready=lambda: listening(self.port),
+        )
 
     @property
     def socket(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self._log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.trivial_milter", f"inet:{self.port}@127.0.0.1"],
-                cwd=Path(__file__).resolve().parents[1],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for(
-                lambda: self._proc is None or self._proc.poll() is not None or listening(self.port),
-                20.0,
-                what=f"the trivial milter on port {self.port}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError(f"the trivial milter exited at start: {self._log.read_text()}")
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            # libmilter may need ~5 s to wind down after SIGTERM.
-            stop_process(proc, timeout=10.0)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; always reaps."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -282,24 +188,10 @@ def rss_bytes(pid: int | str = "self") -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _listen_inode(port: int) -> str | None:
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 9 and fields[1] == want and fields[3] == "0A":
-            return fields[9]
-    return None
-
-
-def listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port, without connecting to it."""
-    return _listen_inode(port) is not None
-
-
 def pid_listening_on(port: int) -> int:
     """The pid of the process that listens on 127.0.0.1:port (from /proc/net/tcp and the
     processes' fd tables), so that no harness internals are needed."""
-    inode = _listen_inode(port)
+    inode = listen_inode(port)
     if inode is None:
         raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
     target = f"socket:[{inode}]"

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
 from .breaker import Breaker, State
 from .config import Config
 from .metrics import Metrics
@@ -84,63 +86,64 @@ class ProbeEngine:
             settings.helo_name, settings.sender, settings.tls, tls_context
         )
         self._slots = asyncio.Semaphore(settings.max_probes)
-        self._inflight: dict[str, asyncio.Task[ProbeResult]] = {}
-        self._pools: dict[Nexthop, SessionPool] = {}
-        self._breakers: dict[Nexthop, Breaker] = {}
+        self._inflight: dict[str, asyncio.Future[ProbeResult]] = {}
+        self._primaries: dict[Nexthop, _Primary] = {}
+        self._probe_counts = {v: self._metrics.probes.labels(v.value) for v in Verdict}
         self._janitor: asyncio.Task[None] | None = None
 
     # -- per primary --------------------------------------------------------------------
 
-    def _pool(self, hop: Nexthop) -> SessionPool:
-        pool = self._pools.get(hop)
-        if pool is None:
-            opened = self._metrics.connections.labels(str(hop))
+    def _primary(self, hop: Nexthop) -> _Primary:
+        primary = self._primaries.get(hop)
+        if primary is None:
+            name = str(hop)
+            opened = self._metrics.connections.labels(name)
             pool = SessionPool(
                 lambda: Session(hop, self._session_settings),
                 size=self.settings.pool_size,
                 idle=self.settings.pool_idle,
                 on_open=opened.inc,
             )
-            self._pools[hop] = pool
-            self._metrics.pool_sessions.labels(str(hop)).set_function(
-                lambda: float(pool.open_sessions)
-            )
-        return pool
-
-    def _breaker(self, hop: Nexthop) -> Breaker:
-        breaker = self._breakers.get(hop)
-        if breaker is None:
             breaker = Breaker(
                 failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
             )
-            self._breakers[hop] = breaker
-            self._metrics.breaker_open.labels(str(hop)).set_function(
+            self._metrics.pool_sessions.labels(name).set_function(lambda: float(pool.open_sessions))
+            self._metrics.breaker_open.labels(name).set_function(
                 lambda: 1.0 if breaker.state is State.OPEN else 0.0
             )
-        return breaker
+            primary = _Primary(pool, breaker, self._metrics.primary_reached.labels(name))
+            self._primaries[hop] = primary
+        return primary
 
     def breaker_state(self, hop: Nexthop) -> State:
-        breaker = self._breakers.get(hop)
-        return State.CLOSED if breaker is None else breaker.state
+        primary = self._primaries.get(hop)
+        return State.CLOSED if primary is None else primary.breaker.state
 
     # -- probing --------------------------------------------------------------------
 
     async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
-        """Probe ``address`` (already normalized), sharing a probe already in flight."""
-        task = self._inflight.get(address)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._bounded(address, tuple(hops)))
-            self._inflight[address] = task
-            task.add_done_callback(lambda t: self._forget(address, t))
-        else:
+        """Probe ``address`` (already normalized), sharing a probe already in flight.
+
+        The first request runs the probe itself (no extra task: this is the hot path);
+        the ones that arrive meanwhile wait on a future that it fills."""
+        shared = self._inflight.get(address)
+        if shared is not None:
             self._metrics.coalesced.inc()
-        return await asyncio.shield(task)
-
-    def _forget(self, address: str, task: asyncio.Task[ProbeResult]) -> None:
-        if self._inflight.get(address) is task:
+            return await asyncio.shield(shared)
+        shared = asyncio.get_running_loop().create_future()
+        self._inflight[address] = shared
+        try:
+            result = await self._bounded(address, tuple(hops))
+        except BaseException as exc:
+            # The waiters get an undecided answer; the error goes to this caller only.
+            shared.set_result(self._skipped(None, hops, f"probe abandoned: {exc!r}"))
+            raise
+        finally:
             del self._inflight[address]
+        shared.set_result(result)
+        return result
 
-    def _skipped(self, skip: Skip, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
+    def _skipped(self, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
         primary = str(hops[0]) if hops else ""
         return ProbeResult(
             Verdict.TEMPFAIL,
@@ -175,7 +178,7 @@ class ProbeEngine:
             self._metrics.in_flight.dec()
             self._slots.release()
         if result.skipped is None:
-            self._metrics.probes.labels(result.verdict.value).inc()
+            self._probe_counts[result.verdict].inc()
             self._metrics.probe_duration.observe(result.duration)
         return result
 
@@ -185,7 +188,8 @@ class ProbeEngine:
         deadline = started + self.settings.timeout
         result: ProbeResult | None = None
         for hop in hops:
-            breaker = self._breaker(hop)
+            primary = self._primary(hop)
+            breaker = primary.breaker
             if not breaker.allow():
                 continue
             budget = deadline - time.monotonic()
@@ -193,7 +197,7 @@ class ProbeEngine:
                 breaker.release()
                 break
             try:
-                result = await self._at(hop, address, started, budget)
+                result = await self._at(hop, primary.pool, address, started, budget)
             except _Queued as queued:
                 # Every session to this primary was busy for the whole budget: that
                 # says nothing about whether it is down, so the breaker is not moved.
@@ -204,16 +208,17 @@ class ProbeEngine:
                 breaker.release()
                 raise
             breaker.record(result.reached)
-            self._metrics.primary_reached.labels(str(hop)).set(1.0 if result.reached else 0.0)
+            primary.reached.set(1.0 if result.reached else 0.0)
             if result.verdict is not Verdict.TEMPFAIL:
                 return result
         if result is None:
             return self._skipped(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
 
-    async def _at(self, hop: Nexthop, address: str, started: float, budget: float) -> ProbeResult:
+    async def _at(
+        self, hop: Nexthop, pool: SessionPool, address: str, started: float, budget: float
+    ) -> ProbeResult:
         """One primary: a pooled session, retried once on a fresh one if it was lost."""
-        pool = self._pool(hop)
         session: Session | None = None
         try:
             async with asyncio.timeout(budget):
@@ -272,8 +277,8 @@ class ProbeEngine:
         interval = max(0.2, min(self.settings.pool_idle / 2, 5.0))
         while True:
             await asyncio.sleep(interval)
-            for pool in self._pools.values():
-                pool.reap()
+            for primary in self._primaries.values():
+                primary.pool.reap()
 
     async def aclose(self) -> None:
         """Close every pooled session (QUIT where polite)."""
@@ -282,8 +287,18 @@ class ProbeEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
             self._janitor = None
-        for pool in self._pools.values():
-            await pool.aclose()
+        for primary in self._primaries.values():
+            await primary.pool.aclose()
+
+
+@dataclass(slots=True)
+class _Primary:
+    """What the engine keeps per primary."""
+
+    pool: SessionPool
+    breaker: Breaker
+    reached: Gauge
+    """Its child of ``callahead_primary_reached``."""
 
 
 class _Queued(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 _handed_out: set[int] = set()
 _lock = threading.Lock()
@@ -26,3 +27,33 @@ def free_port(host: str = "127.0.0.1") -> int:
                 _handed_out.add(port)
                 return port
     raise RuntimeError(f"no fresh free port found on {host}")
+
+
+def listen_inode(port: int) -> str | None:
+    """The socket inode of the listener on 127.0.0.1:``port``, read from /proc/net/tcp
+    (no connection is made: to Postfix, a connection would start an smtpd and its
+    milter session)."""
+    want = f"0100007F:{port:04X}"
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == want and fields[3] == "0A":
+            return fields[9]
+    return None
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``, without connecting to it."""
+    return listen_inode(port) is not None
+
+
+def accepts(port: int) -> bool:
+    """Whether a TCP connection to 127.0.0.1:``port`` succeeds (it is closed at once)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -49,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.harness.ports import listening
 from tests.harness.waiting import wait_for
 
 __all__ = [
@@ -447,21 +448,6 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def _listening(port: int, host_hex: str = "0100007F") -> bool:
-    """Whether something LISTENs on 127.0.0.1:port (read from /proc/net/tcp, so that
-    no connection is made: a connection would start an smtpd and its milter session)."""
-    want = f"{host_hex}:{port:04X}"
-    try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 3 and fields[1] == want and fields[3] == "0A":
-            return True
-    return False
-
-
 def _is_master(pid: int) -> bool:
     info = _proc_stat(pid)
     return info is not None and info[0] == "master" and info[2] == pid
@@ -660,7 +646,7 @@ class PostfixInstance:
             )
             for listener in self._listeners:
                 wait_for(
-                    functools.partial(_listening, listener.port),
+                    functools.partial(listening, listener.port),
                     START_TIMEOUT,
                     interval=0.02,
                     what=f"smtpd listening on 127.0.0.1:{listener.port}",
