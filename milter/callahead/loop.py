@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HANDOFF_MARGIN = 1.0
-"""Seconds a milter thread waits beyond the probe timeout before it gives up."""
+"""Seconds a milter thread waits beyond the longest answer the engine can take (the wait
+for a probe slot plus the probe timeout) before it gives up."""
 
 
 class ProbeLoop:
