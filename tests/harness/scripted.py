@@ -330,8 +330,9 @@ class _Session:
         """Answer the command recorded at ``index``, counting errors like Postfix."""
         script = self._owner._snapshot()
         await self._error_sleep(script)
-        await self._send(reply)
+        # Recorded before it is sent: a client that has read the reply must find it here.
         self._owner._set_reply(index, "\n".join(_reply_lines(reply)))
+        await self._send(reply)
         if _is_error(reply):
             self._errors += 1
             if script.max_errors is not None and self._errors >= script.max_errors:
