@@ -153,15 +153,15 @@ class Config:
     helo_name: str
     metrics_listen: tuple[str, int] | None
     log_level: int
-    probe_tls: TlsMode = TlsMode.MAY
-    pool_size: int = 4
-    pool_idle: float = 30.0
-    max_probes: int = 64
-    probe_wait: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown: float = 30.0
-    client_unknown_limit: int = 20
-    client_window: float = 600.0
+    probe_tls: TlsMode
+    pool_size: int
+    pool_idle: float
+    max_probes: int
+    probe_wait: float
+    breaker_failures: int
+    breaker_cooldown: float
+    client_unknown_limit: int
+    client_window: float
 
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) pairs, in the order of ``VARIABLES``."""

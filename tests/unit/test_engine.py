@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -37,6 +35,7 @@ from callahead.probe import (
     wire_address,
 )
 from callahead.routes import Nexthop, parse_routes
+from tests.harness.tlsutil import self_signed, server_context
 from tests.unit.fakesmtp import (
     Conn,
     FakeSmtpServer,
@@ -578,34 +577,7 @@ def test_every_hop_down_is_primary_down() -> None:
 
 @pytest.fixture(scope="module")
 def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    directory: Path = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=fake.test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    return context
+    return server_context(*self_signed(tmp_path_factory.mktemp("tls"), "fake.test"))
 
 
 TLS_EXTENSIONS = ("8BITMIME", "STARTTLS")
