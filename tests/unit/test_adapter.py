@@ -226,19 +226,25 @@ def test_three_recipients_in_one_message(monkeypatch: pytest.MonkeyPatch) -> Non
     assert h.ctx._data() == Milter.ACCEPT
 
 
+SKIPPED_STEPS = (
+    Milter.P_NOCONNECT,
+    Milter.P_NOHELO,
+    Milter.P_NOMAIL,
+    Milter.P_NOHDRS,
+    Milter.P_NOEOH,
+    Milter.P_NOBODY,
+    Milter.P_NOUNKNOWN,
+)
+"""Protocol bits that must stay set: callahead never sees these steps."""
+CALLED_STEPS = (Milter.P_NORCPT, Milter.P_NODATA, Milter.P_NR_RCPT, Milter.P_NR_DATA)
+"""Protocol bits that must be cleared: RCPT and DATA are called and answered."""
+
+
 def test_protocol_mask_skips_everything_but_rcpt_and_data() -> None:
     mask = CallaheadMilter.protocol_mask()
-    for skipped in (
-        Milter.P_NOCONNECT,
-        Milter.P_NOHELO,
-        Milter.P_NOMAIL,
-        Milter.P_NOHDRS,
-        Milter.P_NOEOH,
-        Milter.P_NOBODY,
-        Milter.P_NOUNKNOWN,
-    ):
+    for skipped in SKIPPED_STEPS:
         assert not mask & skipped, hex(skipped)  # not cleared: the step stays skipped
-    for wanted in (Milter.P_NORCPT, Milter.P_NODATA, Milter.P_NR_RCPT, Milter.P_NR_DATA):
+    for wanted in CALLED_STEPS:
         assert mask & wanted, hex(wanted)  # cleared: the step is called and answered
 
 
@@ -246,17 +252,9 @@ def test_negotiated_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     h = Harness(monkeypatch, FakeProber({}))
     assert h.ctx._negotiate() == Milter.CONTINUE
     protocol: int = h.ctx._protocol
-    for skipped in (
-        Milter.P_NOCONNECT,
-        Milter.P_NOHELO,
-        Milter.P_NOMAIL,
-        Milter.P_NOHDRS,
-        Milter.P_NOEOH,
-        Milter.P_NOBODY,
-        Milter.P_NOUNKNOWN,
-    ):
+    for skipped in SKIPPED_STEPS:
         assert protocol & skipped, hex(skipped)
-    for called in (Milter.P_NORCPT, Milter.P_NODATA, Milter.P_NR_RCPT, Milter.P_NR_DATA):
+    for called in CALLED_STEPS:
         assert not protocol & called, hex(called)
     # Only the macros it logs are asked for, at the RCPT stage.
     assert h.ctx._symlist[Milter.M_ENVRCPT] == {b"i", b"{client_addr}"}

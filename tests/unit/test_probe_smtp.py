@@ -445,11 +445,8 @@ def test_probe_loop_run_times_out(probe_loop: ProbeLoop) -> None:
 # --- the probe command against the fake primary ----------------------------------------
 
 
-@pytest.mark.parametrize(("code", "status"), [(250, 0), (550, 1), (451, 2)])
-def test_cli_probe_exit_status(
-    probe_loop: ProbeLoop, capsys: pytest.CaptureFixture[str], code: int, status: int
-) -> None:
-    server = FakeSmtpServer(Script(rcpt=code))
+def cli_probe(probe_loop: ProbeLoop, server: FakeSmtpServer, address: str) -> int:
+    """``callahead probe ADDRESS`` routed to ``server``; returns its exit status."""
     try:
         port = probe_loop.run(server.start(), 5)
         env = {
@@ -457,10 +454,18 @@ def test_cli_probe_exit_status(
             "CALLAHEAD_HELO_NAME": HELO,
             "CALLAHEAD_PROBE_TIMEOUT": "3",
         }
-        assert main(["probe", "<User@Example.TEST>"], env=env) == status
+        return main(["probe", address], env=env)
     finally:
         probe_loop.run(server.close(), 5)
         probe_loop.stop()
+
+
+@pytest.mark.parametrize(("code", "status"), [(250, 0), (550, 1), (451, 2)])
+def test_cli_probe_exit_status(
+    probe_loop: ProbeLoop, capsys: pytest.CaptureFixture[str], code: int, status: int
+) -> None:
+    server = FakeSmtpServer(Script(rcpt=code))
+    assert cli_probe(probe_loop, server, "<User@Example.TEST>") == status
     out = capsys.readouterr().out
     assert "User@example.test" in out
     assert str(code) in out
@@ -478,16 +483,6 @@ def test_cli_probe_non_ascii_local_part(
     status: int,
 ) -> None:
     server = FakeSmtpServer(Script(rcpt=250, extensions=extensions))
-    try:
-        port = probe_loop.run(server.start(), 5)
-        env = {
-            "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{port}",
-            "CALLAHEAD_HELO_NAME": HELO,
-            "CALLAHEAD_PROBE_TIMEOUT": "3",
-        }
-        assert main(["probe", "jörg@example.test"], env=env) == status
-    finally:
-        probe_loop.run(server.close(), 5)
-        probe_loop.stop()
+    assert cli_probe(probe_loop, server, "jörg@example.test") == status
     assert "jörg@example.test" in capsys.readouterr().out
     assert ("RCPT TO:<jörg@example.test>" in server.lines) is (status == 0)
