@@ -13,7 +13,8 @@ from . import __version__
 from .config import EX_CONFIG, VARIABLES, Config, ConfigError, load_config
 from .engine import EngineSettings, ProbeEngine
 from .policy import split_recipient
-from .probe import UnsendableAddress, Verdict, wire_address
+from .probe import UnsendableAddress, wire_address
+from .verdict import Verdict
 
 EX_USAGE = 64
 EX_SOFTWARE = 70

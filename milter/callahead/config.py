@@ -11,7 +11,9 @@ import enum
 import ipaddress
 import logging
 import math
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +26,8 @@ EX_CONFIG = 78
 
 DEFAULT_SOCKET = "inet:127.0.0.1:8895"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
+POSTCONF_TIMEOUT = 5.0
+"""Seconds ``postconf -h myhostname`` may take at start."""
 
 
 class TempfailAction(enum.Enum):
@@ -69,7 +73,18 @@ VARIABLES: tuple[Variable, ...] = (
         "seconds for a whole probe; keep well below Postfix's milter_command_timeout",
     ),
     Variable("CALLAHEAD_PROBE_SENDER", "", "MAIL FROM of the probes; empty is <>"),
-    Variable("CALLAHEAD_HELO_NAME", "(this host's FQDN)", "EHLO name of the probes"),
+    Variable(
+        "CALLAHEAD_PROBE_FALLBACK_SENDER",
+        "",
+        "MAIL FROM for one retry when a primary refuses the probe sender (not the "
+        "recipient), kept for that primary from then on; empty: no retry",
+    ),
+    Variable(
+        "CALLAHEAD_HELO_NAME",
+        "(Postfix's myhostname, else this host's FQDN)",
+        "EHLO name of the probes; the primary must accept it (a name that is not "
+        "fully qualified gets a warning at start)",
+    ),
     Variable(
         "CALLAHEAD_METRICS_LISTEN",
         DEFAULT_METRICS_LISTEN,
@@ -88,6 +103,12 @@ VARIABLES: tuple[Variable, ...] = (
         "30",
         "seconds an idle probe session is kept open; keep below the primary's "
         "smtpd_timeout (300 s in Postfix, 10 s under stress)",
+    ),
+    Variable(
+        "CALLAHEAD_POOL_MAX_AGE",
+        "10",
+        "seconds a probe session may live: a primary reads its tables when a session "
+        "begins, so this bounds how old a view of a new user a verdict can rest on",
     ),
     Variable("CALLAHEAD_MAX_PROBES", "64", "probes in flight at once, all primaries (1-10000)"),
     Variable(
@@ -150,12 +171,14 @@ class Config:
     tempfail_action: TempfailAction
     probe_timeout: float
     probe_sender: str
+    probe_fallback_sender: str
     helo_name: str
     metrics_listen: tuple[str, int] | None
     log_level: int
     probe_tls: TlsMode
     pool_size: int
     pool_idle: float
+    pool_max_age: float
     max_probes: int
     probe_wait: float
     breaker_failures: int
@@ -175,12 +198,14 @@ class Config:
             ("CALLAHEAD_TEMPFAIL_ACTION", self.tempfail_action.value),
             ("CALLAHEAD_PROBE_TIMEOUT", _fmt_number(self.probe_timeout)),
             ("CALLAHEAD_PROBE_SENDER", self.probe_sender),
+            ("CALLAHEAD_PROBE_FALLBACK_SENDER", self.probe_fallback_sender),
             ("CALLAHEAD_HELO_NAME", self.helo_name),
             ("CALLAHEAD_METRICS_LISTEN", metrics),
             ("CALLAHEAD_LOG_LEVEL", logging.getLevelName(self.log_level)),
             ("CALLAHEAD_PROBE_TLS", self.probe_tls.value),
             ("CALLAHEAD_POOL_SIZE", str(self.pool_size)),
             ("CALLAHEAD_POOL_IDLE", _fmt_number(self.pool_idle)),
+            ("CALLAHEAD_POOL_MAX_AGE", _fmt_number(self.pool_max_age)),
             ("CALLAHEAD_MAX_PROBES", str(self.max_probes)),
             ("CALLAHEAD_PROBE_WAIT", _fmt_number(self.probe_wait)),
             ("CALLAHEAD_BREAKER_FAILURES", str(self.breaker_failures)),
@@ -313,12 +338,59 @@ def _parse_address(name: str, value: str) -> str:
     return sender
 
 
+def postfix_myhostname() -> str | None:
+    """The local Postfix's ``myhostname`` (``postconf -h myhostname``), the name this
+    backup MX already gives in its own EHLO; None without a configured Postfix."""
+    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
+    try:
+        done = subprocess.run(
+            [postconf, "-h", "myhostname"],
+            capture_output=True,
+            text=True,
+            timeout=POSTCONF_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name = done.stdout.strip()
+    return name if done.returncode == 0 and _valid_host(name) else None
+
+
+def default_helo_name() -> str:
+    """Postfix's ``myhostname``, else the host's FQDN."""
+    return postfix_myhostname() or socket.getfqdn() or "localhost"
+
+
+def is_fully_qualified(helo: str) -> bool:
+    """What Postfix's ``reject_non_fqdn_helo_hostname`` accepts: a name with a dot in it,
+    or an address literal."""
+    return helo.startswith("[") or "." in helo.strip(".")
+
+
+def _is_address_literal(helo: str) -> bool:
+    """RFC 5321 4.1.3: ``[IPv4]`` or ``[IPv6:address]``."""
+    if not (helo.startswith("[") and helo.endswith("]")):
+        return False
+    inner = helo[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        try:
+            return ipaddress.ip_address(inner[5:]).version == 6
+        except ValueError:
+            return False
+    try:
+        return ipaddress.ip_address(inner).version == 4
+    except ValueError:
+        return False
+
+
 def _parse_helo(name: str, value: str) -> str:
     helo = value.strip()
     if not helo:
-        return socket.getfqdn() or "localhost"
-    if not _valid_host(helo) and not (helo.startswith("[") and helo.endswith("]")):
-        raise ConfigError(name, value, "expected a host name (or [address] literal)")
+        return default_helo_name()
+    if not (_valid_host(helo) or _is_address_literal(helo)):
+        raise ConfigError(
+            name, value, "expected a host name or an address literal ([192.0.2.1], [IPv6:...])"
+        )
     return helo
 
 
@@ -371,6 +443,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         what="expected a number of seconds > 0 and at most 300",
     )
     probe_sender = _parse_address("CALLAHEAD_PROBE_SENDER", get("CALLAHEAD_PROBE_SENDER"))
+    fallback_sender = _parse_address(
+        "CALLAHEAD_PROBE_FALLBACK_SENDER", get("CALLAHEAD_PROBE_FALLBACK_SENDER")
+    )
     helo_name = _parse_helo("CALLAHEAD_HELO_NAME", get("CALLAHEAD_HELO_NAME"))
     metrics_listen = _parse_metrics("CALLAHEAD_METRICS_LISTEN", get("CALLAHEAD_METRICS_LISTEN"))
     level_value = get("CALLAHEAD_LOG_LEVEL")
@@ -411,6 +486,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         probe_tls=probe_tls,
         pool_size=whole("CALLAHEAD_POOL_SIZE", 1, 100),
         pool_idle=seconds("CALLAHEAD_POOL_IDLE", positive=True, high=3600),
+        pool_max_age=seconds("CALLAHEAD_POOL_MAX_AGE", positive=True, high=3600),
         max_probes=whole("CALLAHEAD_MAX_PROBES", 1, 10000),
         probe_wait=seconds("CALLAHEAD_PROBE_WAIT", high=300),
         breaker_failures=whole("CALLAHEAD_BREAKER_FAILURES", 0, 1000),
@@ -425,6 +501,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         tempfail_action=tempfail_action,
         probe_timeout=probe_timeout,
         probe_sender=probe_sender,
+        probe_fallback_sender=fallback_sender,
         helo_name=helo_name,
         metrics_listen=metrics_listen,
         log_level=logging.getLevelNamesMapping()[level_name],

@@ -9,6 +9,13 @@
   tempfail tries the next, a definite answer ends the search.
 * **Pooled sessions** per primary (see pool.py and probe.py); a reused session that the
   primary has closed is detected and the probe retried once on a fresh session.
+* **A current view** (see freshness.py): a probe runs on a session opened after its
+  address was last judged, and sessions live at most ``pool_max_age`` seconds.
+* **Fallback sender**: a primary that refuses the probe's sender (at MAIL FROM, or at
+  RCPT TO when Postfix delays the rejection) is asked again once with
+  ``fallback_sender``, which its later sessions keep using.
+* **Refusals of the prober** are counted per primary and logged once, so the operator
+  learns that callahead cannot protect a domain (and why).
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from .breaker import Breaker, State
 from .config import Config
+from .freshness import LastJudged
 from .metrics import Metrics
 from .pool import SessionPool
 from .probe import (
@@ -33,12 +41,15 @@ from .probe import (
     SessionLost,
     SessionSettings,
     Skip,
-    Stage,
     TlsMode,
-    Verdict,
     unverified_tls_context,
 )
 from .routes import Nexthop
+from .verdict import Basis, Stage, Verdict
+
+WARNED_LIMIT = 1000
+"""Refusals remembered per primary for logging them once (bounded: subdomain routes let
+senders pick domains)."""
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,9 @@ class EngineSettings:
     probe_wait: float = 2.0
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    pool_max_age: float = 10.0
+    fallback_sender: str = ""
+    transcript: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings:
@@ -69,6 +83,8 @@ class EngineSettings:
             probe_wait=config.probe_wait,
             breaker_failures=config.breaker_failures,
             breaker_cooldown=config.breaker_cooldown,
+            pool_max_age=config.pool_max_age,
+            fallback_sender=config.probe_fallback_sender,
         )
 
     @property
@@ -83,8 +99,9 @@ class ProbeEngine:
         self._metrics = metrics if metrics is not None else Metrics()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
         self._session_settings = SessionSettings(
-            settings.helo_name, settings.sender, settings.tls, tls_context
+            settings.helo_name, settings.sender, settings.tls, tls_context, settings.transcript
         )
+        self._judged = LastJudged(settings.pool_max_age)
         self._slots = asyncio.Semaphore(settings.max_probes)
         self._inflight: dict[str, asyncio.Future[ProbeResult]] = {}
         self._primaries: dict[Nexthop, _Primary] = {}
@@ -98,20 +115,34 @@ class ProbeEngine:
         if primary is None:
             name = str(hop)
             opened = self._metrics.connections.labels(name)
-            pool = SessionPool(
-                lambda: Session(hop, self._session_settings),
-                size=self.settings.pool_size,
-                idle=self.settings.pool_idle,
-                on_open=opened.inc,
-            )
             breaker = Breaker(
                 failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
+            )
+            primary = _Primary(
+                name=name,
+                breaker=breaker,
+                sender=self.settings.sender,
+                reached=self._metrics.primary_reached.labels(name),
+                refusing=self._metrics.refuses_prober.labels(name),
+                refused={
+                    basis: self._metrics.prober_refused.labels(name, basis.value)
+                    for basis in Basis
+                    if basis.refuses_prober
+                },
+            )
+            settings = self._session_settings
+            primary.pool = pool = SessionPool(
+                lambda: Session(hop, settings, sender=primary.sender),
+                size=self.settings.pool_size,
+                idle=self.settings.pool_idle,
+                max_age=self.settings.pool_max_age,
+                on_open=opened.inc,
             )
             self._metrics.pool_sessions.labels(name).set_function(lambda: float(pool.open_sessions))
             self._metrics.breaker_open.labels(name).set_function(
                 lambda: 1.0 if breaker.state is State.OPEN else 0.0
             )
-            primary = _Primary(pool, breaker, self._metrics.primary_reached.labels(name))
+            primary.refusing.set(0.0)
             self._primaries[hop] = primary
         return primary
 
@@ -197,7 +228,7 @@ class ProbeEngine:
                 breaker.release()
                 break
             try:
-                result = await self._at(hop, primary.pool, address, started, budget)
+                result = await self._at(primary, address, started, budget)
             except _Queued as queued:
                 # Every session to this primary was busy for the whole budget: that
                 # says nothing about whether it is down, so the breaker is not moved.
@@ -209,47 +240,62 @@ class ProbeEngine:
                 raise
             breaker.record(result.reached)
             primary.reached.set(1.0 if result.reached else 0.0)
+            self._note_refusal(primary, address, result)
             if result.verdict is not Verdict.TEMPFAIL:
+                self._judged.record(address)
                 return result
         if result is None:
             return self._skipped(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
 
     async def _at(
-        self, hop: Nexthop, pool: SessionPool, address: str, started: float, budget: float
+        self, primary: _Primary, address: str, started: float, budget: float
     ) -> ProbeResult:
-        """One primary: a pooled session, retried once on a fresh one if it was lost."""
+        """One primary: a pooled session opened after ``address`` was last judged;
+        retried once on a fresh session if a reused one was lost, and once with the
+        fallback sender if the primary refused the sender."""
+        pool = primary.pool
         session: Session | None = None
+        lost_retry = sender_retry = False
         try:
             async with asyncio.timeout(budget):
-                for attempt in (1, 2):
+                while True:
                     session = None
-                    session = await pool.acquire()
+                    session = await pool.acquire(opened_after=self._judged.since(address))
                     try:
                         reused = session.opened
                         if not reused:
                             await session.open()
-                        return await session.rcpt(address, started)
+                        result = await session.rcpt(address, started)
                     except SessionLost as exc:
-                        if not reused or attempt == 2:
+                        if not reused or lost_retry:
                             return ProbeResult(
                                 Verdict.TEMPFAIL,
                                 session.stage,
                                 None,
                                 f"session lost: {exc}",
                                 time.monotonic() - started,
-                                str(hop),
+                                primary.name,
                                 reached=False,
+                                why="the primary closed the session before it answered",
+                                transcript=session.transcript,
                             )
                         # The primary closed an idle session (timeout, restart): the
                         # other idle ones are likely stale too; retry on a fresh one.
-                        log.debug("pooled session to %s lost (%s); retrying", hop, exc)
+                        log.debug("pooled session to %s lost (%s); retrying", primary.name, exc)
+                        lost_retry = True
                         pool.reap(drop_all=True)
+                        continue
                     except BaseException:
                         session.close()
                         raise
                     finally:
                         pool.release(session)
+                    if result.basis is Basis.SENDER and not sender_retry:
+                        sender_retry = self._fall_back(primary, result)
+                        if sender_retry:
+                            continue
+                    return result
         except SessionFailed as exc:
             return exc.result
         except TimeoutError:
@@ -261,11 +307,58 @@ class ProbeEngine:
                         None,
                         "no free session in time",
                         time.monotonic() - started,
-                        str(hop),
+                        primary.name,
                     )
                 ) from None
             return session.timed_out(budget, started)
-        raise AssertionError("unreachable")
+
+    def _fall_back(self, primary: _Primary, result: ProbeResult) -> bool:
+        """Switch ``primary`` to the fallback sender; False if there is none to switch to."""
+        fallback = self.settings.fallback_sender
+        if not fallback or primary.sender == fallback:
+            return False
+        log.warning(
+            "primary %s refuses the probe sender <%s> (%s %r at %s): probing it with the "
+            "fallback sender <%s> from now on",
+            primary.name,
+            primary.sender,
+            result.code,
+            result.detail,
+            result.stage.value.upper(),
+            fallback,
+        )
+        primary.sender = fallback
+        primary.pool.reap(drop_all=True)
+        return True
+
+    def _note_refusal(self, primary: _Primary, address: str, result: ProbeResult) -> None:
+        """Count a refusal of the prober and log it once per primary and kind (and per
+        domain for an unproven one); note when the primary judges recipients again."""
+        basis = result.basis
+        if basis.refuses_prober:
+            primary.refused[basis].inc()
+            primary.refusing.set(1.0)
+            domain = address.rpartition("@")[2]
+            key = (basis, domain if basis is Basis.UNPROVEN else "")
+            if key in primary.warned or len(primary.warned) >= WARNED_LIMIT:
+                return
+            primary.warned.add(key)
+            log.warning(
+                "primary %s refuses callahead's probes, not the recipients: %s %r at %s (%s); "
+                "recipients of %s are accepted unverified while it does. %s",
+                primary.name,
+                result.code,
+                result.detail,
+                result.stage.value.upper(),
+                result.why,
+                domain,
+                _ADVICE[basis].format(domain=domain, helo=self.settings.helo_name),
+            )
+        elif result.verdict is not Verdict.TEMPFAIL:
+            primary.refusing.set(0.0)
+            if primary.warned:
+                primary.warned.clear()
+                log.info("primary %s judges callahead's probes again", primary.name)
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -291,14 +384,33 @@ class ProbeEngine:
             await primary.pool.aclose()
 
 
-@dataclass(slots=True)
+_ADVICE = {
+    Basis.PROBER: "Let the backup's address and its HELO name {helo!r} through the "
+    "primary's client, HELO and blocklist restrictions (or set CALLAHEAD_HELO_NAME).",
+    Basis.SENDER: "Let the probe sender through the primary's sender restrictions, or set "
+    "CALLAHEAD_PROBE_FALLBACK_SENDER.",
+    Basis.UNPROVEN: "It refuses postmaster@{domain} too, which RFC 5321 4.5.1 requires "
+    "every domain to accept: accept postmaster@{domain} there, and let the backup through "
+    "its restrictions.",
+}
+
+
+@dataclass(slots=True, kw_only=True)
 class _Primary:
     """What the engine keeps per primary."""
 
-    pool: SessionPool
+    name: str
     breaker: Breaker
+    sender: str
+    """MAIL FROM of new sessions: the probe sender, or the fallback once it was refused."""
     reached: Gauge
     """Its child of ``callahead_primary_reached``."""
+    refusing: Gauge
+    """Its child of ``callahead_primary_refuses_prober``."""
+    refused: dict[Basis, Counter]
+    """Its children of ``callahead_prober_refused_total``."""
+    warned: set[tuple[Basis, str]] = field(default_factory=set)
+    pool: SessionPool = field(init=False)
 
 
 class _Queued(Exception):

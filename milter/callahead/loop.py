@@ -15,8 +15,9 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .engine import ProbeEngine
-from .probe import ProbeResult, Stage, Verdict
+from .probe import ProbeResult
 from .routes import Nexthop
+from .verdict import Stage, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from prometheus_client import (
 )
 
 from .policy import Action, Decision, Reason
-from .probe import Verdict
+from .verdict import Verdict
 
 # The *_created series double the size of a scrape and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -83,6 +83,20 @@ class Metrics:
         self.breaker_open = Gauge(
             "callahead_breaker_open",
             "1 while a primary is treated as down (no probes until the cooldown ends)",
+            ["primary"],
+            registry=r,
+        )
+        self.prober_refused = Counter(
+            "callahead_prober_refused",
+            "Probes a primary answered by refusing the prober rather than judging the "
+            "recipient, by basis (prober, sender, unproven); answered as undecided",
+            ["primary", "basis"],
+            registry=r,
+        )
+        self.refuses_prober = Gauge(
+            "callahead_primary_refuses_prober",
+            "1 while the last answer of a primary refused the prober: its domains are "
+            "accepted unverified",
             ["primary"],
             registry=r,
         )

@@ -15,8 +15,9 @@ from typing import Protocol
 from .cache import PositiveCache
 from .config import TempfailAction
 from .guard import ClientGuard
-from .probe import ProbeResult, Skip, UnsendableAddress, Verdict, wire_address
+from .probe import ProbeResult, Skip, UnsendableAddress, wire_address
 from .routes import Nexthop, RouteTable, normalize_domain
+from .verdict import Verdict
 
 
 class Action(enum.Enum):
@@ -35,6 +36,7 @@ class Reason(enum.Enum):
     PROBE_VALID = "probe_valid"
     PROBE_UNKNOWN = "probe_unknown"
     PROBE_TEMPFAIL = "probe_tempfail"
+    PROBER_REFUSED = "prober_refused"
     UNROUTED = "unrouted"
     BAD_ADDRESS = "bad_address"
     OVERLOAD = "overload"
@@ -117,7 +119,9 @@ class Policy:
             self._guard.record_unknown(client)
             return Decision(Action.REJECT, Reason.PROBE_UNKNOWN, address, result)
         reason = Reason.PROBE_TEMPFAIL
-        if result.skipped is Skip.OVERLOAD:
+        if result.basis.refuses_prober:
+            reason = Reason.PROBER_REFUSED
+        elif result.skipped is Skip.OVERLOAD:
             reason = Reason.OVERLOAD
         elif result.skipped is Skip.PRIMARY_DOWN:
             reason = Reason.PRIMARY_DOWN

@@ -4,13 +4,13 @@ A session connects, reads the banner, says EHLO (HELO if EHLO is refused), upgra
 STARTTLS when asked to, then opens one transaction with ``MAIL FROM:<sender>`` and asks
 ``RCPT TO:<address>`` for each probe. Several probes share the transaction: a Postfix
 primary takes an inflow token only for a transaction's first accepted recipient, and no
-RSET (a "junk" command Postfix limits) is ever needed. Only the reply to RCPT TO decides:
+RSET (a "junk" command Postfix limits) is ever needed.
 
-* 2xx at RCPT TO: the address is valid;
-* 5xx at RCPT TO: the address is unknown;
-* anything else is a tempfail: a refused or timed-out connection, a disconnect, any 4xx,
-  and any 5xx before RCPT TO (banner, EHLO, MAIL FROM). A primary that refuses the null
-  sender says nothing about the recipient, so it must never cause a reject.
+Replies are classified by ``verdict.classify`` (stage, enhanced status code, text). A
+rejection that is about the recipient becomes *unknown* only once the same session has
+had ``RCPT TO:<postmaster@domain>`` accepted (RFC 5321 4.5.1 requires every domain to
+accept it): a primary that refuses even postmaster@ is refusing the prober, and its
+rejections prove nothing about the recipient.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from .routes import Nexthop
+from .verdict import Basis, Classification, Stage, Verdict, classify, unproven
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,6 @@ MAX_RCPTS_PER_SESSION = 500
 """RCPTs in one session (and transaction); Postfix's smtpd_recipient_limit is 1000."""
 QUIT_TIMEOUT = 2.0
 """Seconds a courtesy QUIT may take when a session is retired."""
-
-
-class Verdict(enum.Enum):
-    VALID = "valid"
-    UNKNOWN = "unknown"
-    TEMPFAIL = "tempfail"
-
-
-class Stage(enum.Enum):
-    """How far a probe got; a reply is classified by the stage that produced it."""
-
-    CONNECT = "connect"
-    BANNER = "banner"
-    EHLO = "ehlo"
-    STARTTLS = "starttls"
-    MAIL = "mail"
-    RCPT = "rcpt"
 
 
 class Skip(enum.Enum):
@@ -79,6 +63,10 @@ class UnsendableAddress(ValueError):
     """An address that no SMTP command may carry; it is never put on the wire."""
 
 
+POSTMASTER = "postmaster"
+"""RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     verdict: Verdict
@@ -94,16 +82,12 @@ class ProbeResult:
     """False for connection-level failures (refused, timeout, 421, disconnect, TLS)."""
     skipped: Skip | None = None
     """Set when no probe was made (``verdict`` is then TEMPFAIL)."""
-
-
-def classify(stage: Stage, code: int | None) -> Verdict:
-    """Map the reply at a stage to a verdict. Only RCPT TO can say valid or unknown."""
-    if stage is Stage.RCPT and code is not None:
-        if 200 <= code < 300:
-            return Verdict.VALID
-        if 500 <= code < 600:
-            return Verdict.UNKNOWN
-    return Verdict.TEMPFAIL
+    basis: Basis = Basis.NO_REPLY
+    """Why the reply got its verdict (see verdict.py)."""
+    why: str = ""
+    """The classification in one sentence, for ``--explain`` and the logs."""
+    transcript: tuple[str, ...] = ()
+    """The session's SMTP dialogue (``C: ...``/``S: ...``), when it was recorded."""
 
 
 def needs_smtputf8(address: str) -> bool:
@@ -192,14 +176,20 @@ class SessionSettings:
     sender: str
     tls: TlsMode
     tls_context: ssl.SSLContext | None
+    transcript: bool = False
+    """Record the dialogue (``callahead probe --explain``); off on the hot path."""
 
 
 class Session:
     """One SMTP connection to one primary, carrying probes one at a time."""
 
-    def __init__(self, hop: Nexthop, settings: SessionSettings) -> None:
+    def __init__(
+        self, hop: Nexthop, settings: SessionSettings, *, sender: str | None = None
+    ) -> None:
         self.hop = hop
         self._settings = settings
+        self.sender = settings.sender if sender is None else sender
+        """MAIL FROM of this session's transaction."""
         self._smtp = aiosmtplib.SMTP(
             hostname=hop.host,
             port=hop.port,
@@ -208,19 +198,24 @@ class Session:
             use_tls=False,
             timeout=None,
         )
+        self.created = time.monotonic()
+        """Before the connection: the primary's view of its tables is at least this new."""
         self.opened = False
         self.probes = 0
         self.rcpts = 0
         self.errors = 0
-        self.last_used = time.monotonic()
+        self.last_used = self.created
         self.stage = Stage.CONNECT
         """Where the dialogue is, for reporting a timeout."""
+        self.vouched: set[str] = set()
+        """Domains whose postmaster@ this session has had accepted."""
+        self._transcript: list[str] | None = [] if settings.transcript else None
         self._in_transaction = False
-        self._retire = False
+        self._retired = False
 
     @property
     def alive(self) -> bool:
-        return self.opened and self._smtp.is_connected and not self._retire
+        return self.opened and self._smtp.is_connected and not self._retired
 
     @property
     def waiting_at(self) -> Stage:
@@ -229,9 +224,29 @@ class Session:
             return Stage.BANNER
         return self.stage
 
+    @property
+    def transcript(self) -> tuple[str, ...]:
+        return () if self._transcript is None else tuple(self._transcript)
+
+    def _said(self, line: str) -> None:
+        if self._transcript is not None:
+            self._transcript.append(f"C: {line}")
+
+    def _heard(self, code: int, message: str) -> None:
+        if self._transcript is not None:
+            lines = message.split("\n") or [""]
+            for i, text in enumerate(lines):
+                sep = " " if i == len(lines) - 1 else "-"
+                self._transcript.append(f"S: {code}{sep}{text}")
+
+    def _note(self, text: str) -> None:
+        if self._transcript is not None:
+            self._transcript.append(f"-- {text}")
+
     def timed_out(self, budget: float, started: float) -> ProbeResult:
         """The result of a probe that ran out of time on this session, which is closed."""
         self.close()
+        self._note(f"no reply within {budget:.3g}s")
         return ProbeResult(
             Verdict.TEMPFAIL,
             self.waiting_at,
@@ -240,6 +255,8 @@ class Session:
             time.monotonic() - started,
             str(self.hop),
             reached=False,
+            why="no reply in time",
+            transcript=self.transcript,
         )
 
     @property
@@ -248,6 +265,9 @@ class Session:
 
     def _fail(self, stage: Stage, code: int | None, detail: str, started: float) -> SessionFailed:
         reached = code is not None and code != 421
+        if code is None:
+            self._note(detail)
+        found = classify(stage, code, detail)
         return SessionFailed(
             ProbeResult(
                 Verdict.TEMPFAIL,
@@ -257,6 +277,9 @@ class Session:
                 time.monotonic() - started,
                 str(self.hop),
                 reached=reached,
+                basis=found.basis,
+                why=found.why,
+                transcript=self.transcript,
             )
         )
 
@@ -268,8 +291,10 @@ class Session:
         try:
             try:
                 self.stage = Stage.CONNECT
-                await smtp.connect()
+                banner = await smtp.connect()
+                self._heard(banner.code, banner.message)
             except aiosmtplib.SMTPConnectResponseError as exc:
+                self._heard(exc.code, exc.message)
                 raise self._fail(Stage.BANNER, exc.code, exc.message, started) from None
             except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
                 stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
@@ -288,14 +313,16 @@ class Session:
         self.opened = True
 
     async def _greet(self, started: float) -> None:
+        helo = self._settings.helo_name
+        self._said(f"EHLO {helo}")
         try:
-            await self._smtp.ehlo()
+            reply = await self._smtp.ehlo()
+            self._heard(reply.code, reply.message)
         except aiosmtplib.SMTPHeloError as exc:
+            self._heard(exc.code, exc.message)
             if exc.code == 421 or not self._smtp.is_connected:
                 raise self._fail(Stage.EHLO, exc.code, exc.message, started) from None
-            reply = await self._smtp.execute_command(
-                b"HELO", self._settings.helo_name.encode("ascii")
-            )
+            reply = await self._command(b"HELO", helo.encode("ascii"))
             if not 200 <= reply.code < 300:
                 raise self._fail(Stage.EHLO, reply.code, reply.message, started) from None
 
@@ -306,12 +333,15 @@ class Session:
             if self._settings.tls is TlsMode.ENCRYPT:
                 raise self._fail(Stage.STARTTLS, None, "STARTTLS not offered", started)
             return
+        self._said("STARTTLS")
         try:
-            await smtp.starttls(
+            reply = await smtp.starttls(
                 tls_context=self._settings.tls_context or unverified_tls_context(),
                 server_hostname=self.hop.host,
             )
+            self._heard(reply.code, reply.message)
         except aiosmtplib.SMTPResponseException as exc:
+            self._heard(exc.code, exc.message)
             if self._settings.tls is TlsMode.ENCRYPT or exc.code == 421 or not smtp.is_connected:
                 raise self._fail(Stage.STARTTLS, exc.code, exc.message, started) from None
             return  # "may": carry on in plaintext, as Postfix does
@@ -320,11 +350,19 @@ class Session:
             raise self._fail(
                 Stage.STARTTLS, None, f"TLS handshake failed: {exc}", started
             ) from None
+        self._note("TLS handshake done")
         await self._greet(started)
+
+    async def _command(self, verb: bytes, argument: bytes) -> aiosmtplib.SMTPResponse:
+        if self._transcript is not None:
+            self._said((verb + b" " + argument).decode("utf-8", "replace"))
+        reply = await self._smtp.execute_command(verb, argument)
+        self._heard(reply.code, reply.message)
+        return reply
 
     async def rcpt(self, address: str, started: float) -> ProbeResult:
         """Probe one address on this (open) session. Raises SessionLost when the session
-        died before RCPT TO was answered."""
+        died before the primary answered."""
         smtp = self._smtp
         self.probes += 1
         utf8 = needs_smtputf8(address)
@@ -339,37 +377,86 @@ class Session:
         try:
             if not self._in_transaction:
                 self.stage = Stage.MAIL
-                command = b"FROM:<" + self._settings.sender.encode("ascii") + b">"
+                command = b"FROM:<" + self.sender.encode("ascii") + b">"
                 if offers_utf8:
                     command += b" SMTPUTF8"
-                reply = await smtp.execute_command(b"MAIL", command)
+                reply = await self._command(b"MAIL", command)
                 if reply.code == 421:
                     raise SessionLost(f"{reply.code} {reply.message}")
                 if not 200 <= reply.code < 300:
                     self.errors += 1
-                    self._retire = True
+                    self._retired = True
                     return self._result(Stage.MAIL, reply.code, reply.message, started)
                 self._in_transaction = True
             self.stage = Stage.RCPT
-            reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt + b">")
+            reply = await self._rcpt_command(rcpt)
+            found = classify(Stage.RCPT, reply.code, reply.message)
+            if found.basis is Basis.RECIPIENT:
+                found = await self._vouched_for(address, found)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            self._retire = True
+            self._retired = True
             raise SessionLost(str(exc) or type(exc).__name__) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            # An oversized or malformed reply: a fault of the primary, not a verdict.
+            self._retired = True
+            self.close()
+            self._note(f"unreadable reply: {exc.message}")
+            return self._result(Stage.RCPT, None, f"unreadable reply: {exc.message}", started)
+        if found.basis in (Basis.THROTTLE, Basis.SENDER):
+            # Throttled: a fresh session may fare better. Sender refused (delayed to RCPT
+            # TO): every RCPT of this transaction would be refused the same way.
+            self._retired = True
+        return self._result(Stage.RCPT, reply.code, reply.message, started, found)
+
+    async def _rcpt_command(self, path: bytes) -> aiosmtplib.SMTPResponse:
+        """One RCPT TO; raises SessionLost for 421 and for a full transaction."""
+        reply = await self._command(b"RCPT", b"TO:<" + path + b">")
         if reply.code == 421:
-            self._retire = True
+            self._retired = True
             raise SessionLost(f"{reply.code} {reply.message}")
         self.rcpts += 1
         if not 200 <= reply.code < 300:
             self.errors += 1
             if reply.code == 452 and self.rcpts > 1:
                 # "too many recipients": this transaction is full, not the address.
-                self._retire = True
+                self._retired = True
                 raise SessionLost(f"{reply.code} {reply.message}")
-        return self._result(Stage.RCPT, reply.code, reply.message, started)
+        return reply
 
-    def _result(self, stage: Stage, code: int | None, detail: str, started: float) -> ProbeResult:
+    async def _vouched_for(self, address: str, found: Classification) -> Classification:
+        """``found`` (a rejection of the recipient) if this session has had
+        postmaster@domain accepted (asking for it now if need be), else unproven."""
+        local, _, domain = address.rpartition("@")
+        if domain in self.vouched:
+            return found
+        if local.lower() == POSTMASTER:
+            return unproven("it is postmaster@ itself")
+        reply = await self._rcpt_command(f"{POSTMASTER}@{domain}".encode("ascii"))
+        if 200 <= reply.code < 300:
+            self.vouched.add(domain)
+            return found
+        return unproven(f"{reply.code} {reply.message}")
+
+    def _result(
+        self,
+        stage: Stage,
+        code: int | None,
+        detail: str,
+        started: float,
+        found: Classification | None = None,
+    ) -> ProbeResult:
+        if found is None:
+            found = classify(stage, code, detail)
         return ProbeResult(
-            classify(stage, code), stage, code, detail, time.monotonic() - started, str(self.hop)
+            found.verdict,
+            stage,
+            code,
+            detail,
+            time.monotonic() - started,
+            str(self.hop),
+            basis=found.basis,
+            why=found.why,
+            transcript=self.transcript,
         )
 
     async def quit(self) -> None:
@@ -384,5 +471,5 @@ class Session:
             self.close()
 
     def close(self) -> None:
-        self._retire = True
+        self._retired = True
         self._smtp.close()

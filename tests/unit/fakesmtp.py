@@ -67,6 +67,9 @@ class Script:
     rcpt: int = 250
     users: dict[str, int] = field(default_factory=dict)
     """Per-address RCPT reply codes (exact match); others get ``rcpt``."""
+    postmaster: int | None = 250
+    """RCPT reply for postmaster@ any domain (RFC 5321 4.5.1) unless ``users`` names it;
+    None: answered like any other address."""
     extensions: tuple[str, ...] = ("8BITMIME",)
     greet: bool = True
     """False: accept the connection and never say a word."""
@@ -187,6 +190,12 @@ class FakeSmtpServer:
                     conn.rcpts += 1
                     address = line[len("RCPT TO:<") :].removesuffix(">")
                     code: int | None = s.users.get(address, s.rcpt)
+                    if (
+                        s.postmaster is not None
+                        and address not in s.users
+                        and address.lower().startswith("postmaster@")
+                    ):
+                        code = s.postmaster
                     if s.rcpt_hook is not None:
                         code = s.rcpt_hook(conn, address)
                     if code is None:

@@ -18,8 +18,9 @@ from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
 from callahead.metrics import Metrics
 from callahead.policy import Policy
-from callahead.probe import ProbeResult, Skip, Stage, Verdict
+from callahead.probe import ProbeResult, Skip
 from callahead.routes import Nexthop, parse_routes
+from callahead.verdict import Stage, Verdict
 
 PRIMARY_HOST = "10.9.8.7"
 PRIMARY_PORT = 2526

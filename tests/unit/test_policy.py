@@ -10,8 +10,9 @@ from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, split_recipient
-from callahead.probe import ProbeResult, Skip, Stage, Verdict
+from callahead.probe import ProbeResult, Skip
 from callahead.routes import Nexthop, parse_routes
+from callahead.verdict import Stage, Verdict
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
 HOPS = (Nexthop("mx1.example.com", 2525), Nexthop("mx2.example.com", 25))

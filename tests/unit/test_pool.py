@@ -31,7 +31,7 @@ class FakeSession(Session):
 
     @property
     def alive(self) -> bool:
-        return self.connected and not self._retire
+        return self.connected and not self._retired
 
     @property
     def reusable(self) -> bool:
@@ -42,7 +42,7 @@ class FakeSession(Session):
         self.close()
 
     def close(self) -> None:
-        self._retire = True
+        self._retired = True
         self.connected = False
 
 

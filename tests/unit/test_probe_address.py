@@ -1,4 +1,4 @@
-"""Verdict classification and the address that goes on the wire."""
+"""The address that goes on the wire (classification: test_verdict.py)."""
 
 from __future__ import annotations
 
@@ -9,58 +9,9 @@ from hypothesis import strategies as st
 from callahead.probe import (
     MAX_LOCAL_PART_OCTETS,
     MAX_PATH_OCTETS,
-    Stage,
     UnsendableAddress,
-    Verdict,
-    classify,
     wire_address,
 )
-
-NOT_RCPT = [Stage.CONNECT, Stage.BANNER, Stage.EHLO, Stage.MAIL]
-
-
-@pytest.mark.parametrize("stage", list(Stage))
-@pytest.mark.parametrize("code", [None, 220, 221, 250, 354, 421, 450, 500, 550, 554])
-def test_classify_every_stage_and_code(stage: Stage, code: int | None) -> None:
-    expected = Verdict.TEMPFAIL
-    if stage is Stage.RCPT and code is not None:
-        if 200 <= code < 300:
-            expected = Verdict.VALID
-        elif 500 <= code < 600:
-            expected = Verdict.UNKNOWN
-    assert classify(stage, code) is expected
-
-
-@pytest.mark.parametrize("code", [250, 251, 252])
-def test_rcpt_2xx_is_valid(code: int) -> None:
-    assert classify(Stage.RCPT, code) is Verdict.VALID
-
-
-@pytest.mark.parametrize("code", [550, 551, 553, 554, 500, 501])
-def test_rcpt_5xx_is_unknown(code: int) -> None:
-    assert classify(Stage.RCPT, code) is Verdict.UNKNOWN
-
-
-@pytest.mark.parametrize("code", [450, 451, 452, 421, None, 354, 100, 600, 999, 0])
-def test_rcpt_anything_else_is_tempfail(code: int | None) -> None:
-    assert classify(Stage.RCPT, code) is Verdict.TEMPFAIL
-
-
-@pytest.mark.parametrize("code", [421, 554, 550, 220, None])
-def test_banner_never_decides(code: int | None) -> None:
-    assert classify(Stage.BANNER, code) is Verdict.TEMPFAIL
-
-
-@pytest.mark.parametrize("stage", [Stage.EHLO, Stage.MAIL])
-@pytest.mark.parametrize("code", [500, 501, 502, 550, 553, 554, 250, 421, 451])
-def test_replies_before_rcpt_never_decide(stage: Stage, code: int) -> None:
-    assert classify(stage, code) is Verdict.TEMPFAIL
-
-
-@pytest.mark.parametrize("stage", NOT_RCPT)
-def test_no_reply_is_tempfail(stage: Stage) -> None:
-    assert classify(stage, None) is Verdict.TEMPFAIL
-
 
 # --- wire_address ----------------------------------------------------------------------
 
@@ -199,20 +150,6 @@ def test_wire_address_refuses_bracket_after_closing_quote(address: str) -> None:
 
 
 # --- properties --------------------------------------------------------------------------
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.sampled_from(list(Stage)), st.one_of(st.none(), st.integers(-1000, 10_000)))
-def test_classify_decides_only_at_rcpt(stage: Stage, code: int | None) -> None:
-    verdict = classify(stage, code)
-    if stage is not Stage.RCPT or code is None:
-        assert verdict is Verdict.TEMPFAIL
-    elif 200 <= code < 300:
-        assert verdict is Verdict.VALID
-    elif 500 <= code < 600:
-        assert verdict is Verdict.UNKNOWN
-    else:
-        assert verdict is Verdict.TEMPFAIL
 
 
 _UTF8_ISH = st.text(

@@ -1,0 +1,318 @@
+"""What a primary's reply means: the verdict vocabulary and the classification table.
+
+A reply is classified by the stage that produced it, its RFC 3463 enhanced status code,
+and, for the rejections Postfix delays to ``RCPT TO``, its text. Only ``RCPT TO`` can
+say *valid* or *unknown*, and *unknown* only when the reply is about the recipient
+itself. Everything that refuses the prober (its address, its HELO name, its sender, a
+policy or a blocklist), every protocol or system error and every temporary reply is
+*undecided*: callahead must never turn "I won't talk to you" into "no such user".
+
+The table (docs/verdicts.md has it with examples, and ``tests/unit/test_verdict.py``
+checks it case by case):
+
+=========  ===========================================================  ===========
+stage      reply                                                        verdict
+=========  ===========================================================  ===========
+RCPT       2xx                                                          valid
+RCPT       5xx whose text is one of Postfix's delayed rejections of     undecided
+           the client, HELO or sender, or names a blocklist or a relay
+           or policy refusal (``PROBER_TEXTS``, ``SENDER_TEXTS``)
+RCPT       5xx with enhanced code ``5.1.x`` (not ``5.1.7``/``5.1.8``,   unknown
+           which are about the sender) or ``5.4.1`` (Microsoft 365
+           directory-based blocking)
+RCPT       5xx with ``5.0.x`` and a text that says the user is unknown  unknown
+RCPT       bare ``550``/``551``/``553`` (no enhanced code, as Exim)     unknown
+RCPT       any other 5xx (``5.2.x`` mailbox, ``5.3.x`` system,          undecided
+           ``5.5.x`` protocol, ``5.6.x`` content, ``5.7.x`` policy)
+RCPT       ``452``, ``4.5.3``, ``4.7.5xx``: throttling                  undecided,
+                                                                        fresh session
+any        other 4xx, ``421``, no reply, a 5xx before RCPT TO           undecided
+=========  ===========================================================  ===========
+
+An *unknown* verdict is only final once the same session has had
+``RCPT TO:<postmaster@domain>`` accepted (see ``Basis.UNPROVEN``); the engine does that.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Verdict(enum.Enum):
+    VALID = "valid"
+    UNKNOWN = "unknown"
+    TEMPFAIL = "tempfail"
+
+
+class Stage(enum.Enum):
+    """How far a probe got; a reply is classified by the stage that produced it."""
+
+    CONNECT = "connect"
+    BANNER = "banner"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+
+
+class Basis(enum.Enum):
+    """Why a reply got its verdict. The values appear in logs and metric labels."""
+
+    ACCEPTED = "accepted"
+    """2xx at RCPT TO: the recipient exists."""
+    RECIPIENT = "recipient"
+    """A rejection of this recipient: unknown (once postmaster@ vouches for the session)."""
+    UNPROVEN = "unproven"
+    """A recipient-level rejection on a session that had postmaster@domain refused too:
+    the primary is refusing the prober, so the rejection proves nothing."""
+    PROBER = "prober"
+    """The primary refuses the prober (client address, HELO, policy, blocklist,
+    protocol), not the recipient."""
+    SENDER = "sender"
+    """The primary refuses the probe's sender (MAIL FROM), not the recipient."""
+    MAILBOX = "mailbox"
+    """The mailbox exists but cannot take mail now (full, disabled): not "unknown"."""
+    THROTTLE = "throttle"
+    """Rate limiting or too many recipients: the session is retired."""
+    TEMPORARY = "temporary"
+    """Any other 4xx, or a 5xx whose meaning is not clear."""
+    NO_REPLY = "no_reply"
+    """No reply to classify: refused, timeout, disconnect, TLS failure, skipped."""
+
+    @property
+    def refuses_prober(self) -> bool:
+        return self in (Basis.PROBER, Basis.SENDER, Basis.UNPROVEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    verdict: Verdict
+    basis: Basis
+    why: str
+    """One sentence for ``callahead probe --explain`` and the logs."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnhancedCode:
+    """An RFC 3463 enhanced status code, ``class.subject.detail``."""
+
+    klass: int
+    subject: int
+    detail: int
+
+    def __str__(self) -> str:
+        return f"{self.klass}.{self.subject}.{self.detail}"
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_QMAIL_ENHANCED = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)\s*$")
+"""qmail puts its enhanced code at the end of the text: ``553 sorry, ... (#5.7.1)``."""
+
+PROBER_TEXTS = (
+    # Postfix's smtpd_delay_reject = yes (the default) answers client and HELO
+    # restrictions at RCPT TO, in these words.
+    "client host rejected",
+    "helo command rejected",
+    # reject_rbl_client and friends: "Service unavailable; Client host [...] blocked
+    # using zen.spamhaus.org".
+    "blocked using",
+    "blocklist",
+    "blacklist",
+    # Relay refusals: the primary does not take mail for the domain from this client.
+    "relay access denied",
+    "relay not permitted",
+    "relaying denied",
+    # Exim's default text for an ACL deny without a message.
+    "administrative prohibition",
+)
+SENDER_TEXTS = (
+    "sender address rejected",  # Postfix, delayed to RCPT TO
+    "sender verify failed",  # Exim
+)
+UNKNOWN_USER_TEXTS = (
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "no such recipient",
+    "no such mailbox",
+    "invalid recipient",
+    "recipient unknown",
+    "unknown recipient",
+    "unrouteable address",
+    "does not exist",
+)
+BARE_RECIPIENT_CODES = (550, 551, 553)
+"""Codes that reject the recipient when no enhanced code says otherwise (RFC 5321:
+550 mailbox unavailable, 551 user not local, 553 mailbox name not allowed)."""
+
+_SUBJECTS = {
+    0: "other or undefined status",
+    1: "addressing status",
+    2: "mailbox status",
+    3: "mail system status",
+    4: "network and routing status",
+    5: "mail delivery protocol status",
+    6: "message content or media status",
+    7: "security or policy status",
+}
+
+
+def enhanced_code(code: int, text: str) -> EnhancedCode | None:
+    """The enhanced status code of a reply, if it has one whose class matches ``code``."""
+    match = _ENHANCED.match(text) or _QMAIL_ENHANCED.search(text)
+    if match is None:
+        return None
+    found = EnhancedCode(int(match[1]), int(match[2]), int(match[3]))
+    return found if found.klass == code // 100 else None
+
+
+def _mentions(text: str, phrases: tuple[str, ...]) -> str | None:
+    lowered = text.lower()
+    return next((phrase for phrase in phrases if phrase in lowered), None)
+
+
+def is_throttle(code: int, enhanced: EnhancedCode | None) -> bool:
+    """452 (too many recipients, insufficient storage), 4.5.3, or Microsoft 365's
+    4.7.5xx throttling replies."""
+    if code == 452:
+        return True
+    if enhanced is None or enhanced.klass != 4:
+        return False
+    return (enhanced.subject, enhanced.detail) == (5, 3) or (
+        enhanced.subject == 7 and 500 <= enhanced.detail <= 699
+    )
+
+
+def classify(stage: Stage, code: int | None, text: str = "") -> Classification:
+    """Classify the reply ``code text`` that the primary gave at ``stage``."""
+    if code is None:
+        return Classification(Verdict.TEMPFAIL, Basis.NO_REPLY, "no reply from the primary")
+    enhanced = enhanced_code(code, text)
+    if 400 <= code < 500:
+        if stage is Stage.RCPT and is_throttle(code, enhanced):
+            return Classification(
+                Verdict.TEMPFAIL,
+                Basis.THROTTLE,
+                f"{code} {enhanced or ''}".rstrip()
+                + " is throttling (too many recipients or rate limit): undecided, and the "
+                "session is retired",
+            )
+        return Classification(
+            Verdict.TEMPFAIL, Basis.TEMPORARY, f"a {code} is temporary: it decides nothing"
+        )
+    if stage is not Stage.RCPT:
+        return _before_rcpt(stage, code, text)
+    if 200 <= code < 300:
+        return Classification(Verdict.VALID, Basis.ACCEPTED, f"{code} at RCPT TO: it exists")
+    if not 500 <= code < 600:
+        return Classification(
+            Verdict.TEMPFAIL, Basis.TEMPORARY, f"{code} is not a reply to RCPT TO"
+        )
+    return _rcpt_5xx(code, enhanced, text)
+
+
+def _before_rcpt(stage: Stage, code: int, text: str) -> Classification:
+    if not 500 <= code < 600:
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.TEMPORARY,
+            f"{code} at {stage.value.upper()} says nothing about the recipient",
+        )
+    phrase = _mentions(text, PROBER_TEXTS)
+    if stage is Stage.MAIL and phrase is None:
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.SENDER,
+            f"{code} at MAIL FROM refuses the probe's sender, not the recipient",
+        )
+    return Classification(
+        Verdict.TEMPFAIL,
+        Basis.PROBER,
+        f"{code} at {stage.value.upper()} refuses the prober (its address, name or "
+        "session), not the recipient",
+    )
+
+
+def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classification:
+    phrase = _mentions(text, SENDER_TEXTS)
+    if phrase is not None:
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.SENDER,
+            f'"{phrase}" at RCPT TO refuses the probe\'s sender, not the recipient (Postfix '
+            "delays sender restrictions to RCPT TO with smtpd_delay_reject = yes)",
+        )
+    phrase = _mentions(text, PROBER_TEXTS)
+    if phrase is not None:
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.PROBER,
+            f'"{phrase}" at RCPT TO refuses the prober (its address, HELO name or a '
+            "policy), not the recipient (Postfix delays client and HELO restrictions to "
+            "RCPT TO with smtpd_delay_reject = yes)",
+        )
+    if enhanced is None:
+        if code in BARE_RECIPIENT_CODES:
+            return Classification(
+                Verdict.UNKNOWN,
+                Basis.RECIPIENT,
+                f"a bare {code} (no enhanced status code) at RCPT TO rejects the recipient",
+            )
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.TEMPORARY,
+            f"a bare {code} at RCPT TO does not say it is about the recipient",
+        )
+    subject = _SUBJECTS.get(enhanced.subject, "an unassigned subject")
+    if enhanced.subject == 1 and enhanced.detail in (7, 8):
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.SENDER,
+            f"{enhanced} is about the sender's address, not the recipient",
+        )
+    if enhanced.subject == 1:
+        return Classification(
+            Verdict.UNKNOWN, Basis.RECIPIENT, f"{enhanced} ({subject}) rejects the recipient"
+        )
+    if (enhanced.subject, enhanced.detail) == (4, 1):
+        return Classification(
+            Verdict.UNKNOWN,
+            Basis.RECIPIENT,
+            f"{enhanced} at RCPT TO is Microsoft 365's directory-based blocking: the "
+            "recipient is not in the directory",
+        )
+    if enhanced.subject == 0 and _mentions(text, UNKNOWN_USER_TEXTS) is not None:
+        return Classification(
+            Verdict.UNKNOWN,
+            Basis.RECIPIENT,
+            f"{enhanced} ({subject}) with a text that says the user is unknown",
+        )
+    if enhanced.subject == 2:
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.MAILBOX,
+            f"{enhanced} ({subject}): the mailbox exists but cannot take mail now",
+        )
+    if enhanced.subject in (3, 5, 7):
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.PROBER,
+            f"{enhanced} ({subject}) refuses the probe, not the recipient",
+        )
+    return Classification(
+        Verdict.TEMPFAIL,
+        Basis.TEMPORARY,
+        f"{enhanced} ({subject}) does not say the recipient is unknown",
+    )
+
+
+def unproven(reply: str) -> Classification:
+    """A recipient-level rejection on a session where postmaster@domain was refused too."""
+    return Classification(
+        Verdict.TEMPFAIL,
+        Basis.UNPROVEN,
+        "the primary refused postmaster@ on the same session too (" + reply + "): it is "
+        "refusing the prober, so the rejection proves nothing about the recipient",
+    )
