@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from . import __version__
-from .config import EX_CONFIG, VARIABLES, Config, ConfigError, load_config
+from .config import EX_CONFIG, VARIABLES, Config, ConfigError, is_fully_qualified, load_config
 from .engine import EngineSettings, ProbeEngine
 from .policy import split_recipient
-from .probe import UnsendableAddress, wire_address
+from .probe import ProbeResult, UnsendableAddress, wire_address
 from .verdict import Verdict
 
 EX_USAGE = 64
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         **common,  # type: ignore[arg-type]
     )
     probe.add_argument("address", metavar="ADDRESS", help="recipient, e.g. user@example.com")
+    probe.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the SMTP transcript, the line that decided and why it was classified so",
+    )
     sub.add_parser(
         "config",
         help="print the effective configuration",
@@ -81,11 +87,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"{name}={value}")
         return 0
     if command == "probe":
-        return run_probe(config, args.address)
+        return run_probe(config, args.address, explain=args.explain)
     return run_serve(config)
 
 
-def run_probe(config: Config, address_arg: str) -> int:
+def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int:
     if not config.routes:
         print("callahead: CALLAHEAD_ROUTES is empty: no primary to probe", file=sys.stderr)
         return EX_CONFIG
@@ -105,19 +111,50 @@ def run_probe(config: Config, address_arg: str) -> int:
     if not hops:
         print(f"callahead: no route for {parts[1]!r} in CALLAHEAD_ROUTES", file=sys.stderr)
         return EX_USAGE
+    warning = helo_warning(config.helo_name)
+    if warning:
+        print(f"callahead: warning: {warning}", file=sys.stderr)
 
     async def once() -> int:
-        engine = ProbeEngine(EngineSettings.from_config(config))
+        settings = dataclasses.replace(EngineSettings.from_config(config), transcript=explain)
+        engine = ProbeEngine(settings)
         result = await engine.probe(address, hops)
         code = "no reply" if result.code is None else str(result.code)
         print(
             f"{result.verdict.value}: {address} at {result.primary}: {code} at "
             f"{result.stage.value.upper()} ({result.duration * 1000:.1f} ms): {result.detail}"
         )
+        if explain:
+            print(explanation(result))
         await engine.aclose()
         return PROBE_EXIT[result.verdict]
 
     return asyncio.run(once())
+
+
+def explanation(result: ProbeResult) -> str:
+    """What ``probe --explain`` prints after the verdict line."""
+    lines = ["transcript:"]
+    lines += [f"  {line}" for line in result.transcript] or ["  (nothing was said)"]
+    if result.code is None:
+        lines.append(f"decided by: no reply at {result.stage.value.upper()} ({result.detail})")
+    else:
+        first, *_ = result.detail.split("\n")
+        lines.append(f"decided by: {result.code} {first} (at {result.stage.value.upper()})")
+    lines.append(f"classified: {result.verdict.value} ({result.basis.value}): {result.why}")
+    return "\n".join(lines)
+
+
+def helo_warning(helo: str) -> str | None:
+    """A warning for an EHLO name that primaries with reject_non_fqdn_helo_hostname
+    refuse; None when it is fully qualified."""
+    if is_fully_qualified(helo):
+        return None
+    return (
+        f"the probes' EHLO name {helo!r} is not fully qualified: primaries with "
+        "reject_non_fqdn_helo_hostname refuse it and callahead can then reject nobody; "
+        "set CALLAHEAD_HELO_NAME (or Postfix's myhostname) to this host's public name"
+    )
 
 
 def run_serve(config: Config) -> int:
@@ -133,6 +170,9 @@ def run_serve(config: Config) -> int:
         format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    warning = helo_warning(config.helo_name)
+    if warning:
+        log.warning("%s", warning)
     # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
     from .server import serve
 

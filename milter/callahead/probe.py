@@ -15,6 +15,7 @@ rejections prove nothing about the recipient.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import ssl
@@ -427,15 +428,18 @@ class Session:
         """``found`` (a rejection of the recipient) if this session has had
         postmaster@domain accepted (asking for it now if need be), else unproven."""
         local, _, domain = address.rpartition("@")
-        if domain in self.vouched:
-            return found
         if local.lower() == POSTMASTER:
             return unproven("it is postmaster@ itself")
-        reply = await self._rcpt_command(f"{POSTMASTER}@{domain}".encode("ascii"))
-        if 200 <= reply.code < 300:
+        if domain not in self.vouched:
+            reply = await self._rcpt_command(f"{POSTMASTER}@{domain}".encode("ascii"))
+            if not 200 <= reply.code < 300:
+                return unproven(f"{reply.code} {reply.message}")
             self.vouched.add(domain)
-            return found
-        return unproven(f"{reply.code} {reply.message}")
+        return dataclasses.replace(
+            found,
+            why=f"{found.why}; postmaster@{domain} was accepted on the same session, so "
+            "the primary is judging recipients",
+        )
 
     def _result(
         self,

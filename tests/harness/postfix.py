@@ -80,6 +80,7 @@ def _tool(name: str) -> str:
 POSTFIX = _tool("postfix")
 POSTQUEUE = _tool("postqueue")
 POSTCONF = _tool("postconf")
+POSTMAP = _tool("postmap")
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -353,8 +354,9 @@ def _virtual_map_path(workdir: Path) -> Path:
 
 
 def write_virtual_users(workdir: Path, users: Iterable[str]) -> Path:
-    """(Re)write the primary's ``texthash:`` mailbox map. Call ``reload()`` after
-    changing it on a running instance."""
+    """(Re)write the source of the primary's mailbox map (a ``texthash:`` map, or the
+    source of a ``hash:`` one: ``PostfixInstance.set_virtual_users`` runs postmap and
+    reloads)."""
     lines = []
     for user in users:
         local, _, domain = user.lower().rpartition("@")
@@ -377,16 +379,23 @@ def primary_main_cf(
     hostname: str = "primary.test",
     in_flow_delay: str = "0s",
     mailbox_owner: str = "nobody",
+    map_type: str = "texthash",
+    postmaster: bool = True,
 ) -> dict[str, str]:
     """main.cf for a throwaway Postfix *primary* that knows ``users``.
 
     ``virtual_mailbox_domains`` is ``domains`` (default: the users' domains),
     ``virtual_mailbox_maps`` a ``texthash:`` file in ``workdir`` (see
-    ``write_virtual_users``), mail goes to maildirs under ``WORKDIR/vmail`` owned by
-    ``mailbox_owner``. Unknown users get Postfix's own ``550 5.1.1 ... User unknown in
-    virtual mailbox table``. Error limits (``smtpd_soft_error_limit`` ...) and junk
-    command limits keep their Postfix defaults.
+    ``write_virtual_users``) or, with ``map_type="hash"``, a ``hash:`` map built by
+    postmap at start, as most sites keep it; mail goes to maildirs under
+    ``WORKDIR/vmail`` owned by ``mailbox_owner``. Unknown users get Postfix's own
+    ``550 5.1.1 ... User unknown in virtual mailbox table``. With ``postmaster`` (as
+    RFC 5321 and every real site), ``postmaster@`` each domain is a mailbox too. Error
+    limits (``smtpd_soft_error_limit`` ...) and junk command limits keep their Postfix
+    defaults.
     """
+    if map_type not in ("texthash", "hash"):
+        raise ValueError(f"map_type must be texthash or hash, not {map_type!r}")
     workdir = workdir.absolute()
     user_list = [u.lower() for u in users]
     domain_list = (
@@ -394,6 +403,8 @@ def primary_main_cf(
         if domains is None
         else [d.lower() for d in domains]
     )
+    if postmaster:
+        user_list += [f"postmaster@{d}" for d in domain_list if f"postmaster@{d}" not in user_list]
     if not domain_list:
         raise ValueError("a primary needs at least one domain")
     owner = pwd.getpwnam(mailbox_owner)
@@ -408,7 +419,7 @@ def primary_main_cf(
             "transport_maps": "",
             "smtpd_milters": "",
             "virtual_mailbox_domains": ", ".join(domain_list),
-            "virtual_mailbox_maps": f"texthash:{map_path}",
+            "virtual_mailbox_maps": f"{map_type}:{map_path}",
             "virtual_mailbox_base": str(base),
             "virtual_uid_maps": f"static:{owner.pw_uid}",
             "virtual_gid_maps": f"static:{owner.pw_gid}",
@@ -639,6 +650,7 @@ class PostfixInstance:
         self.write_config()
         _live.add(self)
         try:
+            self._postmap_hash_maps()
             self.postfix("check")
             self.postfix("start")
             self._master_pid = wait_for(
@@ -721,6 +733,23 @@ class PostfixInstance:
                 3.0,
                 what="old children to exit after reload",
             )
+
+    def _postmap_hash_maps(self) -> None:
+        """``postmap`` every ``hash:`` map main.cf names, as an administrator does after
+        editing its source."""
+        for value in self._main_cf.values():
+            for path in re.findall(r"\bhash:(/\S+?)(?=[\s,]|$)", value):
+                self._run([POSTMAP, "-c", str(self.config_dir), f"hash:{path}"])
+                _backdate(Path(path + ".db"))
+
+    def set_virtual_users(self, users: Iterable[str]) -> None:
+        """Replace the mailbox map's users (a primary built with ``primary_main_cf``):
+        rewrite its source, ``postmap`` it if it is a ``hash:`` map, and reload, as an
+        administrator adding or removing a user does."""
+        write_virtual_users(self.workdir, users)
+        self._postmap_hash_maps()
+        if self.running:
+            self.reload()
 
     def postconf(self, **settings: str) -> None:
         """Set main.cf parameters with ``postconf -c DIR -e`` and reload if running."""

@@ -429,7 +429,8 @@ class Primary(_ThreadedServer):
         with self._lock:
             if key in self._overrides:
                 return self._overrides[key]
-            known = key in self._users
+            # RFC 5321 4.5.1: every domain accepts postmaster@.
+            known = key in self._users or key.startswith("postmaster@")
         return (RCPT_OK if known else unknown_user_reply(address)), 0.0
 
     def _record_rcpt(self, record: RcptRecord, reply: str) -> None:

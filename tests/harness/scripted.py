@@ -112,6 +112,9 @@ class Script:
     rcpt_ok: str = "250 2.1.5 Ok"
     rcpt_overrides: dict[str, str] = field(default_factory=dict)
     """Address (compared case-insensitively) -> full reply line; beats ``users``."""
+    postmaster: str | None = "250 2.1.5 Ok"
+    """Reply to ``postmaster@`` any domain (RFC 5321 4.5.1 makes every domain accept it),
+    unless ``rcpt_overrides`` names the address; None: answered like any address."""
     rcpt_delay: float = 0.0
     disconnect_after_rcpt: bool = False
     starttls: str = "220 2.0.0 Ready to start TLS"
@@ -136,6 +139,8 @@ class Script:
                 return reply
         if any(user.lower() == key for user in self.users):
             return self.rcpt_ok
+        if self.postmaster is not None and key.startswith("postmaster@"):
+            return self.postmaster
         return self.rcpt_default
 
 
