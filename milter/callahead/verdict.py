@@ -20,6 +20,7 @@ RCPT       5xx whose text is one of Postfix's delayed rejections of     undecide
 RCPT       5xx with enhanced code ``5.1.x`` (not ``5.1.7``/``5.1.8``,   unknown
            which are about the sender) or ``5.4.1`` (Microsoft 365
            directory-based blocking)
+RCPT       5xx with ``5.2.4`` (OpenSMTPD's unknown virtual user)        unknown
 RCPT       5xx with ``5.0.x`` and a text that says the user is unknown  unknown
 RCPT       bare ``550``/``551``/``553`` (no enhanced code, as Exim)     unknown
 RCPT       any other 5xx (``5.2.x`` mailbox, ``5.3.x`` system,          undecided
@@ -282,6 +283,13 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             Basis.RECIPIENT,
             f"{enhanced} at RCPT TO is Microsoft 365's directory-based blocking: the "
             "recipient is not in the directory",
+        )
+    if (enhanced.subject, enhanced.detail) == (2, 4):
+        return Classification(
+            Verdict.UNKNOWN,
+            Basis.RECIPIENT,
+            f"{enhanced} (the recipient cannot be expanded) is OpenSMTPD's answer for a "
+            "recipient its tables do not know",
         )
     if enhanced.subject == 0 and _mentions(text, UNKNOWN_USER_TEXTS) is not None:
         return Classification(

@@ -11,6 +11,15 @@
   (pf.test), and one scripted server per fault of the fault matrix
   (NAME.fault.test). callahead probes the faulty servers while Postfix delivers the
   mail it accepts to the stand-in, so a test can check that nothing accepted is lost.
+* A *strict* real Postfix primary configured as sites configure it (``hash:`` mailbox
+  map, default ``smtpd_delay_reject = yes``), with one listener per restriction that
+  refuses the prober rather than the recipient: ``reject_non_fqdn_helo_hostname``
+  (helo.strict.test), ``check_sender_access`` refusing ``<>`` (sender.strict.test),
+  ``check_client_access`` refusing the backup's address (client.strict.test); a domain
+  without postmaster@ (nopm.strict.test); and a plain listener that the backup
+  delivers every strict domain to. A scripted primary answers as Microsoft 365 does
+  (m365.test). Peers' MTAs as primaries: a real Exim 4 (exim.test) and a real OpenSMTPD
+  (opensmtpd.test), from Debian's packages unpacked by tests/harness/peers.py.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import pytest
 
 from tests.harness.callahead_process import CallaheadProcess, Samples
 from tests.harness.fixtures import make_workdir
+from tests.harness.peers import PRIMARIES, PeerPrimary
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
     Listener,
@@ -59,6 +69,21 @@ FAULTS: dict[str, Script] = {
     "slow": Script(rcpt_delay=PROBE_TIMEOUT + 1.5),
     "tlsbroken": Script(extensions=("PIPELINING", "STARTTLS"), tls="broken"),
     "tlsok": Script(extensions=("PIPELINING", "STARTTLS"), tls="ok", rcpt_default="250 2.1.5 Ok"),
+}
+STRICT_KINDS = {
+    # domain label -> the listener's restriction, delayed to RCPT TO by Postfix's default
+    "helo": {"smtpd_helo_restrictions": "reject_non_fqdn_helo_hostname"},
+    "sender": {"smtpd_sender_restrictions": "check_sender_access inline:{<>=REJECT}"},
+    "client": {"smtpd_client_restrictions": "check_client_access inline:{127.0.0.1=REJECT}"},
+}
+STRICT_DOMAINS = ("helo", "sender", "client", "nopm", "late", "ttl")
+"""Domains of the strict primary, NAME.strict.test; every one but nopm has postmaster@."""
+FALLBACK_SENDER = "probe@backup.test"
+M365_UNKNOWN = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+M365_OVERRIDES = {
+    "policy@m365.test": "550 5.7.606 Access denied, banned sending IP [127.0.0.1]",
+    "throttled@m365.test": "452 4.5.3 Too many recipients",
+    "busy@m365.test": "451 4.7.500 Server busy. Please try again later from [127.0.0.1]",
 }
 RAISED_LIMITS = {
     # The backup's own error counters would slow a test client that sends many rejected
@@ -103,7 +128,23 @@ class Stack:
     slow: ScriptedServer
     """The coalescing profile's primary: answers RCPT 550 after 0.5 s."""
     backup: PostfixInstance
+    strict: PostfixInstance
+    """The strict real Postfix primary (see STRICT_KINDS)."""
+    strict_ports: dict[str, int]
+    """Its listeners: one per STRICT_KINDS entry, and "deliver" (no restriction)."""
+    strict_users: list[str]
+    """Its mailboxes, postmaster@ included: pass a changed copy to set_strict_users."""
+    m365: ScriptedServer
+    peers: dict[str, PeerPrimary]
+    """Peers' MTAs as primaries: "exim" (Exim 4) for exim.test, "opensmtpd" for
+    opensmtpd.test, each with u1@ and postmaster@."""
     profiles: dict[str, Profile] = field(default_factory=dict)
+
+    def set_strict_users(self, users: list[str]) -> None:
+        """Change the strict primary's users as an administrator does: edit the map
+        source, postmap, postfix reload."""
+        self.strict_users = list(users)
+        self.strict.set_virtual_users(self.strict_users)
 
     @property
     def callahead(self) -> CallaheadProcess:
@@ -141,7 +182,7 @@ def stack() -> Iterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("the integration tests run a real Postfix, whose master needs root")
     with make_workdir() as workdir:
-        started: list[_ThreadedServer | CallaheadProcess] = []
+        started: list[_ThreadedServer | CallaheadProcess | PeerPrimary] = []
         instances: list[PostfixInstance] = []
         try:
             primary = Primary([], hostname="primary.test")
@@ -169,6 +210,46 @@ def stack() -> Iterator[Stack]:
             )
             pf_primary.start()
             instances.append(pf_primary)
+
+            strict_dir = workdir / "strict-primary"
+            strict_dir.mkdir(mode=0o755)
+            strict_domains = [f"{d}.strict.test" for d in STRICT_DOMAINS]
+            strict_users = [f"u1@{d}" for d in strict_domains] + [
+                f"postmaster@{d}" for d in strict_domains if not d.startswith("nopm.")
+            ]
+            strict_ports = {kind: free_port() for kind in (*STRICT_KINDS, "deliver")}
+            strict = PostfixInstance(
+                strict_dir,
+                primary_main_cf(
+                    workdir=strict_dir,
+                    users=strict_users,
+                    domains=strict_domains,
+                    hostname="strict-primary.test",
+                    map_type="hash",
+                    postmaster=False,
+                ),
+                [Listener(port, STRICT_KINDS.get(kind, {})) for kind, port in strict_ports.items()],
+            )
+            strict.start()
+            instances.append(strict)
+            m365 = ScriptedServer(
+                Script(
+                    banner="220 m365.test Microsoft ESMTP MAIL Service ready",
+                    rcpt_default=M365_UNKNOWN,
+                    rcpt_overrides=dict(M365_OVERRIDES),
+                    users=frozenset({"known@m365.test", "known2@m365.test"}),
+                )
+            )
+            m365.start()
+            started.append(m365)
+            peers: dict[str, PeerPrimary] = {}
+            for peer_name, kind in PRIMARIES.items():
+                peer_dir = workdir / f"{peer_name}-primary"
+                peer_dir.mkdir(mode=0o755)
+                peer = kind(peer_dir, domain=f"{peer_name}.test", users=["u1"])
+                peer.start()
+                started.append(peer)
+                peers[peer_name] = peer
 
             refused_port = free_port()
             fault_routes = " ".join(
@@ -241,6 +322,42 @@ def stack() -> Iterator[Stack]:
                     RAISED_LIMITS,
                 ),
             }
+            strict_hop = hop(strict_ports["deliver"])
+            strict_routes = (
+                " ".join(f"{kind}.strict.test={hop(strict_ports[kind])}" for kind in STRICT_KINDS)
+                + f" nopm.strict.test={strict_hop} late.strict.test={strict_hop}"
+                + f" m365.test={hop(m365.port)}"
+            )
+            settings["strict"] = (
+                # The non-FQDN HELO that socket.getfqdn() gives on many hosts.
+                {**base, "CALLAHEAD_ROUTES": strict_routes, "CALLAHEAD_HELO_NAME": "localhost"},
+                RAISED_LIMITS,
+            )
+            settings["peers"] = (
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": " ".join(
+                        f"{name}.test={hop(peer.port)}" for name, peer in peers.items()
+                    ),
+                },
+                {},
+            )
+            settings["strict_ttl1"] = (
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": f"ttl.strict.test={strict_hop}",
+                    "CALLAHEAD_CACHE_TTL": "1",
+                },
+                {},
+            )
+            settings["fallback"] = (
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": f"sender.strict.test={hop(strict_ports['sender'])}",
+                    "CALLAHEAD_PROBE_FALLBACK_SENDER": FALLBACK_SENDER,
+                },
+                {},
+            )
             profiles: dict[str, Profile] = {}
             for name, (env, _) in settings.items():
                 process = CallaheadProcess(workdir, env, name=f"callahead-{name}")
@@ -260,8 +377,12 @@ def stack() -> Iterator[Stack]:
                 "refused.fault.test",
                 *(f"{name}.fault.test" for name in FAULTS),
             ]
-            transports = {domain: hop(primary.port) for domain in deliver_to_primary}
+            transports = {
+                domain: hop(primary.port) for domain in [*deliver_to_primary, "m365.test"]
+            }
             transports["nullsender.test"] = hop(null_primary.port)
+            transports.update({domain: strict_hop for domain in strict_domains})
+            transports.update({f"{name}.test": hop(peer.port) for name, peer in peers.items()})
             main_cf = backup_mx_main_cf(
                 SNIPPET,
                 workdir=workdir / "backup",
@@ -294,6 +415,11 @@ def stack() -> Iterator[Stack]:
                 stall,
                 slow,
                 backup,
+                strict,
+                strict_ports,
+                strict_users,
+                m365,
+                peers,
                 profiles,
             )
         finally:

@@ -64,6 +64,10 @@ RCPT_CASES = [
     (551, "User not local; please try <x@elsewhere.test>", UNKNOWN, Basis.RECIPIENT),
     (553, "sorry, no mailbox here by that name. (#5.1.1)", UNKNOWN, Basis.RECIPIENT),
     (550, "5.0.0 <x@example.test>... User unknown", UNKNOWN, Basis.RECIPIENT),
+    # OpenSMTPD 6.8 with a virtual user table, for a user it does not know.
+    (524, "5.2.4 Mailing list expansion problem: <x@peer.test>", UNKNOWN, Basis.RECIPIENT),
+    # Exim and OpenSMTPD for a domain they do not serve.
+    (550, "Invalid recipient: <x@elsewhere.example>", UNKNOWN, Basis.RECIPIENT),
     # -- the prober is refused, delayed to RCPT TO by smtpd_delay_reject = yes ------------
     (
         504,

@@ -1,0 +1,214 @@
+"""Verdicts against real primaries configured as real sites configure them: a primary
+that refuses the prober (its HELO, its null sender, its address: all delayed to RCPT TO
+by Postfix's default smtpd_delay_reject = yes) never makes callahead reject a real
+user; a user added on the primary is accepted at the next RCPT; a cache entry that
+expires is verified again on a current view; Microsoft 365's replies."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from tests.harness.client import make_message, send
+from tests.harness.waiting import wait_for
+
+from .conftest import FALLBACK_SENDER, SENDER, MetricsDelta, Stack
+
+DELIVERY_TIMEOUT = 30.0
+
+
+def strict_log_lines(stack: Stack, addr: str) -> list[str]:
+    """The strict primary's log lines about RCPT TO:<addr>."""
+    return [line for line in stack.strict.maillog().splitlines() if f"to=<{addr}>" in line]
+
+
+def delivered(stack: Stack, addr: str, token: str) -> bool:
+    return any(token.encode() in message for message in stack.strict.mailbox(addr))
+
+
+def new_connections(delta: MetricsDelta, port: int) -> float:
+    return delta("callahead_probe_connections_total", primary=f"[127.0.0.1]:{port}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "basis", "refusal"),
+    [
+        ("helo", "prober", "504 5.5.2 <localhost>: Helo command rejected"),
+        ("sender", "sender", "554 5.7.1 <>: Sender address rejected"),
+        ("client", "prober", "Client host rejected"),
+    ],
+)
+def test_a_primary_refusing_the_prober_never_rejects_a_known_user(
+    stack: Stack, kind: str, basis: str, refusal: str
+) -> None:
+    profile = stack.profiles["strict"]
+    delta = MetricsDelta(profile.process)
+    known = f"u1@{kind}.strict.test"
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@{kind}.strict.test"
+    token, body = make_message(SENDER, [known])
+
+    tx = send(profile.port, SENDER, [known], body)
+    tx_unknown = send(profile.port, SENDER, [unknown])
+
+    assert tx.code(known) == 250
+    assert tx.data is not None and tx.data[0] == 250
+    # Undecided, so the unknown user is not rejected either: callahead cannot tell.
+    assert tx_unknown.code(unknown) == 250
+    # The primary really saw both probes and refused the prober, at RCPT TO.
+    for addr in (known, unknown):
+        lines = strict_log_lines(stack, addr)
+        assert any(refusal in line and "from=<>" in line for line in lines), lines
+    # The message is kept: the backup delivers it (its own delivery passes the
+    # restriction that refused the prober, on another listener of the primary).
+    wait_for(lambda: delivered(stack, known, token), DELIVERY_TIMEOUT, what="delivery")
+    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 2
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 0
+    primary = f"[127.0.0.1]:{stack.strict_ports[kind]}"
+    assert delta("callahead_prober_refused_total", primary=primary, basis=basis) == 2
+    samples = profile.process.samples()
+    assert samples[("callahead_primary_refuses_prober", (("primary", primary),))] == 1
+    # Logged once with the reason, not once per recipient.
+    warnings = re.findall(
+        rf"primary \[127\.0\.0\.1\]:{stack.strict_ports[kind]} refuses", profile.process.log()
+    )
+    assert len(warnings) == 1
+
+
+def test_a_domain_without_postmaster_is_never_rejected(stack: Stack) -> None:
+    """The primary rejects the unknown user with a real 550 5.1.1, but it rejects
+    postmaster@ too: nothing proves it judges recipients, so nothing is rejected."""
+    profile = stack.profiles["strict"]
+    delta = MetricsDelta(profile.process)
+    unknown = [f"nobody-{uuid.uuid4().hex[:8]}@nopm.strict.test" for _ in range(2)]
+
+    tx = send(profile.port, SENDER, unknown)
+
+    assert [tx.code(a) for a in unknown] == [250, 250]
+    for addr in unknown:
+        assert any("User unknown" in line for line in strict_log_lines(stack, addr))
+    assert any(
+        "User unknown" in line for line in strict_log_lines(stack, "postmaster@nopm.strict.test")
+    )
+    primary = f"[127.0.0.1]:{stack.strict_ports['deliver']}"
+    assert delta("callahead_prober_refused_total", primary=primary, basis="unproven") == 2
+    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 2
+    assert len(re.findall(r"refuses postmaster@nopm\.strict\.test too", profile.process.log())) == 1
+
+
+def test_fallback_sender_when_the_primary_refuses_the_null_sender(stack: Stack) -> None:
+    profile = stack.profiles["fallback"]
+    known, unknown = "u1@sender.strict.test", f"nobody-{uuid.uuid4().hex[:8]}@sender.strict.test"
+
+    tx = send(profile.port, SENDER, [known, unknown])
+
+    assert tx.code(known) == 250
+    assert tx.code(unknown) == 550
+    # The unknown verdict rests on the fallback sender's session.
+    lines = strict_log_lines(stack, unknown)
+    assert any(f"from=<{FALLBACK_SENDER}>" in line and "User unknown" in line for line in lines)
+
+
+def test_a_user_added_on_the_primary_is_accepted_at_the_next_rcpt(stack: Stack) -> None:
+    """A real Postfix primary with a hash map, the pool warm: unknown -> 550; the user
+    is added (postmap, postfix reload); the next RCPT -> 250, on a new connection,
+    because the pooled one still has the old table."""
+    profile = stack.profiles["strict"]
+    delta = MetricsDelta(profile.process)
+    port = stack.strict_ports["deliver"]
+    late = f"late-{uuid.uuid4().hex[:8]}@late.strict.test"
+
+    warm = send(profile.port, SENDER, ["u1@late.strict.test"])
+    assert warm.code("u1@late.strict.test") == 250
+    opened = new_connections(delta, port)
+    first = send(profile.port, SENDER, [late])
+    assert first.code(late) == 550
+    assert new_connections(delta, port) == opened  # answered on the warm pooled session
+
+    stack.set_strict_users([*stack.strict_users, late])
+    second = send(profile.port, SENDER, [late])
+
+    assert second.code(late) == 250
+    assert new_connections(delta, port) == opened + 1
+    assert delta("callahead_probes_total", outcome="valid") == 2
+
+
+def test_an_expired_cache_entry_is_verified_again_on_a_current_view(stack: Stack) -> None:
+    """TTL 1 s: a user verified (and the session left warm) is removed on the primary;
+    once the entry expires the primary is really asked again, on a session opened after
+    the first answer, and says unknown."""
+    profile = stack.profiles["strict_ttl1"]
+    delta = MetricsDelta(profile.process)
+    gone = f"gone-{uuid.uuid4().hex[:8]}@ttl.strict.test"
+    stack.set_strict_users([*stack.strict_users, gone])
+
+    assert send(profile.port, SENDER, [gone]).code(gone) == 250
+    stack.set_strict_users([u for u in stack.strict_users if u != gone])
+
+    # Cache hits answer 250 until the entry expires (1 s); then the next probe must see
+    # the removal, well before a pooled session would age out (10 s).
+    wait_for(
+        lambda: send(profile.port, SENDER, [gone]).code(gone) == 550,
+        5.0,
+        interval=0.2,
+        what="the expired entry to be verified again",
+    )
+    rejects = [line for line in strict_log_lines(stack, gone) if "User unknown" in line]
+    assert len(rejects) == 1
+    assert delta("callahead_probes_total", outcome="valid") == 1
+    assert delta("callahead_probes_total", outcome="unknown") == 1
+    assert new_connections(delta, stack.strict_ports["deliver"]) == 2
+
+
+def test_microsoft_365_replies(stack: Stack) -> None:
+    profile = stack.profiles["strict"]
+    delta = MetricsDelta(profile.process)
+    stack.primary.add_user("known@m365.test")  # where the backup delivers m365.test
+    token, body = make_message(SENDER, ["known@m365.test"])
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@m365.test"
+
+    tx = send(profile.port, SENDER, ["known@m365.test"], body)
+    assert tx.code("known@m365.test") == 250
+    wait_for(
+        lambda: any(token.encode() in m for m in stack.primary.mailbox("known@m365.test")),
+        DELIVERY_TIMEOUT,
+        what="delivery",
+    )
+    # Directory-based edge blocking (550 5.4.1) is about the recipient.
+    assert send(profile.port, SENDER, [unknown]).code(unknown) == 550
+    # A policy refusal of the backup's address (5.7.x) is not.
+    assert send(profile.port, SENDER, ["policy@m365.test"]).code("policy@m365.test") == 250
+    # Throttling is undecided, and a throttled session is not used again.
+    for addr in ("throttled@m365.test", "busy@m365.test", "known2@m365.test"):
+        assert send(profile.port, SENDER, [addr]).code(addr) == 250
+    commands = stack.m365.commands
+    throttled = {c.session for c in commands if c.reply and c.reply.startswith(("452", "451"))}
+    assert throttled
+    for session in throttled:
+        rcpts = [c for c in commands if c.session == session and c.line.startswith("RCPT")]
+        assert rcpts[-1].reply is not None and rcpts[-1].reply[:3] in ("451", "452")
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 1
+
+
+@pytest.mark.parametrize("peer", ["exim", "opensmtpd"])
+def test_peer_mta_primaries(stack: Stack, peer: str) -> None:
+    """Exim answers an unknown user with a bare ``550 Unrouteable address``, OpenSMTPD
+    with ``524 5.2.4``: both are unknown at the backup; a known user is delivered."""
+    profile = stack.profiles["peers"]
+    primary = stack.peers[peer]
+    known, unknown = f"u1@{peer}.test", f"nobody-{uuid.uuid4().hex[:8]}@{peer}.test"
+    before = primary.mailbox_count(known)
+    token, body = make_message(SENDER, [known])
+
+    tx = send(profile.port, SENDER, [known, unknown], body)
+
+    assert tx.code(known) == 250
+    assert tx.code(unknown) == 550
+    assert tx.data is not None and tx.data[0] == 250
+    wait_for(
+        lambda: any(token.encode() in m for m in primary.mailbox(known)),
+        DELIVERY_TIMEOUT,
+        what=f"delivery by {peer}",
+    )
+    assert primary.mailbox_count(known) == before + 1
