@@ -118,7 +118,7 @@ def test_primary_refusing_the_null_sender_never_causes_a_reject(
     wait_for(
         lambda: delivered(stack, addr, token, "null_primary"), DELIVERY_TIMEOUT, what="delivery"
     )
-    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="probe_tempfail") == 1
+    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 1
 
 
 def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta) -> None:

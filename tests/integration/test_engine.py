@@ -123,7 +123,8 @@ def test_concurrent_recipients_share_probes(stack: Stack) -> None:
     codes = [code for r in results for code, _ in r.rcpt.values()]
     assert len(codes) == 20 * 10 - sum(10 - len(r.rcpt) for r in results)
     assert set(codes) == {550}
-    probes = len(stack.slow.rcpts()) - rcpts_before
+    # Each unknown verdict's session also asks postmaster@ once: not a probe.
+    probes = len([a for a in stack.slow.rcpts()[rcpts_before:] if not a.startswith("postmaster@")])
     assert probes <= 50
     assert delta("callahead_coalesced_waits_total") >= 100
 
