@@ -51,9 +51,10 @@ class Conn:
         return [verb_of(line) for line in self.lines]
 
 
-RcptHook = Callable[[Conn, str], int | None]
-"""Called for each RCPT with the connection and the address: a reply code, or None to
-hang up without a reply. Returning the script's default is the hook's business."""
+RcptHook = Callable[[Conn, str], int | str | None]
+"""Called for each RCPT with the connection and the address: a reply code, a whole
+reply line (``"554 5.7.1 <>: Sender address rejected"``), or None to hang up without a
+reply. Returning the script's default is the hook's business."""
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Script:
     ehlo: int = 250
     helo: int = 250
     mail: int = 250
+    mail_by_sender: dict[str, int] = field(default_factory=dict)
+    """MAIL FROM reply codes per sender (the text inside ``<>``); others get ``mail``."""
     rcpt: int = 250
     users: dict[str, int] = field(default_factory=dict)
     """Per-address RCPT reply codes (exact match); others get ``rcpt``."""
@@ -189,7 +192,7 @@ class FakeSmtpServer:
                 elif verb == "RCPT":
                     conn.rcpts += 1
                     address = line[len("RCPT TO:<") :].removesuffix(">")
-                    code: int | None = s.users.get(address, s.rcpt)
+                    code: int | str | None = s.users.get(address, s.rcpt)
                     if (
                         s.postmaster is not None
                         and address not in s.users
@@ -200,8 +203,9 @@ class FakeSmtpServer:
                         code = s.rcpt_hook(conn, address)
                     if code is None:
                         return
-                    await self._reply(writer, verb, f"{code} fake reply to RCPT\r\n")
-                    if code == 421 or s.close_after_rcpt_reply:
+                    reply = code if isinstance(code, str) else f"{code} fake reply to RCPT"
+                    await self._reply(writer, verb, reply + "\r\n")
+                    if reply.startswith("421") or s.close_after_rcpt_reply:
                         return
                     continue
                 elif verb == "STARTTLS":
@@ -210,6 +214,9 @@ class FakeSmtpServer:
                     continue
                 else:
                     code = {"HELO": s.helo, "MAIL": s.mail}.get(verb, 502)
+                    if verb == "MAIL":
+                        sender = line.partition("<")[2].partition(">")[0]
+                        code = s.mail_by_sender.get(sender, code)
                     text = f"{code} fake reply to {verb}\r\n"
                 await self._reply(writer, verb, text)
         except (ConnectionError, ssl.SSLError, asyncio.CancelledError):

@@ -213,3 +213,79 @@ def test_reap_closes_stale_and_dead_sessions_and_keeps_fresh_ones() -> None:
         await pool.aclose()
 
     run(go)
+
+
+def test_session_older_than_max_age_is_not_reused() -> None:
+    async def go() -> None:
+        factory = Factory()
+        pool = SessionPool(factory, size=2, idle=30, max_age=10, on_open=factory.on_open)
+        session = await take(pool)
+        pool.release(session)
+        session.created = time.monotonic() - 10.5  # used a moment ago, but opened long ago
+        fresh = await take(pool)
+        assert fresh is not session
+        assert factory.opened == 2
+        await asyncio.sleep(0)
+        assert session.quits == 1
+        # Released past its age, a session is retired rather than kept.
+        fresh.created = time.monotonic() - 10.5
+        pool.release(fresh)
+        await asyncio.sleep(0)
+        assert fresh.quits == 1
+        assert pool.open_sessions == 0
+        await pool.aclose()
+
+    run(go)
+
+
+def test_opened_after_skips_older_sessions_and_keeps_them_for_others() -> None:
+    """A probe of an address judged at time T takes only a session opened after T: an
+    older one may hold the primary's old tables. Other addresses may still use it."""
+
+    async def go() -> None:
+        pool, factory = make(size=3)
+        old = await take(pool)
+        pool.release(old)
+        judged = time.monotonic()
+        newer = await pool.acquire(opened_after=judged)
+        assert newer is not old
+        assert newer.created > judged
+        assert factory.opened == 2
+        pool.release(newer)
+        assert await pool.acquire(opened_after=judged) is newer
+        pool.release(newer)
+        assert await take(pool) is newer  # most recently used first
+        assert await take(pool) is old  # still fine for an address never judged
+        await pool.aclose()
+
+    run(go)
+
+
+def test_opened_after_makes_room_at_the_size_limit() -> None:
+    async def go() -> None:
+        pool, factory = make(size=1)
+        old = await take(pool)
+        pool.release(old)
+        fresh = await pool.acquire(opened_after=time.monotonic())
+        assert fresh is not old
+        await asyncio.sleep(0)
+        assert old.quits == 1  # retired to stay within the size
+        assert pool.open_sessions == 1
+        pool.release(fresh)
+        await pool.aclose()
+
+    run(go)
+
+
+def test_a_factory_that_raises_gives_the_slot_back() -> None:
+    async def go() -> None:
+        def broken() -> Session:
+            raise ValueError("cannot build a session")
+
+        pool = SessionPool(broken, size=1, idle=30)
+        for _ in range(3):
+            with pytest.raises(ValueError):
+                await asyncio.wait_for(pool.acquire(), 1.0)
+        assert pool.open_sessions == 0
+
+    run(go)
