@@ -18,6 +18,8 @@ from callahead.config import (
     VARIABLES,
     ConfigError,
     TempfailAction,
+    default_helo_name,
+    is_fully_qualified,
     load_config,
 )
 from callahead.engine import EngineSettings
@@ -50,7 +52,7 @@ def test_defaults() -> None:
     assert config.tempfail_action is TempfailAction.ACCEPT
     assert config.probe_timeout == 10
     assert config.probe_sender == ""
-    assert config.helo_name == (socket.getfqdn() or "localhost")
+    assert config.helo_name == default_helo_name()
     assert config.metrics_listen == ("127.0.0.1", 9895)
     assert DEFAULT_METRICS_LISTEN == "127.0.0.1:9895"
     assert config.log_level == logging.INFO
@@ -195,9 +197,44 @@ def test_helo_name() -> None:
         "mx2.example.net"
     )
     assert load_config(env_with(CALLAHEAD_HELO_NAME="[192.0.2.1]")).helo_name == "[192.0.2.1]"
-    assert load_config(env_with(CALLAHEAD_HELO_NAME="")).helo_name == (
-        socket.getfqdn() or "localhost"
-    )
+    assert load_config(env_with(CALLAHEAD_HELO_NAME="")).helo_name == default_helo_name()
+    literal = "[IPv6:2001:db8::1]"
+    assert load_config(env_with(CALLAHEAD_HELO_NAME=literal)).helo_name == literal
+
+
+@pytest.mark.parametrize("literal", ["[a b]", "[]", "[300.1.1.1]", "[IPv6:192.0.2.1]", "[::1]"])
+def test_helo_address_literal_must_be_one(literal: str) -> None:
+    """aiosmtplib refuses what is not a host name or an address literal: refused here,
+    at start, rather than in every probe."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(env_with(CALLAHEAD_HELO_NAME=literal))
+    assert caught.value.variable == "CALLAHEAD_HELO_NAME"
+
+
+def test_helo_default_is_the_local_postfix_myhostname(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup's own Postfix name, read with the real postconf (which honours
+    MAIL_CONFIG), is what the primary already accepts from this host."""
+    (tmp_path / "main.cf").write_text("myhostname = backup-mx.example.net\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    assert load_config({}).helo_name == "backup-mx.example.net"
+
+
+def test_helo_default_without_postfix_is_the_fqdn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path / "missing"))
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mx.fallback.example")
+    assert load_config({}).helo_name == "mx.fallback.example"
+
+
+@pytest.mark.parametrize(
+    ("helo", "qualified"),
+    [("localhost", False), ("vm", False), ("mx.example.net", True), ("[192.0.2.1]", True)],
+)
+def test_fully_qualified_helo(helo: str, qualified: bool) -> None:
+    assert is_fully_qualified(helo) is qualified
 
 
 @pytest.mark.parametrize(

@@ -263,7 +263,7 @@ def test_opened_after_skips_older_sessions_and_keeps_them_for_others() -> None:
 
 def test_opened_after_makes_room_at_the_size_limit() -> None:
     async def go() -> None:
-        pool, factory = make(size=1)
+        pool, _ = make(size=1)
         old = await take(pool)
         pool.release(old)
         fresh = await pool.acquire(opened_after=time.monotonic())

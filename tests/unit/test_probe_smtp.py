@@ -446,16 +446,22 @@ def test_probe_loop_run_times_out(probe_loop: ProbeLoop) -> None:
 # --- the probe command against the fake primary ----------------------------------------
 
 
-def cli_probe(probe_loop: ProbeLoop, server: FakeSmtpServer, address: str) -> int:
+def cli_probe(
+    probe_loop: ProbeLoop,
+    server: FakeSmtpServer,
+    address: str,
+    *options: str,
+    helo: str = HELO,
+) -> int:
     """``callahead probe ADDRESS`` routed to ``server``; returns its exit status."""
     try:
         port = probe_loop.run(server.start(), 5)
         env = {
             "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{port}",
-            "CALLAHEAD_HELO_NAME": HELO,
+            "CALLAHEAD_HELO_NAME": helo,
             "CALLAHEAD_PROBE_TIMEOUT": "3",
         }
-        return main(["probe", address], env=env)
+        return main(["probe", address, *options], env=env)
     finally:
         probe_loop.run(server.close(), 5)
         probe_loop.stop()
@@ -487,3 +493,33 @@ def test_cli_probe_non_ascii_local_part(
     assert cli_probe(probe_loop, server, "jörg@example.test") == status
     assert "jörg@example.test" in capsys.readouterr().out
     assert ("RCPT TO:<jörg@example.test>" in server.lines) is (status == 0)
+
+
+def test_cli_probe_explain_for_a_primary_refusing_the_helo(
+    probe_loop: ProbeLoop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply = "504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname"
+    server = FakeSmtpServer(Script(rcpt_hook=lambda conn, address: reply))
+    assert cli_probe(probe_loop, server, "u1@example.test", "--explain", helo="localhost") == 2
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("tempfail: u1@example.test at ")
+    assert "transcript:" in lines
+    assert "  C: EHLO localhost" in lines
+    assert "  C: RCPT TO:<u1@example.test>" in lines
+    assert f"  S: {reply}" in lines
+    assert f"decided by: {reply} (at RCPT)" in lines
+    classified = next(line for line in lines if line.startswith("classified: "))
+    assert classified.startswith('classified: tempfail (prober): "helo command rejected"')
+    assert "not fully qualified" in captured.err  # the warning about the EHLO name
+
+
+def test_cli_probe_explain_shows_the_postmaster_evidence(
+    probe_loop: ProbeLoop, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = FakeSmtpServer(Script(rcpt=550))
+    assert cli_probe(probe_loop, server, "nobody@example.test", "--explain") == 1
+    out = capsys.readouterr().out
+    assert "  C: RCPT TO:<postmaster@example.test>\n  S: 250 fake reply to RCPT" in out
+    assert "classified: unknown (recipient)" in out
+    assert "postmaster@example.test was accepted on the same session" in out
