@@ -21,6 +21,14 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+class Admission(enum.Enum):
+    """What ``allow`` let through; hand it back to ``record`` or ``release``."""
+
+    PROBE = "probe"
+    TRIAL = "trial"
+    """The one probe that checks, after the cooldown, whether the primary is back."""
+
+
 class Breaker:
     """Not thread-safe: it lives on the probe event loop. ``failures`` of 0 disables it."""
 
@@ -41,20 +49,23 @@ class Breaker:
             return State.HALF_OPEN
         return self._state
 
-    def allow(self) -> bool:
-        """May a probe go to this primary now? In half-open state only one trial may."""
+    def allow(self) -> Admission | None:
+        """May a probe go to this primary now? In half-open state only one trial may,
+        until that trial's own outcome comes back."""
         state = self.state
         if state is State.CLOSED:
-            return True
+            return Admission.PROBE
         if state is State.HALF_OPEN and not self._trial_out:
             self._state = State.HALF_OPEN
             self._trial_out = True
-            return True
-        return False
+            return Admission.TRIAL
+        return None
 
-    def record(self, reached: bool) -> None:
-        """The outcome of a probe that ``allow`` let through."""
-        self._trial_out = False
+    def record(self, reached: bool, admission: Admission = Admission.PROBE) -> None:
+        """The outcome of a probe that ``allow`` let through as ``admission``. Any probe's
+        success closes the breaker; only the trial's outcome frees the trial slot."""
+        if admission is Admission.TRIAL:
+            self._trial_out = False
         if reached:
             self._failures = 0
             self._state = State.CLOSED
@@ -65,7 +76,10 @@ class Breaker:
         ):
             self._state = State.OPEN
             self._opened_at = self._clock()
+            self._trial_out = False  # a new cooldown, then a new trial
 
-    def release(self) -> None:
-        """A probe let through ended with no outcome (cancelled): free the trial slot."""
-        self._trial_out = False
+    def release(self, admission: Admission = Admission.PROBE) -> None:
+        """A probe let through ended with no outcome (cancelled, or it only waited for a
+        busy pool): if it was the trial, free the trial slot."""
+        if admission is Admission.TRIAL:
+            self._trial_out = False

@@ -221,24 +221,25 @@ class ProbeEngine:
         for hop in hops:
             primary = self._primary(hop)
             breaker = primary.breaker
-            if not breaker.allow():
+            admission = breaker.allow()
+            if admission is None:
                 continue
             budget = deadline - time.monotonic()
             if budget <= 0:
-                breaker.release()
+                breaker.release(admission)
                 break
             try:
                 result = await self._at(primary, address, started, budget)
             except _Queued as queued:
                 # Every session to this primary was busy for the whole budget: that
                 # says nothing about whether it is down, so the breaker is not moved.
-                breaker.release()
+                breaker.release(admission)
                 result = queued.result
                 continue
             except BaseException:
-                breaker.release()
+                breaker.release(admission)
                 raise
-            breaker.record(result.reached)
+            breaker.record(result.reached, admission)
             primary.reached.set(1.0 if result.reached else 0.0)
             self._note_refusal(primary, address, result)
             if result.verdict is not Verdict.TEMPFAIL:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callahead.breaker import Breaker, State
+from callahead.breaker import Admission, Breaker, State
 
 
 class FakeClock:
@@ -127,11 +127,52 @@ def test_release_frees_the_trial_slot() -> None:
     breaker, clock = make(1, cooldown=10)
     fail(breaker, 1)
     clock.now += 10
-    assert breaker.allow()
+    trial = breaker.allow()
+    assert trial is Admission.TRIAL
     assert not breaker.allow()
-    breaker.release()  # the trial was cancelled: no verdict on the primary
+    breaker.release(trial)  # the trial was cancelled: no verdict on the primary
     assert state_of(breaker) is State.HALF_OPEN
-    assert breaker.allow()
+    trial = breaker.allow()
+    assert trial is Admission.TRIAL
     assert not breaker.allow()
-    breaker.record(True)
+    breaker.record(True, trial)
     assert state_of(breaker) is State.CLOSED
+
+
+@pytest.mark.parametrize("outcome", ["release", "record_reached_false"])
+def test_only_the_trials_own_outcome_frees_the_trial_slot(outcome: str) -> None:
+    """A probe admitted while the breaker was closed may end while the trial is out:
+    its outcome must not let a second trial through."""
+    breaker, clock = make(2, cooldown=10)
+    early = breaker.allow()  # admitted while closed, still running
+    assert early is Admission.PROBE
+    fail(breaker, 2)
+    clock.now += 10
+    trial = breaker.allow()
+    assert trial is Admission.TRIAL
+    if outcome == "release":
+        breaker.release(early)
+        assert state_of(breaker) is State.HALF_OPEN
+    else:
+        breaker.record(False, early)  # a new cooldown: its own trial later
+        assert state_of(breaker) is State.OPEN
+        clock.now += 10
+    assert breaker.allow() is (None if outcome == "release" else Admission.TRIAL)
+    assert not breaker.allow()
+
+
+def test_an_early_probes_success_closes_even_with_the_trial_out() -> None:
+    breaker, clock = make(2, cooldown=10)
+    early = breaker.allow()
+    assert early is Admission.PROBE
+    fail(breaker, 2)
+    clock.now += 10
+    trial = breaker.allow()
+    assert trial is Admission.TRIAL
+    breaker.record(True, early)  # the primary answered: it is up
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.allow() is Admission.PROBE
+    breaker.record(True, trial)
+    fail(breaker, 2)  # open again later: a new trial after the cooldown
+    clock.now += 10
+    assert breaker.allow() is Admission.TRIAL
