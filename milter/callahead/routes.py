@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import idna
+
 DEFAULT_SMTP_PORT = 25
 
 _TRANSPORT_PREFIXES = ("smtp:", "relay:")
@@ -75,14 +77,20 @@ def parse_nexthop(text: str) -> Nexthop:
 
 
 def normalize_domain(domain: str) -> str:
-    """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form."""
+    """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form.
+
+    The A-label is UTS #46 non-transitional, as Postfix computes it (with its default
+    ``enable_idna2003_compatibility = no``): ``straße.de`` is ``xn--strae-oqa.de``, not
+    ``strasse.de`` as Python's own IDNA 2003 codec would have it, which would verify
+    (and cache) the user of another domain."""
     domain = domain.strip().rstrip(".").lower()
     if any(ord(c) > 127 for c in domain):
         dot = "." if domain.startswith(".") else ""
         try:
-            domain = dot + domain[len(dot) :].encode("idna").decode("ascii")
-        except UnicodeError:
+            encoded = idna.encode(domain[len(dot) :], uts46=True, transitional=False)
+        except (idna.IDNAError, UnicodeError):
             return domain
+        domain = dot + encoded.decode("ascii")
     return domain
 
 

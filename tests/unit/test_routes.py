@@ -211,3 +211,25 @@ def test_normalize_domain() -> None:
 
 def test_normalize_parent_domain_idn() -> None:
     assert normalize_domain(".Bücher.Example") == ".xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    ("domain", "a_label"),
+    [
+        # UTS #46 non-transitional, as Postfix (enable_idna2003_compatibility = no):
+        # the sharp s and the final sigma are kept, not mapped to "ss" and sigma.
+        ("straße.de", "xn--strae-oqa.de"),
+        ("STRASSE.de", "strasse.de"),
+        ("ςυμβολή.example", "xn--jxah1acqpv.example"),  # IDNA 2003: xn--jxah1acqvo
+        ("faß.example", "xn--fa-hia.example"),
+    ],
+)
+def test_idna_is_uts46_non_transitional(domain: str, a_label: str) -> None:
+    assert normalize_domain(domain) == a_label
+
+
+def test_two_domains_that_idna2003_would_merge_keep_their_routes() -> None:
+    table = parse_routes("straße.de=[mx-sharp] strasse.de=[mx-ss]")
+    assert table.lookup("straße.de") == (Nexthop("mx-sharp", 25),)
+    assert table.lookup("xn--strae-oqa.de") == (Nexthop("mx-sharp", 25),)
+    assert table.lookup("strasse.de") == (Nexthop("mx-ss", 25),)
