@@ -29,10 +29,13 @@ from .verdict import Basis, Classification, Stage, Verdict, classify, unproven
 
 log = logging.getLogger(__name__)
 
-MAX_PATH_OCTETS = 256
-"""RFC 5321 4.5.3.1.3: a reverse or forward path, angle brackets included."""
-MAX_LOCAL_PART_OCTETS = 64
-"""RFC 5321 4.5.3.1.1."""
+MAX_COMMAND_LINE_OCTETS = 512
+"""RFC 5321 4.5.3.1.4: a command line, CRLF included. A server that reads no more than
+this could take the rest of a longer line as a command of its own."""
+MAX_ADDRESS_OCTETS = MAX_COMMAND_LINE_OCTETS - len(b"RCPT TO:<>\r\n")
+"""The longest address a probe puts on the wire (500 octets). The 64-octet local-part
+and 256-octet path limits of RFC 5321 4.5.3.1 are not enforced: servers are told not
+to, Postfix does not, and refusing them let padded addresses skip verification."""
 
 ERROR_BUDGET = 9
 """4xx/5xx replies a session may collect. A Postfix primary counts every one as an
@@ -102,7 +105,7 @@ def wire_address(address: str, *, allow_utf8: bool = False) -> bytes:
     Refuses anything that could end a command early or break the path: control
     characters (CR, LF, NUL…), angle brackets or spaces outside a well-formed quoted
     local part, a non-ASCII domain (send the A-label), a non-ASCII local part unless
-    ``allow_utf8`` (SMTPUTF8), and lengths over the RFC 5321 limits."""
+    ``allow_utf8`` (SMTPUTF8), and an address too long for one command line."""
     if not address:
         raise UnsendableAddress("empty address")
     if any(ord(c) < 32 or ord(c) == 127 for c in address):
@@ -125,9 +128,8 @@ def wire_address(address: str, *, allow_utf8: bool = False) -> bytes:
         raw = address.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates from undecodable bytes
         raise UnsendableAddress("address is not valid UTF-8") from None
-    local_octets = len(raw) - len(domain) - 1
-    if local_octets > MAX_LOCAL_PART_OCTETS or len(raw) + 2 > MAX_PATH_OCTETS:
-        raise UnsendableAddress("address longer than RFC 5321 allows")
+    if len(raw) > MAX_ADDRESS_OCTETS:
+        raise UnsendableAddress("address too long for an SMTP command line")
     return raw
 
 

@@ -161,7 +161,7 @@ def test_domain_case_normalized_for_cache_and_probe() -> None:
     "recipient",
     [
         "<a b@example.com>",
-        "<" + "x" * 65 + "@example.com>",
+        "<" + "x" * 500 + "@example.com>",  # does not fit one SMTP command line
         "<a>b@example.com>",
     ],
 )
@@ -174,6 +174,17 @@ def test_unsendable_address_gets_tempfail_action_without_probe(
     assert decision.action is expected
     assert decision.reason is Reason.BAD_ADDRESS
     assert prober.calls == []
+
+
+def test_a_local_part_over_64_octets_is_probed() -> None:
+    """RFC 5321's 64-octet limit is not for servers to enforce; skipping such addresses
+    let a padded spam recipient through unverified (and the primary bounced it)."""
+    padded = "x" * 65 + "@example.com"
+    prober = FakeProber({padded: [UNKNOWN]})
+    policy, _ = make_policy(prober, TempfailAction.ACCEPT)
+    decision = policy.decide(f"<{padded}>")
+    assert (decision.action, decision.reason) == (Action.REJECT, Reason.PROBE_UNKNOWN)
+    assert prober.calls == [(padded, HOPS)]
 
 
 @pytest.mark.parametrize("action", list(TempfailAction))
