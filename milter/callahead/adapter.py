@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import Milter
 
+from .logfmt import escape
 from .metrics import Metrics
 from .policy import Action, Decision, Policy, Reason, split_recipient
 
@@ -70,14 +71,19 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
             decision = self._policy.decide(to, client)
         except Exception:  # the last line of defence: never reject because of our own fault
             log.exception(
-                "%s: client=%s rcpt=%s: internal error", queue_id, client or "unknown", to
+                "%s: client=%s rcpt=<%s>: internal error",
+                escape(queue_id),
+                escape(client or "unknown"),
+                escape(to),
             )
             self._metrics.errors.inc()
             parts = split_recipient(to)
             address = f"{parts[0]}@{parts[1]}" if parts else to
             decision = self._policy.tempfail_decision(address, Reason.ERROR)
         self._metrics.observe(decision)
-        log.info("%s: client=%s %s", queue_id, client or "unknown", describe(decision))
+        log.info(
+            "%s: client=%s %s", escape(queue_id), escape(client or "unknown"), describe(decision)
+        )
         if decision.action is Action.REJECT:
             self.setreply(REJECT_REPLY.code, REJECT_REPLY.xcode, REJECT_REPLY.text)
             return int(Milter.REJECT)
@@ -101,9 +107,11 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
 
 
 def describe(decision: Decision) -> str:
-    """The log line body for one decision."""
+    """The log line body for one decision; the recipient and the primary's reply are
+    escaped (logfmt.py), so neither can add or end a field."""
     text = (
-        f"rcpt=<{decision.address}> decision={decision.action.value} reason={decision.reason.value}"
+        f"rcpt=<{escape(decision.address)}> decision={decision.action.value}"
+        f" reason={decision.reason.value}"
     )
     probe = decision.probe
     if probe is not None:
@@ -113,5 +121,5 @@ def describe(decision: Decision) -> str:
             f" probe_time={probe.duration:.3f}s"
         )
         if decision.action is not Action.ACCEPT or decision.reason is Reason.PROBE_TEMPFAIL:
-            text += f" reply={probe.detail!r}"
+            text += f' reply="{escape(probe.detail, spaces=True)}"'
     return text

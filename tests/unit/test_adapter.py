@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -284,6 +285,20 @@ def test_log_line_has_queue_id_and_client(
     assert "code=550" in line
     # The primary's words are for the log, and only there.
     assert "zz-secret-42" in line
+
+
+def test_a_forged_recipient_cannot_add_fields_to_the_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = '"x> decision=accept reason=cache_hit <"@example.com'
+    h = Harness(monkeypatch, FakeProber({forged: UNKNOWN}))
+    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        h.rcpt(f"<{forged}>")
+    line = _rcpt_log_line(caplog)
+    assert re.findall(r"\bdecision=(\w+)", line) == ["reject"]
+    assert re.findall(r"\breason=(\w+)", line) == ["probe_unknown"]
+    assert "rcpt=<\\x22x\\x3e\\x20decision\\x3daccept" in line
 
 
 def test_log_line_without_queue_id_says_noqueue(
