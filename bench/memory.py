@@ -1,4 +1,5 @@
-"""Resident memory of callahead's positive cache, per cached address.
+"""Resident memory of callahead's positive cache, per cached address, and of the client
+guard, per tracked client (``python -m bench.memory --guard CLIENTS UNKNOWNS``).
 
 ``python -m bench.memory N`` runs in a fresh interpreter: it imports callahead's serving
 modules (pymilter, aiosmtplib, prometheus-client...) as ``callahead serve`` does, reads
@@ -114,9 +115,37 @@ def measure(n: int) -> dict[str, Any]:
     }
 
 
+def measure_guard(n: int, unknowns: int) -> dict[str, Any]:
+    """The client guard (``callahead.guard.ClientGuard``) tracking ``n`` clients, each
+    with ``unknowns`` unknown recipients in the window (the default limit is 20: a
+    client at the limit holds 20 timestamps, the most any client holds)."""
+    importlib.import_module("callahead.server")
+    from callahead.guard import ClientGuard
+
+    gc.collect()
+    before = rss_bytes()
+    guard = ClientGuard(limit=unknowns, window=600, max_clients=n)
+    for i in range(n):
+        client = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        for _ in range(unknowns):
+            guard.record_unknown(client)
+    gc.collect()
+    after = rss_bytes()
+    return {
+        "clients": len(guard),
+        "unknowns_per_client": unknowns,
+        "rss_before": before,
+        "rss_after": after,
+        "bytes_per_client": (after - before) / len(guard) if len(guard) else None,
+    }
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--guard" and argv[1].isdigit() and argv[2].isdigit():
+        print(json.dumps(measure_guard(int(argv[1]), int(argv[2]))))
+        return 0
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m bench.memory N", file=sys.stderr)
+        print("usage: python -m bench.memory N | --guard CLIENTS UNKNOWNS", file=sys.stderr)
         return 64
     print(json.dumps(measure(int(argv[0]))))
     return 0

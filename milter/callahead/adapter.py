@@ -9,6 +9,7 @@ Every other optional callback is negotiated away.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import Milter
@@ -34,6 +35,8 @@ DEFER_REPLY = Reply(
 )
 CLIENT_LIMIT_REPLY = Reply("450", "4.7.1", "Too many unknown recipients, try again later")
 
+
+_warned_no_client = threading.Event()
 
 RCPT_MACROS = "i {client_addr}"
 """The Postfix queue id and the client address, for the decision log line."""
@@ -67,6 +70,8 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
     def envrcpt(self, to: str, *params: str) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
         client: str | None = self.getsymval("{client_addr}")
+        if not client and self._policy.guard_enabled:
+            self._no_client_address()
         try:
             decision = self._policy.decide(to, client)
         except Exception:  # the last line of defence: never reject because of our own fault
@@ -94,6 +99,18 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never ACCEPT,
         # which would skip the checks of the recipients that follow.
         return int(Milter.CONTINUE)
+
+    def _no_client_address(self) -> None:
+        """Postfix sent no ``{client_addr}``: the guard cannot count this client. Say so
+        once, and count every such recipient."""
+        self._metrics.client_address_missing.inc()
+        if not _warned_no_client.is_set():
+            _warned_no_client.set()
+            log.warning(
+                "the MTA sends no {client_addr} macro at RCPT TO: the dictionary-attack "
+                "guard (CALLAHEAD_CLIENT_UNKNOWN_LIMIT) cannot count clients and is off in "
+                "effect; add {client_addr} to milter_rcpt_macros in main.cf"
+            )
 
     def data(self) -> int:
         # Every recipient has been judged by the time the client says DATA, so ACCEPT:

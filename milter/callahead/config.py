@@ -139,6 +139,12 @@ VARIABLES: tuple[Variable, ...] = (
         "600",
         "seconds of the sliding window of CALLAHEAD_CLIENT_UNKNOWN_LIMIT; 0 disables",
     ),
+    Variable(
+        "CALLAHEAD_CLIENT_IPV6_PREFIX",
+        "64",
+        "IPv6 clients are counted by network of this many bits (a host often holds a "
+        "whole /64); 128 counts each address",
+    ),
 )
 
 _NAMES = frozenset(v.name for v in VARIABLES)
@@ -185,6 +191,7 @@ class Config:
     breaker_cooldown: float
     client_unknown_limit: int
     client_window: float
+    client_ipv6_prefix: int
 
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) pairs, in the order of ``VARIABLES``."""
@@ -212,6 +219,7 @@ class Config:
             ("CALLAHEAD_BREAKER_COOLDOWN", _fmt_number(self.breaker_cooldown)),
             ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", str(self.client_unknown_limit)),
             ("CALLAHEAD_CLIENT_WINDOW", _fmt_number(self.client_window)),
+            ("CALLAHEAD_CLIENT_IPV6_PREFIX", str(self.client_ipv6_prefix)),
         ]
 
 
@@ -493,6 +501,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         breaker_cooldown=seconds("CALLAHEAD_BREAKER_COOLDOWN", positive=True, high=3600),
         client_unknown_limit=whole("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", 0, 1_000_000),
         client_window=seconds("CALLAHEAD_CLIENT_WINDOW"),
+        client_ipv6_prefix=whole("CALLAHEAD_CLIENT_IPV6_PREFIX", 16, 128),
         socket=socket_value.strip(),
         milter_socket=milter_socket,
         routes=routes,

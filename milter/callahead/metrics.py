@@ -100,6 +100,12 @@ class Metrics:
             ["primary"],
             registry=r,
         )
+        self.client_address_missing = Counter(
+            "callahead_client_address_missing",
+            "Recipients judged without the client's address (no {client_addr} macro from "
+            "Postfix): the dictionary-attack guard cannot count them",
+            registry=r,
+        )
         # Pre-create the label sets so that every series exists from the first scrape.
         for verdict in Verdict:
             self.probes.labels(verdict.value)

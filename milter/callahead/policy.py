@@ -89,6 +89,10 @@ class Policy:
             Action.ACCEPT if tempfail_action is TempfailAction.ACCEPT else Action.DEFER
         )
 
+    @property
+    def guard_enabled(self) -> bool:
+        return self._guard.enabled
+
     def tempfail_decision(self, address: str, reason: Reason) -> Decision:
         """The answer when nothing can be decided: the configured tempfail action."""
         return Decision(self._undecided, reason, address)

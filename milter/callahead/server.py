@@ -32,7 +32,11 @@ def build_policy(
         cache=cache,
         prober=LoopProber(loop, engine),
         tempfail_action=config.tempfail_action,
-        guard=ClientGuard(limit=config.client_unknown_limit, window=config.client_window),
+        guard=ClientGuard(
+            limit=config.client_unknown_limit,
+            window=config.client_window,
+            ipv6_prefix=config.client_ipv6_prefix,
+        ),
     )
     return policy, cache, engine
 

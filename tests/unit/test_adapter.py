@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from Milter import testctx
 
+from callahead import adapter as adapter_module
 from callahead.adapter import CLIENT_LIMIT_REPLY, DEFER_REPLY, REJECT_REPLY, CallaheadMilter
 from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
@@ -472,3 +474,19 @@ def test_fuzz_recipient_callback(monkeypatch: pytest.MonkeyPatch, action: Tempfa
 
     one()
     assert prober.calls  # the fuzz did reach the prober
+
+
+def test_missing_client_address_is_warned_once_and_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(adapter_module, "_warned_no_client", threading.Event())
+    prober = FakeProber({"bob@example.com": UNKNOWN})
+    h = Harness(monkeypatch, prober, TempfailAction.ACCEPT, ClientGuard(limit=2, window=600))
+    h.connect({"i": "4ABCDEF123"})  # no {client_addr}
+    with caplog.at_level(logging.WARNING, logger="callahead"):
+        for _ in range(3):
+            h.rcpt("<bob@example.com>")
+    warnings = [r for r in caplog.records if "{client_addr}" in r.getMessage()]
+    assert len(warnings) == 1
+    value = h.metrics.registry.get_sample_value("callahead_client_address_missing_total")
+    assert value == 3

@@ -102,6 +102,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_BREAKER_COOLDOWN",
         "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
         "CALLAHEAD_CLIENT_WINDOW",
+        "CALLAHEAD_CLIENT_IPV6_PREFIX",
     ]
     assert [n for n, _ in load_config(GOOD_ENV).describe()] == names
 
@@ -301,6 +302,8 @@ def test_probe_tls(text: str, mode: TlsMode) -> None:
         ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "client_unknown_limit", "50", 50),
         ("CALLAHEAD_CLIENT_WINDOW", "client_window", "0", 0.0),
         ("CALLAHEAD_CLIENT_WINDOW", "client_window", "90.5", 90.5),
+        ("CALLAHEAD_CLIENT_IPV6_PREFIX", "client_ipv6_prefix", "48", 48),
+        ("CALLAHEAD_CLIENT_IPV6_PREFIX", "client_ipv6_prefix", "128", 128),
     ],
 )
 def test_engine_and_guard_variables(variable: str, attribute: str, text: str, value: float) -> None:
@@ -407,6 +410,8 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", "lots", "whole number from 0"),
     ("CALLAHEAD_CLIENT_WINDOW", "abc", "seconds >= 0"),
     ("CALLAHEAD_CLIENT_WINDOW", "-5", "seconds >= 0"),
+    ("CALLAHEAD_CLIENT_IPV6_PREFIX", "129", "from 16 to 128"),
+    ("CALLAHEAD_CLIENT_IPV6_PREFIX", "/64", "from 16 to 128"),
 ]
 
 

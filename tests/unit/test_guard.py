@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from callahead.guard import ClientGuard
+from callahead.guard import ClientGuard, client_key
 
 
 class FakeClock:
@@ -111,3 +111,74 @@ def test_concurrent_threads_count_every_unknown() -> None:
     for t in threads:
         t.join(10)
     assert guard.blocked(CLIENT)  # 8 x 125 = 1000 counted, none lost
+
+
+def test_an_ipv6_client_rotating_through_its_64_is_one_client() -> None:
+    guard, _ = make(3)
+    for host in (1, 0xBEEF, 0xFFFF_FFFF_FFFF_FFFF):
+        assert not guard.blocked("2001:db8:1:2::1")
+        guard.record_unknown(
+            f"2001:db8:1:2::{host:x}" if host < 0x10000 else "2001:db8:1:2:ffff:ffff:ffff:ffff"
+        )
+    assert guard.blocked("2001:db8:1:2::42")
+    assert guard.blocked("IPv6:2001:db8:1:2::43")  # as some MTAs write it
+    assert not guard.blocked("2001:db8:1:3::1")  # the next /64
+    assert len(guard) == 1
+
+
+def test_ipv6_prefix_is_configurable() -> None:
+    guard = ClientGuard(limit=2, window=60, ipv6_prefix=128)
+    guard.record_unknown("2001:db8::1")
+    guard.record_unknown("2001:db8::2")
+    assert not guard.blocked("2001:db8::1")
+    wide = ClientGuard(limit=2, window=60, ipv6_prefix=48)
+    wide.record_unknown("2001:db8:0:1::1")
+    wide.record_unknown("2001:db8:0:2::1")
+    assert wide.blocked("2001:db8:0:ffff::1")
+
+
+@pytest.mark.parametrize(
+    ("client", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:a:b:c:d:e:f", "2001:db8:a:b::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("unknown", "unknown"),
+        ("not:an:address", "not:an:address"),
+    ],
+)
+def test_client_key(client: str, key: str) -> None:
+    assert client_key(client) == key
+
+
+def test_a_flood_of_new_clients_cannot_evict_a_blocked_one() -> None:
+    clock = FakeClock()
+    guard = ClientGuard(limit=2, window=600, max_clients=10, clock=clock)
+    guard.record_unknown(CLIENT)
+    guard.record_unknown(CLIENT)
+    assert guard.blocked(CLIENT)
+    for n in range(1000):
+        clock.now += 0.01
+        guard.record_unknown(f"198.51.100.{n % 250}" if n < 250 else f"203.0.113.{n % 250}")
+    assert len(guard) <= 10
+    assert guard.blocked(CLIENT)
+
+
+def test_when_every_tracked_client_is_blocked_a_newcomer_is_not_tracked() -> None:
+    guard = ClientGuard(limit=1, window=600, max_clients=3, clock=FakeClock())
+    blocked = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    for client in blocked:
+        guard.record_unknown(client)
+    guard.record_unknown("192.0.2.99")
+    assert all(guard.blocked(c) for c in blocked)
+    assert not guard.blocked("192.0.2.99")
+
+
+def test_clients_whose_unknowns_left_the_window_are_forgotten() -> None:
+    guard, clock = make(3, window=60)
+    for n in range(50):
+        guard.record_unknown(f"192.0.2.{n}")
+    assert len(guard) == 50
+    clock.now += 61
+    guard.record_unknown("198.51.100.1")
+    assert len(guard) == 1
