@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -93,9 +94,24 @@ class EngineSettings:
         return self.probe_wait + self.timeout
 
 
+class KnownValid(Protocol):
+    """Where valid answers are kept (the positive cache): the engine writes each valid
+    answer there before its in-flight entry goes, and looks there before it probes."""
+
+    def __contains__(self, address: object) -> bool: ...
+
+    def add(self, address: str) -> None: ...
+
+
 class ProbeEngine:
-    def __init__(self, settings: EngineSettings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        metrics: Metrics | None = None,
+        known_valid: KnownValid | None = None,
+    ) -> None:
         self.settings = settings
+        self._known_valid = known_valid
         self._metrics = metrics if metrics is not None else Metrics()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
         self._session_settings = SessionSettings(
@@ -161,18 +177,38 @@ class ProbeEngine:
         if shared is not None:
             self._metrics.coalesced.inc()
             return await asyncio.shield(shared)
+        if self._known_valid is not None and address in self._known_valid:
+            # A probe of this address ended after the caller missed the cache.
+            self._metrics.coalesced.inc()
+            return self._already_valid(hops)
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
         try:
             result = await self._bounded(address, tuple(hops))
         except BaseException as exc:
+            del self._inflight[address]
             # The waiters get an undecided answer; the error goes to this caller only.
             shared.set_result(self._skipped(None, hops, f"probe abandoned: {exc!r}"))
             raise
-        finally:
-            del self._inflight[address]
+        # The answer is in the cache before the in-flight entry goes: a request arriving
+        # in between finds one or the other, never neither.
+        if result.verdict is Verdict.VALID and self._known_valid is not None:
+            self._known_valid.add(address)
+        del self._inflight[address]
         shared.set_result(result)
         return result
+
+    def _already_valid(self, hops: Sequence[Nexthop]) -> ProbeResult:
+        return ProbeResult(
+            Verdict.VALID,
+            Stage.RCPT,
+            None,
+            "valid: a probe of this address ended a moment ago",
+            0.0,
+            str(hops[0]) if hops else "",
+            basis=Basis.ACCEPTED,
+            why="a probe of the same address that ended a moment ago found it valid",
+        )
 
     def _skipped(self, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
         primary = str(hops[0]) if hops else ""

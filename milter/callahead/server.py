@@ -26,7 +26,7 @@ def build_policy(
     config: Config, loop: ProbeLoop, metrics: Metrics
 ) -> tuple[Policy, PositiveCache, ProbeEngine]:
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    engine = ProbeEngine(EngineSettings.from_config(config), metrics)
+    engine = ProbeEngine(EngineSettings.from_config(config), metrics, known_valid=cache)
     policy = Policy(
         routes=config.routes,
         cache=cache,

@@ -129,6 +129,27 @@ def test_concurrent_recipients_share_probes(stack: Stack) -> None:
     assert delta("callahead_coalesced_waits_total") >= 100
 
 
+def test_valid_answers_are_shared_without_a_gap(stack: Stack) -> None:
+    """200 concurrent RCPTs over 50 new valid addresses, each RCPT answered after 0.5 s:
+    exactly one probe per address. The engine writes a valid answer to the cache before
+    it drops the in-flight entry, so a request never finds neither (51 probes before)."""
+    profile = stack.profiles["coalesce"]
+    addrs = [stack.new_address("slow.test") for _ in range(50)]
+    stack.slow.update(users=stack.slow.script.users | frozenset(addrs))
+    rcpts_before = len(stack.slow.rcpts())
+
+    def session(i: int) -> Transaction:
+        mine = [addrs[(step * 5 + i // 4) % 50] for step in range(10)]
+        return send(profile.port, SENDER, mine)
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(session, range(20)))
+
+    assert {code for r in results for code, _ in r.rcpt.values()} == {250}
+    probed = [a for a in stack.slow.rcpts()[rcpts_before:] if not a.startswith("postmaster@")]
+    assert sorted(probed) == sorted(addrs)
+
+
 def test_dictionary_attack_guard(stack: Stack) -> None:
     profile = stack.profiles["guard"]
     delta = MetricsDelta(profile.process)

@@ -75,9 +75,11 @@ async def serving(*servers: FakeSmtpServer) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def engine_with(
-    engine_settings: EngineSettings, metrics: Metrics | None = None
+    engine_settings: EngineSettings,
+    metrics: Metrics | None = None,
+    known_valid: PositiveCache | None = None,
 ) -> AsyncIterator[ProbeEngine]:
-    engine = ProbeEngine(engine_settings, metrics)
+    engine = ProbeEngine(engine_settings, metrics, known_valid)
     try:
         yield engine
     finally:

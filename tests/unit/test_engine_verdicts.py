@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from callahead.cache import PositiveCache
 from callahead.metrics import Metrics
 from callahead.verdict import Basis, Stage, Verdict
 from tests.unit.fakesmtp import Conn, FakeSmtpServer, Script
@@ -208,3 +209,23 @@ def test_an_unreadable_reply_at_rcpt_is_a_fault_of_the_primary(reply: str) -> No
             assert "unreadable reply" in result.detail
 
     run(go)
+
+
+def test_a_valid_answer_is_in_the_cache_before_its_in_flight_entry_goes() -> None:
+    """A request that missed the cache while the probe ran, and reaches the engine just
+    after it ended, must find the answer instead of probing again."""
+    server = FakeSmtpServer(Script(rcpt=250))
+    cache = PositiveCache(ttl=60, maxsize=100)
+    metrics = Metrics()
+
+    async def go() -> None:
+        async with serving(server), engine_with(settings(), metrics, cache) as engine:
+            first = await engine.probe("u1@example.test", [server.hop])
+            assert first.verdict is Verdict.VALID
+            assert "u1@example.test" in cache  # written by the engine itself
+            second = await engine.probe("u1@example.test", [server.hop])
+            assert second.verdict is Verdict.VALID
+
+    run(go)
+    assert server.count("RCPT") == 1
+    assert sample(metrics, "callahead_coalesced_waits_total") == 1
