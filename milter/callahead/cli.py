@@ -11,8 +11,17 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from . import __version__
-from .config import EX_CONFIG, VARIABLES, Config, ConfigError, is_fully_qualified, load_config
+from .config import (
+    EX_CONFIG,
+    VARIABLES,
+    Config,
+    ConfigError,
+    is_fully_qualified,
+    load_config,
+    postfix_milter_command_timeout,
+)
 from .engine import EngineSettings, ProbeEngine
+from .loop import HANDOFF_MARGIN
 from .policy import split_recipient
 from .probe import ProbeResult, UnsendableAddress, wire_address
 from .verdict import Verdict
@@ -145,6 +154,24 @@ def explanation(result: ProbeResult) -> str:
     return "\n".join(lines)
 
 
+def answer_time_problem(config: Config) -> str | None:
+    """Why Postfix would give up on callahead's answers, if it would: the longest answer
+    (a wait for a probe slot, the probe, the thread handoff) must stay below the local
+    Postfix's milter_command_timeout. None when it does, or when there is no Postfix to
+    ask (then serve warns against Postfix's default)."""
+    timeout = postfix_milter_command_timeout()
+    longest = config.probe_wait + config.probe_timeout + HANDOFF_MARGIN
+    if timeout is None or longest < timeout:
+        return None
+    return (
+        f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT = "
+        f"{config.probe_wait + config.probe_timeout:g}s: with the {HANDOFF_MARGIN:g}s "
+        f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
+        f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "
+        "of the session); lower them or raise milter_command_timeout"
+    )
+
+
 def helo_warning(helo: str) -> str | None:
     """A warning for an EHLO name that primaries with reject_non_fqdn_helo_hostname
     refuse; None when it is fully qualified."""
@@ -173,6 +200,10 @@ def run_serve(config: Config) -> int:
     warning = helo_warning(config.helo_name)
     if warning:
         log.warning("%s", warning)
+    problem = answer_time_problem(config)
+    if problem:
+        print(f"callahead: {problem}", file=sys.stderr)
+        return EX_CONFIG
     # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
     from .server import serve
 

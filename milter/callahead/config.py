@@ -346,13 +346,13 @@ def _parse_address(name: str, value: str) -> str:
     return sender
 
 
-def postfix_myhostname() -> str | None:
-    """The local Postfix's ``myhostname`` (``postconf -h myhostname``), the name this
-    backup MX already gives in its own EHLO; None without a configured Postfix."""
-    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
+def postconf(name: str) -> str | None:
+    """``postconf -h NAME`` of the local Postfix (its default config directory, or
+    ``MAIL_CONFIG``); None without a configured Postfix."""
+    command = shutil.which("postconf") or "/usr/sbin/postconf"
     try:
         done = subprocess.run(
-            [postconf, "-h", "myhostname"],
+            [command, "-h", name],
             capture_output=True,
             text=True,
             timeout=POSTCONF_TIMEOUT,
@@ -360,8 +360,33 @@ def postfix_myhostname() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    name = done.stdout.strip()
-    return name if done.returncode == 0 and _valid_host(name) else None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def postfix_myhostname() -> str | None:
+    """The local Postfix's ``myhostname``, the name this backup MX already gives in its
+    own EHLO; None without a configured Postfix."""
+    name = postconf("myhostname")
+    return name if name is not None and _valid_host(name) else None
+
+
+_POSTFIX_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def postfix_seconds(text: str) -> float | None:
+    """A Postfix time value (``30s``, ``30``, ``1m``...) in seconds; None if malformed."""
+    text = text.strip().lower()
+    unit = _POSTFIX_TIME_UNITS.get(text[-1:]) if text[-1:].isalpha() else 1
+    number = text[:-1] if text[-1:].isalpha() else text
+    if unit is None or not number.isdigit():
+        return None
+    return float(int(number) * unit)
+
+
+def postfix_milter_command_timeout() -> float | None:
+    """The local Postfix's ``milter_command_timeout`` in seconds, if it can be read."""
+    value = postconf("milter_command_timeout")
+    return None if value is None else postfix_seconds(value)
 
 
 def default_helo_name() -> str:

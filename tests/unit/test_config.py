@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from callahead.cli import main
+from callahead.cli import answer_time_problem, main
 from callahead.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SOCKET,
@@ -21,6 +21,7 @@ from callahead.config import (
     default_helo_name,
     is_fully_qualified,
     load_config,
+    postfix_seconds,
 )
 from callahead.engine import EngineSettings
 from callahead.probe import TlsMode
@@ -592,3 +593,33 @@ def test_non_ascii_listen_host_is_refused(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env_with(**{variable: value}))
     assert info.value.variable == variable
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("30", 30.0), ("2m", 120.0), ("1h", 3600.0), ("1x", None), ("", None)],
+)
+def test_postfix_seconds(text: str, seconds: float | None) -> None:
+    assert postfix_seconds(text) == seconds
+
+
+def test_serve_refuses_answers_slower_than_postfix_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """This host's Postfix (read with the real postconf) gives up after 8 s; a probe may
+    take 2 + 10 s: Postfix would stop asking callahead mid-session. Refused, exit 78."""
+    (tmp_path / "main.cf").write_text("milter_command_timeout = 8s\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    env = {"CALLAHEAD_ROUTES": "example.com=[192.0.2.1]", "CALLAHEAD_HELO_NAME": "b.example"}
+    assert main(["serve"], env=env) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "milter_command_timeout = 8s" in err
+    assert "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT = 12s" in err
+
+
+def test_answer_time_fits_postfix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "main.cf").write_text("milter_command_timeout = 1m\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    assert answer_time_problem(load_config(env_with())) is None
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path / "missing"))  # no Postfix: warn later
+    assert answer_time_problem(load_config(env_with(CALLAHEAD_PROBE_TIMEOUT="300"))) is None
