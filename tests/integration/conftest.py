@@ -69,6 +69,9 @@ FAULTS: dict[str, Script] = {
     "slow": Script(rcpt_delay=PROBE_TIMEOUT + 1.5),
     "tlsbroken": Script(extensions=("PIPELINING", "STARTTLS"), tls="broken"),
     "tlsok": Script(extensions=("PIPELINING", "STARTTLS"), tls="ok", rcpt_default="250 2.1.5 Ok"),
+    # Replies no SMTP client can read: not a verdict, a fault of the primary.
+    "garbage": Script(rcpt_default="xyz what"),
+    "oversized": Script(rcpt_default="550 5.1.1 " + "x" * 40_000),
 }
 STRICT_KINDS = {
     # domain label -> the listener's restriction, delayed to RCPT TO by Postfix's default
