@@ -11,11 +11,12 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .engine import ProbeEngine
-from .probe import ProbeResult
+from .probe import ProbeResult, Skip
 from .routes import Nexthop
 from .verdict import Stage, Verdict
 
@@ -28,24 +29,55 @@ HANDOFF_MARGIN = 1.0
 for a probe slot plus the probe timeout) before it gives up."""
 
 
-class ProbeLoop:
-    """Owns the event loop thread. Start it once, stop it at shutdown."""
+HEARTBEAT_INTERVAL = 0.5
+"""Seconds between two beats of the probe loop's heartbeat."""
+STALL_LIMIT = 5.0
+"""Seconds without a beat after which the probe loop counts as stuck: recipients then
+get the tempfail action at once instead of each waiting the whole handoff time."""
 
-    def __init__(self) -> None:
+
+class ProbeLoop:
+    """Owns the event loop thread. Start it once, stop it at shutdown.
+
+    The loop beats every ``HEARTBEAT_INTERVAL`` seconds; ``healthy`` says whether the
+    thread runs and has beaten within ``STALL_LIMIT`` (a callback that blocks the loop,
+    or a dead thread, shows as a missing beat)."""
+
+    def __init__(self, *, stall_limit: float = STALL_LIMIT) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="callahead-probes", daemon=True)
+        self._stall_limit = stall_limit
+        self._last_beat = time.monotonic()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._beat()
         self._loop.run_forever()
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+        self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    @property
+    def silent_for(self) -> float:
+        """Seconds since the last heartbeat."""
+        return time.monotonic() - self._last_beat
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.silent_for < self._stall_limit
 
     def start(self) -> None:
         self._thread.start()
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop; its future can be waited on and cancelled."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the loop and wait for it; on timeout, cancel it and raise
         ``TimeoutError``."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        future = self.submit(coro)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -60,23 +92,77 @@ class ProbeLoop:
 
 
 class LoopProber:
-    """The policy's ``Prober``: runs ``ProbeEngine`` probes on a ``ProbeLoop``."""
+    """The policy's ``Prober``: runs ``ProbeEngine`` probes on a ``ProbeLoop``.
+
+    Thread-safe: each libmilter thread waits for its own probe. ``stop`` (at shutdown)
+    cancels the probes in flight, so that every waiting thread gets its answer (the
+    tempfail action) at once, and answers every later request the same way."""
 
     def __init__(self, loop: ProbeLoop, engine: ProbeEngine, wait: float | None = None) -> None:
         self._loop = loop
         self._engine = engine
         self._wait = wait if wait is not None else engine.settings.longest_answer + HANDOFF_MARGIN
+        self._pending: set[concurrent.futures.Future[ProbeResult]] = set()
+        self._changed = threading.Condition()
+        self._stopping = False
 
     def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        if not self._loop.healthy:
+            return _skipped(
+                hops,
+                Skip.LOOP_STALLED,
+                f"the probe loop has not answered for {self._loop.silent_for:.1f}s",
+            )
+        with self._changed:
+            if self._stopping:
+                return _skipped(hops, Skip.SHUTDOWN, "callahead is stopping")
+            future = self._loop.submit(self._engine.probe(address, hops))
+            self._pending.add(future)
         try:
-            return self._loop.run(self._engine.probe(address, hops), self._wait)
-        except TimeoutError as exc:
-            log.warning("probe for %s overran its deadline: %s", address, exc)
+            return future.result(self._wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.warning("probe for %s overran its deadline of %.3gs", address, self._wait)
             return ProbeResult(
                 Verdict.TEMPFAIL,
                 Stage.CONNECT,
                 None,
-                str(exc),
+                f"no result within {self._wait:.3g}s",
                 self._wait,
                 str(hops[0]) if hops else "",
             )
+        except concurrent.futures.CancelledError:
+            return _skipped(hops, Skip.SHUTDOWN, "callahead is stopping")
+        finally:
+            with self._changed:
+                self._pending.discard(future)
+                self._changed.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        """Threads waiting on a probe now."""
+        with self._changed:
+            return len(self._pending)
+
+    def stop(self, grace: float) -> int:
+        """Cancel the probes in flight and refuse new ones; wait up to ``grace`` seconds
+        for the waiting threads to take their answers. Returns how many did not."""
+        with self._changed:
+            self._stopping = True
+            for future in self._pending:
+                future.cancel()
+            self._changed.wait_for(lambda: not self._pending, timeout=grace)
+            return len(self._pending)
+
+
+def _skipped(hops: Sequence[Nexthop], skip: Skip, detail: str) -> ProbeResult:
+    return ProbeResult(
+        Verdict.TEMPFAIL,
+        Stage.CONNECT,
+        None,
+        detail,
+        0.0,
+        str(hops[0]) if hops else "",
+        reached=False,
+        skipped=skip,
+    )

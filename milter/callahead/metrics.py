@@ -106,6 +106,12 @@ class Metrics:
             "Postfix): the dictionary-attack guard cannot count them",
             registry=r,
         )
+        self.probe_loop_up = Gauge(
+            "callahead_probe_loop_up",
+            "1 while the probe loop's heartbeat is alive; 0: recipients get the tempfail "
+            "action without a probe",
+            registry=r,
+        )
         # Pre-create the label sets so that every series exists from the first scrape.
         for verdict in Verdict:
             self.probes.labels(verdict.value)

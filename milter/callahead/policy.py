@@ -42,6 +42,8 @@ class Reason(enum.Enum):
     OVERLOAD = "overload"
     PRIMARY_DOWN = "primary_down"
     CLIENT_LIMIT = "client_limit"
+    SHUTDOWN = "shutdown"
+    LOOP_STALLED = "loop_stalled"
     ERROR = "error"
 
 
@@ -129,4 +131,8 @@ class Policy:
             reason = Reason.OVERLOAD
         elif result.skipped is Skip.PRIMARY_DOWN:
             reason = Reason.PRIMARY_DOWN
+        elif result.skipped is Skip.LOOP_STALLED:
+            reason = Reason.LOOP_STALLED
+        elif result.skipped is Skip.SHUTDOWN:
+            reason = Reason.SHUTDOWN
         return Decision(self._undecided, reason, address, result)

@@ -53,6 +53,10 @@ class Skip(enum.Enum):
 
     OVERLOAD = "overload"
     PRIMARY_DOWN = "primary_down"
+    LOOP_STALLED = "loop_stalled"
+    """callahead's own probe loop is not answering (see loop.py's heartbeat)."""
+    SHUTDOWN = "shutdown"
+    """callahead is stopping: probes in flight were cancelled, no new ones start."""
 
 
 class TlsMode(enum.Enum):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
 
 import Milter
 
@@ -14,6 +18,7 @@ from .guard import ClientGuard
 from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
+from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +27,25 @@ MILTER_COMMAND_TIMEOUT = 30
 """Postfix's default milter_command_timeout, in seconds."""
 
 
+SHUTDOWN_GRACE = 2.0
+"""Seconds, after SIGTERM, for the threads waiting on cancelled probes to answer."""
+SESSION_CLOSE_TIMEOUT = 5.0
+"""Seconds for closing the pooled probe sessions (QUIT) at shutdown."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+SIGNAL_POLL = 0.1
+"""Seconds between two looks for a second stop signal."""
+
+
 def build_policy(
     config: Config, loop: ProbeLoop, metrics: Metrics
-) -> tuple[Policy, PositiveCache, ProbeEngine]:
+) -> tuple[Policy, PositiveCache, ProbeEngine, LoopProber]:
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
     engine = ProbeEngine(EngineSettings.from_config(config), metrics, known_valid=cache)
+    prober = LoopProber(loop, engine)
     policy = Policy(
         routes=config.routes,
         cache=cache,
-        prober=LoopProber(loop, engine),
+        prober=prober,
         tempfail_action=config.tempfail_action,
         guard=ClientGuard(
             limit=config.client_unknown_limit,
@@ -38,14 +53,40 @@ def build_policy(
             ipv6_prefix=config.client_ipv6_prefix,
         ),
     )
-    return policy, cache, engine
+    return policy, cache, engine, prober
+
+
+def _exit_on_second_signal() -> None:
+    """Exit at once on a stop signal that nobody takes.
+
+    The stop signals are blocked in every thread; libmilter's signal thread takes the
+    first one with sigwait and then ends. A second one stays pending: seen here within
+    ``SIGNAL_POLL`` seconds, it ends the process at once, whatever the shutdown is
+    waiting for."""
+    while True:
+        pending = signal.sigpending() & STOP_SIGNALS
+        if pending:
+            signum = min(pending)
+            log.warning("second stop signal (%s): exiting at once", signum.name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        time.sleep(SIGNAL_POLL)
 
 
 def serve(config: Config) -> int:
-    """Run until libmilter stops (SIGTERM, SIGINT). Returns the exit status."""
+    """Run until SIGTERM or SIGINT; returns the exit status.
+
+    The stop signals are blocked in every thread (the mask is set before any thread
+    starts), so only libmilter's own signal thread takes the first one: libmilter stops
+    listening (it notices within about 5 s) and returns. Then the probes in flight are
+    cancelled, so every libmilter thread waiting on one answers Postfix with the
+    tempfail action within ``SHUTDOWN_GRACE``, and the pooled sessions are closed with
+    QUIT within ``SESSION_CLOSE_TIMEOUT``: about 12 s at most from signal to exit. A
+    second signal exits at once (``_exit_on_second_signal``)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     loop = ProbeLoop()
     metrics = Metrics()
-    policy, cache, engine = build_policy(config, loop, metrics)
+    policy, cache, engine, prober = build_policy(config, loop, metrics)
     longest = engine.settings.longest_answer + HANDOFF_MARGIN
     if longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
@@ -63,6 +104,9 @@ def serve(config: Config) -> int:
             log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
             return EX_UNAVAILABLE
     loop.start()
+    metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
+    monitor = HealthMonitor(lambda: loop.healthy)
+    monitor.start()
     Milter.factory = lambda: CallaheadMilter(policy, metrics)
     # callahead changes nothing in a message; it only asks for its macros and replies.
     Milter.set_flags(Milter.SETSYMLIST)
@@ -72,14 +116,22 @@ def serve(config: Config) -> int:
         " ".join(f"{d}={h}" for d, h in config.routes.entries()),
         "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
     )
+    threading.Thread(target=_exit_on_second_signal, name="callahead-signals", daemon=True).start()
+    notify("READY=1")
     try:
         Milter.runmilter("callahead", config.milter_socket, timeout=300)
     except Milter.milter.error as exc:
         log.error("milter stopped: %s (socket %s)", exc, config.socket)
         return EX_UNAVAILABLE
     finally:
+        notify("STOPPING=1")
+        log.info("callahead stopping")
+        left = prober.stop(SHUTDOWN_GRACE)
+        if left:
+            log.warning("%d recipient(s) still waiting on a probe at exit", left)
+        monitor.stop()
         try:
-            loop.run(engine.aclose(), timeout=5)
+            loop.run(engine.aclose(), timeout=SESSION_CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("probe sessions did not close in time")
         loop.stop()

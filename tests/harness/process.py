@@ -86,6 +86,11 @@ class ManagedProcess:
     def exited(self) -> bool:
         return self._proc is not None and self._proc.poll() is not None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it has exited (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class Stack:
     peers: dict[str, PeerPrimary]
     """Peers' MTAs as primaries: "exim" (Exim 4) for exim.test, "opensmtpd" for
     opensmtpd.test, each with u1@ and postmaster@."""
+    held: ScriptedServer
+    """The shutdown profile's primary (held.test): answers RCPT after 15 s."""
     profiles: dict[str, Profile] = field(default_factory=dict)
 
     def set_strict_users(self, users: list[str]) -> None:
@@ -245,6 +248,9 @@ def stack() -> Iterator[Stack]:
             )
             m365.start()
             started.append(m365)
+            held = ScriptedServer(Script(rcpt_delay=15.0, rcpt_default="250 2.1.5 Ok"))
+            held.start()
+            started.append(held)
             peers: dict[str, PeerPrimary] = {}
             for peer_name, kind in PRIMARIES.items():
                 peer_dir = workdir / f"{peer_name}-primary"
@@ -345,6 +351,16 @@ def stack() -> Iterator[Stack]:
                 },
                 {},
             )
+            settings["shutdown"] = (
+                # Stopped by test_lifecycle.py: used by no other test.
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": f"held.test={hop(held.port)}",
+                    # Longer than libmilter's wind-down: the probe is still in flight.
+                    "CALLAHEAD_PROBE_TIMEOUT": "20",
+                },
+                {},
+            )
             settings["strict_ttl1"] = (
                 {
                     **base,
@@ -377,6 +393,7 @@ def stack() -> Iterator[Stack]:
                 "blackhole.test",
                 "stall.test",
                 "slow.test",
+                "held.test",
                 "refused.fault.test",
                 *(f"{name}.fault.test" for name in FAULTS),
             ]
@@ -423,13 +440,23 @@ def stack() -> Iterator[Stack]:
                 strict_users,
                 m365,
                 peers,
+                held,
                 profiles,
             )
         finally:
             for instance in reversed(instances):
                 instance.stop()
+            # Each callahead takes up to ~5 s to wind down after SIGTERM (libmilter's
+            # listener): stop them side by side, then the servers.
+            with ThreadPoolExecutor(len(started) or 1) as pool:
+                list(
+                    pool.map(
+                        lambda p: p.stop(), [t for t in started if isinstance(t, CallaheadProcess)]
+                    )
+                )
             for thing in reversed(started):
-                thing.stop()
+                if not isinstance(thing, CallaheadProcess):
+                    thing.stop()
 
 
 class MetricsDelta:

@@ -1,0 +1,154 @@
+"""callahead's life as a service: SIGTERM with a recipient in flight through a real
+Postfix backup, a second signal, the sd_notify protocol with its watchdog, and the
+systemd unit checked by the real systemd-analyze."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.callahead_process import CallaheadProcess
+from tests.harness.client import Transaction, make_message, send
+from tests.harness.fixtures import make_workdir
+from tests.harness.waiting import wait_for
+
+from .conftest import REPO, SENDER, Stack
+
+DELIVERY_TIMEOUT = 30.0
+ANSWER_BOUND = 7.0
+"""libmilter stops listening within about 5 s of SIGTERM, then waiting recipients get
+their answer within SHUTDOWN_GRACE (2 s)."""
+EXIT_BOUND = 12.0
+"""... and the probe sessions close within 5 s more (deploy/callahead.service)."""
+
+
+def test_sigterm_with_a_recipient_in_flight_never_rejects_or_loses_it(stack: Stack) -> None:
+    profile = stack.profiles["shutdown"]
+    process = profile.process
+    addr = stack.new_user("held.test")  # the stand-in primary takes the delivery
+    token, body = make_message(SENDER, [addr])
+    done: list[Transaction] = []
+
+    client = threading.Thread(target=lambda: done.append(send(profile.port, SENDER, [addr], body)))
+    client.start()
+    wait_for(lambda: addr in stack.held.rcpts(), 10.0, what="the probe at the primary")
+    assert process.pid is not None
+    signalled = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    client.join(ANSWER_BOUND + 5)
+    answered = time.monotonic() - signalled
+    wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
+    exited = time.monotonic() - signalled
+
+    [tx] = done
+    assert tx.code(addr) == 250  # never rejected
+    assert tx.data is not None and tx.data[0] == 250
+    assert answered < ANSWER_BOUND  # not the primary's 15 s, nor the 20 s timeout
+    assert exited < EXIT_BOUND
+    assert process.returncode == 0
+    log = process.log()
+    assert "reason=shutdown" in log, log
+    assert "callahead stopped" in log
+    wait_for(
+        lambda: any(token.encode() in m for m in stack.primary.mailbox(addr)),
+        DELIVERY_TIMEOUT,
+        what="delivery of the message accepted during the shutdown",
+    )
+
+
+def term_pending(pid: int) -> bool:
+    """Whether a SIGTERM is pending for the process (ShdPnd in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with make_workdir() as path:
+        yield path
+
+
+def test_a_second_signal_exits_at_once(workdir: Path) -> None:
+    process = CallaheadProcess(workdir, {"CALLAHEAD_ROUTES": "example.test=[127.0.0.1]:9"})
+    process.start()
+    try:
+        assert process.pid is not None
+        pid = process.pid
+        os.kill(pid, signal.SIGTERM)  # libmilter takes up to 5 s to wind down
+        # Signals do not queue: send the second once libmilter has taken the first.
+        wait_for(lambda: not term_pending(pid), 5.0, what="libmilter to take SIGTERM")
+        os.kill(pid, signal.SIGTERM)
+        second = time.monotonic()
+        wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
+        assert time.monotonic() - second < 1.0
+        assert process.returncode == 128 + signal.SIGTERM
+        assert "second stop signal (SIGTERM): exiting at once" in process.log()
+    finally:
+        process.stop()
+
+
+def test_service_manager_protocol_and_watchdog(workdir: Path) -> None:
+    path = workdir / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(10)
+        process = CallaheadProcess(
+            workdir,
+            {
+                "CALLAHEAD_ROUTES": "example.test=[127.0.0.1]:9",
+                "NOTIFY_SOCKET": str(path),
+                "WATCHDOG_USEC": "400000",  # a ping every 0.2 s
+            },
+        )
+        process.start()
+        try:
+            states = [sock.recv(100) for _ in range(4)]
+            assert states[0] == b"READY=1"
+            assert states[1:] == [b"WATCHDOG=1"] * 3
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGTERM)
+            while (state := sock.recv(100)) == b"WATCHDOG=1":
+                pass
+            assert state == b"STOPPING=1"
+            wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
+            assert process.returncode == 0
+        finally:
+            process.stop()
+
+
+def test_the_systemd_unit_verifies(workdir: Path) -> None:
+    """The shipped unit, as systemd-analyze reads it (the install paths pointed at this
+    checkout's callahead and an environment file)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is installed by ./dev deps"
+    callahead = shutil.which("callahead") or str(Path(sys.executable).parent / "callahead")
+    env_file = workdir / "callahead.env"
+    env_file.write_text((REPO / "deploy" / "callahead.env.example").read_text())
+    unit = (REPO / "deploy" / "callahead.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit
+    unit = unit.replace("/opt/callahead/bin/callahead", callahead)
+    unit = unit.replace("/etc/default/callahead", str(env_file))
+    (workdir / "callahead.service").write_text(unit)
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(workdir / "callahead.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    problems = [
+        line for line in (done.stdout + done.stderr).splitlines() if "callahead.service" in line
+    ]
+    assert done.returncode == 0 and not problems, done.stdout + done.stderr
