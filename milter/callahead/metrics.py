@@ -1,4 +1,4 @@
-"""Prometheus metrics. Names are part of the product: see SPEC.md and the README."""
+"""Prometheus metrics. Names are part of the product: the README lists them all."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Each ``PostfixInstance`` has its own ``config_directory`` (``WORKDIR/etc``, pass
 (``WORKDIR/data``) and log file (``WORKDIR/maillog``), and its smtpd listens only on the
 127.0.0.1 ports of its ``Listener`` objects, so several can run at once.
 
-Traps handled here (see POSTFIX-TESTING.md):
+Traps handled here (docs/design.md has the measurements):
 
 - master.cf is written from scratch with chroot ``n`` everywhere and a ``postlog`` line,
   and ``maillog_file_prefixes`` covers ``WORKDIR``;
