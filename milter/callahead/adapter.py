@@ -123,6 +123,10 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         return int(Milter.CONTINUE)
 
 
+_REPLY_LOGGED = frozenset({Reason.PROBE_TEMPFAIL, Reason.PROBER_REFUSED})
+"""Accepted decisions whose log line carries the primary's reply: it says why."""
+
+
 def describe(decision: Decision) -> str:
     """The log line body for one decision; the recipient and the primary's reply are
     escaped (logfmt.py), so neither can add or end a field."""
@@ -137,6 +141,6 @@ def describe(decision: Decision) -> str:
             f" primary={probe.primary} stage={probe.stage.value} code={code}"
             f" probe_time={probe.duration:.3f}s"
         )
-        if decision.action is not Action.ACCEPT or decision.reason is Reason.PROBE_TEMPFAIL:
+        if decision.action is not Action.ACCEPT or decision.reason in _REPLY_LOGGED:
             text += f' reply="{escape(probe.detail, spaces=True)}"'
     return text

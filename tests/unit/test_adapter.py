@@ -23,7 +23,7 @@ from callahead.metrics import Metrics
 from callahead.policy import Policy
 from callahead.probe import ProbeResult, Skip
 from callahead.routes import Nexthop, parse_routes
-from callahead.verdict import Stage, Verdict
+from callahead.verdict import Basis, Stage, Verdict
 
 PRIMARY_HOST = "10.9.8.7"
 PRIMARY_PORT = 2526
@@ -490,3 +490,24 @@ def test_missing_client_address_is_warned_once_and_counted(
     assert len(warnings) == 1
     value = h.metrics.registry.get_sample_value("callahead_client_address_missing_total")
     assert value == 3
+
+
+def test_an_accept_because_the_primary_refused_the_prober_logs_its_reply(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = ProbeResult(
+        Verdict.TEMPFAIL,
+        Stage.RCPT,
+        504,
+        "5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname",
+        0.002,
+        PRIMARY,
+        basis=Basis.PROBER,
+    )
+    h = Harness(monkeypatch, FakeProber({"dave@example.com": refused}))
+    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        assert h.rcpt("<dave@example.com>") == Milter.CONTINUE
+    line = _rcpt_log_line(caplog)
+    assert "decision=accept reason=prober_refused" in line
+    assert 'reply="5.5.2 \\x3clocalhost\\x3e: Helo command rejected' in line
