@@ -188,7 +188,7 @@ class ProbeEngine:
         except BaseException as exc:
             del self._inflight[address]
             # The waiters get an undecided answer; the error goes to this caller only.
-            shared.set_result(self._skipped(None, hops, f"probe abandoned: {exc!r}"))
+            shared.set_result(ProbeResult.not_probed(None, hops, f"probe abandoned: {exc!r}"))
             raise
         # The answer is in the cache before the in-flight entry goes: a request arriving
         # in between finds one or the other, never neither.
@@ -210,19 +210,6 @@ class ProbeEngine:
             why="a probe of the same address that ended a moment ago found it valid",
         )
 
-    def _skipped(self, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
-        primary = str(hops[0]) if hops else ""
-        return ProbeResult(
-            Verdict.TEMPFAIL,
-            Stage.CONNECT,
-            None,
-            detail,
-            0.0,
-            primary,
-            reached=False,
-            skipped=skip,
-        )
-
     async def _bounded(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
         self._ensure_janitor()
         if self._slots.locked():
@@ -235,7 +222,9 @@ class ProbeEngine:
                 async with asyncio.timeout(wait):
                     await self._slots.acquire()
             except TimeoutError:
-                return self._skipped(Skip.OVERLOAD, hops, f"no probe slot within {wait:g}s")
+                return ProbeResult.not_probed(
+                    Skip.OVERLOAD, hops, f"no probe slot within {wait:g}s"
+                )
         else:
             await self._slots.acquire()
         self._metrics.in_flight.inc()
@@ -282,7 +271,7 @@ class ProbeEngine:
                 self._judged.record(address)
                 return result
         if result is None:
-            return self._skipped(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
+            return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
 
     async def _at(

@@ -108,14 +108,14 @@ class LoopProber:
 
     def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
         if not self._loop.healthy:
-            return _skipped(
-                hops,
+            return ProbeResult.not_probed(
                 Skip.LOOP_STALLED,
+                hops,
                 f"the probe loop has not answered for {self._loop.silent_for:.1f}s",
             )
         with self._changed:
             if self._stopping:
-                return _skipped(hops, Skip.SHUTDOWN, "callahead is stopping")
+                return ProbeResult.not_probed(Skip.SHUTDOWN, hops, "callahead is stopping")
             future = self._loop.submit(self._engine.probe(address, hops))
             self._pending.add(future)
         try:
@@ -132,7 +132,7 @@ class LoopProber:
                 str(hops[0]) if hops else "",
             )
         except concurrent.futures.CancelledError:
-            return _skipped(hops, Skip.SHUTDOWN, "callahead is stopping")
+            return ProbeResult.not_probed(Skip.SHUTDOWN, hops, "callahead is stopping")
         finally:
             with self._changed:
                 self._pending.discard(future)
@@ -153,16 +153,3 @@ class LoopProber:
                 future.cancel()
             self._changed.wait_for(lambda: not self._pending, timeout=grace)
             return len(self._pending)
-
-
-def _skipped(hops: Sequence[Nexthop], skip: Skip, detail: str) -> ProbeResult:
-    return ProbeResult(
-        Verdict.TEMPFAIL,
-        Stage.CONNECT,
-        None,
-        detail,
-        0.0,
-        str(hops[0]) if hops else "",
-        reached=False,
-        skipped=skip,
-    )

@@ -20,6 +20,7 @@ import enum
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -96,6 +97,12 @@ class ProbeResult:
     """The classification in one sentence, for ``--explain`` and the logs."""
     transcript: tuple[str, ...] = ()
     """The session's SMTP dialogue (``C: ...``/``S: ...``), when it was recorded."""
+
+    @classmethod
+    def not_probed(cls, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
+        """Undecided without a probe (``skip`` says why; None: the probe was abandoned)."""
+        primary = str(hops[0]) if hops else ""
+        return cls(Verdict.TEMPFAIL, Stage.CONNECT, None, detail, 0.0, primary, False, skip)
 
 
 def needs_smtputf8(address: str) -> bool:

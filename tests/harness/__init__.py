@@ -16,4 +16,10 @@ Modules:
 - :mod:`tests.harness.tlsutil` -- self-signed certificates made with ``openssl``.
 - :mod:`tests.harness.callahead_process` -- ``callahead serve`` as a real process.
 - :mod:`tests.harness.client` -- an SMTP client that records every reply and its time.
+- :mod:`tests.harness.process` -- ``ManagedProcess``: a process started until ready,
+  stopped with SIGTERM then SIGKILL.
+- :mod:`tests.harness.lifecycle` -- ``StartStop`` (``with`` starts and stops every server
+  above) and the maildir readers they share.
+- :mod:`tests.harness.peers` -- ``EximPrimary`` and ``OpenSmtpdPrimary``: peers' MTAs as
+  primaries, run from Debian's packages unpacked with ``dpkg -x`` into ``.cache/``.
 """

@@ -50,9 +50,9 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import IO, ClassVar, Literal, Self
+from typing import IO, ClassVar, Literal
 
+from tests.harness.lifecycle import StartStop, maildir_count, maildir_messages
 from tests.harness.ports import free_port, listening
 from tests.harness.process import ManagedProcess
 from tests.harness.waiting import wait_for
@@ -330,7 +330,7 @@ def _stop_all() -> None:
 # --------------------------------------------------------------------------------------
 
 
-class PeerPrimary:
+class PeerPrimary(StartStop):
     """A peer MTA as the primary of ``domain``; ``users`` are local parts or addresses
     in ``domain``. Common part: paths, users, lifecycle. Subclasses write the config."""
 
@@ -516,36 +516,11 @@ class PeerPrimary:
 
     def mailbox(self, addr: str) -> list[bytes]:
         """The messages delivered to ``addr``, oldest first."""
-        maildir = self._maildir(addr)
-        files: list[Path] = []
-        for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError):
-                files.extend(p for p in (maildir / sub).iterdir() if p.is_file())
-        files.sort(key=lambda p: (p.stat().st_mtime, p.name))
-        return [p.read_bytes() for p in files]
+        return maildir_messages(self._maildir(addr))
 
     def mailbox_count(self, addr: str) -> int:
         """How many messages were delivered to ``addr`` (0 for an unknown user)."""
-        maildir = self._maildir(addr)
-        count = 0
-        for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError):
-                count += sum(1 for p in (maildir / sub).iterdir() if p.is_file())
-        return count
-
-    # -- context manager -------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return maildir_count(self._maildir(addr))
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -46,9 +46,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from tests.harness.lifecycle import StartStop, maildir_count, maildir_messages
 from tests.harness.ports import listening
 from tests.harness.waiting import wait_for
 
@@ -483,7 +483,7 @@ def stop_instances_under(path: Path) -> None:
             instance.stop()
 
 
-class PostfixInstance:
+class PostfixInstance(StartStop):
     """A real Postfix living in ``workdir``, with smtpd on ``smtpd_listeners``.
 
     ``main_cf`` is written as the instance's main.cf, except that the dirs, log and
@@ -792,35 +792,10 @@ class PostfixInstance:
 
     def mailbox(self, addr: str) -> list[bytes]:
         """The messages delivered to ``addr``'s maildir, oldest first."""
-        maildir = maildir_for(self._mailbox_base(), addr)
-        files: list[Path] = []
-        for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError):
-                files.extend(p for p in (maildir / sub).iterdir() if p.is_file())
-        files.sort(key=lambda p: (p.stat().st_mtime, p.name))
-        return [p.read_bytes() for p in files]
+        return maildir_messages(maildir_for(self._mailbox_base(), addr))
 
     def mailbox_count(self, addr: str) -> int:
-        maildir = maildir_for(self._mailbox_base(), addr)
-        count = 0
-        for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError):
-                count += sum(1 for p in (maildir / sub).iterdir() if p.is_file())
-        return count
-
-    # -- context manager -------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return maildir_count(maildir_for(self._mailbox_base(), addr))
 
     def __repr__(self) -> str:
         ports = ",".join(str(listener.port) for listener in self._listeners)

@@ -28,11 +28,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import FrameType, TracebackType
-from typing import Self
+from types import FrameType
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tests.harness.lifecycle import StartStop
 from tests.harness.ports import free_port
 
 __all__ = [
@@ -90,7 +90,7 @@ def _stop_all() -> None:
             server.stop()
 
 
-class _ThreadedServer:
+class _ThreadedServer(StartStop):
     """An asyncio TCP server on 127.0.0.1 running in a thread with its own loop."""
 
     _kind = "server"
@@ -250,18 +250,6 @@ class _ThreadedServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -8,9 +8,8 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from tests.harness.lifecycle import StartStop
 from tests.harness.waiting import wait_for
 
 
@@ -27,7 +26,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         proc.wait()
 
 
-class ManagedProcess:
+class ManagedProcess(StartStop):
     """``argv`` run with stdout and stderr appended to ``log_path``.
 
     ``start`` returns once ``ready()`` is true, and raises (after stopping it) if the
@@ -98,15 +97,3 @@ class ManagedProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -106,19 +106,25 @@ def test_probe_slots_bound_the_wait(stack: Stack) -> None:
     assert len(stack.stall.rcpts()) >= 2
 
 
+def four_sessions_per_address(port: int, addrs: list[str]) -> list[Transaction]:
+    """20 concurrent sessions of 10 RCPTs over 50 addresses: at each step, four sessions
+    ask the same address."""
+
+    def session(i: int) -> Transaction:
+        mine = [addrs[(step * 5 + i // 4) % 50] for step in range(10)]
+        return send(port, SENDER, mine)
+
+    with ThreadPoolExecutor(20) as pool:
+        return list(pool.map(session, range(20)))
+
+
 def test_concurrent_recipients_share_probes(stack: Stack) -> None:
     profile = stack.profiles["coalesce"]
     delta = MetricsDelta(profile.process)
     addrs = [stack.new_address("slow.test") for _ in range(50)]
     rcpts_before = len(stack.slow.rcpts())
 
-    def session(i: int) -> Transaction:
-        # 20 sessions of 10 RCPTs: at each step, four sessions ask the same address.
-        mine = [addrs[(step * 5 + i // 4) % 50] for step in range(10)]
-        return send(profile.port, SENDER, mine)
-
-    with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(session, range(20)))
+    results = four_sessions_per_address(profile.port, addrs)
 
     codes = [code for r in results for code, _ in r.rcpt.values()]
     assert len(codes) == 20 * 10 - sum(10 - len(r.rcpt) for r in results)
@@ -138,12 +144,7 @@ def test_valid_answers_are_shared_without_a_gap(stack: Stack) -> None:
     stack.slow.update(users=stack.slow.script.users | frozenset(addrs))
     rcpts_before = len(stack.slow.rcpts())
 
-    def session(i: int) -> Transaction:
-        mine = [addrs[(step * 5 + i // 4) % 50] for step in range(10)]
-        return send(profile.port, SENDER, mine)
-
-    with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(session, range(20)))
+    results = four_sessions_per_address(profile.port, addrs)
 
     assert {code for r in results for code, _ in r.rcpt.values()} == {250}
     probed = [a for a in stack.slow.rcpts()[rcpts_before:] if not a.startswith("postmaster@")]
