@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import Milter
 
+from .address import normalize_recipient
 from .logfmt import escape
 from .metrics import Metrics
-from .policy import Action, Decision, Policy, Reason, split_recipient
+from .policy import Action, Decision, Policy, Reason
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
                 escape(to),
             )
             self._metrics.errors.inc()
-            parts = split_recipient(to)
-            address = f"{parts[0]}@{parts[1]}" if parts else to
+            normalized = normalize_recipient(to)
+            address = normalized.address if normalized else to
             decision = self._policy.tempfail_decision(address, Reason.ERROR)
         self._metrics.observe(decision)
         log.info(

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from . import __version__
+from .address import UnsendableAddress, normalize_recipient, wire_address
 from .config import (
     EX_CONFIG,
     VARIABLES,
@@ -22,9 +23,7 @@ from .config import (
 )
 from .engine import EngineSettings, ProbeEngine
 from .loop import HANDOFF_MARGIN
-from .policy import split_recipient
-from .probe import ProbeResult, UnsendableAddress, wire_address
-from .verdict import Verdict
+from .verdict import ProbeResult, Verdict
 
 EX_USAGE = 64
 EX_SOFTWARE = 70
@@ -104,21 +103,21 @@ def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int
     if not config.routes:
         print("callahead: CALLAHEAD_ROUTES is empty: no primary to probe", file=sys.stderr)
         return EX_CONFIG
-    parts = split_recipient(address_arg)
-    if parts is None:
+    normalized = normalize_recipient(address_arg)
+    if normalized is None:
         print(
             f"callahead: {address_arg!r} is not an address (expected user@domain)", file=sys.stderr
         )
         return EX_USAGE
-    address = f"{parts[0]}@{parts[1]}"
+    address = normalized.address
     try:
         wire_address(address, allow_utf8=True)
     except UnsendableAddress as exc:
         print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
         return EX_USAGE
-    hops = config.routes.lookup(parts[1])
+    hops = config.routes.lookup(normalized.domain)
     if not hops:
-        print(f"callahead: no route for {parts[1]!r} in CALLAHEAD_ROUTES", file=sys.stderr)
+        print(f"callahead: no route for {normalized.domain!r} in CALLAHEAD_ROUTES", file=sys.stderr)
         return EX_USAGE
     warning = helo_warning(config.helo_name)
     if warning:

@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .probe import TlsMode, UnsendableAddress, wire_address
+from .address import UnsendableAddress, wire_address
 from .routes import RouteError, RouteTable, parse_routes
+from .session import TlsMode
 
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h EX_CONFIG)."""

@@ -7,7 +7,7 @@
   connection level is skipped for a cooldown (``primary_down``).
 * **Failover**: a domain's nexthops are tried in order within one probe deadline; a
   tempfail tries the next, a definite answer ends the search.
-* **Pooled sessions** per primary (see pool.py and probe.py); a reused session that the
+* **Pooled sessions** per primary (see pool.py and session.py); a reused session that the
   primary has closed is detected and the probe retried once on a fresh session.
 * **A current view** (see freshness.py): a probe runs on a session opened after its
   address was last judged, and sessions live at most ``pool_max_age`` seconds.
@@ -35,18 +35,16 @@ from .config import Config
 from .freshness import LastJudged
 from .metrics import Metrics
 from .pool import SessionPool
-from .probe import (
-    ProbeResult,
+from .routes import Nexthop
+from .session import (
     Session,
     SessionFailed,
     SessionLost,
     SessionSettings,
-    Skip,
     TlsMode,
     unverified_tls_context,
 )
-from .routes import Nexthop
-from .verdict import Basis, Stage, Verdict
+from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
 WARNED_LIMIT = 1000
 """Refusals remembered per primary for logging them once (bounded: subdomain routes let

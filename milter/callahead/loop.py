@@ -16,9 +16,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .engine import ProbeEngine
-from .probe import ProbeResult, Skip
 from .routes import Nexthop
-from .verdict import Stage, Verdict
+from .verdict import ProbeResult, Skip, Stage, Verdict
 
 log = logging.getLogger(__name__)
 

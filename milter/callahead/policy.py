@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .address import UnsendableAddress, normalize_recipient, wire_address
 from .cache import PositiveCache
 from .config import TempfailAction
 from .guard import ClientGuard
-from .probe import ProbeResult, Skip, UnsendableAddress, wire_address
-from .routes import Nexthop, RouteTable, normalize_domain
-from .verdict import Verdict
+from .routes import Nexthop, RouteTable
+from .verdict import ProbeResult, Skip, Verdict
 
 
 class Action(enum.Enum):
@@ -62,17 +62,6 @@ class Decision:
     probe: ProbeResult | None = None
 
 
-def split_recipient(recipient: str) -> tuple[str, str] | None:
-    """``<local@domain>`` to (local, normalized domain); None without a domain."""
-    address = recipient.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    local, sep, domain = address.rpartition("@")
-    if not sep or not local or not domain:
-        return None
-    return local, normalize_domain(domain)
-
-
 class Policy:
     def __init__(
         self,
@@ -101,12 +90,11 @@ class Policy:
 
     def decide(self, recipient: str, client: str | None = None) -> Decision:
         """Judge one recipient; ``client`` is the SMTP client's address, if known."""
-        parts = split_recipient(recipient)
-        if parts is None:
+        normalized = normalize_recipient(recipient)
+        if normalized is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
-        local, domain = parts
-        address = f"{local}@{domain}"
-        hops = self._routes.lookup(domain)
+        address = normalized.address
+        hops = self._routes.lookup(normalized.domain)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
         if address in self._cache:

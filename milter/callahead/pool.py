@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from .probe import Session
+from .session import Session
 
 
 class SessionPool:

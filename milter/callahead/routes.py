@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import idna
+from .address import normalize_domain
 
 DEFAULT_SMTP_PORT = 25
 
@@ -74,24 +74,6 @@ def parse_nexthop(text: str) -> Nexthop:
             raise RouteError(f"nexthop {text!r}: port must be a number from 1 to 65535")
         port = int(port_text)
     return Nexthop(host=host, port=port)
-
-
-def normalize_domain(domain: str) -> str:
-    """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form.
-
-    The A-label is UTS #46 non-transitional, as Postfix computes it (with its default
-    ``enable_idna2003_compatibility = no``): ``straße.de`` is ``xn--strae-oqa.de``, not
-    ``strasse.de`` as Python's own IDNA 2003 codec would have it, which would verify
-    (and cache) the user of another domain."""
-    domain = domain.strip().rstrip(".").lower()
-    if any(ord(c) > 127 for c in domain):
-        dot = "." if domain.startswith(".") else ""
-        try:
-            encoded = idna.encode(domain[len(dot) :], uts46=True, transitional=False)
-        except (idna.IDNAError, UnicodeError):
-            return domain
-        domain = dot + encoded.decode("ascii")
-    return domain
 
 
 class RouteTable:

@@ -38,7 +38,12 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .routes import Nexthop
 
 
 class Verdict(enum.Enum):
@@ -85,6 +90,46 @@ class Basis(enum.Enum):
     @property
     def refuses_prober(self) -> bool:
         return self in (Basis.PROBER, Basis.SENDER, Basis.UNPROVEN)
+
+
+class Skip(enum.Enum):
+    """Why no probe was made at all."""
+
+    OVERLOAD = "overload"
+    PRIMARY_DOWN = "primary_down"
+    LOOP_STALLED = "loop_stalled"
+    """callahead's own probe loop is not answering (see loop.py's heartbeat)."""
+    SHUTDOWN = "shutdown"
+    """callahead is stopping: probes in flight were cancelled, no new ones start."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    verdict: Verdict
+    stage: Stage
+    code: int | None
+    """The primary's reply code at ``stage``; None when there was no reply."""
+    detail: str
+    """The primary's reply text or the error, for logs only, never for the sender."""
+    duration: float
+    primary: str
+    """The nexthop that gave the answer (or the last one tried)."""
+    reached: bool = True
+    """False for connection-level failures (refused, timeout, 421, disconnect, TLS)."""
+    skipped: Skip | None = None
+    """Set when no probe was made (``verdict`` is then TEMPFAIL)."""
+    basis: Basis = Basis.NO_REPLY
+    """Why the reply got its verdict (see verdict.py)."""
+    why: str = ""
+    """The classification in one sentence, for ``--explain`` and the logs."""
+    transcript: tuple[str, ...] = ()
+    """The session's SMTP dialogue (``C: ...``/``S: ...``), when it was recorded."""
+
+    @classmethod
+    def not_probed(cls, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
+        """Undecided without a probe (``skip`` says why; None: the probe was abandoned)."""
+        primary = str(hops[0]) if hops else ""
+        return cls(Verdict.TEMPFAIL, Stage.CONNECT, None, detail, 0.0, primary, False, skip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,9 +21,8 @@ from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
 from callahead.metrics import Metrics
 from callahead.policy import Policy
-from callahead.probe import ProbeResult, Skip
 from callahead.routes import Nexthop, parse_routes
-from callahead.verdict import Basis, Stage, Verdict
+from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
 PRIMARY_HOST = "10.9.8.7"
 PRIMARY_PORT = 2526

@@ -24,8 +24,8 @@ from callahead.config import (
     postfix_seconds,
 )
 from callahead.engine import EngineSettings
-from callahead.probe import TlsMode
 from callahead.routes import Nexthop
+from callahead.session import TlsMode
 
 GOOD_ENV: dict[str, str] = {
     "CALLAHEAD_ROUTES": "example.com=[127.0.0.1]:2525",

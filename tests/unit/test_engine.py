@@ -17,23 +17,18 @@ from hypothesis import example, given
 from hypothesis import settings as settings_
 from hypothesis import strategies as st
 
-from callahead import probe as probe_module
+from callahead import session as probe_module
+from callahead.address import normalize_recipient, wire_address
 from callahead.breaker import State
 from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import LoopProber, ProbeLoop
 from callahead.metrics import Metrics
-from callahead.policy import Action, Policy, Reason, split_recipient
-from callahead.probe import (
-    ERROR_BUDGET,
-    ProbeResult,
-    Skip,
-    TlsMode,
-    wire_address,
-)
+from callahead.policy import Action, Policy, Reason
 from callahead.routes import Nexthop, parse_routes
-from callahead.verdict import Stage, Verdict
+from callahead.session import ERROR_BUDGET, TlsMode
+from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.harness.tlsutil import self_signed, server_context
 from tests.unit.fakesmtp import (
     Conn,
@@ -772,7 +767,7 @@ _FUZZ_RECIPIENTS = st.builds(
     _LOCAL,
     st.sampled_from(["example.test", "EXAMPLE.test", "example.test\r\nRSET", "example.test."]),
     st.booleans(),
-).filter(lambda r: split_recipient(r) is not None)
+).filter(lambda r: normalize_recipient(r) is not None)
 
 
 def test_fuzz_no_recipient_adds_a_command_on_the_wire() -> None:

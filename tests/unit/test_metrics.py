@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from callahead.cache import PositiveCache
 from callahead.metrics import PROBE_BUCKETS, Metrics
 from callahead.policy import Action, Decision, Reason
-from callahead.probe import ProbeResult, Skip
-from callahead.verdict import Stage, Verdict
+from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 
 FIXED_NAMES = (
     "callahead_rcpt_decisions_total",

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import pytest
 
+from callahead.address import Recipient, normalize_recipient
 from callahead.cache import PositiveCache
 from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
-from callahead.policy import Action, Policy, Reason, split_recipient
-from callahead.probe import ProbeResult, Skip
+from callahead.policy import Action, Policy, Reason
 from callahead.routes import Nexthop, parse_routes
-from callahead.verdict import Stage, Verdict
+from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
 HOPS = (Nexthop("mx1.example.com", 2525), Nexthop("mx2.example.com", 25))
@@ -272,12 +272,19 @@ def test_tempfail_decision(action: TempfailAction, expected: Action) -> None:
     assert decision.address == "a@example.com"
 
 
-def test_split_recipient() -> None:
-    assert split_recipient("<User@Example.COM>") == ("User", "example.com")
-    assert split_recipient('<"a@b"@example.com>') == ('"a@b"', "example.com")
-    assert split_recipient("<postmaster>") is None
-    assert split_recipient("<>") is None
-    assert split_recipient("<@example.com>") is None
+def test_normalize_recipient() -> None:
+    assert normalize_recipient("<User@Example.COM.>") == Recipient(
+        "User@example.com", "example.com"
+    )
+    assert normalize_recipient('<"a@b"@example.com>') == Recipient(
+        '"a@b"@example.com', "example.com"
+    )
+    assert normalize_recipient("jörg@Bücher.example") == Recipient(
+        "jörg@xn--bcher-kva.example", "xn--bcher-kva.example"
+    )
+    assert normalize_recipient("<postmaster>") is None
+    assert normalize_recipient("<>") is None
+    assert normalize_recipient("<@example.com>") is None
 
 
 # --- the dictionary-attack guard and skipped probes ------------------------------------

@@ -10,8 +10,8 @@ from typing import TypeVar
 import pytest
 
 from callahead.pool import SessionPool
-from callahead.probe import Session, SessionSettings, TlsMode
 from callahead.routes import Nexthop
+from callahead.session import Session, SessionSettings, TlsMode
 
 T = TypeVar("T")
 HOP = Nexthop("127.0.0.1", 2525)

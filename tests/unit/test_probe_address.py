@@ -6,11 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from callahead.probe import (
-    MAX_ADDRESS_OCTETS,
-    UnsendableAddress,
-    wire_address,
-)
+from callahead.address import MAX_ADDRESS_OCTETS, UnsendableAddress, wire_address
 
 # --- wire_address ----------------------------------------------------------------------
 

@@ -17,9 +17,8 @@ from callahead.cli import main
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from callahead.metrics import Metrics
-from callahead.probe import ProbeResult
 from callahead.routes import Nexthop
-from callahead.verdict import Stage, Verdict
+from callahead.verdict import ProbeResult, Stage, Verdict
 from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port, wait_until
 
 HELO = "backup.example.net"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from callahead.address import normalize_domain
 from callahead.routes import (
     DEFAULT_SMTP_PORT,
     Nexthop,
     RouteError,
     RouteTable,
-    normalize_domain,
     parse_nexthop,
     parse_routes,
 )

@@ -15,9 +15,8 @@ import pytest
 
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import LoopProber, ProbeLoop
-from callahead.probe import Skip
 from callahead.routes import Nexthop
-from callahead.verdict import Verdict
+from callahead.verdict import Skip, Verdict
 from callahead.watchdog import HealthMonitor, notify, watchdog_interval
 from tests.harness.waiting import wait_for
 

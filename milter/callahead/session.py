@@ -1,4 +1,4 @@
-"""The SMTP probe dialogue with one primary, on one (reusable) session.
+"""One SMTP session with one primary: the probe dialogue.
 
 A session connects, reads the banner, says EHLO (HELO if EHLO is refused), upgrades with
 STARTTLS when asked to, then opens one transaction with ``MAIL FROM:<sender>`` and asks
@@ -20,23 +20,16 @@ import enum
 import logging
 import ssl
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
 
+from .address import UnsendableAddress, needs_smtputf8, wire_address
+from .errors import CallaheadError
 from .routes import Nexthop
-from .verdict import Basis, Classification, Stage, Verdict, classify, unproven
+from .verdict import Basis, Classification, ProbeResult, Stage, Verdict, classify, unproven
 
 log = logging.getLogger(__name__)
-
-MAX_COMMAND_LINE_OCTETS = 512
-"""RFC 5321 4.5.3.1.4: a command line, CRLF included. A server that reads no more than
-this could take the rest of a longer line as a command of its own."""
-MAX_ADDRESS_OCTETS = MAX_COMMAND_LINE_OCTETS - len(b"RCPT TO:<>\r\n")
-"""The longest address a probe puts on the wire (500 octets). The 64-octet local-part
-and 256-octet path limits of RFC 5321 4.5.3.1 are not enforced: servers are told not
-to, Postfix does not, and refusing them let padded addresses skip verification."""
 
 ERROR_BUDGET = 9
 """4xx/5xx replies a session may collect. A Postfix primary counts every one as an
@@ -49,15 +42,8 @@ QUIT_TIMEOUT = 2.0
 """Seconds a courtesy QUIT may take when a session is retired."""
 
 
-class Skip(enum.Enum):
-    """Why no probe was made at all."""
-
-    OVERLOAD = "overload"
-    PRIMARY_DOWN = "primary_down"
-    LOOP_STALLED = "loop_stalled"
-    """callahead's own probe loop is not answering (see loop.py's heartbeat)."""
-    SHUTDOWN = "shutdown"
-    """callahead is stopping: probes in flight were cancelled, no new ones start."""
+POSTMASTER = "postmaster"
+"""RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
 
 
 class TlsMode(enum.Enum):
@@ -68,107 +54,12 @@ class TlsMode(enum.Enum):
     ENCRYPT = "encrypt"
 
 
-class UnsendableAddress(ValueError):
-    """An address that no SMTP command may carry; it is never put on the wire."""
-
-
-POSTMASTER = "postmaster"
-"""RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    verdict: Verdict
-    stage: Stage
-    code: int | None
-    """The primary's reply code at ``stage``; None when there was no reply."""
-    detail: str
-    """The primary's reply text or the error, for logs only, never for the sender."""
-    duration: float
-    primary: str
-    """The nexthop that gave the answer (or the last one tried)."""
-    reached: bool = True
-    """False for connection-level failures (refused, timeout, 421, disconnect, TLS)."""
-    skipped: Skip | None = None
-    """Set when no probe was made (``verdict`` is then TEMPFAIL)."""
-    basis: Basis = Basis.NO_REPLY
-    """Why the reply got its verdict (see verdict.py)."""
-    why: str = ""
-    """The classification in one sentence, for ``--explain`` and the logs."""
-    transcript: tuple[str, ...] = ()
-    """The session's SMTP dialogue (``C: ...``/``S: ...``), when it was recorded."""
-
-    @classmethod
-    def not_probed(cls, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:
-        """Undecided without a probe (``skip`` says why; None: the probe was abandoned)."""
-        primary = str(hops[0]) if hops else ""
-        return cls(Verdict.TEMPFAIL, Stage.CONNECT, None, detail, 0.0, primary, False, skip)
-
-
-def needs_smtputf8(address: str) -> bool:
-    """True when the local part is not ASCII (the domain is sent in A-label form)."""
-    return not address.rpartition("@")[0].isascii()
-
-
-def wire_address(address: str, *, allow_utf8: bool = False) -> bytes:
-    """The bytes of ``address`` for a ``<...>`` path, or ``UnsendableAddress``.
-
-    Refuses anything that could end a command early or break the path: control
-    characters (CR, LF, NUL…), angle brackets or spaces outside a well-formed quoted
-    local part, a non-ASCII domain (send the A-label), a non-ASCII local part unless
-    ``allow_utf8`` (SMTPUTF8), and an address too long for one command line."""
-    if not address:
-        raise UnsendableAddress("empty address")
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
-        raise UnsendableAddress("control character in address")
-    local, sep, domain = address.rpartition("@")
-    if not sep or not local or not domain:
-        raise UnsendableAddress("address has no local part or no domain")
-    if not domain.isascii():
-        raise UnsendableAddress("non-ASCII domain (expected its A-label form)")
-    if not local.isascii() and not allow_utf8:
-        raise UnsendableAddress("non-ASCII local part needs SMTPUTF8")
-    if local.startswith('"'):
-        if not _is_quoted_string(local):
-            raise UnsendableAddress("malformed quoted local part")
-    elif any(c in local for c in '<> "\\'):
-        raise UnsendableAddress("unquoted local part holds a forbidden character")
-    if any(c in domain for c in '<> "\\'):
-        raise UnsendableAddress("forbidden character in domain")
-    try:
-        raw = address.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
-        raise UnsendableAddress("address is not valid UTF-8") from None
-    if len(raw) > MAX_ADDRESS_OCTETS:
-        raise UnsendableAddress("address too long for an SMTP command line")
-    return raw
-
-
-def _is_quoted_string(local: str) -> bool:
-    """RFC 5321 Quoted-string: DQUOTE *(qtext / quoted-pair) DQUOTE, nothing after it."""
-    if len(local) < 2 or not local.endswith('"'):
-        return False
-    inner = local[1:-1]
-    i = 0
-    while i < len(inner):
-        c = inner[i]
-        if c == "\\":
-            i += 2
-            if i > len(inner):
-                return False
-            continue
-        if c == '"':
-            return False
-        i += 1
-    return True
-
-
-class SessionLost(Exception):
+class SessionLost(CallaheadError):
     """The session died before the primary answered RCPT TO (closed, 421, reset): the
     probe may be retried on a fresh session."""
 
 
-class SessionFailed(Exception):
+class SessionFailed(CallaheadError):
     """Opening the session failed; carries the result to report."""
 
     def __init__(self, result: ProbeResult) -> None:

@@ -1,0 +1,122 @@
+"""Recipient addresses: how they are normalized, and the bytes that go on the wire.
+
+``normalize_recipient`` turns what Postfix hands over (``<User@Example.COM>``) into the
+address callahead judges, caches and logs (``User@example.com``); ``wire_address``
+refuses anything that could end an SMTP command early or smuggle another one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import idna
+
+from .errors import CallaheadError
+
+MAX_COMMAND_LINE_OCTETS = 512
+"""RFC 5321 4.5.3.1.4: a command line, CRLF included. A server that reads no more than
+this could take the rest of a longer line as a command of its own."""
+MAX_ADDRESS_OCTETS = MAX_COMMAND_LINE_OCTETS - len(b"RCPT TO:<>\r\n")
+"""The longest address a probe puts on the wire (500 octets). The 64-octet local-part
+and 256-octet path limits of RFC 5321 4.5.3.1 are not enforced: servers are told not
+to, Postfix does not, and refusing them let padded addresses skip verification."""
+
+
+class UnsendableAddress(CallaheadError, ValueError):
+    """An address that no SMTP command may carry; it is never put on the wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    """``local@domain``, the local part as given, the domain normalized."""
+    domain: str
+
+
+def normalize_recipient(text: str) -> Recipient | None:
+    """``<local@domain>`` (brackets optional) to its normalized form; None without a
+    local part or a domain."""
+    address = text.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain:
+        return None
+    domain = normalize_domain(domain)
+    return Recipient(f"{local}@{domain}", domain)
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form.
+
+    The A-label is UTS #46 non-transitional, as Postfix computes it (with its default
+    ``enable_idna2003_compatibility = no``): ``straße.de`` is ``xn--strae-oqa.de``, not
+    ``strasse.de`` as Python's own IDNA 2003 codec would have it, which would verify
+    (and cache) the user of another domain."""
+    domain = domain.strip().rstrip(".").lower()
+    if any(ord(c) > 127 for c in domain):
+        dot = "." if domain.startswith(".") else ""
+        try:
+            encoded = idna.encode(domain[len(dot) :], uts46=True, transitional=False)
+        except (idna.IDNAError, UnicodeError):
+            return domain
+        domain = dot + encoded.decode("ascii")
+    return domain
+
+
+def needs_smtputf8(address: str) -> bool:
+    """True when the local part is not ASCII (the domain is sent in A-label form)."""
+    return not address.rpartition("@")[0].isascii()
+
+
+def wire_address(address: str, *, allow_utf8: bool = False) -> bytes:
+    """The bytes of ``address`` for a ``<...>`` path, or ``UnsendableAddress``.
+
+    Refuses anything that could end a command early or break the path: control
+    characters (CR, LF, NUL…), angle brackets or spaces outside a well-formed quoted
+    local part, a non-ASCII domain (send the A-label), a non-ASCII local part unless
+    ``allow_utf8`` (SMTPUTF8), and an address too long for one command line."""
+    if not address:
+        raise UnsendableAddress("empty address")
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        raise UnsendableAddress("control character in address")
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain:
+        raise UnsendableAddress("address has no local part or no domain")
+    if not domain.isascii():
+        raise UnsendableAddress("non-ASCII domain (expected its A-label form)")
+    if not local.isascii() and not allow_utf8:
+        raise UnsendableAddress("non-ASCII local part needs SMTPUTF8")
+    if local.startswith('"'):
+        if not _is_quoted_string(local):
+            raise UnsendableAddress("malformed quoted local part")
+    elif any(c in local for c in '<> "\\'):
+        raise UnsendableAddress("unquoted local part holds a forbidden character")
+    if any(c in domain for c in '<> "\\'):
+        raise UnsendableAddress("forbidden character in domain")
+    try:
+        raw = address.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        raise UnsendableAddress("address is not valid UTF-8") from None
+    if len(raw) > MAX_ADDRESS_OCTETS:
+        raise UnsendableAddress("address too long for an SMTP command line")
+    return raw
+
+
+def _is_quoted_string(local: str) -> bool:
+    """RFC 5321 Quoted-string: DQUOTE *(qtext / quoted-pair) DQUOTE, nothing after it."""
+    if len(local) < 2 or not local.endswith('"'):
+        return False
+    inner = local[1:-1]
+    i = 0
+    while i < len(inner):
+        c = inner[i]
+        if c == "\\":
+            i += 2
+            if i > len(inner):
+                return False
+            continue
+        if c == '"':
+            return False
+        i += 1
+    return True
