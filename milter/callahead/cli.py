@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .address import UnsendableAddress, normalize_recipient, wire_address
+from .assembly import engine_settings
 from .config import (
     EX_CONFIG,
     VARIABLES,
@@ -21,7 +21,7 @@ from .config import (
     load_config,
     postfix_milter_command_timeout,
 )
-from .engine import EngineSettings, ProbeEngine
+from .engine import ProbeEngine
 from .loop import HANDOFF_MARGIN
 from .verdict import ProbeResult, Verdict
 
@@ -124,8 +124,7 @@ def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int
         print(f"callahead: warning: {warning}", file=sys.stderr)
 
     async def once() -> int:
-        settings = dataclasses.replace(EngineSettings.from_config(config), transcript=explain)
-        engine = ProbeEngine(settings)
+        engine = ProbeEngine(engine_settings(config, transcript=explain))
         result = await engine.probe(address, hops)
         code = "no reply" if result.code is None else str(result.code)
         print(

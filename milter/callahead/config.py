@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .address import UnsendableAddress, wire_address
+from .errors import CallaheadError
 from .routes import RouteError, RouteTable, parse_routes
 from .session import TlsMode
 
@@ -154,7 +155,7 @@ _DEFAULTS = {v.name: v.default for v in VARIABLES}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class ConfigError(ValueError):
+class ConfigError(CallaheadError, ValueError):
     """A bad value: names the variable, the value and what is allowed."""
 
     def __init__(self, variable: str, value: str, allowed: str) -> None:

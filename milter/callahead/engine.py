@@ -31,7 +31,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge
 
 from .breaker import Breaker, State
-from .config import Config
+from .errors import CallaheadError
 from .freshness import LastJudged
 from .metrics import Metrics
 from .pool import SessionPool
@@ -68,23 +68,6 @@ class EngineSettings:
     pool_max_age: float = 10.0
     fallback_sender: str = ""
     transcript: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config) -> EngineSettings:
-        return cls(
-            helo_name=config.helo_name,
-            sender=config.probe_sender,
-            timeout=config.probe_timeout,
-            tls=config.probe_tls,
-            pool_size=config.pool_size,
-            pool_idle=config.pool_idle,
-            max_probes=config.max_probes,
-            probe_wait=config.probe_wait,
-            breaker_failures=config.breaker_failures,
-            breaker_cooldown=config.breaker_cooldown,
-            pool_max_age=config.pool_max_age,
-            fallback_sender=config.probe_fallback_sender,
-        )
 
     @property
     def longest_answer(self) -> float:
@@ -437,7 +420,7 @@ class _Primary:
     pool: SessionPool = field(init=False)
 
 
-class _Queued(Exception):
+class _Queued(CallaheadError):
     """Internal: a probe timed out waiting for a free session of a busy primary."""
 
     def __init__(self, result: ProbeResult) -> None:

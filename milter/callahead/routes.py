@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .address import normalize_domain
+from .errors import CallaheadError
 
 DEFAULT_SMTP_PORT = 25
 
@@ -24,7 +25,7 @@ _HOSTNAME = re.compile(
 _IPV6 = re.compile(r"^(?:ipv6:)?[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?$")
 
 
-class RouteError(ValueError):
+class RouteError(CallaheadError, ValueError):
     """A route entry or nexthop that cannot be used; the message says what is allowed."""
 
 

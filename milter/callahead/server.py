@@ -1,4 +1,4 @@
-"""Assemble the running milter: probe loop, cache, policy, metrics, libmilter."""
+"""Run the milter: the probe loop, metrics, watchdog and libmilter, until a stop signal."""
 
 from __future__ import annotations
 
@@ -11,13 +11,10 @@ import time
 import Milter
 
 from .adapter import CallaheadMilter
-from .cache import PositiveCache
+from .assembly import build_policy
 from .config import Config
-from .engine import EngineSettings, ProbeEngine
-from .guard import ClientGuard
-from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
+from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
-from .policy import Policy
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -34,26 +31,6 @@ SESSION_CLOSE_TIMEOUT = 5.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 SIGNAL_POLL = 0.1
 """Seconds between two looks for a second stop signal."""
-
-
-def build_policy(
-    config: Config, loop: ProbeLoop, metrics: Metrics
-) -> tuple[Policy, PositiveCache, ProbeEngine, LoopProber]:
-    cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    engine = ProbeEngine(EngineSettings.from_config(config), metrics, known_valid=cache)
-    prober = LoopProber(loop, engine)
-    policy = Policy(
-        routes=config.routes,
-        cache=cache,
-        prober=prober,
-        tempfail_action=config.tempfail_action,
-        guard=ClientGuard(
-            limit=config.client_unknown_limit,
-            window=config.client_window,
-            ipv6_prefix=config.client_ipv6_prefix,
-        ),
-    )
-    return policy, cache, engine, prober
 
 
 def _exit_on_second_signal() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from callahead.assembly import engine_settings
 from callahead.cli import answer_time_problem, main
 from callahead.config import (
     DEFAULT_METRICS_LISTEN,
@@ -329,7 +330,7 @@ def test_engine_settings_from_config() -> None:
             CALLAHEAD_BREAKER_COOLDOWN="15",
         )
     )
-    assert EngineSettings.from_config(config) == EngineSettings(
+    assert engine_settings(config) == EngineSettings(
         helo_name="backup.example.net",
         sender="probe@example.net",
         timeout=4.0,
@@ -341,7 +342,7 @@ def test_engine_settings_from_config() -> None:
         breaker_failures=2,
         breaker_cooldown=15.0,
     )
-    assert EngineSettings.from_config(config).longest_answer == 4.5
+    assert engine_settings(config).longest_answer == 4.5
 
 
 # --- every bad value -------------------------------------------------------------------
