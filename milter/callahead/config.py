@@ -7,7 +7,6 @@ package reads the environment.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import logging
 import math
@@ -20,8 +19,9 @@ from typing import TypeVar
 
 from .address import UnsendableAddress, wire_address
 from .errors import CallaheadError
+from .policy import TempfailAction
 from .routes import RouteError, RouteTable, parse_routes
-from .session import TlsMode
+from .tls import TlsMode
 
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
@@ -30,13 +30,6 @@ DEFAULT_SOCKET = "inet:127.0.0.1:8895"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
 POSTCONF_TIMEOUT = 5.0
 """Seconds ``postconf -h myhostname`` may take at start."""
-
-
-class TempfailAction(enum.Enum):
-    """What a recipient gets when the probe cannot decide."""
-
-    ACCEPT = "accept"
-    DEFER = "defer"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,14 +36,8 @@ from .freshness import LastJudged
 from .metrics import Metrics
 from .pool import SessionPool
 from .routes import Nexthop
-from .session import (
-    Session,
-    SessionFailed,
-    SessionLost,
-    SessionSettings,
-    TlsMode,
-    unverified_tls_context,
-)
+from .session import Session, SessionFailed, SessionLost, SessionSettings
+from .tls import TlsMode, unverified_tls_context
 from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
 WARNED_LIMIT = 1000

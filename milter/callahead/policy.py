@@ -14,10 +14,16 @@ from typing import Protocol
 
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .cache import PositiveCache
-from .config import TempfailAction
 from .guard import ClientGuard
 from .routes import Nexthop, RouteTable
 from .verdict import ProbeResult, Skip, Verdict
+
+
+class TempfailAction(enum.Enum):
+    """What a recipient gets when the probe cannot decide."""
+
+    ACCEPT = "accept"
+    DEFER = "defer"
 
 
 class Action(enum.Enum):

@@ -16,7 +16,6 @@ rejections prove nothing about the recipient.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import ssl
 import time
@@ -27,6 +26,7 @@ import aiosmtplib
 from .address import UnsendableAddress, needs_smtputf8, wire_address
 from .errors import CallaheadError
 from .routes import Nexthop
+from .tls import TlsMode, unverified_tls_context
 from .verdict import Basis, Classification, ProbeResult, Stage, Verdict, classify, unproven
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ POSTMASTER = "postmaster"
 """RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
 
 
-class TlsMode(enum.Enum):
-    """Named as Postfix's smtp_tls_security_level names them."""
-
-    NONE = "none"
-    MAY = "may"
-    ENCRYPT = "encrypt"
-
-
 class SessionLost(CallaheadError):
     """The session died before the primary answered RCPT TO (closed, 421, reset): the
     probe may be retried on a fresh session."""
@@ -65,14 +57,6 @@ class SessionFailed(CallaheadError):
     def __init__(self, result: ProbeResult) -> None:
         super().__init__(result.detail)
         self.result = result
-
-
-def unverified_tls_context() -> ssl.SSLContext:
-    """Opportunistic TLS, as Postfix's ``may`` and ``encrypt``: encrypt, don't verify."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 @dataclass(frozen=True, slots=True)

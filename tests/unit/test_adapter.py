@@ -17,10 +17,9 @@ from Milter import testctx
 from callahead import adapter as adapter_module
 from callahead.adapter import CLIENT_LIMIT_REPLY, DEFER_REPLY, REJECT_REPLY, CallaheadMilter
 from callahead.cache import PositiveCache
-from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
 from callahead.metrics import Metrics
-from callahead.policy import Policy
+from callahead.policy import Policy, TempfailAction
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 

@@ -18,15 +18,15 @@ from callahead.config import (
     EX_CONFIG,
     VARIABLES,
     ConfigError,
-    TempfailAction,
     default_helo_name,
     is_fully_qualified,
     load_config,
     postfix_seconds,
 )
 from callahead.engine import EngineSettings
+from callahead.policy import TempfailAction
 from callahead.routes import Nexthop
-from callahead.session import TlsMode
+from callahead.tls import TlsMode
 
 GOOD_ENV: dict[str, str] = {
     "CALLAHEAD_ROUTES": "example.com=[127.0.0.1]:2525",

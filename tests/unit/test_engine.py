@@ -21,13 +21,13 @@ from callahead import session as probe_module
 from callahead.address import normalize_recipient, wire_address
 from callahead.breaker import State
 from callahead.cache import PositiveCache
-from callahead.config import TempfailAction
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import LoopProber, ProbeLoop
 from callahead.metrics import Metrics
-from callahead.policy import Action, Policy, Reason
+from callahead.policy import Action, Policy, Reason, TempfailAction
 from callahead.routes import Nexthop, parse_routes
-from callahead.session import ERROR_BUDGET, TlsMode
+from callahead.session import ERROR_BUDGET
+from callahead.tls import TlsMode
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.harness.tlsutil import self_signed, server_context
 from tests.unit.fakesmtp import (

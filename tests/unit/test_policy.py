@@ -8,9 +8,8 @@ import pytest
 
 from callahead.address import Recipient, normalize_recipient
 from callahead.cache import PositiveCache
-from callahead.config import TempfailAction
 from callahead.guard import ClientGuard
-from callahead.policy import Action, Policy, Reason
+from callahead.policy import Action, Policy, Reason, TempfailAction
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 

@@ -11,7 +11,8 @@ import pytest
 
 from callahead.pool import SessionPool
 from callahead.routes import Nexthop
-from callahead.session import Session, SessionSettings, TlsMode
+from callahead.session import Session, SessionSettings
+from callahead.tls import TlsMode
 
 T = TypeVar("T")
 HOP = Nexthop("127.0.0.1", 2525)
