@@ -29,20 +29,29 @@ SHUTDOWN_GRACE = 2.0
 SESSION_CLOSE_TIMEOUT = 5.0
 """Seconds for closing the pooled probe sessions (QUIT) at shutdown."""
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-SIGNAL_POLL = 0.1
+SIGNAL_POLL = 0.05
 """Seconds between two looks for a second stop signal."""
+UNCLAIMED_AFTER = 0.3
+"""Seconds a stop signal must stay pending to count as one nobody takes."""
 
 
 def _exit_on_second_signal() -> None:
     """Exit at once on a stop signal that nobody takes.
 
     The stop signals are blocked in every thread; libmilter's signal thread takes the
-    first one with sigwait and then ends. A second one stays pending: seen here within
-    ``SIGNAL_POLL`` seconds, it ends the process at once, whatever the shutdown is
+    first one with sigwait and then ends. A signal is briefly pending even on its way to
+    that thread, so only one still pending after ``UNCLAIMED_AFTER`` seconds counts as
+    nobody's: the second one, which ends the process at once, whatever the shutdown is
     waiting for."""
+    pending_since: float | None = None
     while True:
         pending = signal.sigpending() & STOP_SIGNALS
-        if pending:
+        now = time.monotonic()
+        if not pending:
+            pending_since = None
+        elif pending_since is None:
+            pending_since = now
+        elif now - pending_since >= UNCLAIMED_AFTER:
             signum = min(pending)
             log.warning("second stop signal (%s): exiting at once", signum.name)
             logging.shutdown()
