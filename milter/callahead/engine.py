@@ -24,16 +24,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
-
-from prometheus_client import Counter, Gauge
 
 from .breaker import Breaker, State
 from .errors import CallaheadError
 from .freshness import LastJudged
-from .metrics import Metrics
 from .pool import SessionPool
 from .routes import Nexthop
 from .session import Session, SessionFailed, SessionLost, SessionSettings
@@ -78,16 +75,69 @@ class KnownValid(Protocol):
     def add(self, address: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PrimaryState:
+    """One primary as the engine sees it now (read at scrape time by metrics.py)."""
+
+    name: str
+    open_sessions: int
+    breaker_open: bool
+    reached: bool
+    """The last probe reached the primary at the SMTP level."""
+    refuses_prober: bool
+    """The last answer of the primary refused the prober."""
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it goes (metrics.Metrics is the real one); the engine
+    knows nothing of Prometheus."""
+
+    def watch_primaries(self, states: Callable[[], Iterable[PrimaryState]]) -> None: ...
+
+    def probe_started(self) -> None: ...
+
+    def probe_ended(self, result: ProbeResult | None) -> None:
+        """``result`` is None for a probe cancelled or skipped before it began."""
+
+    def coalesced_wait(self) -> None: ...
+
+    def connection_opened(self, primary: str) -> None: ...
+
+    def prober_refused_by(self, primary: str, basis: Basis) -> None: ...
+
+
+class _Unobserved:
+    """The observer of an engine nobody watches (``callahead probe``)."""
+
+    def watch_primaries(self, states: Callable[[], Iterable[PrimaryState]]) -> None:
+        pass
+
+    def probe_started(self) -> None:
+        pass
+
+    def probe_ended(self, result: ProbeResult | None) -> None:
+        pass
+
+    def coalesced_wait(self) -> None:
+        pass
+
+    def connection_opened(self, primary: str) -> None:
+        pass
+
+    def prober_refused_by(self, primary: str, basis: Basis) -> None:
+        pass
+
+
 class ProbeEngine:
     def __init__(
         self,
         settings: EngineSettings,
-        metrics: Metrics | None = None,
+        observer: EngineObserver | None = None,
         known_valid: KnownValid | None = None,
     ) -> None:
         self.settings = settings
         self._known_valid = known_valid
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._observer: EngineObserver = observer if observer is not None else _Unobserved()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
         self._session_settings = SessionSettings(
             settings.helo_name, settings.sender, settings.tls, tls_context, settings.transcript
@@ -96,8 +146,8 @@ class ProbeEngine:
         self._slots = asyncio.Semaphore(settings.max_probes)
         self._inflight: dict[str, asyncio.Future[ProbeResult]] = {}
         self._primaries: dict[Nexthop, _Primary] = {}
-        self._probe_counts = {v: self._metrics.probes.labels(v.value) for v in Verdict}
         self._janitor: asyncio.Task[None] | None = None
+        self._observer.watch_primaries(self.primary_states)
 
     # -- per primary --------------------------------------------------------------------
 
@@ -105,37 +155,34 @@ class ProbeEngine:
         primary = self._primaries.get(hop)
         if primary is None:
             name = str(hop)
-            opened = self._metrics.connections.labels(name)
             breaker = Breaker(
                 failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
             )
-            primary = _Primary(
-                name=name,
-                breaker=breaker,
-                sender=self.settings.sender,
-                reached=self._metrics.primary_reached.labels(name),
-                refusing=self._metrics.refuses_prober.labels(name),
-                refused={
-                    basis: self._metrics.prober_refused.labels(name, basis.value)
-                    for basis in Basis
-                    if basis.refuses_prober
-                },
-            )
+            primary = _Primary(name=name, breaker=breaker, sender=self.settings.sender)
             settings = self._session_settings
-            primary.pool = pool = SessionPool(
+            observer = self._observer
+            primary.pool = SessionPool(
                 lambda: Session(hop, settings, sender=primary.sender),
                 size=self.settings.pool_size,
                 idle=self.settings.pool_idle,
                 max_age=self.settings.pool_max_age,
-                on_open=opened.inc,
+                on_open=lambda: observer.connection_opened(name),
             )
-            self._metrics.pool_sessions.labels(name).set_function(lambda: float(pool.open_sessions))
-            self._metrics.breaker_open.labels(name).set_function(
-                lambda: 1.0 if breaker.state is State.OPEN else 0.0
-            )
-            primary.refusing.set(0.0)
             self._primaries[hop] = primary
         return primary
+
+    def primary_states(self) -> list[PrimaryState]:
+        """Every primary probed so far, as it is now."""
+        return [
+            PrimaryState(
+                name=p.name,
+                open_sessions=p.pool.open_sessions,
+                breaker_open=p.breaker.state is State.OPEN,
+                reached=p.reached,
+                refuses_prober=p.refusing,
+            )
+            for p in self._primaries.values()
+        ]
 
     def breaker_state(self, hop: Nexthop) -> State:
         primary = self._primaries.get(hop)
@@ -150,11 +197,11 @@ class ProbeEngine:
         the ones that arrive meanwhile wait on a future that it fills."""
         shared = self._inflight.get(address)
         if shared is not None:
-            self._metrics.coalesced.inc()
+            self._observer.coalesced_wait()
             return await asyncio.shield(shared)
         if self._known_valid is not None and address in self._known_valid:
             # A probe of this address ended after the caller missed the cache.
-            self._metrics.coalesced.inc()
+            self._observer.coalesced_wait()
             return self._already_valid(hops)
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
@@ -202,15 +249,13 @@ class ProbeEngine:
                 )
         else:
             await self._slots.acquire()
-        self._metrics.in_flight.inc()
+        self._observer.probe_started()
+        result: ProbeResult | None = None
         try:
             result = await self._across(address, hops)
         finally:
-            self._metrics.in_flight.dec()
+            self._observer.probe_ended(result)
             self._slots.release()
-        if result.skipped is None:
-            self._probe_counts[result.verdict].inc()
-            self._metrics.probe_duration.observe(result.duration)
         return result
 
     async def _across(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
@@ -240,7 +285,7 @@ class ProbeEngine:
                 breaker.release(admission)
                 raise
             breaker.record(result.reached, admission)
-            primary.reached.set(1.0 if result.reached else 0.0)
+            primary.reached = result.reached
             self._note_refusal(primary, address, result)
             if result.verdict is not Verdict.TEMPFAIL:
                 self._judged.record(address)
@@ -337,8 +382,8 @@ class ProbeEngine:
         domain for an unproven one); note when the primary judges recipients again."""
         basis = result.basis
         if basis.refuses_prober:
-            primary.refused[basis].inc()
-            primary.refusing.set(1.0)
+            self._observer.prober_refused_by(primary.name, basis)
+            primary.refusing = True
             domain = address.rpartition("@")[2]
             key = (basis, domain if basis is Basis.UNPROVEN else "")
             if key in primary.warned or len(primary.warned) >= WARNED_LIMIT:
@@ -356,7 +401,7 @@ class ProbeEngine:
                 _ADVICE[basis].format(domain=domain, helo=self.settings.helo_name),
             )
         elif result.verdict is not Verdict.TEMPFAIL:
-            primary.refusing.set(0.0)
+            primary.refusing = False
             if primary.warned:
                 primary.warned.clear()
                 log.info("primary %s judges callahead's probes again", primary.name)
@@ -404,12 +449,10 @@ class _Primary:
     breaker: Breaker
     sender: str
     """MAIL FROM of new sessions: the probe sender, or the fallback once it was refused."""
-    reached: Gauge
-    """Its child of ``callahead_primary_reached``."""
-    refusing: Gauge
-    """Its child of ``callahead_primary_refuses_prober``."""
-    refused: dict[Basis, Counter]
-    """Its children of ``callahead_prober_refused_total``."""
+    reached: bool = False
+    """The last probe reached the primary at the SMTP level."""
+    refusing: bool = False
+    """The last answer of the primary refused the prober."""
     warned: set[tuple[Basis, str]] = field(default_factory=set)
     pool: SessionPool = field(init=False)
 

@@ -2,24 +2,64 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Metric,
     disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from .engine import PrimaryState
 from .policy import Action, Decision, Reason
-from .verdict import Verdict
+from .verdict import Basis, ProbeResult, Verdict
 
 # The *_created series double the size of a scrape and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _PrimariesCollector(Collector):
+    """The per-primary gauges, read from the engine's state when Prometheus scrapes (the
+    engine keeps plain fields; it knows nothing of Prometheus)."""
+
+    GAUGES = (
+        ("callahead_pool_sessions", "Open probe sessions to a primary", "open_sessions"),
+        (
+            "callahead_primary_reached",
+            "1 if the last probe of a primary reached it at the SMTP level, else 0",
+            "reached",
+        ),
+        (
+            "callahead_breaker_open",
+            "1 while a primary is treated as down (no probes until the cooldown ends)",
+            "breaker_open",
+        ),
+        (
+            "callahead_primary_refuses_prober",
+            "1 while the last answer of a primary refused the prober: its domains are "
+            "accepted unverified",
+            "refuses_prober",
+        ),
+    )
+
+    def __init__(self) -> None:
+        self.states: Callable[[], Iterable[PrimaryState]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        states = list(self.states())
+        for name, documentation, field in self.GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=["primary"])
+            for state in states:
+                family.add_metric([state.name], float(getattr(state, field)))
+            yield family
 
 
 class Metrics:
@@ -66,24 +106,9 @@ class Metrics:
             ["primary"],
             registry=r,
         )
-        self.pool_sessions = Gauge(
-            "callahead_pool_sessions", "Open probe sessions to a primary", ["primary"], registry=r
-        )
         self.coalesced = Counter(
             "callahead_coalesced_waits",
             "Recipients that shared a probe already in flight for the same address",
-            registry=r,
-        )
-        self.primary_reached = Gauge(
-            "callahead_primary_reached",
-            "1 if the last probe of a primary reached it at the SMTP level, else 0",
-            ["primary"],
-            registry=r,
-        )
-        self.breaker_open = Gauge(
-            "callahead_breaker_open",
-            "1 while a primary is treated as down (no probes until the cooldown ends)",
-            ["primary"],
             registry=r,
         )
         self.prober_refused = Counter(
@@ -91,13 +116,6 @@ class Metrics:
             "Probes a primary answered by refusing the prober rather than judging the "
             "recipient, by basis (prober, sender, unproven); answered as undecided",
             ["primary", "basis"],
-            registry=r,
-        )
-        self.refuses_prober = Gauge(
-            "callahead_primary_refuses_prober",
-            "1 while the last answer of a primary refused the prober: its domains are "
-            "accepted unverified",
-            ["primary"],
             registry=r,
         )
         self.client_address_missing = Counter(
@@ -112,9 +130,34 @@ class Metrics:
             "action without a probe",
             registry=r,
         )
+        self._primaries = _PrimariesCollector()
+        r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.
-        for verdict in Verdict:
-            self.probes.labels(verdict.value)
+        self._probe_counts = {v: self.probes.labels(v.value) for v in Verdict}
+
+    # -- the probe engine's observer (engine.EngineObserver) ---------------------------
+
+    def watch_primaries(self, states: Callable[[], Iterable[PrimaryState]]) -> None:
+        """The per-primary gauges are read from ``states`` at each scrape."""
+        self._primaries.states = states
+
+    def probe_started(self) -> None:
+        self.in_flight.inc()
+
+    def probe_ended(self, result: ProbeResult | None) -> None:
+        self.in_flight.dec()
+        if result is not None and result.skipped is None:
+            self._probe_counts[result.verdict].inc()
+            self.probe_duration.observe(result.duration)
+
+    def coalesced_wait(self) -> None:
+        self.coalesced.inc()
+
+    def connection_opened(self, primary: str) -> None:
+        self.connections.labels(primary).inc()
+
+    def prober_refused_by(self, primary: str, basis: Basis) -> None:
+        self.prober_refused.labels(primary, basis.value).inc()
 
     def track_cache_size(self, size: Callable[[], int]) -> None:
         self.cache_entries.set_function(lambda: float(size()))

@@ -7,6 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from callahead.cache import PositiveCache
+from callahead.engine import PrimaryState
 from callahead.metrics import PROBE_BUCKETS, Metrics
 from callahead.policy import Action, Decision, Reason
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
@@ -218,6 +219,7 @@ NEW_NAMES = {
     "callahead_coalesced_waits": "counter",
     "callahead_primary_reached": "gauge",
     "callahead_breaker_open": "gauge",
+    "callahead_primary_refuses_prober": "gauge",
     "callahead_errors": "counter",
 }
 
@@ -225,12 +227,22 @@ NEW_NAMES = {
 def test_exposition_has_the_engine_metrics() -> None:
     metrics = Metrics()
     primary = "[mx.example.com]:25"
-    metrics.in_flight.inc()
-    metrics.connections.labels(primary).inc()
-    metrics.pool_sessions.labels(primary).set(3)
-    metrics.coalesced.inc(2)
-    metrics.primary_reached.labels(primary).set(1)
-    metrics.breaker_open.labels(primary).set(0)
+    metrics.probe_started()
+    metrics.connection_opened(primary)
+    metrics.coalesced_wait()
+    metrics.coalesced_wait()
+    # The per-primary gauges are read from the engine's state at scrape time.
+    metrics.watch_primaries(
+        lambda: [
+            PrimaryState(
+                name=primary,
+                open_sessions=3,
+                breaker_open=False,
+                reached=True,
+                refuses_prober=True,
+            )
+        ]
+    )
     metrics.observe(Decision(Action.DEFER, Reason.CLIENT_LIMIT, "a@x"))
     metrics.observe(Decision(Action.ACCEPT, Reason.OVERLOAD, "b@x", skipped(Skip.OVERLOAD)))
     text = generate_latest(metrics.registry).decode("utf-8")
@@ -243,6 +255,7 @@ def test_exposition_has_the_engine_metrics() -> None:
     assert value(metrics, "callahead_coalesced_waits_total") == 2
     assert value(metrics, "callahead_primary_reached", primary=primary) == 1
     assert value(metrics, "callahead_breaker_open", primary=primary) == 0
+    assert value(metrics, "callahead_primary_refuses_prober", primary=primary) == 1
     assert (
         value(metrics, "callahead_rcpt_decisions_total", decision="defer", reason="client_limit")
         == 1
