@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import Milter
 
@@ -20,21 +19,6 @@ from .metrics import Metrics
 from .policy import Action, Decision, Policy, Reason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: str
-    xcode: str
-    text: str
-
-
-# Neither reply names the primary or repeats its words: the sender learns only the verdict.
-REJECT_REPLY = Reply("550", "5.1.1", "Recipient address rejected: User unknown")
-DEFER_REPLY = Reply(
-    "451", "4.4.3", "Recipient address verification temporarily unavailable, try again later"
-)
-CLIENT_LIMIT_REPLY = Reply("450", "4.7.1", "Too many unknown recipients, try again later")
 
 
 _warned_no_client = threading.Event()
@@ -88,18 +72,18 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
             decision = self._policy.tempfail_decision(address, Reason.ERROR)
         self._metrics.observe(decision)
         log.info(
-            "%s: client=%s %s", escape(queue_id), escape(client or "unknown"), describe(decision)
+            "%s: client=%s %s",
+            escape(queue_id),
+            escape(client or "unknown"),
+            decision_line(decision),
         )
-        if decision.action is Action.REJECT:
-            self.setreply(REJECT_REPLY.code, REJECT_REPLY.xcode, REJECT_REPLY.text)
-            return int(Milter.REJECT)
-        if decision.action is Action.DEFER:
-            reply = CLIENT_LIMIT_REPLY if decision.reason is Reason.CLIENT_LIMIT else DEFER_REPLY
-            self.setreply(reply.code, reply.xcode, reply.text)
-            return int(Milter.TEMPFAIL)
-        # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never ACCEPT,
-        # which would skip the checks of the recipients that follow.
-        return int(Milter.CONTINUE)
+        reply = decision.reply
+        if reply is None:
+            # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never
+            # ACCEPT, which would skip the checks of the recipients that follow.
+            return int(Milter.CONTINUE)
+        self.setreply(reply.code, reply.xcode, reply.text)
+        return int(Milter.REJECT if reply.permanent else Milter.TEMPFAIL)
 
     def _no_client_address(self) -> None:
         """Postfix sent no ``{client_addr}``: the guard cannot count this client. Say so
@@ -128,7 +112,7 @@ _REPLY_LOGGED = frozenset({Reason.PROBE_TEMPFAIL, Reason.PROBER_REFUSED})
 """Accepted decisions whose log line carries the primary's reply: it says why."""
 
 
-def describe(decision: Decision) -> str:
+def decision_line(decision: Decision) -> str:
     """The log line body for one decision; the recipient and the primary's reply are
     escaped (logfmt.py), so neither can add or end a field."""
     text = (

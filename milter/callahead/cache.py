@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Protocol
 
 from cachetools import TTLCache
+
+
+class ValidCache(Protocol):
+    """Valid addresses as the decision core and the engine see them: the local TTL cache
+    here, a shared one later; neither cares which."""
+
+    def __contains__(self, address: object) -> bool: ...
+
+    def add(self, address: str) -> None: ...
 
 
 class PositiveCache:

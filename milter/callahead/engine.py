@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .breaker import Breaker, State
+from .cache import ValidCache
 from .errors import CallaheadError
 from .freshness import LastJudged
 from .pool import SessionPool
@@ -64,15 +65,6 @@ class EngineSettings:
     def longest_answer(self) -> float:
         """The longest a probe request can take: a wait for a slot, then the probe."""
         return self.probe_wait + self.timeout
-
-
-class KnownValid(Protocol):
-    """Where valid answers are kept (the positive cache): the engine writes each valid
-    answer there before its in-flight entry goes, and looks there before it probes."""
-
-    def __contains__(self, address: object) -> bool: ...
-
-    def add(self, address: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +125,7 @@ class ProbeEngine:
         self,
         settings: EngineSettings,
         observer: EngineObserver | None = None,
-        known_valid: KnownValid | None = None,
+        known_valid: ValidCache | None = None,
     ) -> None:
         self.settings = settings
         self._known_valid = known_valid
@@ -206,7 +198,7 @@ class ProbeEngine:
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
         try:
-            result = await self._bounded(address, tuple(hops))
+            result = await self._within_slots(address, tuple(hops))
         except BaseException as exc:
             del self._inflight[address]
             # The waiters get an undecided answer; the error goes to this caller only.
@@ -232,7 +224,7 @@ class ProbeEngine:
             why="a probe of the same address that ended a moment ago found it valid",
         )
 
-    async def _bounded(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
+    async def _within_slots(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
         self._ensure_janitor()
         if self._slots.locked():
             wait = self.settings.probe_wait
@@ -252,13 +244,13 @@ class ProbeEngine:
         self._observer.probe_started()
         result: ProbeResult | None = None
         try:
-            result = await self._across(address, hops)
+            result = await self._with_failover(address, hops)
         finally:
             self._observer.probe_ended(result)
             self._slots.release()
         return result
 
-    async def _across(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
+    async def _with_failover(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
         """Failover: each nexthop in order, all within one deadline."""
         started = time.monotonic()
         deadline = started + self.settings.timeout
@@ -274,7 +266,7 @@ class ProbeEngine:
                 breaker.release(admission)
                 break
             try:
-                result = await self._at(primary, address, started, budget)
+                result = await self._at_primary(primary, address, started, budget)
             except _Queued as queued:
                 # Every session to this primary was busy for the whole budget: that
                 # says nothing about whether it is down, so the breaker is not moved.
@@ -294,7 +286,7 @@ class ProbeEngine:
             return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
 
-    async def _at(
+    async def _at_primary(
         self, primary: _Primary, address: str, started: float, budget: float
     ) -> ProbeResult:
         """One primary: a pooled session opened after ``address`` was last judged;

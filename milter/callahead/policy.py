@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .address import UnsendableAddress, normalize_recipient, wire_address
-from .cache import PositiveCache
+from .cache import ValidCache
 from .guard import ClientGuard
 from .routes import Nexthop, RouteTable
 from .verdict import ProbeResult, Skip, Verdict
@@ -60,6 +60,27 @@ class Prober(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Reply:
+    """What the sender is told, in every front end's protocol."""
+
+    code: str
+    xcode: str
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code.startswith("5")
+
+
+# No reply names the primary or repeats its words: the sender learns only the verdict.
+REJECT_REPLY = Reply("550", "5.1.1", "Recipient address rejected: User unknown")
+DEFER_REPLY = Reply(
+    "451", "4.4.3", "Recipient address verification temporarily unavailable, try again later"
+)
+CLIENT_LIMIT_REPLY = Reply("450", "4.7.1", "Too many unknown recipients, try again later")
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
     reason: Reason
@@ -67,13 +88,22 @@ class Decision:
     """The recipient as it was judged (angle brackets removed, domain normalized)."""
     probe: ProbeResult | None = None
 
+    @property
+    def reply(self) -> Reply | None:
+        """The reply the front end gives; None: no opinion (Postfix goes on)."""
+        if self.action is Action.REJECT:
+            return REJECT_REPLY
+        if self.action is Action.DEFER:
+            return CLIENT_LIMIT_REPLY if self.reason is Reason.CLIENT_LIMIT else DEFER_REPLY
+        return None
+
 
 class Policy:
     def __init__(
         self,
         *,
         routes: RouteTable,
-        cache: PositiveCache,
+        cache: ValidCache,
         prober: Prober,
         tempfail_action: TempfailAction,
         guard: ClientGuard | None = None,

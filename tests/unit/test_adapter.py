@@ -15,11 +15,17 @@ from hypothesis import strategies as st
 from Milter import testctx
 
 from callahead import adapter as adapter_module
-from callahead.adapter import CLIENT_LIMIT_REPLY, DEFER_REPLY, REJECT_REPLY, CallaheadMilter
+from callahead.adapter import CallaheadMilter
 from callahead.cache import PositiveCache
 from callahead.guard import ClientGuard
 from callahead.metrics import Metrics
-from callahead.policy import Policy, TempfailAction
+from callahead.policy import (
+    CLIENT_LIMIT_REPLY,
+    DEFER_REPLY,
+    REJECT_REPLY,
+    Policy,
+    TempfailAction,
+)
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
