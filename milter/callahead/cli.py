@@ -36,7 +36,7 @@ def variables_help() -> str:
     width = max(len(v.name) for v in VARIABLES)
     lines = ["environment variables (default in brackets):"]
     for v in VARIABLES:
-        default = v.default if v.default else "empty"
+        default = v.shown_default or "empty"
         lines.append(f"  {v.name:<{width}}  {v.meaning} [{default}]")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ package reads the environment.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import math
@@ -15,7 +16,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .address import UnsendableAddress, wire_address
 from .errors import CallaheadError
@@ -32,122 +33,6 @@ POSTCONF_TIMEOUT = 5.0
 """Seconds ``postconf -h myhostname`` may take at start."""
 
 
-@dataclass(frozen=True, slots=True)
-class Variable:
-    """One environment variable, as ``--help`` and the README list it."""
-
-    name: str
-    default: str
-    meaning: str
-
-
-VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        "CALLAHEAD_SOCKET",
-        DEFAULT_SOCKET,
-        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path",
-    ),
-    Variable(
-        "CALLAHEAD_ROUTES",
-        "",
-        "domain=nexthop entries, separated by spaces or commas; nexthop as in "
-        "transport(5): [host], [host]:port or host:port, optional smtp:/relay: "
-        "prefix; .example.com matches subdomains; a domain listed twice fails over "
-        "in order (required by serve and probe)",
-    ),
-    Variable("CALLAHEAD_CACHE_TTL", "86400", "seconds a positive answer is trusted"),
-    Variable("CALLAHEAD_CACHE_SIZE", "100000", "most addresses kept in the positive cache"),
-    Variable(
-        "CALLAHEAD_TEMPFAIL_ACTION",
-        "accept",
-        "accept or defer, when the probe cannot decide",
-    ),
-    Variable(
-        "CALLAHEAD_PROBE_TIMEOUT",
-        "10",
-        "seconds for a whole probe; keep well below Postfix's milter_command_timeout",
-    ),
-    Variable("CALLAHEAD_PROBE_SENDER", "", "MAIL FROM of the probes; empty is <>"),
-    Variable(
-        "CALLAHEAD_PROBE_FALLBACK_SENDER",
-        "",
-        "MAIL FROM for one retry when a primary refuses the probe sender (not the "
-        "recipient), kept for that primary from then on; empty: no retry",
-    ),
-    Variable(
-        "CALLAHEAD_HELO_NAME",
-        "(Postfix's myhostname, else this host's FQDN)",
-        "EHLO name of the probes; the primary must accept it (a name that is not "
-        "fully qualified gets a warning at start)",
-    ),
-    Variable(
-        "CALLAHEAD_METRICS_LISTEN",
-        DEFAULT_METRICS_LISTEN,
-        "HOST:PORT of the Prometheus /metrics endpoint; empty disables it",
-    ),
-    Variable("CALLAHEAD_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Variable(
-        "CALLAHEAD_PROBE_TLS",
-        "may",
-        "STARTTLS for probes, as smtp_tls_security_level: none, may (when offered) or "
-        "encrypt (required); certificates are not verified",
-    ),
-    Variable("CALLAHEAD_POOL_SIZE", "4", "open probe sessions kept per primary (1-100)"),
-    Variable(
-        "CALLAHEAD_POOL_IDLE",
-        "30",
-        "seconds an idle probe session is kept open; keep below the primary's "
-        "smtpd_timeout (300 s in Postfix, 10 s under stress)",
-    ),
-    Variable(
-        "CALLAHEAD_POOL_MAX_AGE",
-        "10",
-        "seconds a probe session may live: a primary reads its tables when a session "
-        "begins, so this bounds how old a view of a new user a verdict can rest on",
-    ),
-    Variable("CALLAHEAD_MAX_PROBES", "64", "probes in flight at once, all primaries (1-10000)"),
-    Variable(
-        "CALLAHEAD_PROBE_WAIT",
-        "2",
-        "seconds a recipient may wait for a probe slot before the tempfail action "
-        "(reason overload)",
-    ),
-    Variable(
-        "CALLAHEAD_BREAKER_FAILURES",
-        "5",
-        "consecutive connection-level failures after which a primary is treated as "
-        "down (reason primary_down); 0 disables",
-    ),
-    Variable(
-        "CALLAHEAD_BREAKER_COOLDOWN",
-        "30",
-        "seconds a primary treated as down gets no probes; then one trial probe",
-    ),
-    Variable(
-        "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
-        "20",
-        "unknown recipients a client may send per window; past it, uncached recipients "
-        "get 450 4.7.1 without a probe (reason client_limit); 0 disables",
-    ),
-    Variable(
-        "CALLAHEAD_CLIENT_WINDOW",
-        "600",
-        "seconds of the sliding window of CALLAHEAD_CLIENT_UNKNOWN_LIMIT; 0 disables",
-    ),
-    Variable(
-        "CALLAHEAD_CLIENT_IPV6_PREFIX",
-        "64",
-        "IPv6 clients are counted by network of this many bits (a host often holds a "
-        "whole /64); 128 counts each address",
-    ),
-)
-
-_NAMES = frozenset(v.name for v in VARIABLES)
-_DEFAULTS = {v.name: v.default for v in VARIABLES}
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
 class ConfigError(CallaheadError, ValueError):
     """A bad value: names the variable, the value and what is allowed."""
 
@@ -158,64 +43,9 @@ class ConfigError(CallaheadError, ValueError):
         self.allowed = allowed
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The effective configuration."""
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-    socket: str
-    """The socket as the operator wrote it."""
-    milter_socket: str
-    """The same socket in libmilter's form (``inet:PORT@HOST``, ``inet6:…``, ``unix:…``)."""
-    routes: RouteTable
-    cache_ttl: float
-    cache_size: int
-    tempfail_action: TempfailAction
-    probe_timeout: float
-    probe_sender: str
-    probe_fallback_sender: str
-    helo_name: str
-    metrics_listen: tuple[str, int] | None
-    log_level: int
-    probe_tls: TlsMode
-    pool_size: int
-    pool_idle: float
-    pool_max_age: float
-    max_probes: int
-    probe_wait: float
-    breaker_failures: int
-    breaker_cooldown: float
-    client_unknown_limit: int
-    client_window: float
-    client_ipv6_prefix: int
-
-    def describe(self) -> list[tuple[str, str]]:
-        """(variable, effective value) pairs, in the order of ``VARIABLES``."""
-        metrics = "" if self.metrics_listen is None else _join_hostport(*self.metrics_listen)
-        routes = " ".join(f"{d}={h}" for d, h in self.routes.entries())
-        return [
-            ("CALLAHEAD_SOCKET", self.socket),
-            ("CALLAHEAD_ROUTES", routes),
-            ("CALLAHEAD_CACHE_TTL", _fmt_number(self.cache_ttl)),
-            ("CALLAHEAD_CACHE_SIZE", str(self.cache_size)),
-            ("CALLAHEAD_TEMPFAIL_ACTION", self.tempfail_action.value),
-            ("CALLAHEAD_PROBE_TIMEOUT", _fmt_number(self.probe_timeout)),
-            ("CALLAHEAD_PROBE_SENDER", self.probe_sender),
-            ("CALLAHEAD_PROBE_FALLBACK_SENDER", self.probe_fallback_sender),
-            ("CALLAHEAD_HELO_NAME", self.helo_name),
-            ("CALLAHEAD_METRICS_LISTEN", metrics),
-            ("CALLAHEAD_LOG_LEVEL", logging.getLevelName(self.log_level)),
-            ("CALLAHEAD_PROBE_TLS", self.probe_tls.value),
-            ("CALLAHEAD_POOL_SIZE", str(self.pool_size)),
-            ("CALLAHEAD_POOL_IDLE", _fmt_number(self.pool_idle)),
-            ("CALLAHEAD_POOL_MAX_AGE", _fmt_number(self.pool_max_age)),
-            ("CALLAHEAD_MAX_PROBES", str(self.max_probes)),
-            ("CALLAHEAD_PROBE_WAIT", _fmt_number(self.probe_wait)),
-            ("CALLAHEAD_BREAKER_FAILURES", str(self.breaker_failures)),
-            ("CALLAHEAD_BREAKER_COOLDOWN", _fmt_number(self.breaker_cooldown)),
-            ("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", str(self.client_unknown_limit)),
-            ("CALLAHEAD_CLIENT_WINDOW", _fmt_number(self.client_window)),
-            ("CALLAHEAD_CLIENT_IPV6_PREFIX", str(self.client_ipv6_prefix)),
-        ]
+T = TypeVar("T")
 
 
 def _fmt_number(x: float) -> str:
@@ -224,9 +54,6 @@ def _fmt_number(x: float) -> str:
 
 def _join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-T = TypeVar("T")
 
 
 def _parse_number(
@@ -422,116 +249,357 @@ def _parse_helo(name: str, value: str) -> str:
     return helo
 
 
+def _number(
+    convert: Callable[[str], T],
+    *,
+    what: str,
+    minimum: float = 0,
+    maximum: float = math.inf,
+    exclusive_minimum: bool = False,
+) -> Callable[[str, str], T]:
+    def parse(name: str, value: str) -> T:
+        return _parse_number(
+            name,
+            value,
+            convert,
+            what=what,
+            minimum=minimum,
+            maximum=maximum,
+            exclusive_minimum=exclusive_minimum,
+        )
+
+    return parse
+
+
+def _whole(low: int, high: int) -> Callable[[str, str], int]:
+    return _number(
+        int, minimum=low, maximum=high, what=f"expected a whole number from {low} to {high}"
+    )
+
+
+def _seconds(*, positive: bool = False, high: float = 86400) -> Callable[[str, str], float]:
+    low = "> 0" if positive else ">= 0"
+    return _number(
+        float,
+        exclusive_minimum=positive,
+        maximum=high,
+        what=f"expected a number of seconds {low} and at most {high:g}",
+    )
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _choice(kind: type[E], allowed: str) -> Callable[[str, str], E]:
+    def parse(name: str, value: str) -> E:
+        try:
+            choice: E = kind(value.strip().lower())
+        except ValueError:
+            raise ConfigError(name, value, allowed) from None
+        return choice
+
+    return parse
+
+
+def _enum_value(value: enum.Enum) -> str:
+    return str(value.value)
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+def _parse_socket_text(name: str, value: str) -> str:
+    parse_socket(name, value)  # validates
+    return value.strip()
+
+
+def _parse_route_table(name: str, value: str) -> RouteTable:
+    try:
+        return parse_routes(value)
+    except RouteError as exc:
+        raise ConfigError(name, value, str(exc)) from None
+
+
+def _routes_text(routes: RouteTable) -> str:
+    return " ".join(f"{d}={h}" for d, h in routes.entries())
+
+
+def _metrics_text(listen: tuple[str, int] | None) -> str:
+    return "" if listen is None else _join_hostport(*listen)
+
+
+def _parse_log_level(name: str, value: str) -> int:
+    level = value.strip().upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(name, value, "expected " + ", ".join(_LOG_LEVELS))
+    return logging.getLevelNamesMapping()[level]
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable: its default, its meaning (for ``--help`` and the README),
+    the ``Config`` field it sets, how its text is parsed (raising ``ConfigError``) and how
+    the effective value is written back (``callahead config``)."""
+
+    name: str
+    default: str
+    """The text used when the variable is not set."""
+    meaning: str
+    field: str
+    parse: Callable[[str, str], Any]
+    """(variable name, text) -> the field's value."""
+    render: Callable[[Any], str]
+    shown: str = ""
+    """The default as ``--help`` shows it, when it is computed (else ``default``)."""
+
+    @property
+    def shown_default(self) -> str:
+        return self.shown or self.default
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "CALLAHEAD_SOCKET",
+        DEFAULT_SOCKET,
+        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path",
+        field="socket",
+        parse=_parse_socket_text,
+        render=_as_is,
+    ),
+    Variable(
+        "CALLAHEAD_ROUTES",
+        "",
+        "domain=nexthop entries, separated by spaces or commas; nexthop as in "
+        "transport(5): [host], [host]:port or host:port, optional smtp:/relay: "
+        "prefix; .example.com matches subdomains; a domain listed twice fails over "
+        "in order (required by serve and probe)",
+        field="routes",
+        parse=_parse_route_table,
+        render=_routes_text,
+    ),
+    Variable(
+        "CALLAHEAD_CACHE_TTL",
+        "86400",
+        "seconds a positive answer is trusted",
+        field="cache_ttl",
+        parse=_number(float, what="expected a number of seconds >= 0 (0 disables the cache)"),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_CACHE_SIZE",
+        "100000",
+        "most addresses kept in the positive cache",
+        field="cache_size",
+        parse=_number(int, what="expected a whole number >= 0 (0 disables the cache)"),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_TEMPFAIL_ACTION",
+        "accept",
+        "accept or defer, when the probe cannot decide",
+        field="tempfail_action",
+        parse=_choice(TempfailAction, "expected accept or defer"),
+        render=_enum_value,
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_TIMEOUT",
+        "10",
+        "seconds for a whole probe; keep well below Postfix's milter_command_timeout",
+        field="probe_timeout",
+        parse=_number(
+            float,
+            exclusive_minimum=True,
+            maximum=300,
+            what="expected a number of seconds > 0 and at most 300",
+        ),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_SENDER",
+        "",
+        "MAIL FROM of the probes; empty is <>",
+        field="probe_sender",
+        parse=_parse_address,
+        render=_as_is,
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_FALLBACK_SENDER",
+        "",
+        "MAIL FROM for one retry when a primary refuses the probe sender (not the "
+        "recipient), kept for that primary from then on; empty: no retry",
+        field="probe_fallback_sender",
+        parse=_parse_address,
+        render=_as_is,
+    ),
+    Variable(
+        "CALLAHEAD_HELO_NAME",
+        "",
+        "EHLO name of the probes; the primary must accept it (a name that is not "
+        "fully qualified gets a warning at start)",
+        field="helo_name",
+        parse=_parse_helo,
+        render=_as_is,
+        shown="(Postfix's myhostname, else this host's FQDN)",
+    ),
+    Variable(
+        "CALLAHEAD_METRICS_LISTEN",
+        DEFAULT_METRICS_LISTEN,
+        "HOST:PORT of the Prometheus /metrics endpoint; empty disables it",
+        field="metrics_listen",
+        parse=_parse_metrics,
+        render=_metrics_text,
+    ),
+    Variable(
+        "CALLAHEAD_LOG_LEVEL",
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR",
+        field="log_level",
+        parse=_parse_log_level,
+        render=logging.getLevelName,
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_TLS",
+        "may",
+        "STARTTLS for probes, as smtp_tls_security_level: none, may (when offered) or "
+        "encrypt (required); certificates are not verified",
+        field="probe_tls",
+        parse=_choice(TlsMode, "expected none, may or encrypt"),
+        render=_enum_value,
+    ),
+    Variable(
+        "CALLAHEAD_POOL_SIZE",
+        "4",
+        "open probe sessions kept per primary (1-100)",
+        field="pool_size",
+        parse=_whole(1, 100),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_POOL_IDLE",
+        "30",
+        "seconds an idle probe session is kept open; keep below the primary's "
+        "smtpd_timeout (300 s in Postfix, 10 s under stress)",
+        field="pool_idle",
+        parse=_seconds(positive=True, high=3600),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_POOL_MAX_AGE",
+        "10",
+        "seconds a probe session may live: a primary reads its tables when a session "
+        "begins, so this bounds how old a view of a new user a verdict can rest on",
+        field="pool_max_age",
+        parse=_seconds(positive=True, high=3600),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_MAX_PROBES",
+        "64",
+        "probes in flight at once, all primaries (1-10000)",
+        field="max_probes",
+        parse=_whole(1, 10000),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_PROBE_WAIT",
+        "2",
+        "seconds a recipient may wait for a probe slot before the tempfail action "
+        "(reason overload)",
+        field="probe_wait",
+        parse=_seconds(high=300),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_BREAKER_FAILURES",
+        "5",
+        "consecutive connection-level failures after which a primary is treated as "
+        "down (reason primary_down); 0 disables",
+        field="breaker_failures",
+        parse=_whole(0, 1000),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_BREAKER_COOLDOWN",
+        "30",
+        "seconds a primary treated as down gets no probes; then one trial probe",
+        field="breaker_cooldown",
+        parse=_seconds(positive=True, high=3600),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
+        "20",
+        "unknown recipients a client may send per window; past it, uncached recipients "
+        "get 450 4.7.1 without a probe (reason client_limit); 0 disables",
+        field="client_unknown_limit",
+        parse=_whole(0, 1_000_000),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_CLIENT_WINDOW",
+        "600",
+        "seconds of the sliding window of CALLAHEAD_CLIENT_UNKNOWN_LIMIT; 0 disables",
+        field="client_window",
+        parse=_seconds(),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_CLIENT_IPV6_PREFIX",
+        "64",
+        "IPv6 clients are counted by network of this many bits (a host often holds a "
+        "whole /64); 128 counts each address",
+        field="client_ipv6_prefix",
+        parse=_whole(16, 128),
+        render=str,
+    ),
+)
+
+_NAMES = frozenset(v.name for v in VARIABLES)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration."""
+
+    socket: str
+    """The socket as the operator wrote it."""
+    routes: RouteTable
+    cache_ttl: float
+    cache_size: int
+    tempfail_action: TempfailAction
+    probe_timeout: float
+    probe_sender: str
+    probe_fallback_sender: str
+    helo_name: str
+    metrics_listen: tuple[str, int] | None
+    log_level: int
+    probe_tls: TlsMode
+    pool_size: int
+    pool_idle: float
+    pool_max_age: float
+    max_probes: int
+    probe_wait: float
+    breaker_failures: int
+    breaker_cooldown: float
+    client_unknown_limit: int
+    client_window: float
+    client_ipv6_prefix: int
+
+    @property
+    def milter_socket(self) -> str:
+        """The socket in libmilter's form (``inet:PORT@HOST``, ``inet6:…``, ``unix:…``)."""
+        return parse_socket("CALLAHEAD_SOCKET", self.socket)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(variable, effective value) pairs, in the order of ``VARIABLES``."""
+        return [(v.name, v.render(getattr(self, v.field))) for v in VARIABLES]
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Read and validate every ``CALLAHEAD_*`` variable from ``env``."""
     unknown = sorted(k for k in env if k.startswith("CALLAHEAD_") and k not in _NAMES)
     if unknown:
         raise ConfigError(unknown[0], env[unknown[0]], "unknown variable (see --help)")
-
-    def get(name: str) -> str:
-        value = env.get(name)
-        if value is None:
-            return _DEFAULTS[name] if name != "CALLAHEAD_HELO_NAME" else ""
-        return value
-
-    socket_value = get("CALLAHEAD_SOCKET")
-    milter_socket = parse_socket("CALLAHEAD_SOCKET", socket_value)
-
-    routes_value = get("CALLAHEAD_ROUTES")
-    try:
-        routes = parse_routes(routes_value)
-    except RouteError as exc:
-        raise ConfigError("CALLAHEAD_ROUTES", routes_value, str(exc)) from None
-
-    cache_ttl = _parse_number(
-        "CALLAHEAD_CACHE_TTL",
-        get("CALLAHEAD_CACHE_TTL"),
-        float,
-        what="expected a number of seconds >= 0 (0 disables the cache)",
-    )
-    cache_size = _parse_number(
-        "CALLAHEAD_CACHE_SIZE",
-        get("CALLAHEAD_CACHE_SIZE"),
-        int,
-        what="expected a whole number >= 0 (0 disables the cache)",
-    )
-    action_value = get("CALLAHEAD_TEMPFAIL_ACTION")
-    try:
-        tempfail_action = TempfailAction(action_value.strip().lower())
-    except ValueError:
-        raise ConfigError(
-            "CALLAHEAD_TEMPFAIL_ACTION", action_value, "expected accept or defer"
-        ) from None
-    probe_timeout = _parse_number(
-        "CALLAHEAD_PROBE_TIMEOUT",
-        get("CALLAHEAD_PROBE_TIMEOUT"),
-        float,
-        exclusive_minimum=True,
-        maximum=300,
-        what="expected a number of seconds > 0 and at most 300",
-    )
-    probe_sender = _parse_address("CALLAHEAD_PROBE_SENDER", get("CALLAHEAD_PROBE_SENDER"))
-    fallback_sender = _parse_address(
-        "CALLAHEAD_PROBE_FALLBACK_SENDER", get("CALLAHEAD_PROBE_FALLBACK_SENDER")
-    )
-    helo_name = _parse_helo("CALLAHEAD_HELO_NAME", get("CALLAHEAD_HELO_NAME"))
-    metrics_listen = _parse_metrics("CALLAHEAD_METRICS_LISTEN", get("CALLAHEAD_METRICS_LISTEN"))
-    level_value = get("CALLAHEAD_LOG_LEVEL")
-    level_name = level_value.strip().upper()
-    if level_name not in _LOG_LEVELS:
-        raise ConfigError("CALLAHEAD_LOG_LEVEL", level_value, "expected " + ", ".join(_LOG_LEVELS))
-
-    tls_value = get("CALLAHEAD_PROBE_TLS")
-    try:
-        probe_tls = TlsMode(tls_value.strip().lower())
-    except ValueError:
-        raise ConfigError(
-            "CALLAHEAD_PROBE_TLS", tls_value, "expected none, may or encrypt"
-        ) from None
-
-    def whole(name: str, low: int, high: int) -> int:
-        return _parse_number(
-            name,
-            get(name),
-            int,
-            minimum=low,
-            maximum=high,
-            what=f"expected a whole number from {low} to {high}",
-        )
-
-    def seconds(name: str, *, positive: bool = False, high: float = 86400) -> float:
-        low = "> 0" if positive else ">= 0"
-        return _parse_number(
-            name,
-            get(name),
-            float,
-            exclusive_minimum=positive,
-            maximum=high,
-            what=f"expected a number of seconds {low} and at most {high:g}",
-        )
-
-    return Config(
-        probe_tls=probe_tls,
-        pool_size=whole("CALLAHEAD_POOL_SIZE", 1, 100),
-        pool_idle=seconds("CALLAHEAD_POOL_IDLE", positive=True, high=3600),
-        pool_max_age=seconds("CALLAHEAD_POOL_MAX_AGE", positive=True, high=3600),
-        max_probes=whole("CALLAHEAD_MAX_PROBES", 1, 10000),
-        probe_wait=seconds("CALLAHEAD_PROBE_WAIT", high=300),
-        breaker_failures=whole("CALLAHEAD_BREAKER_FAILURES", 0, 1000),
-        breaker_cooldown=seconds("CALLAHEAD_BREAKER_COOLDOWN", positive=True, high=3600),
-        client_unknown_limit=whole("CALLAHEAD_CLIENT_UNKNOWN_LIMIT", 0, 1_000_000),
-        client_window=seconds("CALLAHEAD_CLIENT_WINDOW"),
-        client_ipv6_prefix=whole("CALLAHEAD_CLIENT_IPV6_PREFIX", 16, 128),
-        socket=socket_value.strip(),
-        milter_socket=milter_socket,
-        routes=routes,
-        cache_ttl=cache_ttl,
-        cache_size=cache_size,
-        tempfail_action=tempfail_action,
-        probe_timeout=probe_timeout,
-        probe_sender=probe_sender,
-        probe_fallback_sender=fallback_sender,
-        helo_name=helo_name,
-        metrics_listen=metrics_listen,
-        log_level=logging.getLevelNamesMapping()[level_name],
-    )
+    values = {v.field: v.parse(v.name, env.get(v.name, v.default)) for v in VARIABLES}
+    return Config(**values)

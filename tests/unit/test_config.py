@@ -546,7 +546,7 @@ def _assert_lists_every_variable(text: str) -> None:
     for variable in VARIABLES:
         matching = [line for line in lines if line.strip().startswith(variable.name + " ")]
         assert len(matching) == 1, variable.name
-        default = variable.default or "empty"
+        default = variable.shown_default or "empty"
         assert matching[0].rstrip().endswith(f"[{default}]"), matching[0]
 
 
