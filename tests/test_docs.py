@@ -1,4 +1,5 @@
-"""The README, the env example and the metrics table stay in step with the code."""
+"""The reference (docs/reference.md), the env example and the metrics table stay in step
+with the code."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from callahead.config import VARIABLES
 from callahead.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+REFERENCE = (REPO / "docs" / "reference.md").read_text()
 ENV_EXAMPLE = (REPO / "deploy" / "callahead.env.example").read_text()
 
 
 @pytest.mark.parametrize("name", [v.name for v in VARIABLES])
 def test_every_variable_is_documented(name: str) -> None:
-    assert f"| `{name}` |" in README
+    assert f"| `{name}` |" in REFERENCE
     assert re.search(rf"^#?{name}=", ENV_EXAMPLE, re.MULTILINE), name
 
 
@@ -27,4 +28,4 @@ def test_every_metric_is_documented() -> None:
     names = {m.group(1) for m in re.finditer(r"^# TYPE (\w+) (\w+)", exposition, re.MULTILINE)}
     assert names
     for name in names:
-        assert f"`{name}" in README, name
+        assert f"`{name}" in REFERENCE, name

@@ -338,7 +338,7 @@ def _parse_log_level(name: str, value: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Variable:
-    """One environment variable: its default, its meaning (for ``--help`` and the README),
+    """One environment variable: its default, its meaning (for ``--help`` and docs/reference.md),
     the ``Config`` field it sets, how its text is parsed (raising ``ConfigError``) and how
     the effective value is written back (``callahead config``)."""
 

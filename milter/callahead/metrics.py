@@ -1,4 +1,4 @@
-"""Prometheus metrics. Names are part of the product: the README lists them all."""
+"""Prometheus metrics. Names are part of the product: docs/reference.md lists them all."""
 
 from __future__ import annotations
 
