@@ -35,6 +35,7 @@ from pathlib import Path
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
+    SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
@@ -45,7 +46,6 @@ from tests.harness.postfix import (
 from .tools import SmtpSink, TrivialMilterProcess, pid_listening_on
 
 REPO = Path(__file__).resolve().parents[1]
-SNIPPET = REPO / "deploy" / "postfix-main.cf"
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from tests.harness.ports import listening
 from tests.harness.waiting import wait_for
 
 __all__ = [
+    "SNIPPET",
     "Listener",
     "PostfixError",
     "PostfixInstance",
@@ -68,6 +69,8 @@ __all__ = [
 ]
 
 SBIN = Path("/usr/sbin")
+SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "postfix-main.cf"
+"""The production main.cf snippet that every backup MX built here starts from."""
 
 
 def _tool(name: str) -> str:

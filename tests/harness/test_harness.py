@@ -16,6 +16,7 @@ import pytest
 from tests.harness import fixtures
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
+    SNIPPET,
     Listener,
     PostfixError,
     PostfixInstance,
@@ -30,7 +31,6 @@ from tests.harness.primary import Primary, RcptRecord, SilentServer
 from tests.harness.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-SNIPPET = REPO / "deploy" / "postfix-main.cf"
 REPLACED = {"relay_domains", "transport_maps", "smtpd_milters"}
 
 tmp_workdir = fixtures.tmp_workdir

@@ -38,6 +38,7 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.peers import PRIMARIES, PeerPrimary
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
+    SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
@@ -47,7 +48,6 @@ from tests.harness.primary import Primary, SilentServer, _ThreadedServer
 from tests.harness.scripted import Script, ScriptedServer
 
 REPO = Path(__file__).resolve().parents[2]
-SNIPPET = REPO / "deploy" / "postfix-main.cf"
 PROBE_TIMEOUT = 2.0
 SENDER = "sender@remote.test"
 PF_USERS = 600
