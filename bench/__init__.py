@@ -10,7 +10,12 @@ Modules:
 - :mod:`bench.tools` -- smtp-source and smtp-sink as bounded subprocesses, /proc readers.
 - :mod:`bench.stack` -- the Postfix backup MX with a listener per case, two Postfix
   primaries, callahead and smtp-sink, all on loopback.
-- :mod:`bench.memory` -- resident memory of callahead's positive cache per address.
+- :mod:`bench.memory` -- resident memory of callahead's positive cache per address, and
+  of the client guard per tracked client.
 - :mod:`bench.trivial_milter` -- a milter that only says CONTINUE: pymilter's floor.
-- :mod:`bench.run` -- the workloads, the figures and the Markdown report.
+- :mod:`bench.plan` -- the settings (command line) and which addresses each run uses.
+- :mod:`bench.phases` -- the workloads (warm, cold, attack, latency, memory).
+- :mod:`bench.report` -- what was measured, one ``Report`` per benchmark.
+- :mod:`bench.render` -- the Markdown report.
+- :mod:`bench.run` -- ``main``: the stack, the phases in turn, the report written.
 """

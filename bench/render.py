@@ -1,0 +1,471 @@
+"""The Markdown report: targets, throughput, latency, connections, CPU and memory."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.postfix import POSTCONF
+
+from .plan import MESSAGE_SIZE, sessions, warm_count
+from .report import Delta, Report, Throughput, loadavg, percentile
+from .stack import (
+    CALLAHEAD,
+    CASES,
+    GUARD,
+    PLAIN,
+    PRIMARIES,
+    REPO,
+    TRIVIAL,
+    VERIFY,
+    Case,
+    PrimarySpec,
+)
+
+
+def fmt_rate(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def fmt_seconds(value: float) -> str:
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s"
+
+
+def fmt_bytes(value: float) -> str:
+    return f"{value / 1048576:.1f} MiB"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return ""
+    return proc.stdout.strip()
+
+
+def environment() -> list[str]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    head = _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]) or "?"
+    dirty = _cmd(["git", "-C", str(REPO), "status", "--porcelain", "--", "milter"])
+    git = f"git {head}" + (" + uncommitted changes in milter/" if dirty else "")
+    postfix = _cmd([POSTCONF, "-d", "-h", "mail_version"]) or "?"
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return [
+        f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"machine: {len(os.sched_getaffinity(0))} cores (nproc), {model or 'unknown CPU'}, "
+        f"{mem_kib / 1048576:.1f} GiB RAM, Linux {platform.release()}",
+        f"versions: Postfix {postfix}, Python {platform.python_version()}, "
+        f"pymilter {_version('pymilter')}, aiosmtplib {_version('aiosmtplib')}, "
+        f"cachetools {_version('cachetools')}, prometheus-client "
+        f"{_version('prometheus-client')}, callahead {_version('callahead')} ({git})",
+    ]
+
+
+def ratio(report: Report, item: Throughput) -> float | None:
+    plain = report.find(item.workload, item.spec, PLAIN)
+    if plain is None or not plain.median or item.median is None:
+        return None
+    return item.median / plain.median
+
+
+def render_throughput(report: Report) -> list[str]:
+    s = report.settings
+    out = [
+        "## Messages per second",
+        "",
+        f"Median of {s.runs} runs; in brackets the ratio of the medians to case 1 (plain "
+        "Postfix) measured in this same benchmark, whose runs alternate the cases (in a "
+        "rotating order). One message per SMTP "
+        f"session, {MESSAGE_SIZE} bytes, one recipient, {s.sessions} concurrent sessions; "
+        f"each run stops after its message count or {s.run_deadline:g} s (marked †: then "
+        "the rate is the messages done over the deadline).",
+        "",
+    ]
+    columns: tuple[Case, ...] = CASES + tuple(
+        extra
+        for extra in (GUARD, TRIVIAL)
+        if any(item.case is extra and item.runs for item in report.throughput)
+    )
+    out += [
+        "| workload | primary `in_flow_delay` | load | messages per run ("
+        + " / ".join(case.label for case in columns)
+        + ") | "
+        + " | ".join(case.name for case in columns)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
+    ]
+    seen: list[tuple[str, PrimarySpec]] = []
+    for item in report.throughput:
+        if (item.workload, item.spec) not in seen:
+            seen.append((item.workload, item.spec))
+    for workload, spec in seen:
+        cells = []
+        planned = []
+        load = ""
+        for case in columns:
+            found = report.find(workload, spec, case)
+            if found is None or not found.runs:
+                cells.append("-")
+                planned.append("-")
+                continue
+            load = found.load
+            planned.append(str(found.planned))
+            text = fmt_rate(found.median) + (" †" if found.bounded else "")
+            r = ratio(report, found)
+            if case is not PLAIN and r is not None:
+                text += f" ({r:.2f})"
+            cells.append(text)
+        primary = "- (no probes)" if workload == "warm" else spec.label
+        out.append(
+            f"| {workload} | {primary} | {load} | {' / '.join(planned)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    out += ["", "Every run (msg/s):", ""]
+    for item in report.throughput:
+        if item.runs:
+            runs = ", ".join(
+                fmt_rate(r.rate) + (f" († {r.messages} msgs)" if r.timed_out else "")
+                for r in item.runs
+            )
+            replies = (
+                "; replies " + ", ".join(f"{k}: {v}" for k, v in sorted(item.replies.items()))
+                if item.replies
+                else ""
+            )
+            out.append(
+                f"- {item.workload}, primary {item.spec.label}, {item.case.name}: {runs}{replies}"
+            )
+    return out
+
+
+def render_latency(report: Report) -> list[str]:
+    out = [
+        "## First-contact decision time",
+        "",
+        "Time from writing `RCPT TO` to the whole reply, for addresses the backup has never "
+        "seen, one RCPT per SMTP session, valid and unknown addresses interleaved.",
+        "",
+        "| case | primary `in_flow_delay` | address | sessions | samples | p50 | p99 | max "
+        "| replies |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for item in report.latency:
+        if not item.seconds:
+            out.append(
+                f"| {item.case.name} | {item.spec.label} | {item.kind} | "
+                f"{item.sessions} | 0 of {item.planned} | - | - | - | {item.errors} errors |"
+            )
+            continue
+        replies = ", ".join(f"{code}: {n}" for code, n in sorted(item.replies.items()))
+        if item.errors:
+            replies += f", {item.errors} failed sessions"
+        out.append(
+            f"| {item.case.name} | {item.spec.label} | {item.kind} | "
+            f"{item.sessions} | {len(item.seconds)} | {fmt_seconds(percentile(item.seconds, 50))} "
+            f"| {fmt_seconds(percentile(item.seconds, 99))} | {fmt_seconds(max(item.seconds))} "
+            f"| {replies} |"
+        )
+    return out
+
+
+@dataclass
+class ConnRow:
+    case: Case
+    spec: PrimarySpec
+    workload: str
+    probes: int
+    connects: int
+
+    @property
+    def per100(self) -> float | None:
+        return 100 * self.connects / self.probes if self.probes else None
+
+
+def connection_rows(report: Report) -> list[ConnRow]:
+    rows: list[ConnRow] = []
+
+    def probes_of(case: Case, delta: Delta) -> int:
+        return delta.verify_probes if case is VERIFY else sum(delta.probes.values())
+
+    for item in report.throughput:
+        if item.case is not PLAIN and item.workload != "warm" and item.runs:
+            rows.append(
+                ConnRow(
+                    item.case,
+                    item.spec,
+                    item.workload,
+                    probes_of(item.case, item.delta),
+                    item.delta.primary_connects,
+                )
+            )
+    for lat in report.latency:
+        if lat.delta is not None and lat.case is not PLAIN:
+            rows.append(
+                ConnRow(
+                    lat.case,
+                    lat.spec,
+                    f"first contact, {sessions(lat.sessions)}",
+                    probes_of(lat.case, lat.delta),
+                    lat.delta.primary_connects,
+                )
+            )
+    return rows
+
+
+def render_connections(report: Report) -> list[str]:
+    out = [
+        "## New connections to the primary per 100 probes",
+        "",
+        "Connections counted at the primary (`connect from` in its maillog); probes counted "
+        "by callahead (`callahead_probes_total`) for case 2 and as the backup's delivery "
+        "attempts to the primary for case 3 (Postfix probes an unknown address three times "
+        "per RCPT).",
+        "",
+        "| case | primary `in_flow_delay` | workload | probes | new connections | per 100 probes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in connection_rows(report):
+        per = "-" if row.per100 is None else f"{row.per100:.1f}"
+        out.append(
+            f"| {row.case.name} | {row.spec.label} | {row.workload} | "
+            f"{row.probes} | {row.connects} | {per} |"
+        )
+    return out
+
+
+def render_cpu(report: Report) -> list[str]:
+    out = [
+        "## callahead CPU time per message",
+        "",
+        "utime + stime of the callahead process (all threads, from /proc/PID/stat) over the "
+        "case-2 runs, divided by the messages (sessions for attack) completed in them.",
+        "",
+        "| case | workload | primary `in_flow_delay` | messages | CPU seconds | CPU per message |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in report.throughput:
+        if item.case in (CALLAHEAD, GUARD) and item.messages:
+            per = item.delta.cpu / item.messages
+            primary = "- (no probes)" if item.workload == "warm" else item.spec.label
+            out.append(
+                f"| {item.case.name} | {item.workload} | {primary} | {item.messages} | "
+                f"{item.delta.cpu:.2f} | "
+                f"{per * 1e6:.0f} µs |"
+            )
+    return out
+
+
+def render_memory(report: Report) -> list[str]:
+    out = [
+        "## Resident memory of the positive cache",
+        "",
+        "`python -m bench.memory N` in a fresh interpreter: imports callahead's serving "
+        "modules, reads VmRSS, fills `callahead.cache.PositiveCache(ttl=86400, maxsize=N)` "
+        "with N distinct addresses of typical length, reads VmRSS again.",
+        "",
+        "| cached addresses | mean address length | RSS before | RSS after | bytes per cached "
+        "address | fill time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in report.memory:
+        per = m["bytes_per_address"]
+        out.append(
+            f"| {int(str(m['entries'])):,} | {float(str(m['mean_address_length'])):.1f} | "
+            f"{fmt_bytes(float(str(m['rss_before'])))} | {fmt_bytes(float(str(m['rss_after'])))} "
+            f"| {'-' if per is None else f'{float(str(per)):.0f}'} "
+            f"| {float(str(m['fill_seconds'])):.1f} s |"
+        )
+    if report.live_memory:
+        live = report.live_memory
+        out += [
+            "",
+            f"The running callahead at the end of the load: RSS "
+            f"{fmt_bytes(live['rss'])} with {live['entries']:.0f} cached addresses.",
+        ]
+    return out
+
+
+def render_targets(report: Report) -> list[str]:
+    rows: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("yes" if ok else "**no**")
+
+    for workload, minimum in (("warm", 0.90), ("cold", 0.70)):
+        for spec in PRIMARIES:
+            item = report.find(workload, spec, CALLAHEAD)
+            if item is None or not item.runs:
+                continue
+            r = ratio(report, item)
+            where = "" if workload == "warm" else f", primary {spec.label}"
+            rows.append(
+                (
+                    f"{workload} msg/s ≥ {minimum:.2f} of plain Postfix{where}",
+                    "-" if r is None else f"{r:.2f}",
+                    verdict(None if r is None else r >= minimum),
+                )
+            )
+    trivial = report.find("warm", PRIMARIES[0], TRIVIAL)
+    if trivial is not None and trivial.runs:
+        r = ratio(report, trivial)
+        rows.append(
+            (
+                "(for comparison) warm msg/s of a trivial pymilter milter (2t), of plain Postfix",
+                "-" if r is None else f"{r:.2f}",
+                "",
+            )
+        )
+    for lat in report.latency:
+        if lat.seconds and lat.case is CALLAHEAD:
+            p99 = percentile(lat.seconds, 99)
+            rows.append(
+                (
+                    f"callahead first-contact p99 < 10 ms, {lat.kind}, primary {lat.spec.label}, "
+                    f"{sessions(lat.sessions)}",
+                    fmt_seconds(p99),
+                    verdict(p99 < 0.010),
+                )
+            )
+    for lat in report.latency:
+        if lat.seconds and lat.case is PLAIN and lat.kind == "valid":
+            rows.append(
+                (
+                    f"(for comparison) plain Postfix RCPT reply, {sessions(lat.sessions)}",
+                    f"p50 {fmt_seconds(percentile(lat.seconds, 50))}, p99 "
+                    f"{fmt_seconds(percentile(lat.seconds, 99))}",
+                    "",
+                )
+            )
+        if lat.seconds and lat.case is VERIFY:
+            rows.append(
+                (
+                    f"(for comparison) reject_unverified_recipient first contact, {lat.kind}, "
+                    f"primary {lat.spec.label}",
+                    f"p50 {fmt_seconds(percentile(lat.seconds, 50))}, p99 "
+                    f"{fmt_seconds(percentile(lat.seconds, 99))}",
+                    "",
+                )
+            )
+    for row in connection_rows(report):
+        if row.case is CALLAHEAD and row.workload == "cold" and row.per100 is not None:
+            rows.append(
+                (
+                    f"≤ 1 new connection to the primary per 100 probes (cold, primary "
+                    f"{row.spec.label})",
+                    f"{row.per100:.1f}",
+                    verdict(row.per100 <= 1.0),
+                )
+            )
+    for m in report.memory:
+        if m["entries"] == 1_000_000 and m["bytes_per_address"] is not None:
+            per = float(str(m["bytes_per_address"]))
+            rows.append(
+                (
+                    "≤ 400 bytes RSS per cached address at 1,000,000",
+                    f"{per:.0f}",
+                    verdict(per <= 400),
+                )
+            )
+    out = [
+        "## Targets (measured, not asserted)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return out
+
+
+def render(report: Report, env: list[str]) -> str:
+    s = report.settings
+    wall = report.elapsed()
+    out = ["# callahead benchmark", ""]
+    out += [f"- {line}" for line in env]
+    out += [
+        f"- command: `./dev bench` (`python -m bench.run`), runs {s.runs}, messages per run "
+        f"{s.messages} (case 3 cold {s.slow_messages}, case 3 attack "
+        f"{s.slow_attack_messages}), sessions {s.sessions}; wall time {wall / 60:.1f} min "
+        f"({report.setup_seconds:.1f} s of it starting the stack)",
+        "- case 2's callahead: defaults, except `CALLAHEAD_CLIENT_UNKNOWN_LIMIT=0` (see 2g)"
+        + "".join(f", `{k}={v}`" for k, v in s.callahead_env.items()),
+        f"- load average (1/5/15 min) at the start {report.load_start}, at the end "
+        f"{report.load_end or loadavg()}: anything else running on the machine shows in "
+        "every figure, so compare the cases of one run, not runs of different days",
+        "",
+        "Cases, all listeners of one Postfix backup MX (master.cf `-o` overrides) sharing one "
+        "machine state: **1** plain Postfix, no recipient check; **2** callahead attached "
+        "(`smtpd_milters`); **3** `reject_unverified_recipient` with "
+        "`address_verify_negative_cache = no` and `unverified_recipient_reject_code = 550`. "
+        "Probes (callahead's and Postfix's) go to a real Postfix primary that knows its users; "
+        "deliveries go to smtp-sink. Workloads: **warm** every recipient valid and already "
+        "cached (by callahead, and in Postfix's verify cache); **cold** every recipient valid "
+        "and new; **attack** every recipient unknown. Two more listeners of the same backup "
+        "give context: **2g** a second callahead with its per-client guard at the defaults "
+        "(attack only; case 2 runs with `CALLAHEAD_CLIENT_UNKNOWN_LIMIT=0` because all load "
+        "comes from 127.0.0.1), **2t** a pymilter milter that only says CONTINUE, negotiated "
+        "like callahead (warm only): the floor of any pymilter milter.",
+        "",
+    ]
+    out += [*render_targets(report), ""]
+    out += [*render_throughput(report), ""]
+    out += [*render_latency(report), ""]
+    out += [*render_connections(report), ""]
+    out += [*render_cpu(report), ""]
+    out += [*render_memory(report), ""]
+    out += [
+        "## Method notes",
+        "",
+        "- cold: `smtp-source -c -N -s SESSIONS -m COUNT -l 512`; `-N` numbers the "
+        "recipients, so message n goes to `<n>c<case>r<run>@domain`: new addresses every run, "
+        "all known to the primary.",
+        f"- warm: {s.sessions} `smtp-source -c -N -s 1 -m {warm_count(s)} -l 512` processes at "
+        f"once, each sending one message to each of the same {warm_count(s)} addresses "
+        "`<n>w@a.test`. Before the warm runs, Postfix's verify cache is filled through a "
+        "fourth listener with `address_verify_poll_count = 1` (it answers 450 at once and "
+        "verifies in the background), and one unmeasured pass over the addresses fills "
+        "callahead's cache.",
+        "- attack and first contact: the bench's own asyncio client (`bench/smtpclient.py`), "
+        "because smtp-source aborts on a rejected RCPT. Attack sessions carry one unknown "
+        "recipient each and send the message when it is accepted (case 1 relays it); the "
+        "rate counts completed sessions.",
+        "- warm makes no probes, so it runs against one primary only.",
+        f"- reject_unverified_recipient: a first contact waits for Postfix's verify polling "
+        f"(`address_verify_poll_delay` 3 s), so its cold and attack runs use fewer messages and "
+        f"its first-contact figures {s.verify_latency_samples} samples per kind with "
+        f"{s.verify_latency_sessions} concurrent sessions (Postfix allows 50 per client).",
+        "- every figure comes from this one run of the benchmark; nothing is copied from "
+        "elsewhere.",
+    ]
+    for text in report.notes:
+        out.append(f"- observed: {text}")
+    for what in report.skipped:
+        out.append(f"- skipped because of the time budget: {what}")
+    return "\n".join(out) + "\n"
