@@ -1,5 +1,10 @@
 """Test harness: stand-in primaries, throwaway Postfix instances and wait helpers.
 
+Not only for the tests: the demo (``tests/demo.py``, ``./dev demo``) and the benchmark
+(``bench/``, ``./dev bench``) build their stacks from it too. It is imported as
+``tests.harness`` from the repository root (``./dev`` runs everything from there); it
+is not part of the installed ``callahead`` package and needs the test dependencies.
+
 Modules:
 
 - :mod:`tests.harness.waiting` -- ``wait_for``: poll a condition instead of sleeping.
