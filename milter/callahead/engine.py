@@ -50,16 +50,17 @@ class EngineSettings:
     helo_name: str
     sender: str
     timeout: float
-    tls: TlsMode = TlsMode.MAY
-    pool_size: int = 4
-    pool_idle: float = 30.0
-    max_probes: int = 64
-    probe_wait: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown: float = 30.0
-    pool_max_age: float = 10.0
-    fallback_sender: str = ""
+    tls: TlsMode
+    pool_size: int
+    pool_idle: float
+    max_probes: int
+    probe_wait: float
+    breaker_failures: int
+    breaker_cooldown: float
+    pool_max_age: float
+    fallback_sender: str
     transcript: bool = False
+    """Record the SMTP dialogue (``callahead probe --explain`` only)."""
 
     @property
     def longest_answer(self) -> float:

@@ -341,6 +341,8 @@ def test_engine_settings_from_config() -> None:
         probe_wait=0.5,
         breaker_failures=2,
         breaker_cooldown=15.0,
+        pool_max_age=10.0,
+        fallback_sender="",
     )
     assert engine_settings(config).longest_answer == 4.5
 

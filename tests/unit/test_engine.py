@@ -39,15 +39,14 @@ from tests.unit.fakesmtp import (
     verb_of,
     wait_until,
 )
+from tests.unit.settings import probe_settings
 
 HELO = "backup.example.net"
 T = TypeVar("T")
 
 
 def settings(**overrides: Any) -> EngineSettings:
-    values: dict[str, Any] = {"helo_name": HELO, "sender": "", "timeout": 5.0}
-    values.update(overrides)
-    return EngineSettings(**values)
+    return probe_settings(helo_name=HELO, **overrides)
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:

@@ -20,6 +20,7 @@ from callahead.metrics import Metrics
 from callahead.routes import Nexthop
 from callahead.verdict import ProbeResult, Stage, Verdict
 from tests.unit.fakesmtp import FakeSmtpServer, Script, closed_port, wait_until
+from tests.unit.settings import probe_settings
 
 HELO = "backup.example.net"
 T = TypeVar("T")
@@ -53,7 +54,7 @@ async def probe_with(
     for server in servers:
         await server.start()
     hops = (before or []) + [server.hop for server in servers]
-    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender=sender, timeout=timeout))
+    engine = ProbeEngine(probe_settings(helo_name=HELO, sender=sender, timeout=timeout))
     try:
         started = time.monotonic()
         result = await engine.probe(address, hops)
@@ -322,7 +323,7 @@ def probe_loop() -> ProbeLoop:
 
 def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop) -> None:
     server = FakeSmtpServer(Script(rcpt=250))
-    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=2.0))
+    engine = ProbeEngine(probe_settings(helo_name=HELO, sender="", timeout=2.0))
     try:
         probe_loop.run(server.start(), 5)
         prober = LoopProber(probe_loop, engine)
@@ -348,7 +349,7 @@ def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop) -> None:
 
 
 def test_loop_prober_default_wait_covers_slot_wait_and_probe(probe_loop: ProbeLoop) -> None:
-    settings = EngineSettings(helo_name=HELO, sender="", timeout=7.0, probe_wait=1.5)
+    settings = probe_settings(helo_name=HELO, sender="", timeout=7.0, probe_wait=1.5)
     assert settings.longest_answer == 8.5
     try:
         prober = LoopProber(probe_loop, ProbeEngine(settings))
@@ -363,7 +364,7 @@ def test_loop_prober_gives_up_on_a_stuck_probe(probe_loop: ProbeLoop) -> None:
     wait = 0.2
     # The engine itself would wait 30 s for the banner; the hand-off must not.
     metrics = Metrics()
-    engine = ProbeEngine(EngineSettings(helo_name=HELO, sender="", timeout=30.0), metrics)
+    engine = ProbeEngine(probe_settings(helo_name=HELO, sender="", timeout=30.0), metrics)
 
     def in_flight() -> float:
         return metrics.registry.get_sample_value("callahead_probes_in_flight") or 0.0
@@ -408,7 +409,7 @@ def test_loop_prober_bound_uses_handoff_margin(
     probe_loop: ProbeLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(loop_module, "HANDOFF_MARGIN", 0.1)
-    engine = StuckEngine(EngineSettings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1))
+    engine = StuckEngine(probe_settings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1))
     hop = Nexthop("127.0.0.1", closed_port())
     try:
         prober = LoopProber(probe_loop, engine)

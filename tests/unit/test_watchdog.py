@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from callahead.engine import EngineSettings, ProbeEngine
+from callahead.engine import ProbeEngine
 from callahead.loop import LoopProber, ProbeLoop
 from callahead.routes import Nexthop
 from callahead.verdict import Skip, Verdict
 from callahead.watchdog import HealthMonitor, notify, watchdog_interval
 from tests.harness.waiting import wait_for
+from tests.unit.settings import probe_settings
 
 HOP = Nexthop("127.0.0.1", 9)
 
@@ -76,7 +77,7 @@ def test_a_stuck_loop_is_noticed_answered_at_once_and_stops_the_pings(
     sock.settimeout(0.2)
     loop = ProbeLoop(stall_limit=0.6)
     loop.start()
-    engine = ProbeEngine(EngineSettings(helo_name="b.example", sender="", timeout=5.0))
+    engine = ProbeEngine(probe_settings(helo_name="b.example", sender="", timeout=5.0))
     prober = LoopProber(loop, engine)
     monitor = HealthMonitor(lambda: loop.healthy, env={**env, "WATCHDOG_USEC": "1000000"})
     release = threading.Event()
@@ -114,7 +115,7 @@ def test_a_stuck_loop_is_noticed_answered_at_once_and_stops_the_pings(
 def test_stop_answers_the_waiting_threads_at_once() -> None:
     loop = ProbeLoop()
     loop.start()
-    engine = ProbeEngine(EngineSettings(helo_name="b.example", sender="", timeout=5.0))
+    engine = ProbeEngine(probe_settings(helo_name="b.example", sender="", timeout=5.0))
     prober = LoopProber(loop, engine)
     results = []
     blackhole = socket.socket()
