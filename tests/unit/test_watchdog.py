@@ -75,7 +75,7 @@ def test_a_stuck_loop_is_noticed_answered_at_once_and_stops_the_pings(
 ) -> None:
     sock, env = notify_socket
     sock.settimeout(0.2)
-    loop = ProbeLoop(stall_limit=0.6)
+    loop = ProbeLoop(stall_limit=1.5)  # three missed beats
     loop.start()
     engine = ProbeEngine(probe_settings(helo_name="b.example", sender="", timeout=5.0))
     prober = LoopProber(loop, engine)
