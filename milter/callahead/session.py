@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.typing import SMTPStatus
 
 from .address import UnsendableAddress, needs_smtputf8, wire_address
 from .errors import CallaheadError
@@ -153,7 +154,7 @@ class Session:
         return self.alive and self.errors < ERROR_BUDGET and self.rcpts < MAX_RCPTS_PER_SESSION
 
     def _fail(self, stage: Stage, code: int | None, detail: str, started: float) -> SessionFailed:
-        reached = code is not None and code != 421
+        reached = code is not None and code != SMTPStatus.domain_unavailable
         if code is None:
             self._note(detail)
         found = classify(stage, code, detail)
@@ -209,7 +210,7 @@ class Session:
             self._heard(reply.code, reply.message)
         except aiosmtplib.SMTPHeloError as exc:
             self._heard(exc.code, exc.message)
-            if exc.code == 421 or not self._smtp.is_connected:
+            if exc.code == SMTPStatus.domain_unavailable or not self._smtp.is_connected:
                 raise self._fail(Stage.EHLO, exc.code, exc.message, started) from None
             reply = await self._command(b"HELO", helo.encode("ascii"))
             if not 200 <= reply.code < 300:
@@ -231,7 +232,11 @@ class Session:
             self._heard(reply.code, reply.message)
         except aiosmtplib.SMTPResponseException as exc:
             self._heard(exc.code, exc.message)
-            if self._settings.tls is TlsMode.ENCRYPT or exc.code == 421 or not smtp.is_connected:
+            if (
+                self._settings.tls is TlsMode.ENCRYPT
+                or exc.code == SMTPStatus.domain_unavailable
+                or not smtp.is_connected
+            ):
                 raise self._fail(Stage.STARTTLS, exc.code, exc.message, started) from None
             return  # "may": carry on in plaintext, as Postfix does
         except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
@@ -270,7 +275,7 @@ class Session:
                 if offers_utf8:
                     command += b" SMTPUTF8"
                 reply = await self._command(b"MAIL", command)
-                if reply.code == 421:
+                if reply.code == SMTPStatus.domain_unavailable:
                     raise SessionLost(f"{reply.code} {reply.message}")
                 if not 200 <= reply.code < 300:
                     self.errors += 1
@@ -300,13 +305,13 @@ class Session:
     async def _rcpt_command(self, path: bytes) -> aiosmtplib.SMTPResponse:
         """One RCPT TO; raises SessionLost for 421 and for a full transaction."""
         reply = await self._command(b"RCPT", b"TO:<" + path + b">")
-        if reply.code == 421:
+        if reply.code == SMTPStatus.domain_unavailable:
             self._retired = True
             raise SessionLost(f"{reply.code} {reply.message}")
         self.rcpts += 1
         if not 200 <= reply.code < 300:
             self.errors += 1
-            if reply.code == 452 and self.rcpts > 1:
+            if reply.code == SMTPStatus.insufficient_storage and self.rcpts > 1:
                 # "too many recipients": this transaction is full, not the address.
                 self._retired = True
                 raise SessionLost(f"{reply.code} {reply.message}")

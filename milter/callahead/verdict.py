@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from aiosmtplib.typing import SMTPStatus
+
 if TYPE_CHECKING:
     from .routes import Nexthop
 
@@ -222,7 +224,7 @@ def _mentions(text: str, phrases: tuple[str, ...]) -> str | None:
 def is_throttle(code: int, enhanced: EnhancedCode | None) -> bool:
     """452 (too many recipients, insufficient storage), 4.5.3, or Microsoft 365's
     4.7.5xx throttling replies."""
-    if code == 452:
+    if code == SMTPStatus.insufficient_storage:
         return True
     if enhanced is None or enhanced.klass != 4:
         return False
