@@ -67,14 +67,22 @@ def test_primary_down_mail_is_queued_then_delivered(stack: Stack, delta: Metrics
         queued = re.search(r"queued as (\w+)", tx.data[1])
         assert queued is not None, tx.data
         # Postfix tries the primary, fails, and keeps the message.
-        wait_for(
-            lambda: any(
-                e["queue_id"] == queued.group(1) and e["queue_name"] == "deferred"
-                for e in stack.backup.queue_entries()
-            ),
-            DELIVERY_TIMEOUT,
-            what="the message in the deferred queue",
-        )
+        try:
+            wait_for(
+                lambda: any(
+                    e["queue_id"] == queued.group(1) and e["queue_name"] == "deferred"
+                    for e in stack.backup.queue_entries()
+                ),
+                DELIVERY_TIMEOUT,
+                what="the message in the deferred queue",
+            )
+        except TimeoutError as exc:  # say where the message went (seen once, not since)
+            lines = [
+                line for line in stack.backup.maillog().splitlines() if queued.group(1) in line
+            ]
+            raise AssertionError(
+                f"{exc}\nqueue: {stack.backup.queue_entries()}\nlog:\n" + "\n".join(lines)
+            ) from exc
         assert not delivered(stack, addr, token)
     finally:
         stack.primary.start()
