@@ -158,12 +158,13 @@ def answer_time_problem(config: Config) -> str | None:
     Postfix's milter_command_timeout. None when it does, or when there is no Postfix to
     ask (then serve warns against Postfix's default)."""
     timeout = postfix_milter_command_timeout()
-    longest = config.probe_wait + config.probe_timeout + HANDOFF_MARGIN
+    engine_longest = engine_settings(config).longest_answer
+    longest = engine_longest + HANDOFF_MARGIN
     if timeout is None or longest < timeout:
         return None
     return (
         f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT = "
-        f"{config.probe_wait + config.probe_timeout:g}s: with the {HANDOFF_MARGIN:g}s "
+        f"{engine_longest:g}s: with the {HANDOFF_MARGIN:g}s "
         f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
         f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "
         "of the session); lower them or raise milter_command_timeout"

@@ -17,7 +17,7 @@ from hypothesis import example, given
 from hypothesis import settings as settings_
 from hypothesis import strategies as st
 
-from callahead import session as probe_module
+from callahead import session as session_module
 from callahead.address import normalize_recipient, wire_address
 from callahead.breaker import State
 from callahead.cache import PositiveCache
@@ -122,11 +122,11 @@ def test_500_sequential_valid_probes_share_a_handful_of_connections() -> None:
         assert conn.lines[1] == "MAIL FROM:<>"
         assert verbs.count("MAIL") == 1
         assert set(verbs[2:]) <= {"RCPT", "QUIT"}
-        assert conn.rcpts <= probe_module.MAX_RCPTS_PER_SESSION
+        assert conn.rcpts <= session_module.MAX_RCPTS_PER_SESSION
 
 
 def test_session_rolls_over_after_max_rcpts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probe_module, "MAX_RCPTS_PER_SESSION", 10)
+    monkeypatch.setattr(session_module, "MAX_RCPTS_PER_SESSION", 10)
     server = FakeSmtpServer(Script(rcpt=250))
 
     async def go() -> None:
