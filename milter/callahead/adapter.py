@@ -119,6 +119,8 @@ def decision_line(decision: Decision) -> str:
         f"rcpt=<{escape(decision.address)}> decision={decision.action.value}"
         f" reason={decision.reason.value}"
     )
+    if decision.dry_run:
+        text += " dry_run=yes"
     probe = decision.probe
     if probe is not None:
         code = "-" if probe.code is None else str(probe.code)

@@ -7,6 +7,8 @@ into the engine's settings and builds the decision core (cache, guard, engine be
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .cache import PositiveCache
 from .config import Config
 from .engine import EngineSettings, ProbeEngine
@@ -14,6 +16,7 @@ from .guard import ClientGuard
 from .loop import LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
+from .refresh import LoopRefresher, refresh_limit
 
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:
@@ -34,12 +37,28 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
     )
 
 
-def build_policy(
-    config: Config, loop: ProbeLoop, metrics: Metrics
-) -> tuple[Policy, PositiveCache, ProbeEngine, LoopProber]:
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The decision core and what it is built on, for the server to run and stop."""
+
+    policy: Policy
+    cache: PositiveCache
+    engine: ProbeEngine
+    prober: LoopProber
+    refresher: LoopRefresher
+
+
+def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
     engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache)
     prober = LoopProber(loop, engine)
+    refresher = LoopRefresher(
+        loop,
+        engine,
+        cache,
+        limit=refresh_limit(config.max_probes),
+        on_outcome=metrics.refreshed,
+    )
     policy = Policy(
         routes=config.routes,
         cache=cache,
@@ -50,5 +69,8 @@ def build_policy(
             window=config.client_window,
             ipv6_prefix=config.client_ipv6_prefix,
         ),
+        dry_run=config.dry_run,
+        refresher=refresher,
+        refresh_within=config.cache_ttl * config.cache_refresh,
     )
-    return policy, cache, engine, prober
+    return Parts(policy, cache, engine, prober, refresher)

@@ -3,15 +3,21 @@
 An unknown or undecided address is never stored, so a user created on the primary is
 accepted at the next attempt. libmilter calls us from many threads: every access takes
 the lock.
+
+Each entry keeps its own expiry, so that entries loaded from ``CALLAHEAD_CACHE_FILE``
+keep the time they had left, and so that the operator can see it (``callahead cache
+show``). When the cache is full, the least recently added or looked-up entry goes.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 
 
 class ValidCache(Protocol):
@@ -22,16 +28,44 @@ class ValidCache(Protocol):
 
     def add(self, address: str) -> None: ...
 
+    def remaining(self, address: str) -> float | None:
+        """Seconds ``address`` is still trusted; None when it is not cached."""
+
+    def discard(self, address: str) -> bool:
+        """Forget ``address``; True when it was cached."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int
+    maxsize: int
+    ttl: float
+    enabled: bool
+
+
+def _expiry(_address: str, expires: float, _now: float) -> float:
+    return expires
+
 
 class PositiveCache:
     """A bounded TTL set of valid addresses. ``ttl`` or ``maxsize`` of 0 disables it."""
 
-    def __init__(self, *, ttl: float, maxsize: int) -> None:
+    def __init__(
+        self, *, ttl: float, maxsize: int, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.ttl = ttl
+        self.maxsize = maxsize
         self._enabled = ttl > 0 and maxsize > 0
-        self._entries: TTLCache[str, bool] = TTLCache(
-            maxsize=max(maxsize, 1), ttl=max(ttl, 1e-9), timer=time.monotonic
+        self._clock = clock if clock is not None else time.monotonic
+        # The value of an entry is its expiry on ``clock``.
+        self._entries: TLRUCache[str, float] = TLRUCache(
+            maxsize=max(maxsize, 1), ttu=_expiry, timer=self._clock
         )
         self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
 
     def __contains__(self, address: object) -> bool:
         if not self._enabled:
@@ -40,10 +74,74 @@ class PositiveCache:
             return address in self._entries
 
     def add(self, address: str) -> None:
+        """Trust ``address`` for the whole TTL from now."""
         if not self._enabled:
             return
         with self._lock:
-            self._entries[address] = True
+            self._entries[address] = self._clock() + self.ttl
+
+    def remaining(self, address: str) -> float | None:
+        if not self._enabled:
+            return None
+        with self._lock:
+            expires = self._entries.get(address)
+            if expires is None:
+                return None
+            left = expires - self._clock()
+        return left if left > 0 else None
+
+    def discard(self, address: str) -> bool:
+        with self._lock:
+            return self._pop(address)
+
+    def _pop(self, address: str) -> bool:
+        present = address in self._entries
+        try:
+            del self._entries[address]
+        except KeyError:  # absent, or expired meanwhile
+            return False
+        return present
+
+    def discard_domain(self, domain: str) -> int:
+        """Forget every address at ``domain`` (already normalized); returns how many."""
+        suffix = "@" + domain
+        with self._lock:
+            doomed = [a for a in self._entries if a.endswith(suffix)]
+            return sum(1 for a in doomed if self._pop(a))
+
+    def clear(self) -> int:
+        """Forget everything; returns how many entries went."""
+        with self._lock:
+            self._entries.expire()
+            count = len(self._entries)
+            self._entries.clear()
+            return count
+
+    def snapshot(self) -> list[tuple[str, float]]:
+        """Every live entry with the seconds it has left, soonest to expire first."""
+        with self._lock:
+            now = self._clock()
+            entries = [(a, e - now) for a, e in self._entries.items() if e > now]
+        entries.sort(key=lambda entry: entry[1])
+        return entries
+
+    def restore(self, entries: Iterable[tuple[str, float]]) -> int:
+        """Add entries with the seconds they have left (capped at the TTL: a lowered TTL
+        applies to saved entries too); returns how many were taken."""
+        if not self._enabled:
+            return 0
+        taken = 0
+        with self._lock:
+            now = self._clock()
+            for address, left in sorted(entries, key=lambda entry: entry[1]):
+                if left <= 0:
+                    continue
+                self._entries[address] = now + min(left, self.ttl)
+                taken += 1
+        return taken
+
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self), self.maxsize, self.ttl, self._enabled)
 
     def __len__(self) -> int:
         with self._lock:

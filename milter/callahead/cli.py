@@ -1,4 +1,5 @@
-"""The command line: ``callahead serve``, ``callahead probe ADDRESS``, ``callahead config``."""
+"""The command line: ``callahead serve``, ``probe ADDRESS``, ``config``, ``cache ...`` and
+``status`` (the last two ask a running ``serve`` over the admin socket, admin.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .address import UnsendableAddress, normalize_recipient, wire_address
+from .admin import AdminUnavailable, ask, status_lines
 from .assembly import engine_settings
 from .config import (
     EX_CONFIG,
@@ -26,7 +28,9 @@ from .loop import HANDOFF_MARGIN
 from .verdict import ProbeResult, Verdict
 
 EX_USAGE = 64
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_NOPERM = 77
 PROBE_EXIT = {Verdict.VALID: 0, Verdict.UNKNOWN: 1, Verdict.TEMPFAIL: 2}
 
 log = logging.getLogger("callahead")
@@ -79,6 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the effective configuration; exit 78 if a value is bad.",
         **common,  # type: ignore[arg-type]
     )
+    cache = sub.add_parser(
+        "cache",
+        help="show or flush entries of a running serve's positive cache",
+        description="Talk to the running serve over CALLAHEAD_ADMIN_SOCKET. Exit 69 when "
+        "no serve answers there.",
+        **common,  # type: ignore[arg-type]
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    show = cache_sub.add_parser(
+        "show",
+        help="is ADDRESS cached, and for how long (exit 0 cached, 1 not)",
+        description="Exit 0 when ADDRESS is cached (with the seconds it has left), 1 when not.",
+    )
+    show.add_argument("address", metavar="ADDRESS")
+    flush = cache_sub.add_parser(
+        "flush",
+        help="forget ADDRESS, every address @DOMAIN, or --all; prints how many went",
+        description="Forget cached entries: the next recipient is probed again.",
+    )
+    what = flush.add_mutually_exclusive_group(required=True)
+    what.add_argument("target", nargs="?", metavar="ADDRESS|@DOMAIN")
+    what.add_argument("--all", action="store_true", help="forget every entry")
+    cache_sub.add_parser("stats", help="entries, size, TTL, hits, misses and refreshes")
+    sub.add_parser(
+        "status",
+        help="is the running serve healthy (exit 0 healthy, 1 degraded, 69 not running)",
+        description="The probe loop and, per primary, breaker, pool sessions and last probe. "
+        "Exit 0 healthy, 1 degraded, 69 not running.",
+        **common,  # type: ignore[arg-type]
+    )
     return parser
 
 
@@ -96,7 +130,83 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 0
     if command == "probe":
         return run_probe(config, args.address, explain=args.explain)
+    if command == "cache":
+        return run_cache(config, args)
+    if command == "status":
+        return run_status(config)
     return run_serve(config)
+
+
+def _ask(config: Config, request: dict[str, object]) -> dict[str, object] | int:
+    """The answer of the running serve, or the exit status when there is none."""
+    if not config.admin_socket:
+        print("callahead: CALLAHEAD_ADMIN_SOCKET is empty: no admin socket", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        answer = ask(config.admin_socket, request)
+    except AdminUnavailable as exc:
+        print(f"callahead: {exc}", file=sys.stderr)
+        return EX_NOPERM if exc.permission else EX_UNAVAILABLE
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        print(f"callahead: serve refused the request: {error}", file=sys.stderr)
+        return EX_USAGE
+    return answer
+
+
+def run_cache(config: Config, args: argparse.Namespace) -> int:
+    action: str = args.cache_command
+    request: dict[str, object]
+    if action == "show":
+        request = {"op": "cache-show", "address": args.address}
+    elif action == "flush":
+        target: str | None = args.target
+        if args.all:
+            request = {"op": "cache-flush", "all": True}
+        elif target is not None and target.startswith("@"):
+            request = {"op": "cache-flush", "domain": target[1:]}
+        else:
+            request = {"op": "cache-flush", "address": target}
+    else:
+        request = {"op": "cache-stats"}
+    answer = _ask(config, request)
+    if isinstance(answer, int):
+        return answer
+    if action == "show":
+        if not answer["cached"]:
+            print(f"{answer['address']}: not cached")
+            return 1
+        print(f"{answer['address']}: cached, {answer['remaining']:.0f} s left")
+        return 0
+    if action == "flush":
+        flushed = answer["flushed"]
+        print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}")
+        return 0
+    for key, value in answer.items():
+        if key != "ok":
+            print(f"{key}: {_plain(value)}")
+    return 0
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _fmt(value)
+    return str(value)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.3f}"
+
+
+def run_status(config: Config) -> int:
+    answer = _ask(config, {"op": "status"})
+    if isinstance(answer, int):
+        return answer
+    for line in status_lines(answer):
+        print(line)
+    return 0 if answer["healthy"] else 1
 
 
 def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int:

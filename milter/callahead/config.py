@@ -29,6 +29,7 @@ EX_CONFIG = 78
 
 DEFAULT_SOCKET = "inet:127.0.0.1:8895"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
+DEFAULT_ADMIN_SOCKET = "/run/callahead/admin.sock"
 POSTCONF_TIMEOUT = 5.0
 """Seconds ``postconf -h myhostname`` may take at start."""
 
@@ -329,6 +330,32 @@ def _metrics_text(listen: tuple[str, int] | None) -> str:
     return "" if listen is None else _join_hostport(*listen)
 
 
+_YES = ("yes", "true", "on", "1")
+_NO = ("no", "false", "off", "0")
+
+
+def _parse_yes_no(name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in _YES:
+        return True
+    if word in _NO:
+        return False
+    raise ConfigError(name, value, "expected yes or no")
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _parse_path(name: str, value: str) -> str:
+    path = value.strip()
+    if path and not path.startswith("/"):
+        raise ConfigError(name, value, "expected an absolute path, or empty to turn it off")
+    if "\0" in path:
+        raise ConfigError(name, value, "a path cannot contain a NUL character")
+    return path
+
+
 def _parse_log_level(name: str, value: str) -> int:
     level = value.strip().upper()
     if level not in _LOG_LEVELS:
@@ -395,12 +422,50 @@ VARIABLES: tuple[Variable, ...] = (
         render=str,
     ),
     Variable(
+        "CALLAHEAD_CACHE_FILE",
+        "",
+        "where the positive cache is saved (atomically, at stop and every "
+        "CALLAHEAD_CACHE_SAVE_INTERVAL seconds) and loaded at start with each entry's "
+        "remaining TTL, so a restart does not probe every address again; a missing or "
+        "bad file is logged and ignored; empty: not saved",
+        field="cache_file",
+        parse=_parse_path,
+        render=_as_is,
+    ),
+    Variable(
+        "CALLAHEAD_CACHE_SAVE_INTERVAL",
+        "300",
+        "seconds between two saves of CALLAHEAD_CACHE_FILE",
+        field="cache_save_interval",
+        parse=_seconds(positive=True),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_CACHE_REFRESH",
+        "0.1",
+        "last share of the TTL (0-0.9) in which a cached address that is asked for is "
+        "verified again in the background, on spare probe slots only: hot addresses "
+        "never wait for a probe and users deleted on the primary drop out; 0 disables",
+        field="cache_refresh",
+        parse=_number(float, maximum=0.9, what="expected a number from 0 to 0.9"),
+        render=_fmt_number,
+    ),
+    Variable(
         "CALLAHEAD_TEMPFAIL_ACTION",
         "accept",
         "accept or defer, when the probe cannot decide",
         field="tempfail_action",
         parse=_choice(TempfailAction, "expected accept or defer"),
         render=_enum_value,
+    ),
+    Variable(
+        "CALLAHEAD_DRY_RUN",
+        "no",
+        "yes: decide, log and count every recipient as usual, but never reject or defer "
+        "(the log line says dry_run=yes and what would have happened)",
+        field="dry_run",
+        parse=_parse_yes_no,
+        render=_yes_no,
     ),
     Variable(
         "CALLAHEAD_PROBE_TIMEOUT",
@@ -449,6 +514,15 @@ VARIABLES: tuple[Variable, ...] = (
         field="metrics_listen",
         parse=_parse_metrics,
         render=_metrics_text,
+    ),
+    Variable(
+        "CALLAHEAD_ADMIN_SOCKET",
+        DEFAULT_ADMIN_SOCKET,
+        "unix socket (mode 0660) where serve answers callahead cache and callahead "
+        "status; empty disables it",
+        field="admin_socket",
+        parse=_parse_path,
+        render=_as_is,
     ),
     Variable(
         "CALLAHEAD_LOG_LEVEL",
@@ -567,12 +641,17 @@ class Config:
     routes: RouteTable
     cache_ttl: float
     cache_size: int
+    cache_file: str
+    cache_save_interval: float
+    cache_refresh: float
     tempfail_action: TempfailAction
+    dry_run: bool
     probe_timeout: float
     probe_sender: str
     probe_fallback_sender: str
     helo_name: str
     metrics_listen: tuple[str, int] | None
+    admin_socket: str
     log_level: int
     probe_tls: TlsMode
     pool_size: int

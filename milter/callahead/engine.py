@@ -79,6 +79,12 @@ class PrimaryState:
     """The last probe reached the primary at the SMTP level."""
     refuses_prober: bool
     """The last answer of the primary refused the prober."""
+    last_verdict: Verdict | None = None
+    """The verdict of the last probe that tried this primary; None: none yet."""
+    last_detail: str = ""
+    """What the primary answered (or what went wrong) on that probe."""
+    last_age: float | None = None
+    """Seconds since that probe ended."""
 
 
 class EngineObserver(Protocol):
@@ -173,9 +179,17 @@ class ProbeEngine:
                 breaker_open=p.breaker.state is State.OPEN,
                 reached=p.reached,
                 refuses_prober=p.refusing,
+                last_verdict=p.last_verdict,
+                last_detail=p.last_detail,
+                last_age=None if p.last_at is None else time.monotonic() - p.last_at,
             )
             for p in self._primaries.values()
         ]
+
+    @property
+    def has_free_slot(self) -> bool:
+        """A probe started now would not wait for a slot."""
+        return not self._slots.locked()
 
     def breaker_state(self, hop: Nexthop) -> State:
         primary = self._primaries.get(hop)
@@ -183,16 +197,19 @@ class ProbeEngine:
 
     # -- probing --------------------------------------------------------------------
 
-    async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+    async def probe(
+        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+    ) -> ProbeResult:
         """Probe ``address`` (already normalized), sharing a probe already in flight.
 
         The first request runs the probe itself (no extra task: this is the hot path);
-        the ones that arrive meanwhile wait on a future that it fills."""
+        the ones that arrive meanwhile wait on a future that it fills. ``recheck``: probe
+        even when the address is in the cache (a refresh near the end of its TTL)."""
         shared = self._inflight.get(address)
         if shared is not None:
             self._observer.coalesced_wait()
             return await asyncio.shield(shared)
-        if self._known_valid is not None and address in self._known_valid:
+        if not recheck and self._known_valid is not None and address in self._known_valid:
             # A probe of this address ended after the caller missed the cache.
             self._observer.coalesced_wait()
             return self._already_valid(hops)
@@ -279,6 +296,9 @@ class ProbeEngine:
                 raise
             breaker.record(result.reached, admission)
             primary.reached = result.reached
+            primary.last_verdict = result.verdict
+            primary.last_detail = result.detail
+            primary.last_at = time.monotonic()
             self._note_refusal(primary, address, result)
             if result.verdict is not Verdict.TEMPFAIL:
                 self._judged.record(address)
@@ -447,6 +467,9 @@ class _Primary:
     refusing: bool = False
     """The last answer of the primary refused the prober."""
     warned: set[tuple[Basis, str]] = field(default_factory=set)
+    last_verdict: Verdict | None = None
+    last_detail: str = ""
+    last_at: float | None = None
     pool: SessionPool = field(init=False)
 
 

@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .engine import ProbeEngine
@@ -72,6 +72,10 @@ class ProbeLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop; its future can be waited on and cancelled."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        """Call ``callback(*args)`` on the loop, from any thread, without waiting."""
+        self._loop.call_soon_threadsafe(callback, *args)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the loop and wait for it; on timeout, cancel it and raise

@@ -23,6 +23,8 @@ from .verdict import Basis, ProbeResult, Verdict
 # The *_created series double the size of a scrape and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
+
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -130,10 +132,29 @@ class Metrics:
             "action without a probe",
             registry=r,
         )
+        self.dry_run_overrides = Counter(
+            "callahead_dry_run_overrides",
+            "Recipients a reject or defer was decided for but not given, by the decision "
+            "that would have been given (CALLAHEAD_DRY_RUN=yes)",
+            ["decision"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "callahead_cache_refreshes",
+            "Cached addresses verified again in the background near the end of their TTL, "
+            "by outcome (valid: kept; unknown: forgotten; tempfail: kept until it expires; "
+            "skipped: no spare probe slot)",
+            ["outcome"],
+            registry=r,
+        )
         self._primaries = _PrimariesCollector()
         r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.
         self._probe_counts = {v: self.probes.labels(v.value) for v in Verdict}
+        for outcome in REFRESH_OUTCOMES:
+            self.refreshes.labels(outcome)
+        for action in (Action.REJECT, Action.DEFER):
+            self.dry_run_overrides.labels(action.value)
 
     # -- the probe engine's observer (engine.EngineObserver) ---------------------------
 
@@ -159,6 +180,22 @@ class Metrics:
     def prober_refused_by(self, primary: str, basis: Basis) -> None:
         self.prober_refused.labels(primary, basis.value).inc()
 
+    def refreshed(self, outcome: str) -> None:
+        """One background refresh ended: a verdict's value, or ``skipped``."""
+        self.refreshes.labels(outcome).inc()
+
+    def cache_counters(self) -> dict[str, float]:
+        """The cache's counters so far, for ``callahead cache stats``."""
+        sample = self.registry.get_sample_value
+        counters = {
+            "hits": sample("callahead_cache_hits_total") or 0.0,
+            "misses": sample("callahead_cache_misses_total") or 0.0,
+        }
+        for outcome in REFRESH_OUTCOMES:
+            value = sample("callahead_cache_refreshes_total", {"outcome": outcome})
+            counters[f"refreshes_{outcome}"] = value or 0.0
+        return counters
+
     def track_cache_size(self, size: Callable[[], int]) -> None:
         self.cache_entries.set_function(lambda: float(size()))
 
@@ -166,6 +203,8 @@ class Metrics:
         """Count one decision. Probes are counted where they are made (the engine):
         with coalescing, one probe can serve several decisions."""
         self.decisions.labels(decision.action.value, decision.reason.value).inc()
+        if decision.dry_run:
+            self.dry_run_overrides.labels(decision.action.value).inc()
         if decision.reason is Reason.CACHE_HIT:
             self.cache_hits.inc()
         elif decision.action is not Action.SKIP and decision.reason is not Reason.ERROR:

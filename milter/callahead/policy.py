@@ -7,6 +7,7 @@ prober is handed in, so tests drive it with a fake one.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,18 @@ class Prober(Protocol):
     def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult: ...
 
 
+class Refresher(Protocol):
+    """Verifies a cached address again in the background (refresh.py is the real one);
+    returns at once, whether or not it takes the work."""
+
+    def refresh(self, address: str, hops: Sequence[Nexthop]) -> None: ...
+
+
+class _NoRefresh:
+    def refresh(self, address: str, hops: Sequence[Nexthop]) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What the sender is told, in every front end's protocol."""
@@ -87,10 +100,15 @@ class Decision:
     address: str
     """The recipient as it was judged (angle brackets removed, domain normalized)."""
     probe: ProbeResult | None = None
+    dry_run: bool = False
+    """``CALLAHEAD_DRY_RUN``: ``action`` is what would have happened; nothing is
+    rejected or deferred."""
 
     @property
     def reply(self) -> Reply | None:
         """The reply the front end gives; None: no opinion (Postfix goes on)."""
+        if self.dry_run:
+            return None
         if self.action is Action.REJECT:
             return REJECT_REPLY
         if self.action is Action.DEFER:
@@ -107,7 +125,12 @@ class Policy:
         prober: Prober,
         tempfail_action: TempfailAction,
         guard: ClientGuard | None = None,
+        dry_run: bool = False,
+        refresher: Refresher | None = None,
+        refresh_within: float = 0.0,
     ) -> None:
+        """``refresh_within``: a cached address asked for with less than this many
+        seconds left is handed to ``refresher`` (0: never)."""
         self._routes = routes
         self._cache = cache
         self._prober = prober
@@ -115,6 +138,9 @@ class Policy:
         self._undecided = (
             Action.ACCEPT if tempfail_action is TempfailAction.ACCEPT else Action.DEFER
         )
+        self._dry_run = dry_run
+        self._refresher: Refresher = refresher if refresher is not None else _NoRefresh()
+        self._refresh_within = refresh_within
 
     @property
     def guard_enabled(self) -> bool:
@@ -122,10 +148,18 @@ class Policy:
 
     def tempfail_decision(self, address: str, reason: Reason) -> Decision:
         """The answer when nothing can be decided: the configured tempfail action."""
-        return Decision(self._undecided, reason, address)
+        return self._final(Decision(self._undecided, reason, address))
 
     def decide(self, recipient: str, client: str | None = None) -> Decision:
         """Judge one recipient; ``client`` is the SMTP client's address, if known."""
+        return self._final(self._judge(recipient, client))
+
+    def _final(self, decision: Decision) -> Decision:
+        if self._dry_run and decision.action in (Action.REJECT, Action.DEFER):
+            return dataclasses.replace(decision, dry_run=True)
+        return decision
+
+    def _judge(self, recipient: str, client: str | None) -> Decision:
         normalized = normalize_recipient(recipient)
         if normalized is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
@@ -133,7 +167,10 @@ class Policy:
         hops = self._routes.lookup(normalized.domain)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
-        if address in self._cache:
+        left = self._cache.remaining(address)
+        if left is not None:
+            if left < self._refresh_within:
+                self._refresher.refresh(address, hops)
             return Decision(Action.ACCEPT, Reason.CACHE_HIT, address)
         if self._guard.blocked(client):
             return Decision(Action.DEFER, Reason.CLIENT_LIMIT, address)

@@ -10,11 +10,15 @@ import time
 
 import Milter
 
+from . import cachefile
 from .adapter import CallaheadMilter
+from .admin import AdminError, AdminServer, Health
 from .assembly import build_policy
 from .config import Config
+from .engine import ProbeEngine
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
+from .refresh import LoopRefresher
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,8 @@ MILTER_COMMAND_TIMEOUT = 30
 """Postfix's default milter_command_timeout, in seconds."""
 
 
+ADMIN_START_TIMEOUT = 5.0
+"""Seconds for setting up the admin socket at start."""
 SHUTDOWN_GRACE = 2.0
 """Seconds, after SIGTERM, for the threads waiting on cancelled probes to answer."""
 SESSION_CLOSE_TIMEOUT = 5.0
@@ -59,6 +65,12 @@ def _exit_on_second_signal() -> None:
         time.sleep(SIGNAL_POLL)
 
 
+async def _close(admin: AdminServer, refresher: LoopRefresher, engine: ProbeEngine) -> None:
+    await admin.aclose()
+    await refresher.aclose()
+    await engine.aclose()
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; returns the exit status.
 
@@ -72,7 +84,8 @@ def serve(config: Config) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     loop = ProbeLoop()
     metrics = Metrics()
-    policy, cache, engine, prober = build_policy(config, loop, metrics)
+    parts = build_policy(config, loop, metrics)
+    policy, cache, engine, prober = parts.policy, parts.cache, parts.engine, parts.prober
     longest = engine.settings.longest_answer + HANDOFF_MARGIN
     if longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
@@ -89,8 +102,27 @@ def serve(config: Config) -> int:
         except OSError as exc:
             log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
             return EX_UNAVAILABLE
+    if config.cache_file:
+        cachefile.load_into(cache, config.cache_file)
     loop.start()
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
+    admin = AdminServer(
+        cache,
+        lambda: Health(loop.healthy, loop.silent_for, engine.primary_states(), config.dry_run),
+        metrics.cache_counters,
+        config.cache_file,
+    )
+    if config.admin_socket:
+        try:
+            loop.run(admin.start(config.admin_socket), timeout=ADMIN_START_TIMEOUT)
+        except (AdminError, TimeoutError) as exc:
+            # Mail matters more than the admin commands: serve without them.
+            log.error("admin socket off (callahead cache/status will not work): %s", exc)
+    saver = None
+    if config.cache_file:
+        saver = loop.submit(
+            cachefile.save_every(cache, config.cache_file, config.cache_save_interval)
+        )
     monitor = HealthMonitor(lambda: loop.healthy)
     monitor.start()
     Milter.factory = lambda: CallaheadMilter(policy, metrics)
@@ -102,6 +134,8 @@ def serve(config: Config) -> int:
         " ".join(f"{d}={h}" for d, h in config.routes.entries()),
         "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
     )
+    if config.dry_run:
+        log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")
     threading.Thread(target=_exit_on_second_signal, name="callahead-signals", daemon=True).start()
     notify("READY=1")
     try:
@@ -116,10 +150,14 @@ def serve(config: Config) -> int:
         if left:
             log.warning("%d recipient(s) still waiting on a probe at exit", left)
         monitor.stop()
+        if saver is not None:
+            saver.cancel()
         try:
-            loop.run(engine.aclose(), timeout=SESSION_CLOSE_TIMEOUT)
+            loop.run(_close(admin, parts.refresher, engine), timeout=SESSION_CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("probe sessions did not close in time")
         loop.stop()
+        if config.cache_file:
+            cachefile.save_from(cache, config.cache_file)
     log.info("callahead stopped")
     return 0

@@ -67,6 +67,11 @@ def test_defaults() -> None:
     assert config.breaker_cooldown == 30
     assert config.client_unknown_limit == 20
     assert config.client_window == 600
+    assert config.cache_file == ""
+    assert config.cache_save_interval == 300
+    assert config.cache_refresh == 0.1
+    assert config.dry_run is False
+    assert config.admin_socket == "/run/callahead/admin.sock"
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
     assert config.probe_wait + config.probe_timeout < 30
 
@@ -87,12 +92,17 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_ROUTES",
         "CALLAHEAD_CACHE_TTL",
         "CALLAHEAD_CACHE_SIZE",
+        "CALLAHEAD_CACHE_FILE",
+        "CALLAHEAD_CACHE_SAVE_INTERVAL",
+        "CALLAHEAD_CACHE_REFRESH",
         "CALLAHEAD_TEMPFAIL_ACTION",
+        "CALLAHEAD_DRY_RUN",
         "CALLAHEAD_PROBE_TIMEOUT",
         "CALLAHEAD_PROBE_SENDER",
         "CALLAHEAD_PROBE_FALLBACK_SENDER",
         "CALLAHEAD_HELO_NAME",
         "CALLAHEAD_METRICS_LISTEN",
+        "CALLAHEAD_ADMIN_SOCKET",
         "CALLAHEAD_LOG_LEVEL",
         "CALLAHEAD_PROBE_TLS",
         "CALLAHEAD_POOL_SIZE",

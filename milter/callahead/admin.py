@@ -1,0 +1,330 @@
+"""The admin socket: ``callahead cache ...`` and ``callahead status`` talk to ``serve``.
+
+A unix socket (``CALLAHEAD_ADMIN_SOCKET``, mode 0660: root and the service's group),
+served on the probe loop. One request per connection: a JSON object on one line, one
+JSON object back on one line, then the server closes. Requests (``op``):
+
+* ``cache-show`` ``{"address": ...}`` -> ``{"cached": bool, "remaining": seconds|null}``
+* ``cache-flush`` with ``{"address": ...}``, ``{"domain": ...}`` or ``{"all": true}``
+  -> ``{"flushed": n}``
+* ``cache-stats`` -> entries, size, TTL, hits, misses, refreshes, the cache file
+* ``status`` -> ``{"healthy": bool, "loop": {...}, "primaries": [...]}``
+
+Every answer has ``"ok": true``, or ``"ok": false`` with ``"error"``. A request that is
+too long, not JSON, or unknown gets an error answer, never more than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .address import normalize_domain, normalize_recipient
+from .cache import PositiveCache
+from .engine import PrimaryState
+from .errors import CallaheadError
+from .logfmt import escape
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+"""Bytes of one request line, at most."""
+REQUEST_TIMEOUT = 5.0
+"""Seconds a client has to send its request."""
+CLIENT_TIMEOUT = 10.0
+"""Seconds the command line waits for an answer."""
+SOCKET_MODE = 0o660
+
+
+class AdminError(CallaheadError):
+    """The admin socket cannot be set up; the message says why."""
+
+
+class AdminUnavailable(CallaheadError):
+    """No ``serve`` answers on the admin socket (not running, or not reachable)."""
+
+    def __init__(self, message: str, *, permission: bool = False) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What ``status`` reports."""
+
+    loop_alive: bool
+    loop_silent_for: float
+    primaries: list[PrimaryState]
+    dry_run: bool
+
+    @property
+    def healthy(self) -> bool:
+        return self.loop_alive and not any(primary_problem(p) for p in self.primaries)
+
+
+def primary_problem(state: PrimaryState) -> str | None:
+    """Why a primary makes callahead degraded; None when it does not."""
+    if state.breaker_open:
+        return "treated as down (breaker open)"
+    if state.refuses_prober:
+        return "refuses the probes (its recipients are accepted unverified)"
+    if state.last_verdict is not None and not state.reached:
+        return "not reached by the last probe"
+    return None
+
+
+class AdminServer:
+    """Answers admin requests; runs on the probe loop."""
+
+    def __init__(
+        self,
+        cache: PositiveCache,
+        health: Callable[[], Health],
+        counters: Callable[[], Mapping[str, float]],
+        cache_file: str = "",
+    ) -> None:
+        self._cache = cache
+        self._health = health
+        self._counters = counters
+        self._cache_file = cache_file
+        self._server: asyncio.Server | None = None
+        self._path = ""
+        self._inode: tuple[int, int] | None = None
+
+    async def start(self, path: str) -> None:
+        """Listen on ``path``; raises ``AdminError`` when it cannot."""
+        _clear_stale(path)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=path, limit=MAX_REQUEST
+            )
+            os.chmod(path, SOCKET_MODE)
+            info = os.stat(path)
+        except OSError as exc:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            raise AdminError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        self._path = path
+        self._inode = (info.st_dev, info.st_ino)
+
+    async def aclose(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
+        # Remove the socket only if it is still ours (not a later instance's).
+        with contextlib.suppress(OSError):
+            info = os.stat(self._path)
+            if (info.st_dev, info.st_ino) == self._inode:
+                os.unlink(self._path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                answer = _error(f"request longer than {MAX_REQUEST} bytes")
+            else:
+                answer = self.answer(line)
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line."""
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return _error("the request is not a JSON object on one line")
+        if not isinstance(request, dict):
+            return _error("the request is not a JSON object")
+        op = request.get("op")
+        if op == "cache-show":
+            return self._show(request)
+        if op == "cache-flush":
+            return self._flush(request)
+        if op == "cache-stats":
+            return self._stats()
+        if op == "status":
+            return self._status()
+        return _error(f"unknown op {str(op)[:40]!r}")
+
+    def _show(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        address = _address(request.get("address"))
+        if address is None:
+            return _error("expected an address, user@domain")
+        left = self._cache.remaining(address)
+        return {"ok": True, "address": address, "cached": left is not None, "remaining": left}
+
+    def _flush(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        if request.get("all") is True:
+            flushed, what = self._cache.clear(), "all"
+        elif isinstance(request.get("domain"), str) and request["domain"].strip("@ "):
+            domain = normalize_domain(request["domain"].strip().lstrip("@"))
+            flushed, what = self._cache.discard_domain(domain), f"@{domain}"
+        else:
+            address = _address(request.get("address"))
+            if address is None:
+                return _error("expected an address, @domain or all")
+            flushed, what = int(self._cache.discard(address)), address
+        log.info("admin: cache flush %s: %d entr%s", escape(what), flushed, _ies(flushed))
+        return {"ok": True, "flushed": flushed}
+
+    def _stats(self) -> dict[str, Any]:
+        stats = self._cache.stats()
+        return {
+            "ok": True,
+            "enabled": stats.enabled,
+            "entries": stats.entries,
+            "size": stats.maxsize,
+            "ttl": stats.ttl,
+            "file": self._cache_file,
+            **self._counters(),
+        }
+
+    def _status(self) -> dict[str, Any]:
+        health = self._health()
+        return {
+            "ok": True,
+            "healthy": health.healthy,
+            "dry_run": health.dry_run,
+            "loop": {"alive": health.loop_alive, "silent_for": health.loop_silent_for},
+            "primaries": [_primary(p) for p in health.primaries],
+        }
+
+
+def _primary(state: PrimaryState) -> dict[str, Any]:
+    return {
+        "name": state.name,
+        "breaker_open": state.breaker_open,
+        "sessions": state.open_sessions,
+        "reached": state.reached,
+        "refuses_prober": state.refuses_prober,
+        "last_verdict": None if state.last_verdict is None else state.last_verdict.value,
+        "last_detail": state.last_detail,
+        "last_age": state.last_age,
+        "problem": primary_problem(state),
+    }
+
+
+def _address(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    normalized = normalize_recipient(value)
+    return None if normalized is None else normalized.address
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def _ies(count: int) -> str:
+    return "y" if count == 1 else "ies"
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket left by a callahead that died; refuse to touch anything else, or
+    a socket where another callahead answers."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise AdminError(f"cannot use {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise AdminError(f"{path} exists and is not a socket; not touching it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    raise AdminError(f"another callahead answers on {path}")
+
+
+def ask(path: str, request: Mapping[str, Any], *, timeout: float = CLIENT_TIMEOUT) -> Any:
+    """Send one request to the ``serve`` listening on ``path``; its answer.
+
+    Raises ``AdminUnavailable`` when nothing answers there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(path)
+        except PermissionError as exc:
+            raise AdminUnavailable(
+                f"no permission to use {path} ({exc.strerror}): run as root or as a member "
+                "of the service's group",
+                permission=True,
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise AdminUnavailable(
+                f"callahead serve is not running (nothing at {path}: {exc.strerror})"
+            ) from None
+        except OSError as exc:
+            raise AdminUnavailable(f"cannot reach {path}: {exc.strerror or exc}") from None
+        try:
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            answer = _read_line(conn)
+        except OSError as exc:
+            raise AdminUnavailable(f"no answer on {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(answer)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdminUnavailable(f"the answer on {path} is not callahead's") from None
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return b"".join(chunks)
+
+
+def status_lines(answer: Mapping[str, Any]) -> Iterable[str]:
+    """``callahead status`` as text."""
+    yield f"callahead: {'healthy' if answer['healthy'] else 'degraded'}"
+    loop = answer["loop"]
+    if loop["alive"]:
+        yield f"probe loop: alive (last beat {loop['silent_for']:.1f} s ago)"
+    else:
+        yield f"probe loop: STALLED (no beat for {loop['silent_for']:.1f} s)"
+    if answer.get("dry_run"):
+        yield "dry run: yes (nothing is rejected or deferred)"
+    primaries = answer["primaries"]
+    if not primaries:
+        yield "primaries: none probed yet"
+    for p in primaries:
+        breaker = "open" if p["breaker_open"] else "closed"
+        if p["last_verdict"] is None:
+            last = "none yet"
+        else:
+            detail = escape(str(p["last_detail"]), spaces=True)
+            last = f"{p['last_verdict']} {p['last_age']:.1f} s ago: {detail}"
+        line = (
+            f"primary {p['name']}: breaker {breaker}, {p['sessions']} pool session"
+            f"{'' if p['sessions'] == 1 else 's'}, last probe {last}"
+        )
+        if p["problem"]:
+            line += f" -- DEGRADED: {p['problem']}"
+        yield line
