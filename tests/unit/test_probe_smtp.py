@@ -396,7 +396,9 @@ class StuckEngine(ProbeEngine):
         super().__init__(settings)
         self.cancelled = threading.Event()
 
-    async def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+    async def probe(
+        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+    ) -> ProbeResult:
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
