@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -24,14 +25,18 @@ class CallaheadProcess(ManagedProcess):
     def __init__(self, workdir: Path, env: dict[str, str], *, name: str = "callahead") -> None:
         self.milter_port = free_port()
         self.metrics_port = free_port()
+        self.admin_socket = workdir / f"{name}.admin.sock"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("CALLAHEAD_")},
             "CALLAHEAD_SOCKET": f"inet:127.0.0.1:{self.milter_port}",
             "CALLAHEAD_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "CALLAHEAD_HELO_NAME": "backup.test",
             "CALLAHEAD_LOG_LEVEL": "DEBUG",
+            # Its own admin socket: the default one in /run would be shared by all.
+            "CALLAHEAD_ADMIN_SOCKET": str(self.admin_socket),
             **env,
         }
+        self.env = env
         super().__init__(
             [sys.executable, "-m", "callahead", "serve"],
             workdir / f"{name}.log",
@@ -45,6 +50,18 @@ class CallaheadProcess(ManagedProcess):
     def socket(self) -> str:
         """The value for Postfix's ``smtpd_milters``."""
         return f"inet:127.0.0.1:{self.milter_port}"
+
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m callahead ARGS`` with this process's environment (so
+        ``cache`` and ``status`` reach it over its admin socket)."""
+        return subprocess.run(
+            [sys.executable, "-m", "callahead", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def _metrics_up(self) -> bool:
         try:

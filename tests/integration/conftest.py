@@ -50,6 +50,8 @@ from tests.harness.scripted import Script, ScriptedServer
 REPO = Path(__file__).resolve().parents[2]
 PROBE_TIMEOUT = 2.0
 SENDER = "sender@remote.test"
+REFRESH_TTL = 6.0
+"""CALLAHEAD_CACHE_TTL of the refresh profile, whose last half is refreshed ahead."""
 PF_USERS = 600
 """Virtual users of the real Postfix primary: pf0@pf.test ... pf599@pf.test."""
 
@@ -144,6 +146,9 @@ class Stack:
     opensmtpd.test, each with u1@ and postmaster@."""
     held: ScriptedServer
     """The shutdown profile's primary (held.test): answers RCPT after 15 s."""
+    ops_primary: Primary
+    """The primary of the ops and refresh profiles (ops.test, refresh.test), which
+    test_operations.py stops and starts."""
     profiles: dict[str, Profile] = field(default_factory=dict)
 
     def set_strict_users(self, users: list[str]) -> None:
@@ -251,6 +256,9 @@ def stack() -> Iterator[Stack]:
             held = ScriptedServer(Script(rcpt_delay=15.0, rcpt_default="250 2.1.5 Ok"))
             held.start()
             started.append(held)
+            ops_primary = Primary([], hostname="ops-primary.test")
+            ops_primary.start()
+            started.append(ops_primary)
             peers: dict[str, PeerPrimary] = {}
             for peer_name, kind in PRIMARIES.items():
                 peer_dir = workdir / f"{peer_name}-primary"
@@ -377,6 +385,29 @@ def stack() -> Iterator[Stack]:
                 },
                 {},
             )
+            settings["dryrun"] = (
+                {**base, "CALLAHEAD_ROUTES": main_routes, "CALLAHEAD_DRY_RUN": "yes"},
+                {},
+            )
+            settings["ops"] = (
+                # test_operations.py restarts it and stops its primary.
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": f"ops.test={hop(ops_primary.port)}",
+                    "CALLAHEAD_CACHE_FILE": str(workdir / "ops-cache.json"),
+                    "CALLAHEAD_PROBE_TIMEOUT": "1",
+                },
+                {},
+            )
+            settings["refresh"] = (
+                {
+                    **base,
+                    "CALLAHEAD_ROUTES": f"refresh.test={hop(ops_primary.port)}",
+                    "CALLAHEAD_CACHE_TTL": str(REFRESH_TTL),
+                    "CALLAHEAD_CACHE_REFRESH": "0.5",
+                },
+                {},
+            )
             profiles: dict[str, Profile] = {}
             for name, (env, _) in settings.items():
                 process = CallaheadProcess(workdir, env, name=f"callahead-{name}")
@@ -401,6 +432,7 @@ def stack() -> Iterator[Stack]:
                 domain: hop(primary.port) for domain in [*deliver_to_primary, "m365.test"]
             }
             transports["nullsender.test"] = hop(null_primary.port)
+            transports["ops.test"] = transports["refresh.test"] = hop(ops_primary.port)
             transports.update({domain: strict_hop for domain in strict_domains})
             transports.update({f"{name}.test": hop(peer.port) for name, peer in peers.items()})
             main_cf = backup_mx_main_cf(
@@ -441,6 +473,7 @@ def stack() -> Iterator[Stack]:
                 m365,
                 peers,
                 held,
+                ops_primary,
                 profiles,
             )
         finally:
