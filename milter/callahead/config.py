@@ -11,6 +11,7 @@ import enum
 import ipaddress
 import logging
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ EX_CONFIG = 78
 DEFAULT_SOCKET = "inet:127.0.0.1:8895"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
 DEFAULT_ADMIN_SOCKET = "/run/callahead/admin.sock"
+DEFAULT_POSTFIX_CONFIG = "/etc/postfix"
 POSTCONF_TIMEOUT = 5.0
 """Seconds ``postconf -h myhostname`` may take at start."""
 
@@ -172,6 +174,10 @@ def _parse_address(name: str, value: str) -> str:
 def postconf(name: str) -> str | None:
     """``postconf -h NAME`` of the local Postfix (its default config directory, or
     ``MAIL_CONFIG``); None without a configured Postfix."""
+    directory = os.environ.get("MAIL_CONFIG") or DEFAULT_POSTFIX_CONFIG
+    if not os.path.exists(os.path.join(directory, "main.cf")):
+        # postconf would fail too, after the second msg_fatal sleeps before exiting.
+        return None
     command = shutil.which("postconf") or "/usr/sbin/postconf"
     try:
         done = subprocess.run(

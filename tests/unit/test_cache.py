@@ -118,3 +118,78 @@ def test_thread_safety_smoke() -> None:
     cache.add("after@example.com")
     assert "after@example.com" in cache
     assert len(cache) == 500
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_remaining_counts_down_and_ends_with_the_entry() -> None:
+    clock = Clock()
+    cache = PositiveCache(ttl=100, maxsize=10, clock=clock)
+    assert cache.remaining("a@example.com") is None
+    cache.add("a@example.com")
+    assert cache.remaining("a@example.com") == 100
+    clock.now += 40
+    assert cache.remaining("a@example.com") == 60
+    cache.add("a@example.com")  # a new verdict: a new TTL
+    assert cache.remaining("a@example.com") == 100
+    clock.now += 100
+    assert cache.remaining("a@example.com") is None
+    assert "a@example.com" not in cache
+
+
+def test_discard_by_address_domain_and_all() -> None:
+    cache = PositiveCache(ttl=100, maxsize=10)
+    for address in ("a@example.com", "b@example.com", "a@sub.example.com", "c@example.org"):
+        cache.add(address)
+    assert cache.discard("a@example.com") is True
+    assert cache.discard("a@example.com") is False
+    assert cache.discard_domain("example.com") == 1  # b@; not the subdomain
+    assert "a@sub.example.com" in cache
+    assert cache.discard_domain("nothing.example") == 0
+    assert cache.clear() == 2
+    assert len(cache) == 0
+
+
+def test_discard_of_an_expired_entry_says_it_was_not_there() -> None:
+    clock = Clock()
+    cache = PositiveCache(ttl=10, maxsize=10, clock=clock)
+    cache.add("a@example.com")
+    clock.now += 11
+    assert cache.discard("a@example.com") is False
+    assert cache.clear() == 0
+
+
+def test_snapshot_and_restore_keep_the_time_left_capped_at_the_ttl() -> None:
+    clock = Clock()
+    cache = PositiveCache(ttl=100, maxsize=10, clock=clock)
+    cache.add("old@example.com")
+    clock.now += 70
+    cache.add("new@example.com")
+    assert cache.snapshot() == [("old@example.com", 30), ("new@example.com", 100)]
+
+    other = PositiveCache(ttl=50, maxsize=10, clock=clock)
+    taken = other.restore([*cache.snapshot(), ("gone@example.com", -1.0)])
+    assert taken == 2
+    assert other.remaining("old@example.com") == 30
+    assert other.remaining("new@example.com") == 50  # a lowered TTL applies
+    assert other.remaining("gone@example.com") is None
+
+
+def test_restore_into_a_smaller_cache_keeps_the_longest_lived() -> None:
+    cache = PositiveCache(ttl=100, maxsize=2)
+    assert cache.restore([("a@x.test", 90.0), ("b@x.test", 10.0), ("c@x.test", 50.0)]) == 3
+    assert sorted(a for a, _ in cache.snapshot()) == ["a@x.test", "c@x.test"]
+
+
+def test_a_disabled_cache_keeps_and_restores_nothing() -> None:
+    cache = PositiveCache(ttl=0, maxsize=10)
+    cache.add("a@example.com")
+    assert cache.remaining("a@example.com") is None
+    assert cache.restore([("a@example.com", 10.0)]) == 0
+    assert cache.stats().enabled is False

@@ -427,3 +427,75 @@ def test_skipped_probe_maps_to_its_reason_with_the_tempfail_action(
         assert decision.probe is answer
     assert "carol@example.com" not in cache
     assert len(prober.calls) == 3  # never counted as unknowns of the client
+
+
+def test_dry_run_decides_as_usual_but_gives_no_reject_or_defer() -> None:
+    prober = FakeProber(
+        {"ghost@example.com": [UNKNOWN], "busy@example.com": [TEMPFAIL], "a@example.com": [VALID]}
+    )
+    cache = PositiveCache(ttl=3600, maxsize=100)
+    policy = Policy(
+        routes=ROUTES,
+        cache=cache,
+        prober=prober,
+        tempfail_action=TempfailAction.DEFER,
+        dry_run=True,
+    )
+    rejected = policy.decide("<ghost@example.com>")
+    assert (rejected.action, rejected.reason) == (Action.REJECT, Reason.PROBE_UNKNOWN)
+    assert rejected.dry_run is True
+    assert rejected.reply is None
+    deferred = policy.decide("<busy@example.com>")
+    assert (deferred.action, deferred.dry_run, deferred.reply) == (Action.DEFER, True, None)
+    error = policy.tempfail_decision("x@example.com", Reason.ERROR)
+    assert (error.action, error.dry_run, error.reply) == (Action.DEFER, True, None)
+    accepted = policy.decide("<a@example.com>")
+    assert (accepted.action, accepted.dry_run) == (Action.ACCEPT, False)
+    assert "a@example.com" in cache  # the cache works as usual
+
+
+def test_without_dry_run_a_reject_carries_its_reply() -> None:
+    policy, _ = make_policy(FakeProber({"ghost@example.com": [UNKNOWN]}))
+    decision = policy.decide("<ghost@example.com>")
+    assert decision.dry_run is False
+    assert decision.reply is not None and decision.reply.code == "550"
+
+
+class RecordingRefresher:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, tuple[Nexthop, ...]]] = []
+
+    def refresh(self, address: str, hops: Sequence[Nexthop]) -> None:
+        self.asked.append((address, tuple(hops)))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_hit_in_the_last_part_of_the_ttl_is_refreshed_and_answered_at_once() -> None:
+    clock = Clock()
+    cache = PositiveCache(ttl=100, maxsize=10, clock=clock)
+    prober = FakeProber({"a@example.com": [VALID]})
+    refresher = RecordingRefresher()
+    policy = Policy(
+        routes=ROUTES,
+        cache=cache,
+        prober=prober,
+        tempfail_action=TempfailAction.ACCEPT,
+        refresher=refresher,
+        refresh_within=10,
+    )
+    policy.decide("<a@example.com>")
+    clock.now = 89  # 11 s left: not yet
+    assert policy.decide("<a@example.com>").reason is Reason.CACHE_HIT
+    assert refresher.asked == []
+    clock.now = 91  # 9 s left
+    decision = policy.decide("<a@example.com>")
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.CACHE_HIT)
+    assert refresher.asked == [("a@example.com", HOPS)]
+    assert len(prober.calls) == 1  # the recipient never waited for a probe

@@ -1,0 +1,116 @@
+"""CALLAHEAD_CACHE_FILE: saved atomically, loaded with the time left, and a bad file
+refused whole (logged and ignored at start)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from callahead import cachefile
+from callahead.cache import PositiveCache
+from callahead.cachefile import CacheFileError, load, load_into, save, save_from
+
+NOW = 1_800_000_000.0
+
+
+def test_saved_entries_load_with_the_time_they_had_left(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache.json")
+    save(path, [("a@example.com", 30.0), ("b@example.com", 90.0)], now=NOW)
+    assert load(path, now=NOW + 20) == [("a@example.com", 10.0), ("b@example.com", 70.0)]
+    assert load(path, now=NOW + 60) == [("b@example.com", 30.0)]  # a's TTL is over
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary left
+
+
+def test_a_save_replaces_the_old_file_whole(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache.json")
+    save(path, [("a@example.com", 30.0)], now=NOW)
+    save(path, [("b@example.com", 30.0)], now=NOW)
+    assert load(path, now=NOW) == [("b@example.com", 30.0)]
+
+
+def test_a_failed_save_keeps_the_old_file_and_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "cache.json"
+    save(str(path), [("a@example.com", 30.0)], now=NOW)
+    with pytest.raises(CacheFileError, match="cannot write"):
+        save(str(tmp_path / "missing-dir" / "cache.json"), [], now=NOW)
+    assert load(str(path), now=NOW) == [("a@example.com", 30.0)]
+
+
+def test_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load(str(tmp_path / "none.json"))
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"format": "callahead-cache", "version": 1, "entries": [["a@x', "not valid JSON"),
+        (b"\xff\xfe garbage", "not valid JSON"),
+        (b"[1, 2, 3]", "not a callahead cache file"),
+        (b'{"format": "something-else", "entries": []}', "not a callahead cache file"),
+        (b'{"format": "callahead-cache", "version": 2, "entries": []}', "version 2"),
+        (b'{"format": "callahead-cache", "version": 1, "entries": {}}', "not a list"),
+        (
+            b'{"format": "callahead-cache", "version": 1, "entries": [["a@x.test", "soon"]]}',
+            "entry 0",
+        ),
+        (b'{"format": "callahead-cache", "version": 1, "entries": [["nobody", 1e12]]}', "entry 0"),
+        (
+            b'{"format": "callahead-cache", "version": 1, "entries": [["a@x.test", true]]}',
+            "entry 0",
+        ),
+    ],
+)
+def test_a_bad_file_is_refused_whole(tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "cache.json"
+    path.write_bytes(content)
+    with pytest.raises(CacheFileError, match=why):
+        load(str(path))
+
+
+def test_load_into_ignores_a_bad_file_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"format": "callahead-cache", "version": 1, "entries": [1]}))
+    cache = PositiveCache(ttl=100, maxsize=10)
+    with caplog.at_level(logging.WARNING, logger="callahead.cachefile"):
+        assert load_into(cache, str(path)) == 0
+    assert "entry 0 is not [address, expiry]: ignored" in caplog.text
+    assert len(cache) == 0
+    assert load_into(cache, str(tmp_path / "absent.json")) == 0
+
+
+def test_save_from_and_load_into_carry_a_cache_across_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache.json")
+    before = PositiveCache(ttl=100, maxsize=10)
+    before.add("a@example.com")
+    assert save_from(before, path) is True
+    after = PositiveCache(ttl=100, maxsize=10)
+    assert load_into(after, path) == 1
+    left = after.remaining("a@example.com")
+    assert left is not None and 99 < left <= 100
+
+
+def test_save_from_logs_a_failure_and_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = PositiveCache(ttl=100, maxsize=10)
+    with caplog.at_level(logging.ERROR, logger="callahead.cachefile"):
+        assert save_from(cache, str(tmp_path / "no" / "cache.json")) is False
+    assert "the cache is not saved" in caplog.text
+
+
+def test_a_file_too_large_to_be_ours_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cachefile, "MAX_FILE_BYTES", 10)
+    path = tmp_path / "cache.json"
+    path.write_text(" " * 11)
+    with pytest.raises(CacheFileError, match="larger than 10 bytes"):
+        load(str(path))

@@ -1,0 +1,139 @@
+"""Refresh ahead on a real probe loop, with an engine whose probes the test answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from callahead.cache import PositiveCache
+from callahead.engine import ProbeEngine
+from callahead.loop import ProbeLoop
+from callahead.refresh import SKIPPED, LoopRefresher, refresh_limit
+from callahead.routes import Nexthop
+from callahead.verdict import ProbeResult, Stage, Verdict
+from tests.harness.waiting import wait_for
+
+from .settings import probe_settings
+
+HOPS = (Nexthop("127.0.0.1", 2525),)
+
+
+class AnsweredEngine(ProbeEngine):
+    """Probes wait until the test answers them (``answer``); records ``recheck``."""
+
+    def __init__(self) -> None:
+        super().__init__(probe_settings())
+        self.free = True
+        self.asked: list[tuple[str, bool]] = []
+        self._answers: dict[str, asyncio.Future[ProbeResult]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.free
+
+    async def probe(
+        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+    ) -> ProbeResult:
+        future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self.asked.append((address, recheck))
+            self._answers[address] = future
+        return await future
+
+    def answer(self, loop: ProbeLoop, address: str, verdict: Verdict) -> None:
+        code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
+        result = ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, str(HOPS[0]))
+        with self._lock:
+            future = self._answers.pop(address)
+        loop.call_soon(future.set_result, result)
+
+    def waiting(self, address: str) -> bool:
+        with self._lock:
+            return address in self._answers
+
+
+@pytest.fixture
+def loop() -> Iterator[ProbeLoop]:
+    probe_loop = ProbeLoop()
+    probe_loop.start()
+    yield probe_loop
+    probe_loop.stop()
+
+
+def make(
+    loop: ProbeLoop, limit: int = 2
+) -> tuple[LoopRefresher, AnsweredEngine, PositiveCache, list[str]]:
+    engine = AnsweredEngine()
+    cache = PositiveCache(ttl=100, maxsize=10)
+    outcomes: list[str] = []
+    refresher = LoopRefresher(loop, engine, cache, limit=limit, on_outcome=outcomes.append)
+    return refresher, engine, cache, outcomes
+
+
+def test_unknown_forgets_the_address_and_valid_keeps_it(loop: ProbeLoop) -> None:
+    refresher, engine, cache, outcomes = make(loop)
+    cache.add("gone@x.test")
+    cache.add("kept@x.test")
+    refresher.refresh("gone@x.test", HOPS)
+    refresher.refresh("kept@x.test", HOPS)
+    wait_for(lambda: engine.waiting("gone@x.test") and engine.waiting("kept@x.test"), 5.0)
+    assert sorted(engine.asked) == [("gone@x.test", True), ("kept@x.test", True)]
+
+    engine.answer(loop, "gone@x.test", Verdict.UNKNOWN)
+    engine.answer(loop, "kept@x.test", Verdict.VALID)
+    wait_for(lambda: len(outcomes) == 2, 5.0)
+    assert sorted(outcomes) == ["unknown", "valid"]
+    assert "gone@x.test" not in cache
+    assert "kept@x.test" in cache
+    assert refresher.pending == 0
+
+
+def test_an_undecided_refresh_leaves_the_entry_to_expire(loop: ProbeLoop) -> None:
+    refresher, engine, cache, outcomes = make(loop)
+    cache.add("a@x.test")
+    refresher.refresh("a@x.test", HOPS)
+    wait_for(lambda: engine.waiting("a@x.test"), 5.0)
+    engine.answer(loop, "a@x.test", Verdict.TEMPFAIL)
+    wait_for(lambda: outcomes == ["tempfail"], 5.0)
+    assert "a@x.test" in cache
+
+
+def test_one_refresh_per_address_and_at_most_limit_at_once(loop: ProbeLoop) -> None:
+    refresher, engine, _, outcomes = make(loop, limit=2)
+    refresher.refresh("a@x.test", HOPS)
+    refresher.refresh("a@x.test", HOPS)  # already in flight: nothing more
+    refresher.refresh("b@x.test", HOPS)
+    refresher.refresh("c@x.test", HOPS)  # over the limit
+    assert outcomes == [SKIPPED]
+    wait_for(lambda: engine.waiting("a@x.test") and engine.waiting("b@x.test"), 5.0)
+    assert sorted(a for a, _ in engine.asked) == ["a@x.test", "b@x.test"]
+    engine.answer(loop, "a@x.test", Verdict.VALID)
+    wait_for(lambda: refresher.pending == 1, 5.0)
+    refresher.refresh("c@x.test", HOPS)  # room again
+    wait_for(lambda: engine.waiting("c@x.test"), 5.0)
+
+
+def test_no_refresh_without_a_free_probe_slot(loop: ProbeLoop) -> None:
+    refresher, engine, _, outcomes = make(loop)
+    engine.free = False
+    refresher.refresh("a@x.test", HOPS)
+    wait_for(lambda: outcomes == [SKIPPED], 5.0)
+    assert engine.asked == []
+    assert refresher.pending == 0
+
+
+def test_the_refreshes_in_flight_are_cancelled_at_shutdown(loop: ProbeLoop) -> None:
+    refresher, engine, _, _ = make(loop)
+    refresher.refresh("a@x.test", HOPS)
+    wait_for(lambda: engine.waiting("a@x.test"), 5.0)
+    loop.run(refresher.aclose(), timeout=5.0)
+    assert refresher.pending == 0
+
+
+def test_the_limit_is_a_small_share_of_the_probe_budget() -> None:
+    assert refresh_limit(64) == 6
+    assert refresh_limit(1) == 1
