@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .engine import ProbeEngine
+from .logfmt import escape
 from .routes import Nexthop
 from .verdict import ProbeResult, Skip, Stage, Verdict
 
@@ -106,6 +107,8 @@ class LoopProber:
         self._engine = engine
         self._wait = wait if wait is not None else engine.settings.longest_answer + HANDOFF_MARGIN
         self._pending: set[concurrent.futures.Future[ProbeResult]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        """Policy-service requests waiting on a probe, on the loop."""
         self._changed = threading.Condition()
         self._stopping = False
 
@@ -118,28 +121,52 @@ class LoopProber:
             )
         with self._changed:
             if self._stopping:
-                return ProbeResult.not_probed(Skip.SHUTDOWN, hops, "callahead is stopping")
+                return _stopping(hops)
             future = self._loop.submit(self._engine.probe(address, hops))
             self._pending.add(future)
         try:
             return future.result(self._wait)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            log.warning("probe for %s overran its deadline of %.3gs", address, self._wait)
-            return ProbeResult(
-                Verdict.TEMPFAIL,
-                Stage.CONNECT,
-                None,
-                f"no result within {self._wait:.3g}s",
-                self._wait,
-                str(hops[0]) if hops else "",
-            )
+            return self._overran(address, hops)
         except concurrent.futures.CancelledError:
-            return ProbeResult.not_probed(Skip.SHUTDOWN, hops, "callahead is stopping")
+            return _stopping(hops)
         finally:
             with self._changed:
                 self._pending.discard(future)
                 self._changed.notify_all()
+
+    async def probe_async(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        """The same on the probe loop itself (the policy service): no thread handoff."""
+        task = asyncio.current_task()
+        assert task is not None
+        with self._changed:
+            if self._stopping:
+                return _stopping(hops)
+            self._tasks.add(task)
+        try:
+            async with asyncio.timeout(self._wait):
+                return await self._engine.probe(address, hops)
+        except TimeoutError:
+            return self._overran(address, hops)
+        except asyncio.CancelledError:
+            if self._stopping and task.uncancel() == 0:  # cancelled by stop(), not by us
+                return _stopping(hops)
+            raise
+        finally:
+            with self._changed:
+                self._tasks.discard(task)
+
+    def _overran(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        log.warning("probe for <%s> overran its deadline of %.3gs", escape(address), self._wait)
+        return ProbeResult(
+            Verdict.TEMPFAIL,
+            Stage.CONNECT,
+            None,
+            f"no result within {self._wait:.3g}s",
+            self._wait,
+            str(hops[0]) if hops else "",
+        )
 
     @property
     def in_flight(self) -> int:
@@ -154,5 +181,11 @@ class LoopProber:
             self._stopping = True
             for future in self._pending:
                 future.cancel()
+            for task in self._tasks:
+                self._loop.call_soon(task.cancel)
             self._changed.wait_for(lambda: not self._pending, timeout=grace)
             return len(self._pending)
+
+
+def _stopping(hops: Sequence[Nexthop]) -> ProbeResult:
+    return ProbeResult.not_probed(Skip.SHUTDOWN, hops, "callahead is stopping")

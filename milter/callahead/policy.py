@@ -55,9 +55,13 @@ class Reason(enum.Enum):
 
 
 class Prober(Protocol):
-    """Answers one probe synchronously; the real one runs it on the probe loop."""
+    """Answers probes; the real one (loop.LoopProber) runs them on the probe loop."""
 
-    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult: ...
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        """From a thread that is not the probe loop's (a libmilter thread): waits."""
+
+    async def probe_async(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        """On the probe loop (the policy service)."""
 
 
 class Refresher(Protocol):
@@ -116,7 +120,16 @@ class Decision:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _ToProbe:
+    address: str
+    hops: tuple[Nexthop, ...]
+    client: str | None
+
+
 class Policy:
+    """The decision core, shared by every front end."""
+
     def __init__(
         self,
         *,
@@ -151,15 +164,28 @@ class Policy:
         return self._final(Decision(self._undecided, reason, address))
 
     def decide(self, recipient: str, client: str | None = None) -> Decision:
-        """Judge one recipient; ``client`` is the SMTP client's address, if known."""
-        return self._final(self._judge(recipient, client))
+        """Judge one recipient; ``client`` is the SMTP client's address, if known.
+        From a thread other than the probe loop's: a probe is waited for."""
+        step = self._before_probe(recipient, client)
+        if isinstance(step, Decision):
+            return self._final(step)
+        return self._final(self._after_probe(step, self._prober.probe(step.address, step.hops)))
+
+    async def decide_async(self, recipient: str, client: str | None = None) -> Decision:
+        """``decide`` for a front end running on the probe loop itself."""
+        step = self._before_probe(recipient, client)
+        if isinstance(step, Decision):
+            return self._final(step)
+        result = await self._prober.probe_async(step.address, step.hops)
+        return self._final(self._after_probe(step, result))
 
     def _final(self, decision: Decision) -> Decision:
         if self._dry_run and decision.action in (Action.REJECT, Action.DEFER):
             return dataclasses.replace(decision, dry_run=True)
         return decision
 
-    def _judge(self, recipient: str, client: str | None) -> Decision:
+    def _before_probe(self, recipient: str, client: str | None) -> Decision | _ToProbe:
+        """Everything decided without a probe, or what to probe."""
         normalized = normalize_recipient(recipient)
         if normalized is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
@@ -177,8 +203,11 @@ class Policy:
         try:
             wire_address(address, allow_utf8=True)
         except UnsendableAddress:
-            return self.tempfail_decision(address, Reason.BAD_ADDRESS)
-        result = self._prober.probe(address, hops)
+            return Decision(self._undecided, Reason.BAD_ADDRESS, address)
+        return _ToProbe(address, hops, client)
+
+    def _after_probe(self, step: _ToProbe, result: ProbeResult) -> Decision:
+        address, client = step.address, step.client
         if result.verdict is Verdict.VALID:
             self._cache.add(address)
             return Decision(Action.ACCEPT, Reason.PROBE_VALID, address, result)

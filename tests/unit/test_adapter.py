@@ -28,6 +28,7 @@ from callahead.policy import (
 )
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
+from tests.unit.probers import SyncProber
 
 PRIMARY_HOST = "10.9.8.7"
 PRIMARY_PORT = 2526
@@ -45,7 +46,7 @@ UNKNOWN = result(Verdict.UNKNOWN, 550, SECRET_REPLY)
 TEMPFAIL = result(Verdict.TEMPFAIL, 451, "4.3.0 primary.internal is busy")
 
 
-class FakeProber:
+class FakeProber(SyncProber):
     def __init__(self, answers: dict[str, ProbeResult]) -> None:
         self.answers = answers
         self.calls: list[str] = []
@@ -55,7 +56,7 @@ class FakeProber:
         return self.answers[address]
 
 
-class BrokenProber:
+class BrokenProber(SyncProber):
     def __init__(self) -> None:
         self.calls = 0
 
@@ -417,7 +418,7 @@ def test_skipped_probe_gets_the_tempfail_action(
 # --- fuzz: whatever Postfix hands over ---------------------------------------------------
 
 
-class AnyProber:
+class AnyProber(SyncProber):
     """Answers every address, from a verdict picked by the address itself."""
 
     ANSWERS = (

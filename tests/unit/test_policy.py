@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -12,6 +13,7 @@ from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, TempfailAction
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
+from tests.unit.probers import SyncProber
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
 HOPS = (Nexthop("mx1.example.com", 2525), Nexthop("mx2.example.com", 25))
@@ -28,7 +30,7 @@ TEMPFAIL = result(Verdict.TEMPFAIL, 451)
 REFUSED = result(Verdict.TEMPFAIL)
 
 
-class FakeProber:
+class FakeProber(SyncProber):
     """Records every probe and answers from a script: per address, a list of results
     handed out in order (the last one repeats)."""
 
@@ -499,3 +501,29 @@ def test_a_hit_in_the_last_part_of_the_ttl_is_refreshed_and_answered_at_once() -
     assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.CACHE_HIT)
     assert refresher.asked == [("a@example.com", HOPS)]
     assert len(prober.calls) == 1  # the recipient never waited for a probe
+
+
+@pytest.mark.parametrize(
+    ("address", "answer", "action", "reason"),
+    [
+        ("a@example.com", VALID, Action.ACCEPT, Reason.PROBE_VALID),
+        ("b@example.com", UNKNOWN, Action.REJECT, Reason.PROBE_UNKNOWN),
+        ("c@example.com", TEMPFAIL, Action.DEFER, Reason.PROBE_TEMPFAIL),
+        ("d@elsewhere.org", VALID, Action.SKIP, Reason.UNROUTED),
+    ],
+)
+def test_the_async_path_decides_as_the_sync_one(
+    address: str, answer: ProbeResult, action: Action, reason: Reason
+) -> None:
+    decisions = []
+    for run in ("sync", "async"):
+        prober = FakeProber({address: [answer]})
+        policy, cache = make_policy(prober, TempfailAction.DEFER)
+        if run == "sync":
+            decision = policy.decide(f"<{address}>", "192.0.2.1")
+        else:
+            decision = asyncio.run(policy.decide_async(f"<{address}>", "192.0.2.1"))
+        decisions.append(decision)
+        assert (decision.action, decision.reason) == (action, reason)
+        assert (address in cache) == (reason is Reason.PROBE_VALID)
+    assert decisions[0] == decisions[1]
