@@ -13,10 +13,8 @@ import threading
 
 import Milter
 
-from .address import normalize_recipient
-from .logfmt import escape
+from .judge import Judge
 from .metrics import Metrics
-from .policy import Action, Decision, Policy, Reason
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +28,8 @@ RCPT_MACROS = "i {client_addr}"
 class CallaheadMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection, created by libmilter's negotiate callback."""
 
-    def __init__(self, policy: Policy, metrics: Metrics) -> None:
-        self._policy = policy
+    def __init__(self, judge: Judge, metrics: Metrics) -> None:
+        self._judge = judge
         self._metrics = metrics
 
     def negotiate(self, opts: list[int]) -> int:
@@ -55,28 +53,9 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
     def envrcpt(self, to: str, *params: str) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
         client: str | None = self.getsymval("{client_addr}")
-        if not client and self._policy.guard_enabled:
+        if not client and self._judge.policy.guard_enabled:
             self._no_client_address()
-        try:
-            decision = self._policy.decide(to, client)
-        except Exception:  # the last line of defence: never reject because of our own fault
-            log.exception(
-                "%s: client=%s rcpt=<%s>: internal error",
-                escape(queue_id),
-                escape(client or "unknown"),
-                escape(to),
-            )
-            self._metrics.errors.inc()
-            normalized = normalize_recipient(to)
-            address = normalized.address if normalized else to
-            decision = self._policy.tempfail_decision(address, Reason.ERROR)
-        self._metrics.observe(decision)
-        log.info(
-            "%s: client=%s %s",
-            escape(queue_id),
-            escape(client or "unknown"),
-            decision_line(decision),
-        )
+        decision = self._judge.judge(to, client, queue_id)
         reply = decision.reply
         if reply is None:
             # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never
@@ -106,28 +85,3 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
 
     def eom(self) -> int:
         return int(Milter.CONTINUE)
-
-
-_REPLY_LOGGED = frozenset({Reason.PROBE_TEMPFAIL, Reason.PROBER_REFUSED})
-"""Accepted decisions whose log line carries the primary's reply: it says why."""
-
-
-def decision_line(decision: Decision) -> str:
-    """The log line body for one decision; the recipient and the primary's reply are
-    escaped (logfmt.py), so neither can add or end a field."""
-    text = (
-        f"rcpt=<{escape(decision.address)}> decision={decision.action.value}"
-        f" reason={decision.reason.value}"
-    )
-    if decision.dry_run:
-        text += " dry_run=yes"
-    probe = decision.probe
-    if probe is not None:
-        code = "-" if probe.code is None else str(probe.code)
-        text += (
-            f" primary={probe.primary} stage={probe.stage.value} code={code}"
-            f" probe_time={probe.duration:.3f}s"
-        )
-        if decision.action is not Action.ACCEPT or decision.reason in _REPLY_LOGGED:
-            text += f' reply="{escape(probe.detail, spaces=True)}"'
-    return text

@@ -16,6 +16,7 @@ from .admin import AdminError, AdminServer, Health
 from .assembly import build_policy
 from .config import Config
 from .engine import ProbeEngine
+from .judge import Judge
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
 from .refresh import LoopRefresher
@@ -125,7 +126,8 @@ def serve(config: Config) -> int:
         )
     monitor = HealthMonitor(lambda: loop.healthy)
     monitor.start()
-    Milter.factory = lambda: CallaheadMilter(policy, metrics)
+    judge = Judge(policy, metrics)
+    Milter.factory = lambda: CallaheadMilter(judge, metrics)
     # callahead changes nothing in a message; it only asks for its macros and replies.
     Milter.set_flags(Milter.SETSYMLIST)
     log.info(

@@ -18,6 +18,7 @@ from callahead import adapter as adapter_module
 from callahead.adapter import CallaheadMilter
 from callahead.cache import PositiveCache
 from callahead.guard import ClientGuard
+from callahead.judge import Judge
 from callahead.metrics import Metrics
 from callahead.policy import (
     CLIENT_LIMIT_REPLY,
@@ -87,7 +88,7 @@ class Harness:
         self.instances: list[CallaheadMilter] = []
 
         def factory() -> CallaheadMilter:
-            milter = CallaheadMilter(self.policy, self.metrics)
+            milter = CallaheadMilter(Judge(self.policy, self.metrics), self.metrics)
             self.instances.append(milter)
             return milter
 
@@ -270,7 +271,7 @@ def test_negotiated_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _rcpt_log_line(caplog: pytest.LogCaptureFixture) -> str:
-    lines = [r.getMessage() for r in caplog.records if r.name == "callahead.adapter"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "callahead.decision"]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -348,7 +349,8 @@ def test_negotiate_with_the_c_context(offered_actions: int) -> None:
         prober=FakeProber({}),
         tempfail_action=TempfailAction.ACCEPT,
     )
-    milter = CallaheadMilter(policy, Metrics())
+    metrics = Metrics()
+    milter = CallaheadMilter(Judge(policy, metrics), metrics)
     ctx = StrictCtx()
     milter._setctx(ctx)
     opts = [offered_actions, 0x1FFFFF, 0, 0]
