@@ -301,6 +301,13 @@ def run_serve(config: Config) -> int:
             file=sys.stderr,
         )
         return EX_CONFIG
+    if not config.socket and config.policy_listen is None:
+        print(
+            "callahead: CALLAHEAD_SOCKET and CALLAHEAD_POLICY_LISTEN are both empty: serve "
+            "needs a milter, a policy service, or both",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
@@ -309,7 +316,7 @@ def run_serve(config: Config) -> int:
     warning = helo_warning(config.helo_name)
     if warning:
         log.warning("%s", warning)
-    problem = answer_time_problem(config)
+    problem = answer_time_problem(config) if config.socket else None
     if problem:
         print(f"callahead: {problem}", file=sys.stderr)
         return EX_CONFIG

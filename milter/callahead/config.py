@@ -120,8 +120,37 @@ def _split_hostport(text: str) -> tuple[str, int] | None:
     return host, port
 
 
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where a front end listens: ``inet`` host and port, or a ``unix`` socket path."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def milter(self) -> str:
+        """In libmilter's form: ``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:/path``."""
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        family = "inet6" if ":" in self.host else "inet"
+        return f"{family}:{self.port}@{self.host}"
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"inet:{_join_hostport(self.host, self.port)}"
+
+
 def parse_socket(name: str, value: str) -> str:
     """Validate a milter socket spec and return it in libmilter's form."""
+    return parse_listen(name, value).milter
+
+
+def parse_listen(name: str, value: str) -> Listen:
+    """``inet:HOST:PORT``, ``inet:[IPV6]:PORT``, ``inet:PORT@HOST``, ``inet6:PORT@HOST``
+    or ``unix:/absolute/path``."""
     allowed = "expected inet:HOST:PORT, inet:PORT@HOST, inet6:PORT@HOST or unix:/absolute/path"
     kind, sep, rest = value.strip().partition(":")
     kind = kind.lower()
@@ -130,7 +159,7 @@ def parse_socket(name: str, value: str) -> str:
     if kind in ("unix", "local"):
         if not rest.startswith("/"):
             raise ConfigError(name, value, allowed)
-        return f"unix:{rest}"
+        return Listen("unix", path=rest)
     if kind not in ("inet", "inet6"):
         raise ConfigError(name, value, allowed)
     if "@" in rest:
@@ -144,8 +173,7 @@ def parse_socket(name: str, value: str) -> str:
         if parsed is None:
             raise ConfigError(name, value, allowed)
         host, port = parsed
-    family = "inet6" if ":" in host or kind == "inet6" else "inet"
-    return f"{family}:{port}@{host}"
+    return Listen("inet", host=host, port=port)
 
 
 def _parse_metrics(name: str, value: str) -> tuple[str, int] | None:
@@ -317,8 +345,17 @@ def _as_is(value: str) -> str:
 
 
 def _parse_socket_text(name: str, value: str) -> str:
-    parse_socket(name, value)  # validates
+    if value.strip():
+        parse_socket(name, value)  # validates
     return value.strip()
+
+
+def _parse_optional_listen(name: str, value: str) -> Listen | None:
+    return parse_listen(name, value) if value.strip() else None
+
+
+def _listen_text(listen: Listen | None) -> str:
+    return "" if listen is None else str(listen)
 
 
 def _parse_route_table(name: str, value: str) -> RouteTable:
@@ -395,10 +432,20 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CALLAHEAD_SOCKET",
         DEFAULT_SOCKET,
-        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path",
+        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path; empty: "
+        "no milter (the policy service alone)",
         field="socket",
         parse=_parse_socket_text,
         render=_as_is,
+    ),
+    Variable(
+        "CALLAHEAD_POLICY_LISTEN",
+        "",
+        "where the Postfix policy service (check_policy_service) listens: inet:HOST:PORT, "
+        "inet:[IPV6]:PORT or unix:/path; empty: no policy service",
+        field="policy_listen",
+        parse=_parse_optional_listen,
+        render=_listen_text,
     ),
     Variable(
         "CALLAHEAD_ROUTES",
@@ -643,7 +690,8 @@ class Config:
     """The effective configuration."""
 
     socket: str
-    """The socket as the operator wrote it."""
+    """The milter socket as the operator wrote it; empty: no milter."""
+    policy_listen: Listen | None
     routes: RouteTable
     cache_ttl: float
     cache_size: int

@@ -147,6 +147,23 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.policy_requests = Counter(
+            "callahead_policy_requests",
+            "Policy service requests, by protocol_state (only rcpt ones are judged)",
+            ["state"],
+            registry=r,
+        )
+        self.policy_bad_requests = Counter(
+            "callahead_policy_bad_requests",
+            "Policy service requests that were malformed, not access policy requests "
+            "(answered DUNNO), or too long (connection closed)",
+            registry=r,
+        )
+        self.policy_connections = Gauge(
+            "callahead_policy_connections",
+            "Open policy service connections (Postfix keeps one per smtpd process)",
+            registry=r,
+        )
         self._primaries = _PrimariesCollector()
         r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.

@@ -1,7 +1,9 @@
-"""Run the milter: the probe loop, metrics, watchdog and libmilter, until a stop signal."""
+"""Run the front ends (milter, policy service) with the probe loop, metrics, admin socket
+and watchdog, until a stop signal."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -19,6 +21,7 @@ from .engine import ProbeEngine
 from .judge import Judge
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
+from .policyservice import PolicyService
 from .refresh import LoopRefresher
 from .watchdog import HealthMonitor, notify
 
@@ -29,8 +32,8 @@ MILTER_COMMAND_TIMEOUT = 30
 """Postfix's default milter_command_timeout, in seconds."""
 
 
-ADMIN_START_TIMEOUT = 5.0
-"""Seconds for setting up the admin socket at start."""
+START_TIMEOUT = 5.0
+"""Seconds for setting up a listening socket (policy service, admin) at start."""
 SHUTDOWN_GRACE = 2.0
 """Seconds, after SIGTERM, for the threads waiting on cancelled probes to answer."""
 SESSION_CLOSE_TIMEOUT = 5.0
@@ -66,7 +69,13 @@ def _exit_on_second_signal() -> None:
         time.sleep(SIGNAL_POLL)
 
 
-async def _close(admin: AdminServer, refresher: LoopRefresher, engine: ProbeEngine) -> None:
+async def _close(
+    policy_service: PolicyService,
+    admin: AdminServer,
+    refresher: LoopRefresher,
+    engine: ProbeEngine,
+) -> None:
+    await policy_service.aclose(SHUTDOWN_GRACE)
     await admin.aclose()
     await refresher.aclose()
     await engine.aclose()
@@ -76,19 +85,20 @@ def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; returns the exit status.
 
     The stop signals are blocked in every thread (the mask is set before any thread
-    starts), so only libmilter's own signal thread takes the first one: libmilter stops
-    listening (it notices within about 5 s) and returns. Then the probes in flight are
-    cancelled, so every libmilter thread waiting on one answers Postfix with the
-    tempfail action within ``SHUTDOWN_GRACE``, and the pooled sessions are closed with
-    QUIT within ``SESSION_CLOSE_TIMEOUT``: about 12 s at most from signal to exit. A
-    second signal exits at once (``_exit_on_second_signal``)."""
+    starts), so only one thread takes the first one: libmilter's own signal thread
+    (libmilter stops listening, which it notices within about 5 s, and returns), or,
+    without a milter, the main thread in ``sigwait``. Then the probes in flight are
+    cancelled, so every recipient waiting on one (a libmilter thread, a policy request)
+    is answered with the tempfail action within ``SHUTDOWN_GRACE``, and the pooled
+    sessions are closed with QUIT within ``SESSION_CLOSE_TIMEOUT``: about 12 s at most
+    from signal to exit. A second signal exits at once (``_exit_on_second_signal``)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     loop = ProbeLoop()
     metrics = Metrics()
     parts = build_policy(config, loop, metrics)
-    policy, cache, engine, prober = parts.policy, parts.cache, parts.engine, parts.prober
+    cache, engine = parts.cache, parts.engine
     longest = engine.settings.longest_answer + HANDOFF_MARGIN
-    if longest >= MILTER_COMMAND_TIMEOUT:
+    if config.socket and longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
             "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT allow answers of up to %.0f s: "
             "set Postfix's milter_command_timeout above that (its default is %d s)",
@@ -107,59 +117,87 @@ def serve(config: Config) -> int:
         cachefile.load_into(cache, config.cache_file)
     loop.start()
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
+    judge = Judge(parts.policy, metrics)
+    policy_service = PolicyService(judge, metrics)
     admin = AdminServer(
         cache,
         lambda: Health(loop.healthy, loop.silent_for, engine.primary_states(), config.dry_run),
         metrics.cache_counters,
         config.cache_file,
     )
-    if config.admin_socket:
-        try:
-            loop.run(admin.start(config.admin_socket), timeout=ADMIN_START_TIMEOUT)
-        except (AdminError, TimeoutError) as exc:
-            # Mail matters more than the admin commands: serve without them.
-            log.error("admin socket off (callahead cache/status will not work): %s", exc)
-    saver = None
-    if config.cache_file:
-        saver = loop.submit(
-            cachefile.save_every(cache, config.cache_file, config.cache_save_interval)
-        )
     monitor = HealthMonitor(lambda: loop.healthy)
-    monitor.start()
-    judge = Judge(policy, metrics)
-    Milter.factory = lambda: CallaheadMilter(judge, metrics)
-    # callahead changes nothing in a message; it only asks for its macros and replies.
-    Milter.set_flags(Milter.SETSYMLIST)
-    log.info(
-        "callahead listening on %s; routes: %s; metrics: %s",
-        config.socket,
-        " ".join(f"{d}={h}" for d, h in config.routes.entries()),
-        "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
-    )
-    if config.dry_run:
-        log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")
-    threading.Thread(target=_exit_on_second_signal, name="callahead-signals", daemon=True).start()
-    notify("READY=1")
+    saver: concurrent.futures.Future[None] | None = None
     try:
-        Milter.runmilter("callahead", config.milter_socket, timeout=300)
-    except Milter.milter.error as exc:
-        log.error("milter stopped: %s (socket %s)", exc, config.socket)
-        return EX_UNAVAILABLE
+        if config.policy_listen is not None:
+            listen = config.policy_listen
+            try:
+                loop.run(
+                    policy_service.start(listen.kind, listen.host, listen.port, listen.path),
+                    timeout=START_TIMEOUT,
+                )
+            except (OSError, TimeoutError) as exc:
+                log.error("cannot serve policy requests on %s: %s", listen, exc)
+                return EX_UNAVAILABLE
+        if config.admin_socket:
+            try:
+                loop.run(admin.start(config.admin_socket), timeout=START_TIMEOUT)
+            except (AdminError, TimeoutError) as exc:
+                # Mail matters more than the admin commands: serve without them.
+                log.error("admin socket off (callahead cache/status will not work): %s", exc)
+        if config.cache_file:
+            saver = loop.submit(
+                cachefile.save_every(cache, config.cache_file, config.cache_save_interval)
+            )
+        monitor.start()
+        log.info(
+            "callahead listening: milter %s, policy service %s; routes: %s; metrics: %s",
+            config.socket or "off",
+            config.policy_listen or "off",
+            " ".join(f"{d}={h}" for d, h in config.routes.entries()),
+            "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
+        )
+        if config.dry_run:
+            log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")
+        threading.Thread(
+            target=_exit_on_second_signal, name="callahead-signals", daemon=True
+        ).start()
+        if config.socket:
+            return _run_milter(config, judge, metrics)
+        notify("READY=1")
+        signum = signal.sigwait(STOP_SIGNALS)
+        log.info("stop signal (%s)", signal.Signals(signum).name)
+        return 0
     finally:
         notify("STOPPING=1")
         log.info("callahead stopping")
-        left = prober.stop(SHUTDOWN_GRACE)
+        left = parts.prober.stop(SHUTDOWN_GRACE)
         if left:
             log.warning("%d recipient(s) still waiting on a probe at exit", left)
         monitor.stop()
         if saver is not None:
             saver.cancel()
         try:
-            loop.run(_close(admin, parts.refresher, engine), timeout=SESSION_CLOSE_TIMEOUT)
+            loop.run(
+                _close(policy_service, admin, parts.refresher, engine),
+                timeout=SHUTDOWN_GRACE + SESSION_CLOSE_TIMEOUT,
+            )
         except TimeoutError:
             log.warning("probe sessions did not close in time")
         loop.stop()
         if config.cache_file:
             cachefile.save_from(cache, config.cache_file)
-    log.info("callahead stopped")
+        log.info("callahead stopped")
+
+
+def _run_milter(config: Config, judge: Judge, metrics: Metrics) -> int:
+    """libmilter's loop, until the first stop signal."""
+    Milter.factory = lambda: CallaheadMilter(judge, metrics)
+    # callahead changes nothing in a message; it only asks for its macros and replies.
+    Milter.set_flags(Milter.SETSYMLIST)
+    notify("READY=1")
+    try:
+        Milter.runmilter("callahead", config.milter_socket, timeout=300)
+    except Milter.milter.error as exc:
+        log.error("milter stopped: %s (socket %s)", exc, config.socket)
+        return EX_UNAVAILABLE
     return 0

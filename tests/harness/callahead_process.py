@@ -24,11 +24,14 @@ class CallaheadProcess(ManagedProcess):
 
     def __init__(self, workdir: Path, env: dict[str, str], *, name: str = "callahead") -> None:
         self.milter_port = free_port()
+        self.policy_port = free_port()
         self.metrics_port = free_port()
         self.admin_socket = workdir / f"{name}.admin.sock"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("CALLAHEAD_")},
             "CALLAHEAD_SOCKET": f"inet:127.0.0.1:{self.milter_port}",
+            # Both front ends: a test picks one with the backup listener it sends to.
+            "CALLAHEAD_POLICY_LISTEN": f"inet:127.0.0.1:{self.policy_port}",
             "CALLAHEAD_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "CALLAHEAD_HELO_NAME": "backup.test",
             "CALLAHEAD_LOG_LEVEL": "DEBUG",
@@ -42,14 +45,26 @@ class CallaheadProcess(ManagedProcess):
             workdir / f"{name}.log",
             env=env,
             what=f"callahead on port {self.milter_port}",
-            ready=lambda: accepts(self.milter_port) and self._metrics_up(),
+            ready=self._ready,
             stop_timeout=STOP_TIMEOUT,
+        )
+
+    def _ready(self) -> bool:
+        return (
+            (not self.env["CALLAHEAD_SOCKET"] or accepts(self.milter_port))
+            and (not self.env["CALLAHEAD_POLICY_LISTEN"] or accepts(self.policy_port))
+            and self._metrics_up()
         )
 
     @property
     def socket(self) -> str:
         """The value for Postfix's ``smtpd_milters``."""
         return f"inet:127.0.0.1:{self.milter_port}"
+
+    @property
+    def policy_service(self) -> str:
+        """The service for Postfix's ``check_policy_service``."""
+        return f"inet:127.0.0.1:{self.policy_port}"
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``python -m callahead ARGS`` with this process's environment (so

@@ -53,6 +53,7 @@ from tests.harness.ports import listening
 from tests.harness.waiting import wait_for
 
 __all__ = [
+    "POLICY_SNIPPET",
     "SNIPPET",
     "Listener",
     "PostfixError",
@@ -60,6 +61,7 @@ __all__ = [
     "backup_mx_main_cf",
     "instance_paths",
     "maildir_for",
+    "policy_overrides",
     "postfix_available",
     "primary_main_cf",
     "smtp_nexthop",
@@ -71,6 +73,10 @@ __all__ = [
 SBIN = Path("/usr/sbin")
 SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "postfix-main.cf"
 """The production main.cf snippet that every backup MX built here starts from."""
+POLICY_SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "postfix-policy-main.cf"
+"""The production main.cf snippet for callahead's policy service."""
+POLICY_SERVICE = "check_policy_service inet:127.0.0.1:8896"
+"""The policy service as POLICY_SNIPPET names it, replaced by the test's own."""
 
 
 def _tool(name: str) -> str:
@@ -332,6 +338,24 @@ def backup_mx_main_cf(
     settings["transport_maps"] = _inline_table(routes)
     settings["smtpd_milters"] = milter or ""
     settings.update(_throwaway_settings(workdir, hostname=hostname, in_flow_delay=in_flow_delay))
+    return settings
+
+
+def policy_overrides(snippet: Path, service: str) -> dict[str, str]:
+    """smtpd ``-o`` overrides that attach one listener of a backup MX to a policy
+    service, from the production policy ``snippet``: every setting of it except
+    ``relay_domains`` and ``transport_maps`` (those of the instance stay), verbatim but
+    for the service address (``service``, e.g. ``inet:127.0.0.1:PORT``); and no milter."""
+    settings = snippet_settings(snippet)
+    for key in ("relay_domains", "transport_maps"):
+        settings.pop(key, None)
+    restrictions = settings["smtpd_recipient_restrictions"]
+    if POLICY_SERVICE not in restrictions:
+        raise ValueError(f"{snippet} does not say {POLICY_SERVICE!r}")
+    settings["smtpd_recipient_restrictions"] = restrictions.replace(
+        POLICY_SERVICE, f"check_policy_service {service}"
+    )
+    settings["smtpd_milters"] = ""
     return settings
 
 

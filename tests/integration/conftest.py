@@ -38,10 +38,12 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.peers import PRIMARIES, PeerPrimary
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
+    POLICY_SNIPPET,
     SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
+    policy_overrides,
     primary_main_cf,
 )
 from tests.harness.primary import Primary, SilentServer, _ThreadedServer
@@ -108,13 +110,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+FRONT_ENDS = ("milter", "policy")
+
+
 @dataclass
 class Profile:
-    """One callahead process and the backup listener attached to it."""
+    """One callahead process and the backup listeners attached to it."""
 
     process: CallaheadProcess
     port: int
     """The backup MX's smtpd port whose milter is this callahead."""
+    policy_port: int
+    """The backup MX's smtpd port that asks this callahead's policy service
+    (deploy/postfix-policy-main.cf)."""
+
+    def port_for(self, front_end: str) -> int:
+        """The backup listener that reaches this callahead through ``front_end``."""
+        return {"milter": self.port, "policy": self.policy_port}[front_end]
 
 
 @dataclass
@@ -147,6 +159,8 @@ class Stack:
     held: ScriptedServer
     """The shutdown profile's primary (held.test): answers RCPT after 15 s."""
     ops_primary: Primary
+    no_policy_port: int
+    """A backup listener whose policy service (callahead) is not running."""
     """The primary of the ops and refresh profiles (ops.test, refresh.test), which
     test_operations.py stops and starts."""
     profiles: dict[str, Profile] = field(default_factory=dict)
@@ -413,7 +427,7 @@ def stack() -> Iterator[Stack]:
                 process = CallaheadProcess(workdir, env, name=f"callahead-{name}")
                 process.start()
                 started.append(process)
-                profiles[name] = Profile(process, free_port())
+                profiles[name] = Profile(process, free_port(), free_port())
 
             deliver_to_primary = [
                 "example.test",
@@ -435,6 +449,7 @@ def stack() -> Iterator[Stack]:
             transports["ops.test"] = transports["refresh.test"] = hop(ops_primary.port)
             transports.update({domain: strict_hop for domain in strict_domains})
             transports.update({f"{name}.test": hop(peer.port) for name, peer in peers.items()})
+            no_policy_port = free_port()
             main_cf = backup_mx_main_cf(
                 SNIPPET,
                 workdir=workdir / "backup",
@@ -446,11 +461,27 @@ def stack() -> Iterator[Stack]:
                 workdir / "backup",
                 main_cf,
                 [
+                    *(
+                        Listener(
+                            profile.port,
+                            {**settings[name][1], "smtpd_milters": profile.process.socket},
+                        )
+                        for name, profile in profiles.items()
+                    ),
                     Listener(
-                        profile.port,
-                        {**settings[name][1], "smtpd_milters": profile.process.socket},
-                    )
-                    for name, profile in profiles.items()
+                        no_policy_port,
+                        policy_overrides(POLICY_SNIPPET, f"inet:127.0.0.1:{refused_port}"),
+                    ),
+                    *(
+                        Listener(
+                            profile.policy_port,
+                            {
+                                **settings[name][1],
+                                **policy_overrides(POLICY_SNIPPET, profile.process.policy_service),
+                            },
+                        )
+                        for name, profile in profiles.items()
+                    ),
                 ],
             )
             backup.start()
@@ -474,6 +505,7 @@ def stack() -> Iterator[Stack]:
                 peers,
                 held,
                 ops_primary,
+                no_policy_port,
                 profiles,
             )
         finally:
@@ -503,6 +535,13 @@ class MetricsDelta:
         key = (name, tuple(sorted(labels.items())))
         after = self._process.samples()
         return after.get(key, 0.0) - self._before.get(key, 0.0)
+
+
+@pytest.fixture(params=FRONT_ENDS)
+def front_end(request: pytest.FixtureRequest) -> str:
+    """Run the test through the milter, then through the policy service."""
+    name: str = request.param
+    return name
 
 
 @pytest.fixture

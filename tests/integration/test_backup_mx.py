@@ -1,6 +1,7 @@
 """End to end: a sender talks SMTP to a real Postfix backup MX with callahead attached
-through ``smtpd_milters``; callahead probes a real SMTP primary; accepted mail is relayed
-on to the primary's mailbox."""
+through ``smtpd_milters`` or through ``check_policy_service`` (the tests taking
+``front_end`` run through both); callahead probes a real SMTP primary; accepted mail is
+relayed on to the primary's mailbox."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ def delivered(stack: Stack, addr: str, token: str, primary: str = "primary") -> 
     return any(token.encode() in message for message in box)
 
 
-def test_known_user_is_accepted_and_delivered(stack: Stack, delta: MetricsDelta) -> None:
+def test_known_user_is_accepted_and_delivered(
+    stack: Stack, delta: MetricsDelta, front_end: str
+) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user()
     token, body = make_message(SENDER, [addr])
 
-    tx = send(stack.port, SENDER, [addr], body)
+    tx = send(port, SENDER, [addr], body)
 
     assert tx.code(addr) == 250
     assert tx.data is not None and tx.data[0] == 250
@@ -39,10 +43,13 @@ def test_known_user_is_accepted_and_delivered(stack: Stack, delta: MetricsDelta)
     assert delta("callahead_probe_duration_seconds_count") == 1
 
 
-def test_unknown_user_is_rejected_at_rcpt(stack: Stack, delta: MetricsDelta) -> None:
+def test_unknown_user_is_rejected_at_rcpt(
+    stack: Stack, delta: MetricsDelta, front_end: str
+) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_address()
 
-    tx = send(stack.port, SENDER, [addr])
+    tx = send(port, SENDER, [addr])
 
     code, text = tx.rcpt[addr]
     assert code == 550
@@ -53,14 +60,19 @@ def test_unknown_user_is_rejected_at_rcpt(stack: Stack, delta: MetricsDelta) -> 
     assert stack.primary.probes_for(addr) == 1
     assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 1
     assert delta("callahead_probes_total", outcome="unknown") == 1
+    # Asked through the front end under test only.
+    assert delta("callahead_policy_requests_total", state="rcpt") == (front_end == "policy")
 
 
-def test_primary_down_mail_is_queued_then_delivered(stack: Stack, delta: MetricsDelta) -> None:
+def test_primary_down_mail_is_queued_then_delivered(
+    stack: Stack, delta: MetricsDelta, front_end: str
+) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user()
     token, body = make_message(SENDER, [addr])
     stack.primary.stop()
     try:
-        tx = send(stack.port, SENDER, [addr], body)
+        tx = send(port, SENDER, [addr], body)
 
         assert tx.code(addr) == 250
         assert tx.data is not None and tx.data[0] == 250
@@ -111,13 +123,14 @@ def test_primary_that_never_greets_is_accepted_within_the_probe_timeout(
 
 
 def test_primary_refusing_the_null_sender_never_causes_a_reject(
-    stack: Stack, delta: MetricsDelta
+    stack: Stack, delta: MetricsDelta, front_end: str
 ) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user("nullsender.test", stack.null_primary)
     token, body = make_message(SENDER, [addr])
     null_senders = stack.null_primary.mail_froms.count("")
 
-    tx = send(stack.port, SENDER, [addr], body)
+    tx = send(port, SENDER, [addr], body)
 
     assert tx.code(addr) == 250
     # The probe reached MAIL FROM:<>, was refused there and never asked about the user.
@@ -129,12 +142,13 @@ def test_primary_refusing_the_null_sender_never_causes_a_reject(
     assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 1
 
 
-def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta) -> None:
+def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta, front_end: str) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     first, second = stack.new_user(), stack.new_user()
     unknown = stack.new_address()
     token, body = make_message(SENDER, [first, unknown, second])
 
-    tx = send(stack.port, SENDER, [first, unknown, second], body)
+    tx = send(port, SENDER, [first, unknown, second], body)
 
     assert [tx.code(first), tx.code(unknown), tx.code(second)] == [250, 550, 250]
     assert tx.data is not None and tx.data[0] == 250
@@ -155,25 +169,29 @@ def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta) -> No
     assert any(re.search(pattern, line) for line in lines), lines
 
 
-def test_no_negative_cache(stack: Stack, delta: MetricsDelta) -> None:
+def test_no_negative_cache(stack: Stack, delta: MetricsDelta, front_end: str) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_address()
 
-    assert send(stack.port, SENDER, [addr]).code(addr) == 550
+    assert send(port, SENDER, [addr]).code(addr) == 550
     stack.primary.add_user(addr)
-    assert send(stack.port, SENDER, [addr]).code(addr) == 250
+    assert send(port, SENDER, [addr]).code(addr) == 250
 
     assert stack.primary.probes_for(addr) == 2
     assert delta("callahead_probes_total", outcome="unknown") == 1
     assert delta("callahead_probes_total", outcome="valid") == 1
 
 
-def test_positive_cache_answers_without_probing(stack: Stack, delta: MetricsDelta) -> None:
+def test_positive_cache_answers_without_probing(
+    stack: Stack, delta: MetricsDelta, front_end: str
+) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user()
     token1, body1 = make_message(SENDER, [addr])
     token2, body2 = make_message(SENDER, [addr])
 
-    assert send(stack.port, SENDER, [addr], body1).code(addr) == 250
-    assert send(stack.port, SENDER, [addr], body2).code(addr) == 250
+    assert send(port, SENDER, [addr], body1).code(addr) == 250
+    assert send(port, SENDER, [addr], body2).code(addr) == 250
 
     assert stack.primary.probes_for(addr) == 1
     for token in (token1, token2):
@@ -184,16 +202,17 @@ def test_positive_cache_answers_without_probing(stack: Stack, delta: MetricsDelt
     assert stack.callahead.samples()[("callahead_cache_entries", ())] >= 1
 
 
-def test_cache_entry_expires_after_its_ttl(stack: Stack) -> None:
+def test_cache_entry_expires_after_its_ttl(stack: Stack, front_end: str) -> None:
+    port = stack.profiles["ttl1"].port_for(front_end)
     addr = stack.new_user()
-    assert send(stack.port_ttl1, SENDER, [addr]).code(addr) == 250
+    assert send(port, SENDER, [addr]).code(addr) == 250
     probed_at = time.monotonic()
-    assert send(stack.port_ttl1, SENDER, [addr]).code(addr) == 250
+    assert send(port, SENDER, [addr]).code(addr) == 250
     if time.monotonic() - probed_at < 1.0:  # still inside the TTL: must be a cache hit
         assert stack.primary.probes_for(addr) == 1
 
     def probed_again() -> bool:
-        assert send(stack.port_ttl1, SENDER, [addr]).code(addr) == 250
+        assert send(port, SENDER, [addr]).code(addr) == 250
         return stack.primary.probes_for(addr) == 2
 
     wait_for(probed_again, 5, interval=0.1, what="a new probe after the TTL")
@@ -217,15 +236,34 @@ def test_metrics_endpoint_parses_and_has_the_spec_names(stack: Stack) -> None:
     assert samples[("callahead_errors_total", ())] == 0
 
 
-def test_domain_without_route_gets_no_opinion(stack: Stack, delta: MetricsDelta) -> None:
+def test_domain_without_route_gets_no_opinion(
+    stack: Stack, delta: MetricsDelta, front_end: str
+) -> None:
+    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user("unrouted.test")
     token, body = make_message(SENDER, [addr])
     rcpts_seen = len(stack.primary.rcpts)
 
-    tx = send(stack.port, SENDER, [addr], body)
+    tx = send(port, SENDER, [addr], body)
 
     assert tx.code(addr) == 250
     wait_for(lambda: delivered(stack, addr, token), DELIVERY_TIMEOUT, what="delivery")
     assert stack.primary.probes_for(addr) == 0
     assert len(stack.primary.rcpts) == rcpts_seen + 1  # only the delivery itself
     assert delta("callahead_rcpt_decisions_total", decision="skip", reason="unrouted") == 1
+
+
+def test_mail_flows_when_the_policy_service_is_not_running(stack: Stack) -> None:
+    """smtpd_policy_service_default_action = DUNNO (deploy/postfix-policy-main.cf): with
+    callahead down, recipients are accepted unverified and the mail is delivered."""
+    known, stranger = stack.new_user(), stack.new_address()
+    token, body = make_message(SENDER, [known, stranger])
+
+    tx = send(stack.no_policy_port, SENDER, [known, stranger], body)
+
+    assert [tx.code(known), tx.code(stranger)] == [250, 250]
+    assert tx.data is not None and tx.data[0] == 250
+    wait_for(lambda: delivered(stack, known, token), DELIVERY_TIMEOUT, what="delivery")
+    assert stack.primary.probes_for(known) == 0  # nobody verified anything
+    # Postfix really asked and found nobody there.
+    assert f"problem talking to server 127.0.0.1:{stack.refused_port}" in stack.backup.maillog()

@@ -20,6 +20,7 @@ import pytest
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import Transaction, make_message, send
 from tests.harness.fixtures import make_workdir
+from tests.harness.ports import accepts
 from tests.harness.waiting import wait_for
 
 from .conftest import REPO, SENDER, Stack
@@ -152,3 +153,40 @@ def test_the_systemd_unit_verifies(workdir: Path) -> None:
         line for line in (done.stdout + done.stderr).splitlines() if "callahead.service" in line
     ]
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
+
+
+def test_the_policy_service_alone_answers_and_stops_cleanly(
+    stack: Stack, workdir: Path
+) -> None:
+    """CALLAHEAD_SOCKET empty: no milter, no libmilter thread; the policy service alone
+    answers, and SIGTERM stops it at once (no libmilter wind-down)."""
+    process = CallaheadProcess(
+        workdir,
+        {
+            "CALLAHEAD_SOCKET": "",
+            "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{stack.primary.port}",
+        },
+        name="policy-only",
+    )
+    process.start()
+    try:
+        stranger = stack.new_address()
+        with socket.create_connection(("127.0.0.1", process.policy_port), timeout=10) as conn:
+            conn.sendall(
+                b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                + f"recipient={stranger}\nclient_address=192.0.2.9\n\n".encode()
+            )
+            answer = conn.recv(4096)
+        assert answer == b"action=550 5.1.1 Recipient address rejected: User unknown\n\n"
+        assert stack.primary.probes_for(stranger) == 1
+        assert "milter off" in process.log()
+        assert not accepts(process.milter_port)
+        assert process.pid is not None
+        signalled = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
+        assert time.monotonic() - signalled < 5.0
+        assert process.returncode == 0
+        assert "callahead stopped" in process.log()
+    finally:
+        process.stop()

@@ -41,16 +41,17 @@ def new_connections(delta: MetricsDelta, port: int) -> float:
     ],
 )
 def test_a_primary_refusing_the_prober_never_rejects_a_known_user(
-    stack: Stack, kind: str, basis: str, refusal: str
+    stack: Stack, kind: str, basis: str, refusal: str, front_end: str
 ) -> None:
     profile = stack.profiles["strict"]
+    port = profile.port_for(front_end)
     delta = MetricsDelta(profile.process)
     known = f"u1@{kind}.strict.test"
     unknown = f"nobody-{uuid.uuid4().hex[:8]}@{kind}.strict.test"
     token, body = make_message(SENDER, [known])
 
-    tx = send(profile.port, SENDER, [known], body)
-    tx_unknown = send(profile.port, SENDER, [unknown])
+    tx = send(port, SENDER, [known], body)
+    tx_unknown = send(port, SENDER, [unknown])
 
     assert tx.code(known) == 250
     assert tx.data is not None and tx.data[0] == 250

@@ -89,6 +89,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
     names = [v.name for v in VARIABLES]
     assert names == [
         "CALLAHEAD_SOCKET",
+        "CALLAHEAD_POLICY_LISTEN",
         "CALLAHEAD_ROUTES",
         "CALLAHEAD_CACHE_TTL",
         "CALLAHEAD_CACHE_SIZE",
