@@ -155,9 +155,7 @@ def test_the_systemd_unit_verifies(workdir: Path) -> None:
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
 
 
-def test_the_policy_service_alone_answers_and_stops_cleanly(
-    stack: Stack, workdir: Path
-) -> None:
+def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdir: Path) -> None:
     """CALLAHEAD_SOCKET empty: no milter, no libmilter thread; the policy service alone
     answers, and SIGTERM stops it at once (no libmilter wind-down)."""
     process = CallaheadProcess(
