@@ -18,7 +18,8 @@ Modules:
 - :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``).
 - :mod:`tests.harness.scripted` -- ``ScriptedServer``: an SMTP server that answers each
   stage as its ``Script`` says (faults, delays, disconnects, STARTTLS good or broken).
-- :mod:`tests.harness.tlsutil` -- self-signed certificates made with ``openssl``.
+- :mod:`tests.harness.tlsutil` -- a throwaway CA (``trustme``): server certificates it
+  issues and client contexts that trust it.
 - :mod:`tests.harness.callahead_process` -- ``callahead serve`` as a real process.
 - :mod:`tests.harness.client` -- an SMTP client that records every reply and its time.
 - :mod:`tests.harness.process` -- ``ManagedProcess``: a process started until ready,

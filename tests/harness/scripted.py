@@ -44,20 +44,16 @@ Behaviour not spelled out by the ``Script`` fields, modelled on Postfix:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import copy
 import dataclasses
-import shutil
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from tests.harness.primary import _ThreadedServer
-from tests.harness.tlsutil import self_signed, server_context
+from tests.harness.tlsutil import server_context
 
 __all__ = [
     "HOSTNAME",
@@ -223,22 +219,6 @@ def _is_ok(reply: str) -> bool:
 
 class _Close(Exception):
     """End the session: close the connection (what was written is still sent)."""
-
-
-# A certificate for every ScriptedServer without one of its own, made once per process.
-_tls_lock = threading.Lock()
-_tls_dir: Path | None = None
-
-
-def _default_tls_context() -> ssl.SSLContext:
-    global _tls_dir
-    with _tls_lock:
-        if _tls_dir is None:
-            _tls_dir = Path(tempfile.mkdtemp(prefix="scripted-tls-"))
-            atexit.register(shutil.rmtree, _tls_dir, True)
-        directory = _tls_dir
-    cert, key = self_signed(directory, HOSTNAME)
-    return server_context(cert, key)
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -481,7 +461,7 @@ class _Session:
             # Before the 220: once the client has it, its ClientHello may come at any
             # time and must reach the TLS layer, not the plain-text reader.
             try:
-                context = await self._owner._tls_context()
+                context = self._owner._tls_context()
             except (OSError, RuntimeError, ssl.SSLError):
                 await self._reply(index, TLS_UNAVAILABLE)
                 return
@@ -528,8 +508,9 @@ class _Session:
 class ScriptedServer(_ThreadedServer):
     """An SMTP server on 127.0.0.1:``port`` that answers as its ``Script`` says.
 
-    ``tls_context`` is the server-side context for STARTTLS; by default a self-signed
-    certificate for ``scripted.test`` made with ``openssl`` on first use.
+    ``tls_context`` is the server-side context for STARTTLS; by default a certificate
+    for ``scripted.test`` and ``127.0.0.1`` issued by the test CA of
+    ``tests.harness.tlsutil`` (which ``client_context()`` trusts), made on first use.
     """
 
     _kind = "scripted-server"
@@ -576,10 +557,9 @@ class ScriptedServer(_ThreadedServer):
             snapshot.rcpt_overrides = dict(snapshot.rcpt_overrides)
             return snapshot
 
-    async def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            # openssl runs in a worker thread: other sessions go on meanwhile.
-            self._ssl_context = await asyncio.to_thread(_default_tls_context)
+            self._ssl_context = server_context(HOSTNAME, self.host)
         return self._ssl_context
 
     # -- records (written from the loop thread) ----------------------------------------

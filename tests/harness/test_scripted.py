@@ -8,13 +8,12 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiosmtplib
 import pytest
 
 from tests.harness.scripted import Command, Script, ScriptedServer, path_of
-from tests.harness.tlsutil import client_context, self_signed, server_context
+from tests.harness.tlsutil import client_context, server_context
 from tests.harness.waiting import wait_for
 
 TIMEOUT = 5.0
@@ -365,29 +364,29 @@ def test_starttls_broken(server: ScriptedServer) -> None:
     assert server.connections == 2
 
 
-def test_tlsutil_cert_is_cached_and_verifiable(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    assert self_signed(tmp_path) == (cert, key)
-    mtime = cert.stat().st_mtime_ns
-    tls = server_context(cert, key)
-
-    async def probe(server: ScriptedServer) -> object:
+def test_certificate_is_issued_by_the_test_ca_for_its_names() -> None:
+    async def probe(server: ScriptedServer, name: str) -> object:
         client = aiosmtplib.SMTP(
             hostname=server.host, port=server.port, start_tls=False, timeout=TIMEOUT
         )
         await client.connect()
         await client.ehlo()
-        # Verify for real: the client trusts exactly this cert, for scripted.test.
-        await client.starttls(server_hostname="scripted.test", tls_context=client_context(cert))
-        peer = client.get_transport_info("peercert")
-        await client.quit()
+        try:
+            # Verified for real: the client trusts the test CA only, and checks the name.
+            await client.starttls(server_hostname=name, tls_context=client_context())
+            peer = client.get_transport_info("peercert")
+            await client.quit()
+        finally:
+            client.close()
         return peer
 
+    tls = server_context("mx.scripted.test")
     with ScriptedServer(Script(extensions=("STARTTLS",)), tls_context=tls) as server:
-        peer = asyncio.run(probe(server))
-    assert isinstance(peer, dict)
-    assert ("DNS", "scripted.test") in peer["subjectAltName"]
-    assert cert.stat().st_mtime_ns == mtime
+        peer = asyncio.run(probe(server, "mx.scripted.test"))
+        assert isinstance(peer, dict)
+        assert peer["subjectAltName"] == (("DNS", "mx.scripted.test"),)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(probe(server, "other.test"))
 
 
 # -- error limits ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from callahead.routes import Nexthop, parse_routes
 from callahead.session import ERROR_BUDGET
 from callahead.tls import TlsMode
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
-from tests.harness.tlsutil import self_signed, server_context
+from tests.harness.tlsutil import server_context
 from tests.unit.fakesmtp import (
     Conn,
     FakeSmtpServer,
@@ -575,8 +575,8 @@ def test_every_hop_down_is_primary_down() -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return server_context(*self_signed(tmp_path_factory.mktemp("tls"), "fake.test"))
+def tls_server_context() -> ssl.SSLContext:
+    return server_context("fake.test")
 
 
 TLS_EXTENSIONS = ("8BITMIME", "STARTTLS")
