@@ -16,8 +16,10 @@ Modules:
 - :mod:`tests.harness.postfix` -- ``PostfixInstance`` (a real Postfix under a temp dir)
   and the ``main.cf`` builders ``backup_mx_main_cf`` / ``primary_main_cf``.
 - :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``).
-- :mod:`tests.harness.scripted` -- ``ScriptedServer``: an SMTP server that answers each
-  stage as its ``Script`` says (faults, delays, disconnects, STARTTLS good or broken).
+- :mod:`tests.harness.scripted` -- ``ScriptedServer``: the one scripted SMTP server (the
+  primary of the probe unit tests and of the fault matrix); answers each stage with the
+  reply lines its ``Script`` says (faults, delays, hang-ups, an RCPT hook, STARTTLS good
+  or broken) and records every line as received, per session and over TLS or not.
 - :mod:`tests.harness.tlsutil` -- a throwaway CA (``trustme``): server certificates it
   issues and client contexts that trust it.
 - :mod:`tests.harness.callahead_process` -- ``callahead serve`` as a real process.
