@@ -185,6 +185,11 @@ class Command:
         """The line decoded as UTF-8 with surrogateescape, without its line end."""
         return _decode(self.raw)
 
+    @property
+    def verb(self) -> str:
+        """The command's verb in upper case (``MAIL`` for ``mail from:<>``)."""
+        return _verb(self.line)
+
 
 class _Commands:
     """Questions about a list of commands, for the server and for one session."""
@@ -200,7 +205,7 @@ class _Commands:
 
     def verbs(self) -> list[str]:
         """The verb of every command line, in upper case (``MAIL`` for ``mail from:``)."""
-        return [_verb(c.line) for c in self.commands]
+        return [c.verb for c in self.commands]
 
     def count(self, verb: str) -> int:
         """How many command lines start with ``verb`` (case-insensitive)."""
