@@ -21,9 +21,11 @@ whether it arrived over TLS, and the reply it got: over all sessions in order
 connection is closed yet); and every message (``messages``, ``mailbox``). Each line is
 recorded before it is answered, so a client that has its reply finds it recorded.
 
-Like ``tests.harness.primary.Primary`` it runs its own loop in its own thread, can be
-stopped and started again on the same port, and aborts every open connection when
-stopped.
+Like ``tests.harness.primary.Primary`` it is a ``tests.harness.threaded.ThreadedServer``:
+it runs its own loop in its own thread (start and stop are plain calls, from a
+synchronous test or from an async one on a loop of its own), can be stopped and started
+again on the same port, and aborts every open connection when stopped. Tests get it from
+the ``scripted`` fixture (``tests.harness.fixtures``), which stops it after the test.
 
 Behaviour not spelled out by the ``Script`` fields, modelled on Postfix:
 
@@ -62,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tests.harness.primary import _ThreadedServer
+from tests.harness.threaded import ThreadedServer
 from tests.harness.tlsutil import server_context
 
 __all__ = [
@@ -624,7 +626,7 @@ class _Dialogue:
         raise _Close
 
 
-class ScriptedServer(_ThreadedServer, _Commands):
+class ScriptedServer(ThreadedServer, _Commands):
     """An SMTP server on 127.0.0.1:``port`` that answers as its ``Script`` says.
 
     ``tls_context`` is the server-side context for STARTTLS; by default a certificate

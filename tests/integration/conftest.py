@@ -44,8 +44,9 @@ from tests.harness.postfix import (
     backup_mx_main_cf,
     primary_main_cf,
 )
-from tests.harness.primary import Primary, SilentServer, _ThreadedServer
+from tests.harness.primary import Primary, SilentServer
 from tests.harness.scripted import Script, ScriptedServer
+from tests.harness.threaded import ThreadedServer
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE_TIMEOUT = 2.0
@@ -188,7 +189,7 @@ def stack() -> Iterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("the integration tests run a real Postfix, whose master needs root")
     with make_workdir() as workdir:
-        started: list[_ThreadedServer | CallaheadProcess | PeerPrimary] = []
+        started: list[ThreadedServer | CallaheadProcess | PeerPrimary] = []
         instances: list[PostfixInstance] = []
         try:
             primary = Primary([], hostname="primary.test")
