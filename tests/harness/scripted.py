@@ -205,6 +205,16 @@ class _Commands:
         """Every command line, in order, without line ends."""
         return [c.line for c in self.commands]
 
+    @property
+    def raw(self) -> list[bytes]:
+        """Every command line exactly as received (``Command.raw``), in order."""
+        return [c.raw for c in self.commands]
+
+    @property
+    def over_tls(self) -> list[bool]:
+        """For each command line: did it arrive over TLS?"""
+        return [c.tls for c in self.commands]
+
     def verbs(self) -> list[str]:
         """The verb of every command line, in upper case (``MAIL`` for ``mail from:``)."""
         return [c.verb for c in self.commands]
@@ -236,15 +246,6 @@ class Session(_Commands):
     @property
     def commands(self) -> list[Command]:
         return list(self.recorded)
-
-    @property
-    def raw(self) -> list[bytes]:
-        return [c.raw for c in self.recorded]
-
-    @property
-    def over_tls(self) -> list[bool]:
-        """For each command line: did it arrive over TLS?"""
-        return [c.tls for c in self.recorded]
 
 
 RcptHook = Callable[[Session, str], str | None]
@@ -723,11 +724,6 @@ class ScriptedServer(ThreadedServer, _Commands):
         of DATA is recorded as a command too, with the reply to the message."""
         with self._lock:
             return list(self._commands)
-
-    @property
-    def raw(self) -> list[bytes]:
-        """Every command line as received (``Command.raw``), over all sessions."""
-        return [c.raw for c in self.commands]
 
     @property
     def sessions(self) -> list[Session]:

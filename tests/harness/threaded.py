@@ -16,11 +16,10 @@ around both would mean overriding its private methods; this base is shorter.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import threading
 
-from tests.harness.lifecycle import StartStop
+from tests.harness.lifecycle import StartStop, forget_at_exit, stop_at_exit
 from tests.harness.ports import free_port
 
 __all__ = ["HOST", "ThreadedServer"]
@@ -29,18 +28,8 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
+
 # Servers still running at interpreter exit are stopped, so that no thread keeps a
-# port open when a test run is torn down abnormally.
-_running: set[ThreadedServer] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_running):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
 class ThreadedServer(StartStop):
     """An asyncio TCP server on 127.0.0.1 running in a thread with its own loop."""
 
@@ -123,7 +112,7 @@ class ThreadedServer(StartStop):
                 raise failure[0]
             self._loop = loop
             self._thread = thread
-            _running.add(self)
+            stop_at_exit(self)
 
     def _run(
         self,
@@ -196,7 +185,7 @@ class ThreadedServer(StartStop):
             finally:
                 self._loop = None
                 self._thread = None
-                _running.discard(self)
+                forget_at_exit(self)
 
     def restart(self) -> None:
         self.stop()

@@ -107,38 +107,23 @@ def test_dialogue_with_configured_sender(scripted: StartScripted) -> None:
     assert server.lines[1] == "MAIL FROM:<probe@backup.example.net>"
 
 
-@pytest.mark.parametrize("reply", [OK, "251 2.1.5 User not local; will forward"])
-def test_rcpt_2xx_is_valid(scripted: StartScripted, reply: str) -> None:
-    result, _, _ = probe_one(scripted, Script(rcpt_default=reply))
-    assert (result.verdict, result.stage, result.code) == (
-        Verdict.VALID,
-        Stage.RCPT,
-        int(reply[:3]),
-    )
-
-
 @pytest.mark.parametrize(
-    "reply", [UNKNOWN, "551 5.1.6 User not local", "553 5.1.3 Mailbox name not allowed"]
+    ("reply", "verdict"),
+    [
+        (OK, Verdict.VALID),
+        ("251 2.1.5 User not local; will forward", Verdict.VALID),
+        (UNKNOWN, Verdict.UNKNOWN),
+        ("551 5.1.6 User not local", Verdict.UNKNOWN),
+        ("553 5.1.3 Mailbox name not allowed", Verdict.UNKNOWN),
+        ("450 4.2.0 Mailbox busy", Verdict.TEMPFAIL),
+        (TRY_LATER, Verdict.TEMPFAIL),
+        ("452 4.2.2 Insufficient system storage", Verdict.TEMPFAIL),
+    ],
 )
-def test_rcpt_5xx_is_unknown(scripted: StartScripted, reply: str) -> None:
+def test_rcpt_reply_decides(scripted: StartScripted, reply: str, verdict: Verdict) -> None:
+    """2xx is valid, 5xx about the recipient unknown, 4xx undecided."""
     result, _, _ = probe_one(scripted, Script(rcpt_default=reply))
-    assert (result.verdict, result.stage, result.code) == (
-        Verdict.UNKNOWN,
-        Stage.RCPT,
-        int(reply[:3]),
-    )
-
-
-@pytest.mark.parametrize(
-    "reply", ["450 4.2.0 Mailbox busy", TRY_LATER, "452 4.2.2 Insufficient system storage"]
-)
-def test_rcpt_4xx_is_tempfail(scripted: StartScripted, reply: str) -> None:
-    result, _, _ = probe_one(scripted, Script(rcpt_default=reply))
-    assert (result.verdict, result.stage, result.code) == (
-        Verdict.TEMPFAIL,
-        Stage.RCPT,
-        int(reply[:3]),
-    )
+    assert (result.verdict, result.stage, result.code) == (verdict, Stage.RCPT, int(reply[:3]))
 
 
 @pytest.mark.parametrize(
