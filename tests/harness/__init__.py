@@ -7,18 +7,24 @@ is not part of the installed ``callahead`` package and needs the test dependenci
 
 Modules:
 
-- :mod:`tests.harness.waiting` -- ``wait_for``: poll a condition instead of sleeping.
+- :mod:`tests.harness.waiting` -- ``wait_for`` / ``wait_until``: poll a condition instead
+  of sleeping (in a thread / in a coroutine).
 - :mod:`tests.harness.ports` -- ``free_port``: a TCP port on 127.0.0.1 never handed out
   twice in one process.
+- :mod:`tests.harness.threaded` -- ``ThreadedServer``: the thread-and-loop base of the
+  servers below (and why it is not aiosmtpd's ``Controller``).
 - :mod:`tests.harness.primary` -- ``Primary`` (an aiosmtpd primary MX that knows its
   users and records every probe and delivery) and ``SilentServer`` (a primary that
   accepts TCP and never answers).
 - :mod:`tests.harness.postfix` -- ``PostfixInstance`` (a real Postfix under a temp dir)
   and the ``main.cf`` builders ``backup_mx_main_cf`` / ``primary_main_cf``.
-- :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``).
-- :mod:`tests.harness.scripted` -- ``ScriptedServer``: an SMTP server that answers each
-  stage as its ``Script`` says (faults, delays, disconnects, STARTTLS good or broken).
-- :mod:`tests.harness.tlsutil` -- self-signed certificates made with ``openssl``.
+- :mod:`tests.harness.fixtures` -- pytest fixtures (``tmp_workdir``, ``scripted``).
+- :mod:`tests.harness.scripted` -- ``ScriptedServer``: the one scripted SMTP server (the
+  primary of the probe unit tests and of the fault matrix); answers each stage with the
+  reply lines its ``Script`` says (faults, delays, hang-ups, an RCPT hook, STARTTLS good
+  or broken) and records every line as received, per session and over TLS or not.
+- :mod:`tests.harness.tlsutil` -- a throwaway CA (``trustme``): server certificates it
+  issues and client contexts that trust it.
 - :mod:`tests.harness.callahead_process` -- ``callahead serve`` as a real process.
 - :mod:`tests.harness.client` -- an SMTP client that records every reply and its time.
 - :mod:`tests.harness.process` -- ``ManagedProcess``: a process started until ready,

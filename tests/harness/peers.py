@@ -37,7 +37,6 @@ stopped by an ``atexit`` hook.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import os
@@ -52,7 +51,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, ClassVar, Literal
 
-from tests.harness.lifecycle import StartStop, maildir_count, maildir_messages
+from tests.harness.lifecycle import (
+    StartStop,
+    forget_at_exit,
+    maildir_count,
+    maildir_messages,
+    stop_at_exit,
+)
 from tests.harness.ports import free_port, listening
 from tests.harness.process import ManagedProcess
 from tests.harness.waiting import wait_for
@@ -314,17 +319,6 @@ def _kill_all(sid: int, marker: str, what: str) -> None:
         raise PeerError(f"{what}: still alive after SIGKILL: {left}")
 
 
-# Strong references: a primary dropped while running is still stopped at exit.
-_live: set[PeerPrimary] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for primary in list(_live):
-        with contextlib.suppress(Exception):
-            primary.stop()
-
-
 # --------------------------------------------------------------------------------------
 # primaries
 # --------------------------------------------------------------------------------------
@@ -461,7 +455,7 @@ class PeerPrimary(StartStop):
         self._workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
         for sub in ("etc", "log"):
             (self._workdir / sub).mkdir(mode=0o755, exist_ok=True)
-        _live.add(self)
+        stop_at_exit(self)
         try:
             self._before_start()
             # setsid(1) execs the daemon in a new session without forking (a Popen
@@ -504,7 +498,7 @@ class PeerPrimary(StartStop):
             try:
                 self._after_stop()
             finally:
-                _live.discard(self)
+                forget_at_exit(self)
 
     # -- mailboxes -------------------------------------------------------------------
 

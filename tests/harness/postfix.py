@@ -31,7 +31,6 @@ through ``virtual_mailbox_maps`` and delivers into maildirs under the work dir.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import json
@@ -48,7 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.lifecycle import StartStop, maildir_count, maildir_messages
+from tests.harness.lifecycle import (
+    StartStop,
+    forget_at_exit,
+    maildir_count,
+    maildir_messages,
+    still_running,
+    stop_at_exit,
+)
 from tests.harness.ports import listening
 from tests.harness.waiting import wait_for
 
@@ -491,21 +497,10 @@ def _is_master(pid: int) -> bool:
     return info is not None and info[0] == "master" and info[2] == pid
 
 
-# Strong references: an instance dropped while running is still stopped at exit.
-_live: set[PostfixInstance] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for instance in list(_live):
-        with contextlib.suppress(Exception):
-            instance.stop()
-
-
 def stop_instances_under(path: Path) -> None:
     """Stop every instance of this process whose work dir is ``path`` or below it."""
     path = path.absolute()
-    for instance in list(_live):
+    for instance in still_running(PostfixInstance):
         if instance.workdir == path or path in instance.workdir.parents:
             instance.stop()
 
@@ -675,7 +670,7 @@ class PostfixInstance(StartStop):
         if self.running:
             raise PostfixError(f"Postfix in {self.workdir} is already running")
         self.write_config()
-        _live.add(self)
+        stop_at_exit(self)
         try:
             self._postmap_hash_maps()
             self.postfix("check")
@@ -734,7 +729,7 @@ class PostfixInstance(StartStop):
                 )
         finally:
             self._master_pid = None
-            _live.discard(self)
+            forget_at_exit(self)
 
     def reload(self) -> None:
         """``postfix reload``; returns once the master has re-read its config and (as far

@@ -8,9 +8,9 @@ that a probe really reached the primary and what it was told.
 
 ``SilentServer`` accepts TCP connections and never sends a byte: a primary that hangs.
 
-Both run their own asyncio loop in their own thread, can be stopped and started again on
-the same port any number of times, and close every connection when stopped, so that
-connecting afterwards is refused.
+Both are ``tests.harness.threaded.ThreadedServer``s: they run their own asyncio loop in
+their own thread, can be stopped and started again on the same port any number of times,
+and close every connection when stopped, so that connecting afterwards is refused.
 
 ``python -m tests.harness.primary --port N --user a@example.com`` runs a ``Primary`` in
 the foreground until SIGTERM/SIGINT and prints one line per RCPT decision and per
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import contextlib
 import signal
 import sys
 import threading
@@ -32,8 +30,7 @@ from types import FrameType
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.harness.lifecycle import StartStop
-from tests.harness.ports import free_port
+from tests.harness.threaded import ThreadedServer
 
 __all__ = [
     "Delivered",
@@ -42,10 +39,6 @@ __all__ = [
     "SilentServer",
     "main",
 ]
-
-HOST = "127.0.0.1"
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 RCPT_OK = "250 2.1.5 OK"
 MAIL_OK = "250 2.1.0 OK"
@@ -78,188 +71,10 @@ class Delivered:
     data: bytes
 
 
-# Servers still running at interpreter exit are stopped, so that no thread keeps a
-# port open when a test run is torn down abnormally.
-_running: set[_ThreadedServer] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_running):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-class _ThreadedServer(StartStop):
-    """An asyncio TCP server on 127.0.0.1 running in a thread with its own loop."""
-
-    _kind = "server"
-
-    def __init__(self, port: int | None) -> None:
-        self._host = HOST
-        self._port = port if port is not None else free_port(HOST)
-        self._state_lock = threading.Lock()  # start/stop
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        # Only touched from the loop thread.
-        self._transports: set[asyncio.BaseTransport] = set()
-        self._count_lock = threading.Lock()
-        self._connections = 0
-
-    # -- properties ----------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self._host, self._port)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
-    @property
-    def connections(self) -> int:
-        """TCP sessions accepted so far (over all start/stop cycles)."""
-        with self._count_lock:
-            return self._connections
-
-    # -- for subclasses ------------------------------------------------------------
-
-    def _make_protocol(self) -> asyncio.BaseProtocol:
-        raise NotImplementedError
-
-    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Called by protocols, in the loop thread."""
-        self._transports.add(transport)
-        with self._count_lock:
-            self._connections += 1
-
-    def _connection_lost(self, transport: asyncio.BaseTransport | None) -> None:
-        """Called by protocols, in the loop thread."""
-        if transport is not None:
-            self._transports.discard(transport)
-
-    # -- lifecycle -----------------------------------------------------------------
-
-    def start(self) -> None:
-        """Listen on ``port``; returns once connections are accepted."""
-        with self._state_lock:
-            if self._thread is not None:
-                raise RuntimeError(f"{self._kind} on port {self._port} is already running")
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-            failure: list[BaseException] = []
-            thread = threading.Thread(
-                target=self._run,
-                args=(loop, ready, failure),
-                name=f"{self._kind}-{self._port}",
-                daemon=True,
-            )
-            thread.start()
-            if not ready.wait(START_TIMEOUT):
-                # The loop never came up; nothing else we can do but tell.
-                raise RuntimeError(f"{self._kind} on port {self._port} did not start")
-            if failure:
-                thread.join(STOP_TIMEOUT)
-                raise failure[0]
-            self._loop = loop
-            self._thread = thread
-            _running.add(self)
-
-    def _run(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ready: threading.Event,
-        failure: list[BaseException],
-    ) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            try:
-                self._server = loop.run_until_complete(
-                    loop.create_server(
-                        self._make_protocol, self._host, self._port, reuse_address=True
-                    )
-                )
-            except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
-                failure.append(exc)
-                return
-            finally:
-                ready.set()
-            loop.run_forever()
-        finally:
-            self._abort_all()
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            self._server = None
-            loop.close()
-
-    def _abort_all(self) -> None:
-        for transport in list(self._transports):
-            # abort(): drop the connection at once, unsent data and all.
-            abort = getattr(transport, "abort", None)
-            if callable(abort):
-                abort()
-            else:
-                transport.close()
-        self._transports.clear()
-
-    async def _shutdown(self) -> None:
-        server = self._server
-        if server is not None:
-            server.close()
-        # Let connections already accepted by the kernel reach connection_made, so
-        # that they are aborted too.
-        await asyncio.sleep(0)
-        self._abort_all()
-        await asyncio.sleep(0)
-
-    def stop(self) -> None:
-        """Close the listening socket and every open connection. Idempotent."""
-        with self._state_lock:
-            loop, thread = self._loop, self._thread
-            if loop is None or thread is None:
-                return
-            try:
-                if thread.is_alive():
-                    future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-                    try:
-                        future.result(STOP_TIMEOUT)
-                    finally:
-                        loop.call_soon_threadsafe(loop.stop)
-                thread.join(STOP_TIMEOUT)
-                if thread.is_alive():
-                    raise RuntimeError(f"{self._kind} on port {self._port} did not stop")
-            finally:
-                self._loop = None
-                self._thread = None
-                _running.discard(self)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<{type(self).__name__} {self._host}:{self._port} {state}>"
-
-
 class _SMTPProtocol(SMTP):
     """aiosmtpd's SMTP protocol, reporting connections to its owner."""
 
-    def __init__(self, owner: _ThreadedServer, handler: _PrimaryHandler, hostname: str) -> None:
+    def __init__(self, owner: ThreadedServer, handler: _PrimaryHandler, hostname: str) -> None:
         super().__init__(
             handler,
             hostname=hostname,
@@ -333,7 +148,7 @@ class _PrimaryHandler:
         return DATA_OK
 
 
-class Primary(_ThreadedServer):
+class Primary(ThreadedServer):
     """A primary MX that knows ``users`` (compared case-insensitively, whole address).
 
     Replies: RCPT for a known user ``250 2.1.5 OK``; for anyone else
@@ -476,7 +291,7 @@ class Primary(_ThreadedServer):
 
 
 class _SilentProtocol(asyncio.Protocol):
-    def __init__(self, owner: _ThreadedServer) -> None:
+    def __init__(self, owner: ThreadedServer) -> None:
         self._owner = owner
         self._transport: asyncio.BaseTransport | None = None
 
@@ -491,7 +306,7 @@ class _SilentProtocol(asyncio.Protocol):
         self._owner._connection_lost(self._transport)
 
 
-class SilentServer(_ThreadedServer):
+class SilentServer(ThreadedServer):
     """Accepts TCP connections on 127.0.0.1:``port`` and never sends anything."""
 
     _kind = "silent-server"

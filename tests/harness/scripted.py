@@ -1,20 +1,31 @@
-"""A scripted SMTP server for fault-matrix tests.
+"""The scripted SMTP server of the harness: the primary of the probe unit tests and of
+the fault-matrix integration tests.
 
 ``ScriptedServer`` is a small SMTP server on 127.0.0.1 written on raw asyncio streams
-(not aiosmtpd), so that it can misbehave in any way a test needs: stay silent, greet
-with 421 or 554, reject EHLO, MAIL or RCPT, answer RCPT late or not at all, hang up
-after RCPT, offer STARTTLS and then break the handshake, count errors and hang up like
-Postfix's ``smtpd_hard_error_limit``, or slow down like ``smtpd_soft_error_limit``.
+(not aiosmtpd), so that it can misbehave in any way a test needs: stay silent, hang up
+before the banner, greet with 421 or 554, reject EHLO, MAIL (per sender) or RCPT, answer
+any command late, hang up instead of answering a command or right after answering it,
+let a hook decide each RCPT (or hang up), offer STARTTLS and then break the handshake,
+count errors and hang up like Postfix's ``smtpd_hard_error_limit``, or slow down like
+``smtpd_soft_error_limit``.
 
-What it does is read from a ``Script`` at every step, so a test can change it while
-sessions are open (``server.update(rcpt_delay=5.0)``). It also accepts real
-deliveries (MAIL, RCPT, DATA with dot-stuffing removed), so a Postfix backup can
-deliver to it, and it records every command line exactly as received, with the reply
-it got (``commands``), and every message (``messages``, ``mailbox``).
+What it does is read from a ``Script`` (whole reply lines, as a real server sends them)
+at every step, so a test can change it while sessions are open
+(``server.update(delay={"RCPT": 5.0})``). It also accepts real deliveries (MAIL, RCPT,
+DATA with dot-stuffing removed), so a Postfix backup can deliver to it.
 
-Like ``tests.harness.primary.Primary`` it runs its own loop in its own thread, can be
-stopped and started again on the same port, and aborts every open connection when
-stopped.
+It records every command line exactly as received (``Command.raw``: the bytes, split
+at LF only, so that a bare LF smuggled into a command shows up as a line of its own),
+whether it arrived over TLS, and the reply it got: over all sessions in order
+(``commands``, ``lines``, ``count``) and per connection (``sessions``, with whether the
+connection is closed yet); and every message (``messages``, ``mailbox``). Each line is
+recorded before it is answered, so a client that has its reply finds it recorded.
+
+Like ``tests.harness.primary.Primary`` it is a ``tests.harness.threaded.ThreadedServer``:
+it runs its own loop in its own thread (start and stop are plain calls, from a
+synchronous test or from an async one on a loop of its own), can be stopped and started
+again on the same port, and aborts every open connection when stopped. Tests get it from
+the ``scripted`` fixture (``tests.harness.fixtures``), which stops it after the test.
 
 Behaviour not spelled out by the ``Script`` fields, modelled on Postfix:
 
@@ -32,8 +43,8 @@ Behaviour not spelled out by the ``Script`` fields, modelled on Postfix:
   advertised.
 - Every 4xx/5xx reply counts as an error, these ones included; a message accepted at
   the end of DATA resets the count (as in Postfix).
-- With ``rcpt_delay`` and ``disconnect_after_rcpt`` both set, the server waits
-  ``rcpt_delay`` and then hangs up.
+- A ``421`` reply to any command is sent and the connection closed.
+- A command's ``delay`` comes before anything else, ``hang_up_at`` included.
 - A reply string with ``\\n`` in it is sent as a multiline reply (``250-a``/``250 b``).
 - The ``421`` sent on reaching ``max_errors`` is not recorded in ``commands`` (it
   answers no command); the final ``.`` of DATA is, with the reply to the message.
@@ -44,27 +55,27 @@ Behaviour not spelled out by the ``Script`` fields, modelled on Postfix:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import copy
 import dataclasses
-import shutil
 import ssl
-import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from tests.harness.primary import _ThreadedServer
-from tests.harness.tlsutil import self_signed, server_context
+from tests.harness.threaded import ThreadedServer
+from tests.harness.tlsutil import server_context
 
 __all__ = [
     "HOSTNAME",
     "Command",
     "Delivery",
+    "RcptHook",
     "Script",
     "ScriptedServer",
+    "Session",
+    "path_of",
 ]
 
 HOSTNAME = "scripted.test"
@@ -99,13 +110,24 @@ class Script:
     banner: str | None = f"220 {HOSTNAME} ESMTP"
     """Greeting; ``None``: accept TCP and never send anything (commands are still
     read and recorded, with reply ``None``)."""
-    banner_delay: float = 0.0
+    delay: dict[str, float] = field(default_factory=dict)
+    """Seconds to wait before answering, per verb in upper case (``"RCPT"``), with
+    ``"BANNER"`` for the greeting. The script is read again after the wait."""
+    hang_up_at: str | None = None
+    """Verb in upper case at which the server hangs up instead of answering (after its
+    ``delay``); ``"BANNER"``: right after accepting the connection, before any greeting."""
+    hang_up_after: str | None = None
+    """Verb in upper case after whose reply the server hangs up (a server that closes
+    its sessions between probes)."""
     ehlo: str = "250"
     """First line of the EHLO reply; a bare 2xx code becomes ``250-scripted.test``.
     A 2xx reply lists ``extensions``; any other code is sent as it is, alone."""
     extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8")
     helo: str = f"250 {HOSTNAME}"
     mail: str = "250 2.1.0 Ok"
+    mail_by_sender: dict[str, str] = field(default_factory=dict)
+    """Sender (the exact text inside ``<>``, ``""`` for the null sender) -> the reply to
+    its MAIL FROM; others get ``mail``."""
     rcpt_default: str = "550 5.1.1 User unknown"
     users: frozenset[str] = frozenset()
     """Addresses (compared case-insensitively) answered with ``rcpt_ok``."""
@@ -115,8 +137,8 @@ class Script:
     postmaster: str | None = "250 2.1.5 Ok"
     """Reply to ``postmaster@`` any domain (RFC 5321 4.5.1 makes every domain accept it),
     unless ``rcpt_overrides`` names the address; None: answered like any address."""
-    rcpt_delay: float = 0.0
-    disconnect_after_rcpt: bool = False
+    rcpt_hook: RcptHook | None = None
+    """Decides every RCPT instead of the fields above (see ``RcptHook``)."""
     starttls: str = "220 2.0.0 Ready to start TLS"
     tls: Literal["ok", "broken"] = "ok"
     max_errors: int | None = None
@@ -149,13 +171,88 @@ _SCRIPT_FIELDS = frozenset(f.name for f in dataclasses.fields(Script))
 
 @dataclass(frozen=True)
 class Command:
-    """One command line as received (decoded as UTF-8 with surrogateescape, without
-    the line ending) and the reply sent to it: ``None`` while unanswered, or if none
-    was ever sent. A multiline reply is its lines joined with ``\\n``."""
+    """One command line as received and the reply sent to it: ``None`` while
+    unanswered, or if none was ever sent. A multiline reply is its lines joined with
+    ``\\n``."""
 
     session: int
-    line: str
+    raw: bytes
+    """The line exactly as received, line end (LF, or whatever preceded it) included."""
+    tls: bool
+    """Whether the line arrived over TLS."""
     reply: str | None
+
+    @property
+    def line(self) -> str:
+        """The line decoded as UTF-8 with surrogateescape, without its line end."""
+        return _decode(self.raw)
+
+    @property
+    def verb(self) -> str:
+        """The command's verb in upper case (``MAIL`` for ``mail from:<>``)."""
+        return _verb(self.line)
+
+
+class _Commands:
+    """Questions about a list of commands, for the server and for one session."""
+
+    @property
+    def commands(self) -> list[Command]:
+        raise NotImplementedError
+
+    @property
+    def lines(self) -> list[str]:
+        """Every command line, in order, without line ends."""
+        return [c.line for c in self.commands]
+
+    @property
+    def raw(self) -> list[bytes]:
+        """Every command line exactly as received (``Command.raw``), in order."""
+        return [c.raw for c in self.commands]
+
+    @property
+    def over_tls(self) -> list[bool]:
+        """For each command line: did it arrive over TLS?"""
+        return [c.tls for c in self.commands]
+
+    def verbs(self) -> list[str]:
+        """The verb of every command line, in upper case (``MAIL`` for ``mail from:``)."""
+        return [c.verb for c in self.commands]
+
+    def count(self, verb: str) -> int:
+        """How many command lines start with ``verb`` (case-insensitive)."""
+        return sum(1 for c in self.commands if _starts_with_verb(c.line, verb))
+
+    def rcpt_lines(self) -> list[str]:
+        """The ``RCPT`` command lines, exactly as received."""
+        return [c.line for c in self.commands if _starts_with_verb(c.line, "RCPT")]
+
+    def rcpts(self) -> list[str]:
+        """The addresses of all ``RCPT`` lines (the exact text inside ``<>``), in order,
+        whatever the reply."""
+        return [path_of(line) for line in self.rcpt_lines()]
+
+
+@dataclass(frozen=True)
+class Session(_Commands):
+    """One connection as the server saw it, at the time it was asked for."""
+
+    number: int
+    """1 for the server's first connection, counting on over restarts."""
+    recorded: tuple[Command, ...]
+    closed: bool
+    """Whether the server is done with the connection (closed it or saw it closed)."""
+
+    @property
+    def commands(self) -> list[Command]:
+        return list(self.recorded)
+
+
+RcptHook = Callable[[Session, str], str | None]
+"""Called (in the server's thread) for each RCPT that follows an accepted MAIL, with
+the session so far (this RCPT included) and the address: the whole reply line to send
+(``"554 5.7.1 <>: Sender address rejected: Access denied"``), or None to hang up
+without a reply."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +289,10 @@ def path_of(line: str) -> str:
     return rest[1:]
 
 
+def _decode(raw: bytes) -> str:
+    return raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "surrogateescape")
+
+
 def _verb(line: str) -> str:
     return line.split(" ", 1)[0].split(":", 1)[0].upper()
 
@@ -225,22 +326,6 @@ class _Close(Exception):
     """End the session: close the connection (what was written is still sent)."""
 
 
-# A certificate for every ScriptedServer without one of its own, made once per process.
-_tls_lock = threading.Lock()
-_tls_dir: Path | None = None
-
-
-def _default_tls_context() -> ssl.SSLContext:
-    global _tls_dir
-    with _tls_lock:
-        if _tls_dir is None:
-            _tls_dir = Path(tempfile.mkdtemp(prefix="scripted-tls-"))
-            atexit.register(shutil.rmtree, _tls_dir, True)
-        directory = _tls_dir
-    cert, key = self_signed(directory, HOSTNAME)
-    return server_context(cert, key)
-
-
 class _Protocol(asyncio.StreamReaderProtocol):
     """Stream protocol that reports its connection to the server and runs a session."""
 
@@ -262,10 +347,10 @@ class _Protocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _Session(self._owner, self._session, reader, writer).run()
+        await _Dialogue(self._owner, self._session, reader, writer).run()
 
 
-class _Session:
+class _Dialogue:
     """One SMTP session; runs in the server's loop."""
 
     def __init__(
@@ -293,6 +378,7 @@ class _Session:
             pass
         finally:
             self._writer.close()
+            self._owner._session_closed(self._number)
 
     async def _readline(self) -> bytes:
         line = await self._reader.readline()
@@ -301,29 +387,32 @@ class _Session:
         return line
 
     async def _converse(self) -> None:
-        script = self._owner._snapshot()
+        script = await self._script_after_delay("BANNER")
+        if script.hang_up_at == "BANNER":
+            raise _Close
         if script.banner is None:
-            await self._silent()
-            return
-        if script.banner_delay > 0:
-            await asyncio.sleep(script.banner_delay)
+            while True:  # silent: record what comes until the client gives up
+                self._record(await self._readline())
         await self._send(script.banner)
         if script.banner.startswith("421"):
             raise _Close
         self._rejecting = not _is_ok(script.banner)
         while True:
             raw = await self._readline()
-            line = raw.rstrip(b"\n")
-            line = line.removesuffix(b"\r")
-            text = line.decode("utf-8", "surrogateescape")
-            index = self._owner._record(self._number, text)
-            await self._dispatch(text, index)
+            index = self._record(raw)
+            await self._dispatch(_decode(raw), index)
 
-    async def _silent(self) -> None:
-        while True:
-            raw = await self._readline()
-            text = raw.rstrip(b"\n").removesuffix(b"\r").decode("utf-8", "surrogateescape")
-            self._owner._record(self._number, text)
+    def _record(self, raw: bytes) -> int:
+        return self._owner._record(Command(self._number, raw, self._tls, None))
+
+    async def _script_after_delay(self, verb: str) -> Script:
+        """The script, read again after the ``delay`` it sets for ``verb``, if any."""
+        script = self._owner._snapshot()
+        wait = script.delay.get(verb, 0.0)
+        if wait <= 0:
+            return script
+        await asyncio.sleep(wait)
+        return self._owner._snapshot()
 
     # -- replies -----------------------------------------------------------------------
 
@@ -338,6 +427,8 @@ class _Session:
         # Recorded before it is sent: a client that has read the reply must find it here.
         self._owner._set_reply(index, "\n".join(_reply_lines(reply)))
         await self._send(reply)
+        if reply.startswith("421"):
+            raise _Close
         if _is_error(reply):
             self._errors += 1
             if script.max_errors is not None and self._errors >= script.max_errors:
@@ -358,6 +449,14 @@ class _Session:
 
     async def _dispatch(self, line: str, index: int) -> None:
         verb = _verb(line)
+        script = await self._script_after_delay(verb)
+        if verb == script.hang_up_at:
+            raise _Close
+        await self._answer(verb, line, index)
+        if verb == script.hang_up_after:
+            raise _Close
+
+    async def _answer(self, verb: str, line: str, index: int) -> None:
         if verb == "QUIT":
             await self._reply(index, QUIT_OK)
             raise _Close
@@ -406,24 +505,27 @@ class _Session:
         if self._sender is not None:
             await self._reply(index, NESTED_MAIL)
             return
-        reply = self._owner._snapshot().mail
+        script = self._owner._snapshot()
+        sender = path_of(line)
+        reply = script.mail_by_sender.get(sender, script.mail)
         if _is_ok(reply):
-            self._sender = path_of(line)
+            self._sender = sender
             self._recipients = []
         await self._reply(index, reply)
 
     async def _rcpt(self, line: str, index: int) -> None:
         script = self._owner._snapshot()
-        if script.rcpt_delay > 0:
-            await asyncio.sleep(script.rcpt_delay)
-            script = self._owner._snapshot()
-        if script.disconnect_after_rcpt:
-            raise _Close
         if self._sender is None:
             await self._reply(index, NEED_MAIL)
             return
         address = path_of(line)
-        reply = script.rcpt_reply(address)
+        if script.rcpt_hook is None:
+            reply = script.rcpt_reply(address)
+        else:
+            hooked = script.rcpt_hook(self._owner.session(self._number), address)
+            if hooked is None:
+                raise _Close
+            reply = hooked
         if _is_ok(reply):
             self._recipients.append(address)
         await self._reply(index, reply)
@@ -449,7 +551,7 @@ class _Session:
                 content = content[1:]
             body.append(content + b"\r\n")
         end = self._owner._snapshot().data_end
-        data_index = self._owner._record(self._number, ".")
+        data_index = self._record(raw)
         if _is_ok(end):
             self._owner._deliver(
                 Delivery(self._number, self._sender, tuple(self._recipients), b"".join(body))
@@ -481,7 +583,7 @@ class _Session:
             # Before the 220: once the client has it, its ClientHello may come at any
             # time and must reach the TLS layer, not the plain-text reader.
             try:
-                context = await self._owner._tls_context()
+                context = self._owner._tls_context()
             except (OSError, RuntimeError, ssl.SSLError):
                 await self._reply(index, TLS_UNAVAILABLE)
                 return
@@ -525,11 +627,12 @@ class _Session:
         raise _Close
 
 
-class ScriptedServer(_ThreadedServer):
+class ScriptedServer(ThreadedServer, _Commands):
     """An SMTP server on 127.0.0.1:``port`` that answers as its ``Script`` says.
 
-    ``tls_context`` is the server-side context for STARTTLS; by default a self-signed
-    certificate for ``scripted.test`` made with ``openssl`` on first use.
+    ``tls_context`` is the server-side context for STARTTLS; by default a certificate
+    for ``scripted.test`` and ``127.0.0.1`` issued by the test CA of
+    ``tests.harness.tlsutil`` (which ``client_context()`` trusts), made on first use.
     """
 
     _kind = "scripted-server"
@@ -546,6 +649,8 @@ class ScriptedServer(_ThreadedServer):
         self._script = script if script is not None else Script()
         self._commands: list[Command] = []
         self._cleared = 0  # commands forgotten by clear(); record ids count them too
+        self._sessions = 0  # sessions started, over all start/stop cycles
+        self._open: set[int] = set()  # sessions not closed yet
         self._deliveries: list[Delivery] = []
         self._ssl_context = tls_context
 
@@ -573,25 +678,32 @@ class ScriptedServer(_ThreadedServer):
     def _snapshot(self) -> Script:
         with self._lock:
             snapshot = copy.copy(self._script)
-            snapshot.rcpt_overrides = dict(snapshot.rcpt_overrides)
+            for name in ("delay", "mail_by_sender", "rcpt_overrides"):
+                setattr(snapshot, name, dict(getattr(snapshot, name)))
             return snapshot
 
-    async def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            # openssl runs in a worker thread: other sessions go on meanwhile.
-            self._ssl_context = await asyncio.to_thread(_default_tls_context)
+            self._ssl_context = server_context(HOSTNAME, self.host)
         return self._ssl_context
 
     # -- records (written from the loop thread) ----------------------------------------
 
     def _session_started(self, transport: asyncio.BaseTransport) -> int:
         self._connection_made(transport)
-        return self.connections  # connections are only made in the loop thread
+        with self._lock:
+            self._sessions += 1
+            self._open.add(self._sessions)
+            return self._sessions
 
-    def _record(self, session: int, line: str) -> int:
+    def _session_closed(self, session: int) -> None:
+        with self._lock:
+            self._open.discard(session)
+
+    def _record(self, command: Command) -> int:
         """Record an unanswered command; returns its id for ``_set_reply``."""
         with self._lock:
-            self._commands.append(Command(session, line, None))
+            self._commands.append(command)
             return self._cleared + len(self._commands) - 1
 
     def _set_reply(self, record_id: int, reply: str) -> None:
@@ -613,18 +725,29 @@ class ScriptedServer(_ThreadedServer):
         with self._lock:
             return list(self._commands)
 
-    def rcpt_lines(self) -> list[str]:
-        """The ``RCPT`` command lines, exactly as received."""
-        return [c.line for c in self.commands if _starts_with_verb(c.line, "RCPT")]
+    @property
+    def sessions(self) -> list[Session]:
+        """Every connection so far (over all start/stop cycles), oldest first, with the
+        commands it sent (those ``clear()`` has not forgotten)."""
+        with self._lock:
+            recorded: dict[int, list[Command]] = {n: [] for n in range(1, self._sessions + 1)}
+            for command in self._commands:
+                recorded[command.session].append(command)
+            return [Session(n, tuple(cs), n not in self._open) for n, cs in recorded.items()]
 
-    def rcpts(self) -> list[str]:
-        """The addresses of all ``RCPT`` lines (the exact text inside ``<>``), in order,
-        whatever the reply."""
-        return [path_of(line) for line in self.rcpt_lines()]
+    def session(self, number: int) -> Session:
+        """Connection ``number`` (1 is the first)."""
+        with self._lock:
+            recorded = tuple(c for c in self._commands if c.session == number)
+            if not 1 <= number <= self._sessions:
+                raise IndexError(f"no session {number}")
+            return Session(number, recorded, number not in self._open)
 
-    def count(self, verb: str) -> int:
-        """How many command lines start with ``verb`` (case-insensitive)."""
-        return sum(1 for c in self.commands if _starts_with_verb(c.line, verb))
+    @property
+    def open_connections(self) -> int:
+        """Connections the server is not done with yet."""
+        with self._lock:
+            return len(self._open)
 
     def sessions_with_rcpt(self) -> int:
         """How many sessions sent at least one ``RCPT``."""

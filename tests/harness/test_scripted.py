@@ -8,13 +8,12 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from tests.harness.scripted import Command, Script, ScriptedServer, path_of
-from tests.harness.tlsutil import client_context, self_signed, server_context
+from tests.harness.scripted import Command, Script, ScriptedServer, Session, path_of
+from tests.harness.tlsutil import client_context, server_context
 from tests.harness.waiting import wait_for
 
 TIMEOUT = 5.0
@@ -90,7 +89,10 @@ def test_default_banner_and_ehlo(raw: Raw, server: ScriptedServer) -> None:
     assert raw.at_eof()
     assert server.connections == 1
     assert server.commands[0] == Command(
-        1, "EHLO client.test", "250-scripted.test\n250-PIPELINING\n250-8BITMIME\n250 SMTPUTF8"
+        1,
+        b"EHLO client.test\r\n",
+        False,
+        "250-scripted.test\n250-PIPELINING\n250-8BITMIME\n250 SMTPUTF8",
     )
 
 
@@ -104,11 +106,11 @@ def test_silent_banner() -> None:
                 sock.recv(1)
         assert server.connections == 1
         wait_for(lambda: server.commands, TIMEOUT, what="EHLO recorded")
-        assert server.commands == [Command(1, "EHLO client.test", None)]
+        assert server.commands == [Command(1, b"EHLO client.test\r\n", False, None)]
 
 
 def test_banner_delay() -> None:
-    with ScriptedServer(Script(banner_delay=0.3)) as server:
+    with ScriptedServer(Script(delay={"BANNER": 0.3})) as server:
         started = time.monotonic()
         client = Raw(server)
         assert client.line().startswith("220 ")
@@ -139,6 +141,16 @@ def test_banner_554_then_only_quit() -> None:
         assert client.cmd("QUIT").startswith("221 ")
         assert client.at_eof()
         client.close()
+
+
+def test_hang_up_at_banner() -> None:
+    with ScriptedServer(Script(hang_up_at="BANNER")) as server:
+        client = Raw(server)
+        assert client.at_eof()  # accepted, then closed without a word
+        client.close()
+        assert server.connections == 1
+        wait_for(lambda: server.open_connections == 0, TIMEOUT, what="session closed")
+        assert server.commands == []
 
 
 def test_multiline_banner(server: ScriptedServer) -> None:
@@ -186,6 +198,23 @@ def test_mail_rejected(server: ScriptedServer) -> None:
     assert server.count("MAIL") == 1
 
 
+def test_mail_reply_per_sender(server: ScriptedServer) -> None:
+    server.update(mail_by_sender={"": "553 5.7.1 <>: Sender address rejected: null sender"})
+    with smtp(server) as client:
+        client.ehlo()
+        assert client.mail("")[0] == 553
+        assert client.mail("probe@y.test") == (250, b"2.1.0 Ok")
+        assert client.rcpt("alice@x.test")[0] == 250
+
+
+def test_421_to_a_command_closes(raw: Raw, server: ScriptedServer) -> None:
+    server.update(mail="421 4.3.2 Service shutting down")
+    raw.reply()
+    raw.cmd("EHLO c")
+    assert raw.cmd("MAIL FROM:<>") == "421 4.3.2 Service shutting down"
+    assert raw.at_eof()
+
+
 def test_sequence_errors(raw: Raw) -> None:
     raw.reply()
     assert raw.cmd("MAIL FROM:<>").startswith("503 ")  # before EHLO
@@ -229,21 +258,21 @@ def test_rcpt_users_default_and_overrides(server: ScriptedServer) -> None:
 
 
 def test_rcpt_delay(server: ScriptedServer) -> None:
-    server.update(rcpt_delay=0.3)
+    server.update(delay={"RCPT": 0.3})
     with smtp(server) as client:
         client.ehlo()
         client.mail("")
         started = time.monotonic()
         assert client.rcpt("alice@x.test")[0] == 250
         assert time.monotonic() - started >= 0.3
-        server.update(rcpt_delay=0.0)
+        server.update(delay={})
         started = time.monotonic()
         assert client.rcpt("alice@x.test")[0] == 250
         assert time.monotonic() - started < 0.25
 
 
 def test_rcpt_recorded_before_answer(server: ScriptedServer, raw: Raw) -> None:
-    server.update(rcpt_delay=0.5)
+    server.update(delay={"RCPT": 0.5})
     raw.reply()
     raw.cmd("EHLO c")
     raw.cmd("MAIL FROM:<>")
@@ -254,14 +283,61 @@ def test_rcpt_recorded_before_answer(server: ScriptedServer, raw: Raw) -> None:
     assert server.commands[-1].reply == "250 2.1.5 Ok"
 
 
-def test_disconnect_after_rcpt(server: ScriptedServer) -> None:
-    server.update(disconnect_after_rcpt=True)
+def test_hang_up_at_rcpt(server: ScriptedServer) -> None:
+    server.update(hang_up_at="RCPT")
     with smtp(server) as client:
         client.ehlo()
         client.mail("")
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.rcpt("alice@x.test")
-    assert server.commands[-1] == Command(1, "rcpt TO:<alice@x.test>", None)
+    assert server.commands[-1] == Command(1, b"rcpt TO:<alice@x.test>\r\n", False, None)
+
+
+def test_delay_per_verb_and_hang_up_at_after_the_delay(server: ScriptedServer) -> None:
+    server.update(delay={"MAIL": 0.3}, hang_up_at="MAIL")
+    with smtp(server) as client:
+        client.ehlo()
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.mail("")
+        assert time.monotonic() - started >= 0.3
+    assert server.verbs() == ["EHLO", "MAIL"]
+    assert server.commands[-1].reply is None
+
+
+def test_hang_up_after_a_reply(server: ScriptedServer, raw: Raw) -> None:
+    server.update(hang_up_after="RCPT")
+    raw.reply()
+    raw.cmd("EHLO c")
+    raw.cmd("MAIL FROM:<>")
+    assert raw.cmd("RCPT TO:<alice@x.test>") == "250 2.1.5 Ok"
+    assert raw.at_eof()
+
+
+def test_rcpt_hook_sees_the_session_and_answers_or_hangs_up(server: ScriptedServer) -> None:
+    seen: list[tuple[int, list[str], str]] = []
+
+    def hook(session: Session, address: str) -> str | None:
+        seen.append((session.number, session.rcpts(), address))
+        if address.startswith("gone"):
+            return None
+        return "554 5.7.1 <>: Sender address rejected: Access denied"
+
+    server.update(rcpt_hook=hook, users=frozenset({"bob@x.test"}))
+    with smtp(server) as client:
+        client.ehlo()
+        client.mail("")
+        assert client.rcpt("bob@x.test") == (
+            554,
+            b"5.7.1 <>: Sender address rejected: Access denied",
+        )
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.rcpt("gone@x.test")
+    assert seen == [
+        (1, ["bob@x.test"], "bob@x.test"),
+        (1, ["bob@x.test", "gone@x.test"], "gone@x.test"),
+    ]
+    assert server.commands[-1].reply is None
 
 
 def test_pipelined_commands_answered_in_order(raw: Raw, server: ScriptedServer) -> None:
@@ -347,7 +423,7 @@ def test_starttls_broken(server: ScriptedServer) -> None:
     with pytest.raises(ssl.SSLError, match="WRONG_VERSION_NUMBER"):
         client.starttls(context=client_context())
     client.close()
-    assert server.commands[-1] == Command(1, "STARTTLS", "220 2.0.0 Ready to start TLS")
+    assert server.commands[-1] == Command(1, b"STARTTLS\r\n", False, "220 2.0.0 Ready to start TLS")
 
     async def probe() -> None:
         client = aiosmtplib.SMTP(
@@ -365,29 +441,29 @@ def test_starttls_broken(server: ScriptedServer) -> None:
     assert server.connections == 2
 
 
-def test_tlsutil_cert_is_cached_and_verifiable(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
-    assert self_signed(tmp_path) == (cert, key)
-    mtime = cert.stat().st_mtime_ns
-    tls = server_context(cert, key)
-
-    async def probe(server: ScriptedServer) -> object:
+def test_certificate_is_issued_by_the_test_ca_for_its_names() -> None:
+    async def probe(server: ScriptedServer, name: str) -> object:
         client = aiosmtplib.SMTP(
             hostname=server.host, port=server.port, start_tls=False, timeout=TIMEOUT
         )
         await client.connect()
         await client.ehlo()
-        # Verify for real: the client trusts exactly this cert, for scripted.test.
-        await client.starttls(server_hostname="scripted.test", tls_context=client_context(cert))
-        peer = client.get_transport_info("peercert")
-        await client.quit()
+        try:
+            # Verified for real: the client trusts the test CA only, and checks the name.
+            await client.starttls(server_hostname=name, tls_context=client_context())
+            peer = client.get_transport_info("peercert")
+            await client.quit()
+        finally:
+            client.close()
         return peer
 
+    tls = server_context("mx.scripted.test")
     with ScriptedServer(Script(extensions=("STARTTLS",)), tls_context=tls) as server:
-        peer = asyncio.run(probe(server))
-    assert isinstance(peer, dict)
-    assert ("DNS", "scripted.test") in peer["subjectAltName"]
-    assert cert.stat().st_mtime_ns == mtime
+        peer = asyncio.run(probe(server, "mx.scripted.test"))
+        assert isinstance(peer, dict)
+        assert peer["subjectAltName"] == (("DNS", "mx.scripted.test"),)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(probe(server, "other.test"))
 
 
 # -- error limits ---------------------------------------------------------------------------
@@ -502,6 +578,28 @@ def test_exact_lines_quoted_and_utf8(server: ScriptedServer, raw: Raw) -> None:
     assert server.count("RCPT TO") == 4
     assert server.count("mail") == 1
     assert server.sessions_with_rcpt() == 1
+
+
+def test_sessions_record_raw_lines_split_at_lf_and_tls(server: ScriptedServer) -> None:
+    server.update(extensions=("STARTTLS",))
+    raw = Raw(server)
+    raw.reply()
+    raw.sock.sendall(b"EHLO c\r\nNOOP\nRSET\r\n")  # a bare LF ends a line too
+    assert [raw.reply()[-1][:3] for _ in range(3)] == ["250", "250", "250"]
+    assert raw.cmd("STARTTLS").startswith("220 ")
+    tls = client_context().wrap_socket(raw.sock, server_hostname="127.0.0.1")
+    tls.sendall(b"EHLO c\r\n")
+    assert tls.recv(1024).startswith(b"250")
+    tls.close()
+    raw.file.close()
+    wait_for(lambda: server.sessions[0].closed, TIMEOUT, what="session closed")
+    [session] = server.sessions
+    assert session.raw == [b"EHLO c\r\n", b"NOOP\n", b"RSET\r\n", b"STARTTLS\r\n", b"EHLO c\r\n"]
+    assert session.lines == ["EHLO c", "NOOP", "RSET", "STARTTLS", "EHLO c"]
+    assert session.over_tls == [False, False, False, False, True]
+    assert session.verbs() == ["EHLO", "NOOP", "RSET", "STARTTLS", "EHLO"]
+    assert server.raw == session.raw
+    assert server.open_connections == 0
 
 
 def test_path_of() -> None:

@@ -1,7 +1,9 @@
-"""Wait for a condition instead of sleeping."""
+"""Wait for a condition instead of sleeping: ``wait_for`` in a thread, ``wait_until`` in a
+coroutine (it awaits between the calls, so that the loop goes on)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -30,3 +32,16 @@ def wait_for(
         if remaining <= 0:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(min(interval, remaining))
+
+
+async def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> float:
+    """Await until ``predicate()`` is truthy; returns the seconds waited. Raises
+    ``TimeoutError`` when ``timeout`` seconds pass first."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started

@@ -46,8 +46,9 @@ from tests.harness.postfix import (
     policy_overrides,
     primary_main_cf,
 )
-from tests.harness.primary import Primary, SilentServer, _ThreadedServer
+from tests.harness.primary import Primary, SilentServer
 from tests.harness.scripted import Script, ScriptedServer
+from tests.harness.threaded import ThreadedServer
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE_TIMEOUT = 2.0
@@ -70,8 +71,8 @@ FAULTS: dict[str, Script] = {
     "rcpt550": Script(rcpt_default="550 5.1.1 No such user"),
     "rcpt551": Script(rcpt_default="551 5.1.6 User not local"),
     "rcpt553": Script(rcpt_default="553 5.1.3 Mailbox name not allowed"),
-    "disconnect": Script(disconnect_after_rcpt=True),
-    "slow": Script(rcpt_delay=PROBE_TIMEOUT + 1.5),
+    "disconnect": Script(hang_up_at="RCPT"),
+    "slow": Script(delay={"RCPT": PROBE_TIMEOUT + 1.5}),
     "tlsbroken": Script(extensions=("PIPELINING", "STARTTLS"), tls="broken"),
     "tlsok": Script(extensions=("PIPELINING", "STARTTLS"), tls="ok", rcpt_default="250 2.1.5 Ok"),
     # Replies no SMTP client can read: not a verdict, a fault of the primary.
@@ -207,7 +208,7 @@ def stack() -> Iterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("the integration tests run a real Postfix, whose master needs root")
     with make_workdir() as workdir:
-        started: list[_ThreadedServer | CallaheadProcess | PeerPrimary] = []
+        started: list[ThreadedServer | CallaheadProcess | PeerPrimary] = []
         instances: list[PostfixInstance] = []
         try:
             primary = Primary([], hostname="primary.test")
@@ -215,8 +216,8 @@ def stack() -> Iterator[Stack]:
             silent = SilentServer()
             faults = {name: ScriptedServer(script) for name, script in FAULTS.items()}
             blackhole = ScriptedServer(Script(banner=None))
-            stall = ScriptedServer(Script(rcpt_delay=4.0, rcpt_default="250 2.1.5 Ok"))
-            slow = ScriptedServer(Script(rcpt_delay=0.5))
+            stall = ScriptedServer(Script(delay={"RCPT": 4.0}, rcpt_default="250 2.1.5 Ok"))
+            slow = ScriptedServer(Script(delay={"RCPT": 0.5}))
             for server in (primary, null_primary, silent, blackhole, stall, slow, *faults.values()):
                 server.start()
                 started.append(server)
@@ -267,7 +268,7 @@ def stack() -> Iterator[Stack]:
             )
             m365.start()
             started.append(m365)
-            held = ScriptedServer(Script(rcpt_delay=15.0, rcpt_default="250 2.1.5 Ok"))
+            held = ScriptedServer(Script(delay={"RCPT": 15.0}, rcpt_default="250 2.1.5 Ok"))
             held.start()
             started.append(held)
             ops_primary = Primary([], hostname="ops-primary.test")

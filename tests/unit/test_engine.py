@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -29,20 +28,24 @@ from callahead.routes import Nexthop, parse_routes
 from callahead.session import ERROR_BUDGET
 from callahead.tls import TlsMode
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
-from tests.harness.tlsutil import self_signed, server_context
-from tests.unit.fakesmtp import (
-    Conn,
-    FakeSmtpServer,
-    Script,
-    closed_port,
-    decode,
-    verb_of,
-    wait_until,
-)
+from tests.harness.fixtures import StartScripted
+from tests.harness.ports import free_port
+from tests.harness.scripted import Script, ScriptedServer, Session
+from tests.harness.waiting import wait_until
 from tests.unit.settings import probe_settings
 
 HELO = "backup.example.net"
 T = TypeVar("T")
+
+OK = "250 2.1.5 Ok"
+UNKNOWN = "550 5.1.1 Recipient address rejected: User unknown in virtual mailbox table"
+MAILBOX_BUSY = "450 4.2.1 Mailbox temporarily unavailable"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+SENDER_REFUSED = "553 5.7.1 <>: Sender address rejected: Access denied"
+NO_SMTPUTF8 = ("8BITMIME",)
+"""Extensions of a primary that does not offer SMTPUTF8: the engine offers it in MAIL FROM
+when the primary does, so a test that reads the exact ``MAIL FROM:<>`` line uses these."""
 
 
 def settings(**overrides: Any) -> EngineSettings:
@@ -56,15 +59,9 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(wrapper())
 
 
-@asynccontextmanager
-async def serving(*servers: FakeSmtpServer) -> AsyncIterator[None]:
-    for server in servers:
-        await server.start()
-    try:
-        yield
-    finally:
-        for server in servers:
-            await server.close()
+def hop(server: ScriptedServer) -> Nexthop:
+    """The nexthop that routes to ``server``."""
+    return Nexthop(server.host, server.port)
 
 
 @asynccontextmanager
@@ -94,18 +91,20 @@ async def timed(coro: Awaitable[ProbeResult]) -> tuple[ProbeResult, float]:
 # --- connection reuse and the dialogue on a session ------------------------------------
 
 
-def test_500_sequential_valid_probes_share_a_handful_of_connections() -> None:
-    server = FakeSmtpServer(Script(rcpt=250))
+def test_500_sequential_valid_probes_share_a_handful_of_connections(
+    scripted: StartScripted,
+) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=NO_SMTPUTF8))
     metrics = Metrics()
 
     async def go() -> None:
-        async with serving(server), engine_with(settings(), metrics) as engine:
+        async with engine_with(settings(), metrics) as engine:
             for n in range(500):
-                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                result = await engine.probe(f"user{n}@example.test", [hop(server)])
                 assert result.verdict is Verdict.VALID, result
             assert server.count("RCPT") == 500
-            hop = str(server.hop)
-            assert sample(metrics, "callahead_probe_connections_total", primary=hop) == (
+            label = str(hop(server))
+            assert sample(metrics, "callahead_probe_connections_total", primary=label) == (
                 server.connections
             )
             assert sample(metrics, "callahead_probes_total", outcome="valid") == 500
@@ -115,47 +114,51 @@ def test_500_sequential_valid_probes_share_a_handful_of_connections() -> None:
     run(go)
     assert 1 <= server.connections <= 3
     assert server.count("RSET") == 0
-    for conn in server.conns:
+    for conn in server.sessions:
         verbs = conn.verbs()
         # One transaction per session: EHLO, one MAIL FROM:<>, then only RCPTs.
         assert verbs[:2] == ["EHLO", "MAIL"]
         assert conn.lines[1] == "MAIL FROM:<>"
         assert verbs.count("MAIL") == 1
         assert set(verbs[2:]) <= {"RCPT", "QUIT"}
-        assert conn.rcpts <= session_module.MAX_RCPTS_PER_SESSION
+        assert len(conn.rcpts()) <= session_module.MAX_RCPTS_PER_SESSION
 
 
-def test_session_rolls_over_after_max_rcpts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_session_rolls_over_after_max_rcpts(
+    scripted: StartScripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(session_module, "MAX_RCPTS_PER_SESSION", 10)
-    server = FakeSmtpServer(Script(rcpt=250))
+    server = scripted(Script(rcpt_default=OK))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for n in range(25):
-                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                result = await engine.probe(f"user{n}@example.test", [hop(server)])
                 assert result.verdict is Verdict.VALID
-            await wait_until(lambda: server.conns[0].closed and server.conns[1].closed)
+            await wait_until(lambda: server.sessions[0].closed and server.sessions[1].closed)
 
     run(go)
-    assert [c.rcpts for c in server.conns] == [10, 10, 5]
-    for conn in server.conns:
-        assert conn.verbs() == ["EHLO", "MAIL", *["RCPT"] * conn.rcpts, "QUIT"]
+    assert [len(c.rcpts()) for c in server.sessions] == [10, 10, 5]
+    for conn in server.sessions:
+        assert conn.verbs() == ["EHLO", "MAIL", *["RCPT"] * len(conn.rcpts()), "QUIT"]
 
 
 @pytest.mark.parametrize("code", [550, 450])
-def test_session_retired_after_the_error_budget_without_another_command(code: int) -> None:
-    server = FakeSmtpServer(Script(rcpt=code))
+def test_session_retired_after_the_error_budget_without_another_command(
+    scripted: StartScripted, code: int
+) -> None:
+    server = scripted(Script(rcpt_default={550: UNKNOWN, 450: MAILBOX_BUSY}[code]))
     expected = Verdict.UNKNOWN if code == 550 else Verdict.TEMPFAIL
     probes = 100
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for n in range(probes):
-                result = await engine.probe(f"nobody{n}@example.test", [server.hop])
+                result = await engine.probe(f"nobody{n}@example.test", [hop(server)])
                 assert result.verdict is expected, result
                 assert result.code == code
-            full = [c for c in server.conns if c.rcpts == ERROR_BUDGET]
-            await wait_until(lambda: all(c.closed for c in full))
+            full = [c.number for c in server.sessions if len(c.rcpts()) == ERROR_BUDGET]
+            await wait_until(lambda: all(server.session(n).closed for n in full))
 
     run(go)
     assert ERROR_BUDGET == 9
@@ -164,8 +167,8 @@ def test_session_retired_after_the_error_budget_without_another_command(code: in
     vouch = 1 if code == 550 else 0
     assert server.connections == math.ceil(probes / ERROR_BUDGET)
     assert server.count("RCPT") == probes + vouch * server.connections
-    assert all(c.rcpts <= ERROR_BUDGET + vouch for c in server.conns)
-    full = [c for c in server.conns if c.rcpts == ERROR_BUDGET + vouch]
+    assert all(len(c.rcpts()) <= ERROR_BUDGET + vouch for c in server.sessions)
+    full = [c for c in server.sessions if len(c.rcpts()) == ERROR_BUDGET + vouch]
     assert len(full) == probes // ERROR_BUDGET
     for conn in full:
         # Hung up after the 9th reject: not even QUIT (a Postfix primary would make a
@@ -174,13 +177,13 @@ def test_session_retired_after_the_error_budget_without_another_command(code: in
         assert conn.closed
 
 
-def test_mail_from_refused_retires_the_session() -> None:
-    server = FakeSmtpServer(Script(mail=553, rcpt=550))
+def test_mail_from_refused_retires_the_session(scripted: StartScripted) -> None:
+    server = scripted(Script(mail=SENDER_REFUSED, rcpt_default=UNKNOWN))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for n in range(3):
-                result = await engine.probe(f"u{n}@example.test", [server.hop])
+                result = await engine.probe(f"u{n}@example.test", [hop(server)])
                 assert (result.verdict, result.stage, result.code) == (
                     Verdict.TEMPFAIL,
                     Stage.MAIL,
@@ -195,14 +198,14 @@ def test_mail_from_refused_retires_the_session() -> None:
 # --- sessions the primary closed ---------------------------------------------------------
 
 
-def test_server_closing_after_each_probe_never_shows_as_tempfail() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, close_after_rcpt_reply=True))
+def test_server_closing_after_each_probe_never_shows_as_tempfail(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, hang_up_after="RCPT"))
     metrics = Metrics()
 
     async def go() -> None:
-        async with serving(server), engine_with(settings(), metrics) as engine:
+        async with engine_with(settings(), metrics) as engine:
             for n in range(20):
-                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                result = await engine.probe(f"user{n}@example.test", [hop(server)])
                 assert result.verdict is Verdict.VALID, result
 
     run(go)
@@ -210,51 +213,55 @@ def test_server_closing_after_each_probe_never_shows_as_tempfail() -> None:
     assert sample(metrics, "callahead_probes_total", outcome="tempfail") == 0
 
 
-def test_hang_up_at_rcpt_on_a_reused_session_is_retried_on_a_fresh_one() -> None:
+def test_hang_up_at_rcpt_on_a_reused_session_is_retried_on_a_fresh_one(
+    scripted: StartScripted,
+) -> None:
     # The primary drops the session when it gets the second RCPT of a session, with no
     # reply: the engine cannot know beforehand and must retry on a fresh session.
-    def hook(conn: Conn, address: str) -> int | None:
-        return None if conn.rcpts >= 2 else 250
+    def hook(session: Session, address: str) -> str | None:
+        return None if len(session.rcpts()) >= 2 else OK
 
-    server = FakeSmtpServer(Script(rcpt_hook=hook))
+    server = scripted(Script(rcpt_hook=hook))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for n in range(5):
-                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                result = await engine.probe(f"user{n}@example.test", [hop(server)])
                 assert result.verdict is Verdict.VALID, result
 
     run(go)
     assert server.connections == 5
     assert server.count("RCPT") == 9  # each probe but the first was sent twice
-    assert [c.rcpts for c in server.conns] == [2, 2, 2, 2, 1]
+    assert [len(c.rcpts()) for c in server.sessions] == [2, 2, 2, 2, 1]
 
 
-def test_452_on_a_reused_session_is_a_full_transaction_not_the_address() -> None:
+def test_452_on_a_reused_session_is_a_full_transaction_not_the_address(
+    scripted: StartScripted,
+) -> None:
     # "452 too many recipients" from a transaction that already has recipients: the
     # engine opens a fresh session (a fresh transaction) and asks again.
-    def hook(conn: Conn, address: str) -> int | None:
-        return 452 if conn.rcpts >= 3 else 250
+    def hook(session: Session, address: str) -> str | None:
+        return TOO_MANY_RECIPIENTS if len(session.rcpts()) >= 3 else OK
 
-    server = FakeSmtpServer(Script(rcpt_hook=hook))
+    server = scripted(Script(rcpt_hook=hook))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for n in range(4):
-                result = await engine.probe(f"user{n}@example.test", [server.hop])
+                result = await engine.probe(f"user{n}@example.test", [hop(server)])
                 assert (result.verdict, result.code) == (Verdict.VALID, 250), result
 
     run(go)
-    assert [c.rcpts for c in server.conns] == [3, 2]
-    assert server.conns[0].lines[-1] == "QUIT"  # retired politely
+    assert [len(c.rcpts()) for c in server.sessions] == [3, 2]
+    assert server.sessions[0].lines[-1] == "QUIT"  # retired politely
 
 
-def test_452_on_a_fresh_session_is_tempfail() -> None:
-    server = FakeSmtpServer(Script(rcpt=452))
+def test_452_on_a_fresh_session_is_tempfail(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=TOO_MANY_RECIPIENTS))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
-            result = await engine.probe("user@example.test", [server.hop])
+        async with engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [hop(server)])
             assert (result.verdict, result.stage, result.code) == (
                 Verdict.TEMPFAIL,
                 Stage.RCPT,
@@ -265,48 +272,50 @@ def test_452_on_a_fresh_session_is_tempfail() -> None:
     assert server.count("RCPT") == 1
 
 
-def test_primary_restart_between_probes() -> None:
-    server = FakeSmtpServer(Script(rcpt=250))
+def test_primary_restart_between_probes(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
+        async with engine_with(settings()) as engine:
             for round_ in range(3):
                 for n in range(3):
-                    result = await engine.probe(f"u{round_}.{n}@example.test", [server.hop])
+                    result = await engine.probe(f"u{round_}.{n}@example.test", [hop(server)])
                     assert result.verdict is Verdict.VALID, result
-                await server.restart()
+                server.restart()  # hangs up on every session
 
     run(go)
     assert server.connections == 3
 
 
-def test_421_at_rcpt_on_a_reused_session_retries_and_gives_the_real_answer() -> None:
+def test_421_at_rcpt_on_a_reused_session_retries_and_gives_the_real_answer(
+    scripted: StartScripted,
+) -> None:
     fired: list[int] = []
 
-    def hook(conn: Conn, address: str) -> int | None:
-        if conn.rcpts == 2 and not fired:
-            fired.append(conn.number)
-            return 421  # and the server hangs up, as Postfix does
-        return 250 if address.startswith(("valid", "postmaster")) else 550
+    def hook(session: Session, address: str) -> str | None:
+        if len(session.rcpts()) == 2 and not fired:
+            fired.append(session.number)
+            return SHUTTING_DOWN  # and the server hangs up, as Postfix does
+        return OK if address.startswith(("valid", "postmaster")) else UNKNOWN
 
-    server = FakeSmtpServer(Script(rcpt_hook=hook))
+    server = scripted(Script(rcpt_hook=hook, extensions=NO_SMTPUTF8))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
-            first = await engine.probe("valid@example.test", [server.hop])
+        async with engine_with(settings()) as engine:
+            first = await engine.probe("valid@example.test", [hop(server)])
             assert first.verdict is Verdict.VALID
-            second = await engine.probe("nobody@example.test", [server.hop])
+            second = await engine.probe("nobody@example.test", [hop(server)])
             assert (second.verdict, second.stage, second.code) == (
                 Verdict.UNKNOWN,
                 Stage.RCPT,
                 550,
             )
-            assert engine.breaker_state(server.hop) is State.CLOSED
+            assert engine.breaker_state(hop(server)) is State.CLOSED
 
     run(go)
     assert fired == [1]
     assert server.connections == 2
-    assert server.conns[1].lines == [
+    assert server.sessions[1].lines == [
         f"EHLO {HELO}",
         "MAIL FROM:<>",
         "RCPT TO:<nobody@example.test>",
@@ -315,12 +324,12 @@ def test_421_at_rcpt_on_a_reused_session_retries_and_gives_the_real_answer() -> 
     ]
 
 
-def test_421_at_rcpt_on_a_fresh_session_is_tempfail_not_retried() -> None:
-    server = FakeSmtpServer(Script(rcpt=421))
+def test_421_at_rcpt_on_a_fresh_session_is_tempfail_not_retried(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=SHUTTING_DOWN))
 
     async def go() -> None:
-        async with serving(server), engine_with(settings()) as engine:
-            result = await engine.probe("user@example.test", [server.hop])
+        async with engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [hop(server)])
             assert result.verdict is Verdict.TEMPFAIL
             assert not result.reached
 
@@ -331,14 +340,14 @@ def test_421_at_rcpt_on_a_fresh_session_is_tempfail_not_retried() -> None:
 # --- coalescing and bounds ---------------------------------------------------------------
 
 
-def test_concurrent_requests_for_one_address_share_one_probe() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.01}))
+def test_concurrent_requests_for_one_address_share_one_probe(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.01}, extensions=NO_SMTPUTF8))
     metrics = Metrics()
     addresses = [f"user{n % 50}@example.test" for n in range(200)]
 
     async def go() -> None:
-        async with serving(server), engine_with(settings(), metrics) as engine:
-            results = await asyncio.gather(*(engine.probe(a, [server.hop]) for a in addresses))
+        async with engine_with(settings(), metrics) as engine:
+            results = await asyncio.gather(*(engine.probe(a, [hop(server)]) for a in addresses))
             assert all(r.verdict is Verdict.VALID for r in results)
 
     run(go)
@@ -352,15 +361,17 @@ def test_concurrent_requests_for_one_address_share_one_probe() -> None:
 
 
 @pytest.mark.parametrize("probe_wait", [0.2, 0.0])
-def test_excess_requests_get_overload_within_the_probe_wait(probe_wait: float) -> None:
-    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 1.0}))
+def test_excess_requests_get_overload_within_the_probe_wait(
+    scripted: StartScripted, probe_wait: float
+) -> None:
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 1.0}))
     metrics = Metrics()
     engine_settings = settings(max_probes=2, probe_wait=probe_wait, timeout=3.0)
 
     async def go() -> list[tuple[ProbeResult, float]]:
-        async with serving(server), engine_with(engine_settings, metrics) as engine:
+        async with engine_with(engine_settings, metrics) as engine:
             return await asyncio.gather(
-                *(timed(engine.probe(f"u{n}@example.test", [server.hop])) for n in range(6))
+                *(timed(engine.probe(f"u{n}@example.test", [hop(server)])) for n in range(6))
             )
 
     outcomes = run(go)
@@ -380,13 +391,13 @@ def test_excess_requests_get_overload_within_the_probe_wait(probe_wait: float) -
     assert sample(metrics, "callahead_probes_in_flight") == 0
 
 
-def test_a_slot_freed_within_the_probe_wait_is_used() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.05}))
+def test_a_slot_freed_within_the_probe_wait_is_used(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.05}))
 
     async def go() -> list[ProbeResult]:
-        async with serving(server), engine_with(settings(max_probes=1, probe_wait=2)) as engine:
+        async with engine_with(settings(max_probes=1, probe_wait=2)) as engine:
             return await asyncio.gather(
-                *(engine.probe(f"u{n}@example.test", [server.hop]) for n in range(4))
+                *(engine.probe(f"u{n}@example.test", [hop(server)]) for n in range(4))
             )
 
     assert [r.verdict for r in run(go)] == [Verdict.VALID] * 4
@@ -396,55 +407,52 @@ def test_a_slot_freed_within_the_probe_wait_is_used() -> None:
 # --- the breaker -------------------------------------------------------------------------
 
 
-def test_breaker_skips_a_silent_primary_and_one_trial_closes_it() -> None:
-    silent = FakeSmtpServer(Script(greet=False))
-    working = FakeSmtpServer(Script(rcpt=550))
+def test_breaker_skips_a_silent_primary_and_one_trial_closes_it(scripted: StartScripted) -> None:
+    silent = scripted(Script(banner=None))
     metrics = Metrics()
     engine_settings = settings(timeout=0.3, breaker_failures=3, breaker_cooldown=0.5)
 
     async def go() -> None:
-        await silent.start()
-        hop = silent.hop
-        label = str(hop)
+        primary = hop(silent)
+        label = str(primary)
         async with engine_with(engine_settings, metrics) as engine:
             try:
                 for n in range(3):
-                    result, elapsed = await timed(engine.probe(f"u{n}@example.test", [hop]))
+                    result, elapsed = await timed(engine.probe(f"u{n}@example.test", [primary]))
                     assert result.verdict is Verdict.TEMPFAIL
                     assert result.skipped is None
                     assert not result.reached
                     assert 0.25 <= elapsed < 0.6
-                assert engine.breaker_state(hop) is State.OPEN
+                assert engine.breaker_state(primary) is State.OPEN
                 assert sample(metrics, "callahead_breaker_open", primary=label) == 1
                 assert sample(metrics, "callahead_primary_reached", primary=label) == 0
                 for n in range(100):
-                    result, elapsed = await timed(engine.probe(f"v{n}@example.test", [hop]))
+                    result, elapsed = await timed(engine.probe(f"v{n}@example.test", [primary]))
                     assert result.skipped is Skip.PRIMARY_DOWN
                     assert result.verdict is Verdict.TEMPFAIL
                     assert elapsed < 0.05
                 assert silent.connections == 3
             finally:
-                await silent.close()
+                silent.stop()
             # The primary comes back on the same port.
-            await working.start(hop.port)
+            working = scripted(Script(rcpt_default=UNKNOWN), port=silent.port)
             try:
-                await wait_until(lambda: engine.breaker_state(hop) is State.HALF_OPEN, 2.0)
+                await wait_until(lambda: engine.breaker_state(primary) is State.HALF_OPEN, 2.0)
                 results = await asyncio.gather(
-                    *(engine.probe(f"w{n}@example.test", [hop]) for n in range(5))
+                    *(engine.probe(f"w{n}@example.test", [primary]) for n in range(5))
                 )
                 trials = [r for r in results if r.skipped is None]
                 assert len(trials) == 1  # exactly one trial probe
                 assert trials[0].verdict is Verdict.UNKNOWN
                 assert all(r.skipped is Skip.PRIMARY_DOWN for r in results if r.skipped)
                 assert working.count("RCPT") == 2  # the trial and its postmaster@ check
-                assert engine.breaker_state(hop) is State.CLOSED
+                assert engine.breaker_state(primary) is State.CLOSED
                 assert sample(metrics, "callahead_breaker_open", primary=label) == 0
                 assert sample(metrics, "callahead_primary_reached", primary=label) == 1
-                result = await engine.probe("x@example.test", [hop])
+                result = await engine.probe("x@example.test", [primary])
                 assert result.verdict is Verdict.UNKNOWN
             finally:
                 await engine.aclose()
-                await working.close()
         # Skipped requests are no probes.
         assert sample(metrics, "callahead_probes_total", outcome="tempfail") == 3
         assert sample(metrics, "callahead_probes_total", outcome="unknown") == 2
@@ -452,64 +460,65 @@ def test_breaker_skips_a_silent_primary_and_one_trial_closes_it() -> None:
     run(go)
 
 
-def test_breaker_opens_for_a_silent_primary_under_concurrent_load() -> None:
+def test_breaker_opens_for_a_silent_primary_under_concurrent_load(scripted: StartScripted) -> None:
     # The outage case the breaker exists for: many recipients at once, more than the
     # pool has sessions. The queued probes never touched the primary.
-    silent = FakeSmtpServer(Script(greet=False))
+    silent = scripted(Script(banner=None))
     engine_settings = settings(timeout=0.3, pool_size=2, breaker_failures=3)
 
     async def go() -> None:
-        async with serving(silent), engine_with(engine_settings) as engine:
+        async with engine_with(engine_settings) as engine:
             for batch in range(3):
                 await asyncio.gather(
-                    *(engine.probe(f"u{batch}.{n}@example.test", [silent.hop]) for n in range(10))
+                    *(engine.probe(f"u{batch}.{n}@example.test", [hop(silent)]) for n in range(10))
                 )
-            assert engine.breaker_state(silent.hop) is State.OPEN
+            assert engine.breaker_state(hop(silent)) is State.OPEN
             for n in range(100):
-                result, elapsed = await timed(engine.probe(f"v{n}@example.test", [silent.hop]))
+                result, elapsed = await timed(engine.probe(f"v{n}@example.test", [hop(silent)]))
                 assert result.skipped is Skip.PRIMARY_DOWN
                 assert elapsed < 0.05
 
     run(go)
 
 
-def test_slow_primary_with_a_saturated_pool_does_not_trip_the_breaker() -> None:
+def test_slow_primary_with_a_saturated_pool_does_not_trip_the_breaker(
+    scripted: StartScripted,
+) -> None:
     # The other side of the same coin: a primary that answers, only slowly, while
     # recipients queue for its few sessions, is not down.
-    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.2}))
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.2}))
     engine_settings = settings(timeout=0.5, pool_size=1, breaker_failures=3)
 
     async def go() -> None:
-        async with serving(server), engine_with(engine_settings) as engine:
+        async with engine_with(engine_settings) as engine:
             for batch in range(3):
                 results = await asyncio.gather(
-                    *(engine.probe(f"u{batch}.{n}@example.test", [server.hop]) for n in range(8))
+                    *(engine.probe(f"u{batch}.{n}@example.test", [hop(server)]) for n in range(8))
                 )
                 assert sum(r.verdict is Verdict.VALID for r in results) >= 2
-                assert engine.breaker_state(server.hop) is State.CLOSED
-            result = await engine.probe("last@example.test", [server.hop])
+                assert engine.breaker_state(hop(server)) is State.CLOSED
+            result = await engine.probe("last@example.test", [hop(server)])
             assert result.verdict is Verdict.VALID
 
     run(go)
 
 
 def test_failed_trial_reopens_the_breaker() -> None:
-    port = closed_port()
-    hop = Nexthop("127.0.0.1", port)
+    refused = Nexthop("127.0.0.1", free_port())
 
     async def go() -> None:
         async with engine_with(
             settings(timeout=1.0, breaker_failures=2, breaker_cooldown=0.3)
         ) as engine:
             for _ in range(2):
-                result = await engine.probe("u@example.test", [hop])
+                result = await engine.probe("u@example.test", [refused])
                 assert (result.skipped, result.stage) == (None, Stage.CONNECT)
-            assert engine.breaker_state(hop) is State.OPEN
-            await wait_until(lambda: engine.breaker_state(hop) is State.HALF_OPEN, 2.0)
-            trial = await engine.probe("u@example.test", [hop])
+            assert engine.breaker_state(refused) is State.OPEN
+            await wait_until(lambda: engine.breaker_state(refused) is State.HALF_OPEN, 2.0)
+            trial = await engine.probe("u@example.test", [refused])
             assert trial.skipped is None  # tried, refused again
-            assert engine.breaker_state(hop) is State.OPEN
-            skipped = await engine.probe("u@example.test", [hop])
+            assert engine.breaker_state(refused) is State.OPEN
+            skipped = await engine.probe("u@example.test", [refused])
             assert skipped.skipped is Skip.PRIMARY_DOWN
 
     run(go)
@@ -518,37 +527,39 @@ def test_failed_trial_reopens_the_breaker() -> None:
 # --- failover ----------------------------------------------------------------------------
 
 
-def test_failover_refused_first_hop_then_second_answers() -> None:
-    second = FakeSmtpServer(Script(rcpt=550))
-    refused = Nexthop("127.0.0.1", closed_port())
+def test_failover_refused_first_hop_then_second_answers(scripted: StartScripted) -> None:
+    second = scripted(Script(rcpt_default=UNKNOWN))
+    refused = Nexthop("127.0.0.1", free_port())
 
     async def go() -> None:
-        async with serving(second), engine_with(settings()) as engine:
-            result = await engine.probe("user@example.test", [refused, second.hop])
+        async with engine_with(settings()) as engine:
+            result = await engine.probe("user@example.test", [refused, hop(second)])
             assert (result.verdict, result.code) == (Verdict.UNKNOWN, 550)
-            assert result.primary == str(second.hop)
+            assert result.primary == str(hop(second))
 
     run(go)
     assert second.connections == 1
 
 
-def test_failover_goes_straight_to_the_second_when_the_first_is_down() -> None:
-    first = FakeSmtpServer(Script(banner=421))
-    second = FakeSmtpServer(Script(rcpt=250))
+def test_failover_goes_straight_to_the_second_when_the_first_is_down(
+    scripted: StartScripted,
+) -> None:
+    first = scripted(Script(banner=SHUTTING_DOWN))
+    second = scripted(Script(rcpt_default=OK))
 
     async def go() -> None:
-        async with serving(first, second), engine_with(settings(breaker_failures=2)) as engine:
-            hops = [first.hop, second.hop]
+        async with engine_with(settings(breaker_failures=2)) as engine:
+            hops = [hop(first), hop(second)]
             for n in range(2):
                 result = await engine.probe(f"u{n}@example.test", hops)
                 assert result.verdict is Verdict.VALID
-                assert result.primary == str(second.hop)
-            assert engine.breaker_state(first.hop) is State.OPEN
+                assert result.primary == str(hop(second))
+            assert engine.breaker_state(hop(first)) is State.OPEN
             for n in range(2, 6):
                 result = await engine.probe(f"u{n}@example.test", hops)
                 assert result.verdict is Verdict.VALID
-                assert result.primary == str(second.hop)
-            assert engine.breaker_state(second.hop) is State.CLOSED
+                assert result.primary == str(hop(second))
+            assert engine.breaker_state(hop(second)) is State.CLOSED
 
     run(go)
     assert first.connections == 2  # not contacted while its breaker is open
@@ -556,7 +567,7 @@ def test_failover_goes_straight_to_the_second_when_the_first_is_down() -> None:
 
 
 def test_every_hop_down_is_primary_down() -> None:
-    hops = [Nexthop("127.0.0.1", closed_port()), Nexthop("127.0.0.1", closed_port())]
+    hops = [Nexthop("127.0.0.1", free_port()), Nexthop("127.0.0.1", free_port())]
 
     async def go() -> None:
         async with engine_with(settings(breaker_failures=1)) as engine:
@@ -574,33 +585,26 @@ def test_every_hop_down_is_primary_down() -> None:
 # --- STARTTLS ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_server_context(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return server_context(*self_signed(tmp_path_factory.mktemp("tls"), "fake.test"))
-
-
 TLS_EXTENSIONS = ("8BITMIME", "STARTTLS")
 
 
 def probe_twice(
-    server: FakeSmtpServer, tls: TlsMode, addresses: Sequence[str] = ("a@example.test",)
+    server: ScriptedServer, tls: TlsMode, addresses: Sequence[str] = ("a@example.test",)
 ) -> list[ProbeResult]:
     async def go() -> list[ProbeResult]:
-        async with serving(server), engine_with(settings(tls=tls, timeout=3.0)) as engine:
-            return [await engine.probe(a, [server.hop]) for a in addresses]
+        async with engine_with(settings(tls=tls, timeout=3.0)) as engine:
+            return [await engine.probe(a, [hop(server)]) for a in addresses]
 
     return run(go)
 
 
 @pytest.mark.parametrize("tls", [TlsMode.MAY, TlsMode.ENCRYPT])
-def test_starttls_probe_goes_over_tls(tls: TlsMode, tls_server_context: ssl.SSLContext) -> None:
-    server = FakeSmtpServer(
-        Script(rcpt=250, extensions=TLS_EXTENSIONS), tls_context=tls_server_context
-    )
+def test_starttls_probe_goes_over_tls(scripted: StartScripted, tls: TlsMode) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=TLS_EXTENSIONS))
     results = probe_twice(server, tls, ["a@example.test", "b@example.test"])
     assert [r.verdict for r in results] == [Verdict.VALID, Verdict.VALID]
     assert server.connections == 1  # the TLS session is pooled too
-    conn = server.conns[0]
+    conn = server.sessions[0]
     assert conn.verbs()[:5] == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT"]
     assert conn.over_tls[:2] == [False, False]
     rcpt_indexes = [i for i, v in enumerate(conn.verbs()) if v in ("MAIL", "RCPT")]
@@ -610,11 +614,10 @@ def test_starttls_probe_goes_over_tls(tls: TlsMode, tls_server_context: ssl.SSLC
 
 @pytest.mark.parametrize("tls", [TlsMode.MAY, TlsMode.ENCRYPT])
 def test_failed_tls_handshake_is_tempfail_not_reached(
-    tls: TlsMode, tls_server_context: ssl.SSLContext
+    scripted: StartScripted, tls: TlsMode
 ) -> None:
-    server = FakeSmtpServer(
-        Script(rcpt=550, extensions=TLS_EXTENSIONS, tls_broken=True),
-        tls_context=tls_server_context,
+    server = scripted(
+        Script(rcpt_default=UNKNOWN, extensions=TLS_EXTENSIONS, tls="broken"),
     )
     [result] = probe_twice(server, tls)
     assert result.verdict is Verdict.TEMPFAIL
@@ -624,18 +627,16 @@ def test_failed_tls_handshake_is_tempfail_not_reached(
     assert server.count("MAIL") == 0
 
 
-def test_tls_none_never_sends_starttls(tls_server_context: ssl.SSLContext) -> None:
-    server = FakeSmtpServer(
-        Script(rcpt=250, extensions=TLS_EXTENSIONS), tls_context=tls_server_context
-    )
+def test_tls_none_never_sends_starttls(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=TLS_EXTENSIONS))
     [result] = probe_twice(server, TlsMode.NONE)
     assert result.verdict is Verdict.VALID
     assert "STARTTLS" not in server.verbs()
-    assert not any(server.conns[0].over_tls)
+    assert not any(server.sessions[0].over_tls)
 
 
-def test_tls_encrypt_without_starttls_offered_never_sends_rcpt() -> None:
-    server = FakeSmtpServer(Script(rcpt=550))
+def test_tls_encrypt_without_starttls_offered_never_sends_rcpt(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=UNKNOWN))
     [result] = probe_twice(server, TlsMode.ENCRYPT)
     assert result.verdict is Verdict.TEMPFAIL
     assert result.stage is Stage.STARTTLS
@@ -647,12 +648,14 @@ def test_tls_encrypt_without_starttls_offered_never_sends_rcpt() -> None:
 @pytest.mark.parametrize(
     ("tls", "verdict"), [(TlsMode.MAY, Verdict.UNKNOWN), (TlsMode.ENCRYPT, Verdict.TEMPFAIL)]
 )
-def test_starttls_refused(
-    tls: TlsMode, verdict: Verdict, tls_server_context: ssl.SSLContext
-) -> None:
+def test_starttls_refused(scripted: StartScripted, tls: TlsMode, verdict: Verdict) -> None:
     # 454 to STARTTLS: "may" goes on in plaintext, as Postfix does; "encrypt" stops.
-    server = FakeSmtpServer(
-        Script(rcpt=550, extensions=TLS_EXTENSIONS, starttls=454), tls_context=tls_server_context
+    server = scripted(
+        Script(
+            rcpt_default=UNKNOWN,
+            extensions=TLS_EXTENSIONS,
+            starttls="454 4.7.0 TLS not available due to local problem",
+        ),
     )
     [result] = probe_twice(server, tls)
     assert result.verdict is verdict
@@ -663,16 +666,18 @@ def test_starttls_refused(
 # --- SMTPUTF8 ----------------------------------------------------------------------------
 
 
-def test_non_ascii_local_part_with_smtputf8() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, extensions=("8BITMIME", "SMTPUTF8")))
+def test_non_ascii_local_part_with_smtputf8(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=("8BITMIME", "SMTPUTF8")))
     [result] = probe_twice(server, TlsMode.MAY, ["jörg@example.test"])
     assert result.verdict is Verdict.VALID
     assert server.lines[1] == "MAIL FROM:<> SMTPUTF8"
-    assert server.conns[0].raw[2] == "RCPT TO:<jörg@example.test>\r\n".encode()
+    assert server.sessions[0].raw[2] == "RCPT TO:<jörg@example.test>\r\n".encode()
 
 
-def test_non_ascii_local_part_without_smtputf8_is_tempfail_and_never_sent() -> None:
-    server = FakeSmtpServer(Script(rcpt=250))
+def test_non_ascii_local_part_without_smtputf8_is_tempfail_and_never_sent(
+    scripted: StartScripted,
+) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=NO_SMTPUTF8))
     results = probe_twice(server, TlsMode.MAY, ["jörg@example.test", "joerg@example.test"])
     assert results[0].verdict is Verdict.TEMPFAIL
     assert results[0].code is None
@@ -682,8 +687,8 @@ def test_non_ascii_local_part_without_smtputf8_is_tempfail_and_never_sent() -> N
     assert server.connections == 1  # the session was kept for the next probe
 
 
-def test_unsendable_address_never_reaches_the_wire() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, extensions=("SMTPUTF8",)))
+def test_unsendable_address_never_reaches_the_wire(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, extensions=("SMTPUTF8",)))
     addresses = ["a@example.test", "x\r\nRSET@example.test", "b c@example.test", "b@example.test"]
     results = probe_twice(server, TlsMode.NONE, addresses)
     assert [r.verdict for r in results] == [
@@ -699,44 +704,43 @@ def test_unsendable_address_never_reaches_the_wire() -> None:
 # --- idle sessions -----------------------------------------------------------------------
 
 
-def test_idle_session_is_closed_before_the_primary_would() -> None:
-    server = FakeSmtpServer(Script(rcpt=250))
+def test_idle_session_is_closed_before_the_primary_would(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK))
     metrics = Metrics()
 
     async def go() -> None:
-        async with serving(server), engine_with(settings(pool_idle=0.3), metrics) as engine:
-            result = await engine.probe("a@example.test", [server.hop])
+        async with engine_with(settings(pool_idle=0.3), metrics) as engine:
+            result = await engine.probe("a@example.test", [hop(server)])
             assert result.verdict is Verdict.VALID
-            label = str(server.hop)
+            label = str(hop(server))
             assert sample(metrics, "callahead_pool_sessions", primary=label) == 1
-            waited = await wait_until(lambda: server.conns[0].closed, 3.0)
+            waited = await wait_until(lambda: server.sessions[0].closed, 3.0)
             assert waited >= 0.2  # not closed right after the probe
-            assert server.conns[0].verbs()[-1] == "QUIT"
+            assert server.sessions[0].verbs()[-1] == "QUIT"
             assert sample(metrics, "callahead_pool_sessions", primary=label) == 0
-            result = await engine.probe("b@example.test", [server.hop])
+            result = await engine.probe("b@example.test", [hop(server)])
             assert result.verdict is Verdict.VALID
 
     run(go)
     assert server.connections == 2
 
 
-def test_aclose_quits_every_pooled_session() -> None:
-    server = FakeSmtpServer(Script(rcpt=250, delay={"RCPT": 0.05}))
+def test_aclose_quits_every_pooled_session(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.05}))
 
     async def go() -> None:
-        async with serving(server):
-            engine = ProbeEngine(settings(pool_size=3))
-            results = await asyncio.gather(
-                *(engine.probe(f"u{n}@example.test", [server.hop]) for n in range(6))
-            )
-            assert all(r.verdict is Verdict.VALID for r in results)
-            assert server.open_connections == 3
-            await engine.aclose()
-            await wait_until(lambda: server.open_connections == 0)
+        engine = ProbeEngine(settings(pool_size=3))
+        results = await asyncio.gather(
+            *(engine.probe(f"u{n}@example.test", [hop(server)]) for n in range(6))
+        )
+        assert all(r.verdict is Verdict.VALID for r in results)
+        assert server.open_connections == 3
+        await engine.aclose()
+        await wait_until(lambda: server.open_connections == 0)
 
     run(go)
     assert server.connections == 3
-    assert all(c.verbs()[-1] == "QUIT" for c in server.conns)
+    assert all(c.verbs()[-1] == "QUIT" for c in server.sessions)
 
 
 # --- fuzz: no crafted recipient adds a command on the wire --------------------------------
@@ -769,17 +773,20 @@ _FUZZ_RECIPIENTS = st.builds(
 ).filter(lambda r: normalize_recipient(r) is not None)
 
 
-def test_fuzz_no_recipient_adds_a_command_on_the_wire() -> None:
-    server = FakeSmtpServer(
-        Script(rcpt=550, users={"valid@example.test": 250}, extensions=("8BITMIME", "SMTPUTF8"))
+def test_fuzz_no_recipient_adds_a_command_on_the_wire(scripted: StartScripted) -> None:
+    server = scripted(
+        Script(
+            rcpt_default=UNKNOWN,
+            users=frozenset({"valid@example.test"}),
+            extensions=("8BITMIME", "SMTPUTF8"),
+        )
     )
     probe_loop = ProbeLoop()
     probe_loop.start()
     engine = ProbeEngine(settings(tls=TlsMode.NONE, timeout=3.0))
     try:
-        port = probe_loop.run(server.start(), 5)
         policy = Policy(
-            routes=parse_routes(f"example.test=[127.0.0.1]:{port}"),
+            routes=parse_routes(f"example.test=[127.0.0.1]:{server.port}"),
             cache=PositiveCache(ttl=0, maxsize=0),
             prober=LoopProber(probe_loop, engine),
             tempfail_action=TempfailAction.DEFER,
@@ -793,16 +800,17 @@ def test_fuzz_no_recipient_adds_a_command_on_the_wire() -> None:
         @example('<"a\r\nDATA"@example.test>')
         @example("<jörg@example.test>")
         def one(recipient: str) -> None:
-            before = len(server.raw)
+            before = len(server.commands)
             decision = policy.decide(recipient)
-            new = server.raw[before:]
-            for raw in new:
+            new = server.commands[before:]
+            for command in new:
                 # One command per line: CRLF at the end and nowhere else, no NUL.
+                raw = command.raw
                 assert raw.endswith(b"\r\n"), raw
                 body = raw[:-2]
                 assert b"\r" not in body and b"\n" not in body and b"\x00" not in body, raw
-                assert verb_of(decode(raw)) in ALLOWED_VERBS, raw
-            rcpts = [r for r in new if r.startswith(b"RCPT")]
+                assert command.verb in ALLOWED_VERBS, raw
+            rcpts = [c.raw for c in new if c.raw.startswith(b"RCPT")]
             if len(rcpts) == 2:  # an unknown verdict is vouched for by postmaster@
                 assert rcpts.pop() == b"RCPT TO:<postmaster@example.test>\r\n"
                 assert decision.reason is Reason.PROBE_UNKNOWN
@@ -822,7 +830,6 @@ def test_fuzz_no_recipient_adds_a_command_on_the_wire() -> None:
         assert "valid@example.test" in probed
     finally:
         probe_loop.run(engine.aclose(), 5)
-        probe_loop.run(server.close(), 5)
         probe_loop.stop()
     # Whatever was sent, every line on the wire was one of ours.
-    assert {verb_of(line) for line in server.lines} <= ALLOWED_VERBS
+    assert set(server.verbs()) <= ALLOWED_VERBS
