@@ -1,0 +1,170 @@
+"""The benchmark's report (bench/render.py), rendered from a made-up ``Report``: every
+table is well formed, and each target is judged against its threshold."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import pytest
+from bench.plan import Settings
+from bench.render import TARGETS, render, table
+from bench.report import Delta, Latency, Report, RunFigure, Throughput
+from bench.stack import CALLAHEAD, GUARD, PLAIN, PRIMARIES, TRIVIAL, VERIFY, Case, PrimarySpec
+
+ENV = ["date: 2000-01-01 00:00 UTC", "machine: test", "versions: test"]
+
+
+def settings() -> Settings:
+    return Settings(
+        runs=2,
+        messages=100,
+        slow_messages=5,
+        slow_attack_messages=3,
+        sessions=10,
+        run_deadline=15.0,
+        latency_samples=20,
+        latency_sessions=10,
+        verify_latency_samples=10,
+        verify_latency_sessions=4,
+        budget=480.0,
+        output=None,
+        callahead_env={"CALLAHEAD_POOL_SIZE": "8"},
+    )
+
+
+def throughput(
+    workload: str, spec: PrimarySpec, case: Case, rates: list[float], connects: int = 3
+) -> Throughput:
+    runs = [RunFigure(int(rate * 10), 10.0, timed_out=rate < 10) for rate in rates]
+    delta = Delta(cpu=1.5, primary_connects=connects, verify_probes=30)
+    delta.probes.update({"valid": 600})
+    return Throughput(workload, spec, case, "load", 100, runs, delta, Counter({"RCPT 250": 200}))
+
+
+def latency(spec: PrimarySpec, case: Case, kind: str, sessions: int, p: float) -> Latency:
+    seconds = [p * (i + 1) / 100 for i in range(100)]
+    delta = Delta(primary_connects=2, verify_probes=40)
+    delta.probes.update({kind: 100})
+    return Latency(spec, case, kind, sessions, seconds, Counter({250: 99, 451: 1}), 1, 100, delta)
+
+
+def sample_report(*, fast: bool) -> Report:
+    """Every kind of row the renderer writes; ``fast``: every target met, else none."""
+    good = 1.0 if fast else 0.5
+    report = Report(settings(), started=time.monotonic() - 300)
+    report.load_start, report.load_end = "0.1 0.2 0.3", "1.0 2.0 3.0"
+    a, b = PRIMARIES
+    report.throughput += [
+        throughput("warm", a, PLAIN, [500, 480]),
+        throughput("warm", a, CALLAHEAD, [500 * good, 470 * good]),
+        throughput("warm", a, VERIFY, [520, 510]),
+        throughput("warm", a, TRIVIAL, [300, 310]),
+    ]
+    for spec in (a, b):
+        report.throughput += [
+            throughput("cold", spec, PLAIN, [550, 560]),
+            throughput(
+                "cold", spec, CALLAHEAD, [550 * good, 540 * good], connects=3 if fast else 9
+            ),
+            throughput("cold", spec, VERIFY, [3.3, 3.31]),
+            throughput("attack", spec, PLAIN, [530, 520]),
+            throughput("attack", spec, CALLAHEAD, [480, 470]),
+            throughput("attack", spec, VERIFY, [1.66, 1.65]),
+        ]
+    report.throughput.append(throughput("attack", a, GUARD, [760, 780]))
+    report.throughput.append(Throughput("attack", b, GUARD, "load", 100))  # skipped: no runs
+    p99 = 0.005 if fast else 0.030
+    report.latency += [
+        latency(a, PLAIN, "valid", 10, 0.01),
+        latency(a, PLAIN, "unknown", 10, 0.01),
+        latency(a, CALLAHEAD, "valid", 10, p99),
+        latency(a, CALLAHEAD, "unknown", 10, p99),
+        latency(a, CALLAHEAD, "valid", 1, p99 * 0.8),
+        latency(a, VERIFY, "valid", 4, 3.0),
+        latency(a, VERIFY, "unknown", 4, 6.0),
+        latency(b, CALLAHEAD, "valid", 10, p99),
+        Latency(b, CALLAHEAD, "unknown", 10, [], Counter(), 5, 100),
+    ]
+    report.memory += [
+        {
+            "entries": 1000,
+            "mean_address_length": 20.5,
+            "rss_before": 3e7,
+            "rss_after": 3.1e7,
+            "bytes_per_address": None,
+            "fill_seconds": 0.1,
+        },
+        {
+            "entries": 1_000_000,
+            "mean_address_length": 20.5,
+            "rss_before": 3e7,
+            "rss_after": 3e7 + (300 if fast else 450) * 1e6,
+            "bytes_per_address": 300 if fast else 450,
+            "fill_seconds": 4.2,
+        },
+    ]
+    report.live_memory = {"rss": 5e7, "entries": 1234}
+    report.notes.append("something happened")
+    report.skipped.append("latency b.test verify")
+    return report
+
+
+def tables(text: str) -> list[list[str]]:
+    """Each Markdown table of the text, as its lines."""
+    found: list[list[str]] = []
+    current: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+
+def targets_rows(text: str) -> dict[str, str]:
+    section = text.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    rows = tables(section)[0][2:]
+    return {cells(row)[0]: cells(row)[2] for row in rows}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_every_table_is_well_formed(fast: bool) -> None:
+    text = render(sample_report(fast=fast), ENV)
+    found = tables(text)
+    assert len(found) == 6
+    for lines in found:
+        width = len(cells(lines[0]))
+        assert lines[1] == "|" + "---|" * width
+        for line in lines[2:]:
+            assert len(cells(line)) == width, line
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_targets_are_judged(fast: bool) -> None:
+    rows = targets_rows(render(sample_report(fast=fast), ENV))
+    judged = {name: met for name, met in rows.items() if not name.startswith("(for comparison)")}
+    assert len(judged) == 10, judged
+    assert set(judged.values()) == {"yes" if fast else "**no**"}, judged
+    context = [met for name, met in rows.items() if name.startswith("(for comparison)")]
+    assert len(context) == 4 and set(context) == {""}
+
+
+def test_every_target_is_in_the_report() -> None:
+    rows = targets_rows(render(sample_report(fast=True), ENV))
+    for target in TARGETS:
+        if target.comparison is not None:
+            bound = f"{target.comparison} {target.figure.bound(target.threshold)}"
+            assert any(bound in name for name in rows), bound
+
+
+def test_table_checks_its_rows() -> None:
+    assert table(["a", "b"], [["1", "x|y"]]) == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
+    with pytest.raises(ValueError):
+        table(["a", "b"], [["1"]])
