@@ -35,6 +35,7 @@ from .stack import (
     CALLAHEAD,
     CASES,
     GUARD,
+    NULL_POLICY,
     PRIMARIES,
     REPO,
     TRIVIAL,
@@ -164,7 +165,7 @@ def phase_warm(stack: Stack, settings: Settings, report: Report, spec: PrimarySp
         report.note(f"warm: Postfix's verify cache still lacked {left} addresses after 60 s")
     drain(stack, report)
     log("warm: one unmeasured pass over the warm addresses for callahead (fills its cache)")
-    cases = (*CASES, TRIVIAL)
+    cases = (*CASES, TRIVIAL, NULL_POLICY)
     for case in (CALLAHEAD, VERIFY):
         source_run(stack, settings, report, case, base, len(addresses))
         drain(stack, report)

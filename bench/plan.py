@@ -12,6 +12,7 @@ from .stack import (
     CALLAHEAD,
     CASES,
     PLAIN,
+    POLICY,
     PRIMARIES,
     REPO,
     VERIFY,
@@ -57,7 +58,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         prog="python -m bench.run",
         description="callahead vs plain Postfix vs reject_unverified_recipient, on loopback",
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (median, min-max)")
     parser.add_argument(
         "--messages", type=int, default=2000, help="messages per run, cases 1 and 2"
     )
@@ -82,7 +83,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--verify-latency-samples", type=int, default=100)
     parser.add_argument("--verify-latency-sessions", type=int, default=40)
     parser.add_argument(
-        "--budget", type=float, default=480.0, help="seconds; no measurement starts later"
+        "--budget", type=float, default=1200.0, help="seconds; no measurement starts later"
     )
     parser.add_argument(
         "--output",
@@ -154,12 +155,16 @@ def case_messages(settings: Settings, case: Case) -> int:
 
 def latency_plan(settings: Settings, spec: PrimarySpec) -> list[tuple[Case, str, int, int]]:
     """(case, tag, samples per address kind, sessions) for each latency measurement."""
-    plan = [(CALLAHEAD, "s", settings.latency_samples, settings.latency_sessions)]
+    plan = [
+        (CALLAHEAD, "s", settings.latency_samples, settings.latency_sessions),
+        (POLICY, "s", settings.latency_samples, settings.latency_sessions),
+    ]
     if spec is PRIMARIES[0]:
         # The same client and concurrency without any check: what Postfix and the
         # client take anyway; and callahead alone on the line.
         plan.insert(0, (PLAIN, "s", settings.latency_samples, settings.latency_sessions))
         plan.append((CALLAHEAD, "one", settings.latency_samples, 1))
+        plan.append((POLICY, "one", settings.latency_samples, 1))
     plan.append((VERIFY, "s", settings.verify_latency_samples, settings.verify_latency_sessions))
     return plan
 

@@ -20,8 +20,11 @@ from .report import Delta, Report, Throughput, loadavg, percentile
 from .stack import (
     CALLAHEAD,
     CASES,
+    FLOORS,
     GUARD,
+    NULL_POLICY,
     PLAIN,
+    POLICY,
     PRIMARIES,
     REPO,
     TRIVIAL,
@@ -104,11 +107,21 @@ def environment() -> list[str]:
     ]
 
 
-def ratio(report: Report, item: Throughput) -> float | None:
-    plain = report.find(item.workload, item.spec, PLAIN)
-    if plain is None or not plain.median or item.median is None:
+def ratio(report: Report, item: Throughput, to: Case = PLAIN) -> float | None:
+    """The median msg/s of ``item`` over that of case ``to`` (plain Postfix, or the
+    front end's do-nothing floor) in the same workload and runs."""
+    base = report.find(item.workload, item.spec, to)
+    if base is None or not base.median or item.median is None:
         return None
-    return item.median / plain.median
+    return item.median / base.median
+
+
+def spread(item: Throughput) -> str:
+    """The lowest and highest run, when there are several."""
+    if len(item.runs) < 2:
+        return ""
+    rates = [r.rate for r in item.runs]
+    return f" [{fmt_rate(min(rates))}-{fmt_rate(max(rates))}]"
 
 
 def render_throughput(report: Report) -> list[str]:
@@ -116,9 +129,11 @@ def render_throughput(report: Report) -> list[str]:
     out = [
         "## Messages per second",
         "",
-        f"Median of {s.runs} runs; in brackets the ratio of the medians to case 1 (plain "
-        "Postfix) measured in this same benchmark, whose runs alternate the cases (in a "
-        "rotating order). One message per SMTP "
+        f"Median of {s.runs} runs, [lowest-highest run]; in round brackets the ratio of the "
+        "medians to case 1 (plain Postfix) measured in this same benchmark, whose runs "
+        "alternate the cases (in a rotating order), and for callahead's front ends the "
+        "ratio to their do-nothing floor (2t for the milter, 2pt for the policy service). "
+        "One message per SMTP "
         f"session, {MESSAGE_SIZE} bytes, one recipient, {s.sessions} concurrent sessions; "
         f"each run stops after its message count or {s.run_deadline:g} s (marked †: then "
         "the rate is the messages done over the deadline).",
@@ -126,7 +141,7 @@ def render_throughput(report: Report) -> list[str]:
     ]
     columns: tuple[Case, ...] = CASES + tuple(
         extra
-        for extra in (GUARD, TRIVIAL)
+        for extra in (GUARD, TRIVIAL, NULL_POLICY)
         if any(item.case is extra and item.runs for item in report.throughput)
     )
     header = [
@@ -153,10 +168,16 @@ def render_throughput(report: Report) -> list[str]:
                 continue
             load = found.load
             planned.append(str(found.planned))
-            text = fmt_rate(found.median) + (" †" if found.bounded else "")
+            text = fmt_rate(found.median) + (" †" if found.bounded else "") + spread(found)
             r = ratio(report, found)
+            floor = FLOORS.get(case)
+            to_floor = None if floor is None else ratio(report, found, floor)
             if case is not PLAIN and r is not None:
-                text += f" ({r:.2f})"
+                text += f" ({r:.2f}" + (
+                    f"; {to_floor:.2f} of {floor.label})"
+                    if floor is not None and to_floor is not None
+                    else ")"
+                )
             cells.append(text)
         primary = "- (no probes)" if workload == "warm" else spec.label
         rows.append([workload, primary, load, " / ".join(planned), *cells])
@@ -375,13 +396,30 @@ def _ratio_to_plain(workload: str, case: Case, specs: Sequence[PrimarySpec]) -> 
     return Figure(read, lambda v: f"{v:.2f}")
 
 
-def _first_contact_p99(case: Case) -> Figure:
+def _ratio_to_floor(workload: str, case: Case) -> Figure:
+    """Median msg/s of a front end over its do-nothing floor's, per primary."""
+
+    def read(report: Report) -> list[Reading]:
+        readings = []
+        for spec in PRIMARIES:
+            item = report.find(workload, spec, case)
+            if item is None or not item.runs:
+                continue
+            r = ratio(report, item, FLOORS[case])
+            where = "" if workload == "warm" else f", primary {spec.label}"
+            readings.append(Reading(where, r, "-" if r is None else f"{r:.2f}"))
+        return readings
+
+    return Figure(read, lambda v: f"{v:.2f}")
+
+
+def _first_contact_p99(case: Case, sessions_at_least: int = 1) -> Figure:
     """First-contact decision time of a case, p99, per latency measurement."""
 
     def read(report: Report) -> list[Reading]:
         readings = []
         for lat in report.latency:
-            if lat.seconds and lat.case is case:
+            if lat.seconds and lat.case is case and lat.sessions >= sessions_at_least:
                 p99 = percentile(lat.seconds, 99)
                 where = f"{lat.kind}, primary {lat.spec.label}, {sessions(lat.sessions)}"
                 readings.append(Reading(where, p99, fmt_seconds(p99)))
@@ -410,12 +448,27 @@ def _first_contact_spread(case: Case, kinds: Sequence[str], where: str) -> Figur
     return Figure(read, lambda v: f"{v * 1000:g} ms")
 
 
+def _floors_to_plain() -> Figure:
+    def read(report: Report) -> list[Reading]:
+        readings = []
+        for floor in (TRIVIAL, NULL_POLICY):
+            item = report.find("warm", PRIMARIES[0], floor)
+            if item is not None and item.runs:
+                r = ratio(report, item)
+                readings.append(
+                    Reading(floor.label, r, "-" if r is None else f"{floor.label} {r:.2f}")
+                )
+        return readings
+
+    return Figure(read, lambda v: f"{v:.2f}")
+
+
 def _cold_connections_per_100(report: Report) -> list[Reading]:
     """New connections to the primary per 100 probes, callahead, cold, per primary."""
     return [
-        Reading(f"primary {row.spec.label}", row.per100, f"{row.per100:.1f}")
+        Reading(f"{row.case.label}, primary {row.spec.label}", row.per100, f"{row.per100:.1f}")
         for row in connection_rows(report)
-        if row.case is CALLAHEAD and row.workload == "cold" and row.per100 is not None
+        if row.case in (CALLAHEAD, POLICY) and row.workload == "cold" and row.per100 is not None
     ]
 
 
@@ -470,26 +523,52 @@ class Target:
 
 TARGETS = (
     Target(
-        name="warm msg/s {bound} of plain Postfix{where}",
-        figure=_ratio_to_plain("warm", CALLAHEAD, PRIMARIES),
+        name="warm msg/s, policy service (2p), {bound} of plain Postfix{where}",
+        figure=_ratio_to_plain("warm", POLICY, PRIMARIES),
         comparison="≥",
         threshold=0.90,
     ),
     Target(
-        name="cold msg/s {bound} of plain Postfix{where}",
+        name="warm msg/s, policy service (2p), {bound} of the do-nothing policy service{where}",
+        figure=_ratio_to_floor("warm", POLICY),
+        comparison="≥",
+        threshold=0.97,
+    ),
+    Target(
+        name="warm msg/s, milter (2), {bound} of the do-nothing pymilter milter{where}",
+        figure=_ratio_to_floor("warm", CALLAHEAD),
+        comparison="≥",
+        threshold=0.97,
+    ),
+    Target(
+        name="(for comparison) warm msg/s, milter (2), of plain Postfix{where}",
+        figure=_ratio_to_plain("warm", CALLAHEAD, PRIMARIES),
+    ),
+    Target(
+        name="(for comparison) warm msg/s of the do-nothing {where}, of plain Postfix",
+        figure=_floors_to_plain(),
+    ),
+    Target(
+        name="cold msg/s, policy service (2p), {bound} of plain Postfix{where}",
+        figure=_ratio_to_plain("cold", POLICY, PRIMARIES),
+        comparison="≥",
+        threshold=0.80,
+    ),
+    Target(
+        name="cold msg/s, milter (2), {bound} of plain Postfix{where}",
         figure=_ratio_to_plain("cold", CALLAHEAD, PRIMARIES),
         comparison="≥",
         threshold=0.70,
     ),
     Target(
-        name="(for comparison) warm msg/s of a trivial pymilter milter (2t), of plain Postfix",
-        figure=_ratio_to_plain("warm", TRIVIAL, PRIMARIES[:1]),
-    ),
-    Target(
-        name="callahead first-contact p99 {bound}, {where}",
-        figure=_first_contact_p99(CALLAHEAD),
+        name="policy service first-contact p99 {bound}, {where}",
+        figure=_first_contact_p99(POLICY, sessions_at_least=2),
         comparison="<",
         threshold=0.010,
+    ),
+    Target(
+        name="(for comparison) milter first-contact p99, {where}",
+        figure=_first_contact_p99(CALLAHEAD, sessions_at_least=2),
     ),
     Target(
         name="(for comparison) plain Postfix RCPT reply, {where}",
@@ -552,7 +631,11 @@ def render(report: Report, env: list[str]) -> str:
         "give context: **2g** a second callahead with its per-client guard at the defaults "
         "(attack only; case 2 runs with `CALLAHEAD_CLIENT_UNKNOWN_LIMIT=0` because all load "
         "comes from 127.0.0.1), **2t** a pymilter milter that only says CONTINUE, negotiated "
-        "like callahead (warm only): the floor of any pymilter milter.",
+        "like callahead (warm only): the floor of any pymilter milter. **2p** is callahead's "
+        "policy service (`check_policy_service` with the settings of "
+        "`deploy/postfix-policy-main.cf`; the same callahead process as case 2) and **2pt** "
+        "an asyncio policy service that only says DUNNO, attached the same way (warm only): "
+        "the floor of any policy service.",
         "",
     ]
     out += [*render_targets(report), ""]

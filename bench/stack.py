@@ -14,6 +14,10 @@
   5. ``guard``: a second callahead with its per-client guard at the defaults (case 2
      runs with it switched off; see ``GUARD_OFF``);
   6. ``trivial``: a pymilter milter that only says CONTINUE (``bench.trivial_milter``);
+  7. ``policy``: callahead's policy service (``check_policy_service``, the settings of
+     ``deploy/postfix-policy-main.cf``), the same callahead process as case 2;
+  8. ``nullpolicy``: an asyncio policy service that only says DUNNO
+     (``bench.trivial_policy``), attached the same way;
 
 * two real Postfix primaries that know their users (``virtual_mailbox_maps``): ``a.test``
   with ``in_flow_delay = 0s``, ``b.test`` with Postfix's default ``in_flow_delay = 1s``.
@@ -35,15 +39,17 @@ from pathlib import Path
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
+    POLICY_SNIPPET,
     SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
+    policy_overrides,
     primary_main_cf,
     smtp_nexthop,
 )
 
-from .tools import SmtpSink, TrivialMilterProcess, pid_listening_on
+from .tools import SmtpSink, TrivialMilterProcess, TrivialPolicyProcess, pid_listening_on
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,13 +84,22 @@ class Case:
 PLAIN = Case(1, "plain", "1", "plain Postfix")
 CALLAHEAD = Case(2, "callahead", "2", "callahead")
 VERIFY = Case(3, "verify", "3", "reject_unverified_recipient")
-CASES = (PLAIN, CALLAHEAD, VERIFY)
 GUARD = Case(4, "guard", "2g", "callahead, default client guard")
 """callahead with its per-client guard at the defaults: only in the attack workload."""
 
 TRIVIAL = Case(5, "trivial", "2t", "trivial pymilter milter")
 """A milter that only says CONTINUE (bench.trivial_milter): the floor of any pymilter
 milter. Only in the warm workload."""
+
+POLICY = Case(6, "policy", "2p", "callahead policy service")
+"""callahead's policy front end (check_policy_service), the same process as case 2."""
+NULL_POLICY = Case(7, "nullpolicy", "2pt", "do-nothing policy service")
+"""An asyncio policy service that only says DUNNO (bench.trivial_policy): the floor of
+any policy service. Only in the warm workload."""
+CASES = (PLAIN, CALLAHEAD, POLICY, VERIFY)
+"""The cases of every workload."""
+FLOORS = {CALLAHEAD: TRIVIAL, POLICY: NULL_POLICY}
+"""Each front end's do-nothing floor, measured in the same runs."""
 
 GUARD_OFF = {"CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0"}
 """Case 2 runs with the per-client guard switched off: all load comes from 127.0.0.1,
@@ -185,8 +200,18 @@ def build_stack(
         )
         guard = stack.enter_context(CallaheadProcess(workdir, env, name="callahead-guard"))
         trivial = stack.enter_context(TrivialMilterProcess(workdir))
+        null_policy = stack.enter_context(TrivialPolicyProcess(workdir))
 
-        keys = ("plain", "callahead", "verify", "verify-fill", "guard", "trivial")
+        keys = (
+            "plain",
+            "callahead",
+            "verify",
+            "verify-fill",
+            "guard",
+            "trivial",
+            "policy",
+            "nullpolicy",
+        )
         ports = {key: free_port() for key in keys}
         main_cf = backup_mx_main_cf(
             SNIPPET,
@@ -225,6 +250,8 @@ def build_stack(
             ),
             Listener(ports["guard"], {"smtpd_milters": guard.socket}),
             Listener(ports["trivial"], {"smtpd_milters": trivial.socket}),
+            Listener(ports["policy"], policy_overrides(POLICY_SNIPPET, callahead.policy_service)),
+            Listener(ports["nullpolicy"], policy_overrides(POLICY_SNIPPET, null_policy.service)),
         ]
         backup = stack.enter_context(PostfixInstance(workdir / "backup", main_cf, listeners))
         yield Stack(

@@ -65,6 +65,24 @@ class TrivialMilterProcess(ManagedProcess):
         return f"inet:127.0.0.1:{self.port}"
 
 
+class TrivialPolicyProcess(ManagedProcess):
+    """``python -m bench.trivial_policy`` on a fresh port (see that module)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        super().__init__(
+            [sys.executable, "-m", "bench.trivial_policy", str(self.port)],
+            workdir / "trivial-policy.log",
+            cwd=Path(__file__).resolve().parents[1],
+            what=f"the trivial policy service on port {self.port}",
+            ready=lambda: listening(self.port),
+        )
+
+    @property
+    def service(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+
 # --------------------------------------------------------------------------------------
 # smtp-source: the load for warm and cold
 # --------------------------------------------------------------------------------------

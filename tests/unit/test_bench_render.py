@@ -11,7 +11,18 @@ import pytest
 from bench.plan import Settings
 from bench.render import TARGETS, render, table
 from bench.report import Delta, Latency, Report, RunFigure, Throughput
-from bench.stack import CALLAHEAD, GUARD, PLAIN, PRIMARIES, TRIVIAL, VERIFY, Case, PrimarySpec
+from bench.stack import (
+    CALLAHEAD,
+    GUARD,
+    NULL_POLICY,
+    PLAIN,
+    POLICY,
+    PRIMARIES,
+    TRIVIAL,
+    VERIFY,
+    Case,
+    PrimarySpec,
+)
 
 ENV = ["date: 2000-01-01 00:00 UTC", "machine: test", "versions: test"]
 
@@ -61,6 +72,8 @@ def sample_report(*, fast: bool) -> Report:
         throughput("warm", a, CALLAHEAD, [500 * good, 470 * good]),
         throughput("warm", a, VERIFY, [520, 510]),
         throughput("warm", a, TRIVIAL, [300, 310]),
+        throughput("warm", a, POLICY, [500 * good, 490 * good]),
+        throughput("warm", a, NULL_POLICY, [505, 495]),
     ]
     for spec in (a, b):
         report.throughput += [
@@ -68,6 +81,7 @@ def sample_report(*, fast: bool) -> Report:
             throughput(
                 "cold", spec, CALLAHEAD, [550 * good, 540 * good], connects=3 if fast else 9
             ),
+            throughput("cold", spec, POLICY, [550 * good, 545 * good], connects=3 if fast else 9),
             throughput("cold", spec, VERIFY, [3.3, 3.31]),
             throughput("attack", spec, PLAIN, [530, 520]),
             throughput("attack", spec, CALLAHEAD, [480, 470]),
@@ -82,6 +96,8 @@ def sample_report(*, fast: bool) -> Report:
         latency(a, CALLAHEAD, "valid", 10, p99),
         latency(a, CALLAHEAD, "unknown", 10, p99),
         latency(a, CALLAHEAD, "valid", 1, p99 * 0.8),
+        latency(a, POLICY, "valid", 10, p99),
+        latency(a, POLICY, "unknown", 10, p99),
         latency(a, VERIFY, "valid", 4, 3.0),
         latency(a, VERIFY, "unknown", 4, 6.0),
         latency(b, CALLAHEAD, "valid", 10, p99),
@@ -150,10 +166,10 @@ def test_every_table_is_well_formed(fast: bool) -> None:
 def test_targets_are_judged(fast: bool) -> None:
     rows = targets_rows(render(sample_report(fast=fast), ENV))
     judged = {name: met for name, met in rows.items() if not name.startswith("(for comparison)")}
-    assert len(judged) == 10, judged
+    assert len(judged) == 14, judged
     assert set(judged.values()) == {"yes" if fast else "**no**"}, judged
     context = [met for name, met in rows.items() if name.startswith("(for comparison)")]
-    assert len(context) == 4 and set(context) == {""}
+    assert len(context) == 9 and set(context) == {""}
 
 
 def test_every_target_is_in_the_report() -> None:
