@@ -8,12 +8,16 @@ into the engine's settings and builds the decision core (cache, guard, engine be
 from __future__ import annotations
 
 from .cache import PositiveCache
-from .config import Config
-from .engine import EngineSettings, ProbeEngine
+from .config import Config, postfix_myhostname
+from .engine import EngineSettings, HopResolver, ProbeEngine
 from .guard import ClientGuard
 from .loop import LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
+from .postfixmaps import PostfixRoutes
+from .resolve import DnsPython, MxResolver, ThisHost
+from .router import Router
+from .routes import Routes
 
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:
@@ -34,14 +38,40 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
     )
 
 
+def this_host(config: Config) -> ThisHost:
+    """This host among MX hosts (resolve.py): Postfix's myhostname and the EHLO name;
+    the Postfix configuration's inet_interfaces and proxy_interfaces (else every
+    address of this host, as Postfix's default ``inet_interfaces = all``)."""
+    postfix = config.postfix
+    if postfix is not None:
+        return ThisHost.from_postfix([postfix.myhostname, config.helo_name], postfix.interfaces)
+    return ThisHost.from_postfix([postfix_myhostname() or "", config.helo_name], ["all"])
+
+
+def build_resolver(config: Config) -> tuple[MxResolver, DnsPython]:
+    """The MX resolver of the engine, and its DNS client (whose cache SIGHUP flushes)."""
+    dns_client = DnsPython(config.resolver)
+    return MxResolver(dns_client, this_host(config)), dns_client
+
+
+def build_router(config: Config, loop: ProbeLoop, dns_client: DnsPython) -> Router:
+    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
+    return Router(config.routes, postfix, loop.run, on_reload=dns_client.flush)
+
+
 def build_policy(
-    config: Config, loop: ProbeLoop, metrics: Metrics
+    config: Config,
+    loop: ProbeLoop,
+    metrics: Metrics,
+    *,
+    routes: Routes | None = None,
+    resolver: HopResolver | None = None,
 ) -> tuple[Policy, PositiveCache, ProbeEngine, LoopProber]:
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache)
+    engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache, resolver=resolver)
     prober = LoopProber(loop, engine)
     policy = Policy(
-        routes=config.routes,
+        routes=config.routes if routes is None else routes,
         cache=cache,
         prober=prober,
         tempfail_action=config.tempfail_action,

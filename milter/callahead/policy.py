@@ -15,7 +15,7 @@ from typing import Protocol
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .cache import ValidCache
 from .guard import ClientGuard
-from .routes import Nexthop, RouteTable
+from .routes import Nexthop, Routes, RouteUnavailable
 from .verdict import ProbeResult, Skip, Verdict
 
 
@@ -50,6 +50,7 @@ class Reason(enum.Enum):
     CLIENT_LIMIT = "client_limit"
     SHUTDOWN = "shutdown"
     LOOP_STALLED = "loop_stalled"
+    ROUTE_FAILED = "route_failed"
     ERROR = "error"
 
 
@@ -102,7 +103,7 @@ class Policy:
     def __init__(
         self,
         *,
-        routes: RouteTable,
+        routes: Routes,
         cache: ValidCache,
         prober: Prober,
         tempfail_action: TempfailAction,
@@ -130,7 +131,10 @@ class Policy:
         if normalized is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
         address = normalized.address
-        hops = self._routes.lookup(normalized.domain)
+        try:
+            hops = self._routes.lookup(normalized.domain, address)
+        except RouteUnavailable:
+            return self.tempfail_decision(address, Reason.ROUTE_FAILED)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
         if address in self._cache:
@@ -159,4 +163,6 @@ class Policy:
             reason = Reason.LOOP_STALLED
         elif result.skipped is Skip.SHUTDOWN:
             reason = Reason.SHUTDOWN
+        elif result.skipped is Skip.ROUTE_FAILED:
+            reason = Reason.ROUTE_FAILED
         return Decision(self._undecided, reason, address, result)

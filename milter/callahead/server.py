@@ -1,4 +1,9 @@
-"""Run the milter: the probe loop, metrics, watchdog and libmilter, until a stop signal."""
+"""Run the milter: the probe loop, metrics, watchdog and libmilter, until a stop signal.
+
+SIGHUP reloads the routes (router.py). libmilter's own signal thread takes SIGHUP as a
+stop, so it must never get one: libmilter runs in a thread of its own (which, like
+libmilter's threads, blocks SIGHUP), and the main thread keeps SIGHUP unblocked with a
+handler, so the kernel hands it the signal (it prefers the main thread of a process)."""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import time
 import Milter
 
 from .adapter import CallaheadMilter
-from .assembly import build_policy
+from .assembly import build_policy, build_resolver, build_router
 from .config import Config
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
+from .postfixmaps import PostfixConfigError
+from .router import Router
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,36 @@ def _exit_on_second_signal() -> None:
         time.sleep(SIGNAL_POLL)
 
 
+def _reload(router: Router) -> None:
+    """SIGHUP: re-read the routes; on failure the old ones stay. One log line either way."""
+    try:
+        routes = router.reload()
+    except PostfixConfigError as exc:
+        log.error("SIGHUP: reload failed, keeping the old routes: %s", exc)
+    except Exception:  # a handler in the main thread must never end the process
+        log.exception("SIGHUP: reload failed, keeping the old routes")
+    else:
+        log.info("SIGHUP: routes reloaded: %s", routes)
+
+
+def _run_milter(config: Config) -> BaseException | None:
+    """``Milter.runmilter`` in a thread of its own (see the module doc); returns what it
+    raised. The main thread waits in ``join``, where SIGHUP handlers run."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            Milter.runmilter("callahead", config.milter_socket, timeout=300)
+        except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="callahead-milter")
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; returns the exit status.
 
@@ -72,7 +109,12 @@ def serve(config: Config) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     loop = ProbeLoop()
     metrics = Metrics()
-    policy, cache, engine, prober = build_policy(config, loop, metrics)
+    resolver, dns_client = build_resolver(config)
+    router = build_router(config, loop, dns_client)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(router))
+    policy, cache, engine, prober = build_policy(
+        config, loop, metrics, routes=router, resolver=resolver
+    )
     longest = engine.settings.longest_answer + HANDOFF_MARGIN
     if longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
@@ -99,16 +141,18 @@ def serve(config: Config) -> int:
     log.info(
         "callahead listening on %s; routes: %s; metrics: %s",
         config.socket,
-        " ".join(f"{d}={h}" for d, h in config.routes.entries()),
+        router.describe(),
         "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
     )
     threading.Thread(target=_exit_on_second_signal, name="callahead-signals", daemon=True).start()
     notify("READY=1")
     try:
-        Milter.runmilter("callahead", config.milter_socket, timeout=300)
-    except Milter.milter.error as exc:
-        log.error("milter stopped: %s (socket %s)", exc, config.socket)
-        return EX_UNAVAILABLE
+        raised = _run_milter(config)
+        if isinstance(raised, Milter.milter.error):
+            log.error("milter stopped: %s (socket %s)", raised, config.socket)
+            return EX_UNAVAILABLE
+        if raised is not None:
+            raise raised
     finally:
         notify("STOPPING=1")
         log.info("callahead stopping")
