@@ -10,7 +10,7 @@ from callahead.address import Recipient, normalize_recipient
 from callahead.cache import PositiveCache
 from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, TempfailAction
-from callahead.routes import Nexthop, parse_routes
+from callahead.routes import Nexthop, RouteUnavailable, parse_routes
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
@@ -427,3 +427,30 @@ def test_skipped_probe_maps_to_its_reason_with_the_tempfail_action(
         assert decision.probe is answer
     assert "carol@example.com" not in cache
     assert len(prober.calls) == 3  # never counted as unknowns of the client
+
+
+class FailingRoutes:
+    def lookup(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        raise RouteUnavailable("postmap: fatal: open database /etc/postfix/transport.db")
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+def test_a_route_that_cannot_be_looked_up_is_undecided_never_rejected(
+    action: TempfailAction, expected: Action
+) -> None:
+    prober = FakeProber()
+    cache = PositiveCache(ttl=3600, maxsize=100)
+    policy = Policy(routes=FailingRoutes(), cache=cache, prober=prober, tempfail_action=action)
+    decision = policy.decide("<alice@example.com>")
+    assert (decision.action, decision.reason) == (expected, Reason.ROUTE_FAILED)
+    assert prober.calls == []
+
+
+def test_a_probe_without_a_host_to_probe_is_route_failed() -> None:
+    skipped = ProbeResult.not_probed(Skip.ROUTE_FAILED, HOPS, "route: NXDOMAIN")
+    policy, _ = make_policy(FakeProber({"alice@example.com": [skipped]}))
+    decision = policy.decide("<alice@example.com>")
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.ROUTE_FAILED)
