@@ -17,9 +17,9 @@ ldap, mysql, pgsql, sqlite...), with Postfix's own lookup order (transport(5)):
   ``relay_transport``'s nexthop, else ``relayhost``, else the recipient domain.
 
 ``relay_domains`` is matched as Postfix's match lists are: names (a name matches its
-subdomains when ``parent_domain_matches_subdomains`` lists ``relay_domains``),
-``.name`` for subdomains, ``!pattern`` to exclude, ``type:table`` (the domain and its
-parents looked up), ``/file`` (patterns in a file).
+subdomains when ``parent_domain_matches_subdomains`` lists ``relay_domains``, Postfix's
+default; otherwise ``.name`` matches them), ``!pattern`` to exclude, ``type:table`` (the
+domain and its parents looked up), ``/file`` (patterns in a file).
 
 Lookups are subprocesses run on the probe loop, at most ``MAX_LOOKUPS`` at once, each
 within ``LOOKUP_TIMEOUT``; results are kept ``LOOKUP_TTL`` seconds. A failed lookup makes
@@ -254,6 +254,17 @@ def parent_keys(domain: str, *, parent_matches: bool) -> list[str]:
     return keys
 
 
+def _name_matches(domain: str, pattern: str, *, parent_matches: bool) -> bool:
+    """A name in a Postfix match list (match_hostname): ``name`` matches itself, and its
+    subdomains when parent domains match subdomains; otherwise ``.name`` matches the
+    subdomains (and then only then: with parent matching on, ``.name`` matches nothing)."""
+    if domain == pattern:
+        return True
+    if parent_matches:
+        return not pattern.startswith(".") and domain.endswith("." + pattern)
+    return pattern.startswith(".") and domain.endswith(pattern)
+
+
 class PostfixRoutes:
     """Routes of one Postfix configuration; ``lookup`` runs on the probe loop."""
 
@@ -322,10 +333,8 @@ class PostfixRoutes:
                     keys = keys[:1]
                 matched = await self._first([pattern], keys) is not None
             else:
-                name = normalize_domain(pattern)
-                matched = domain == name or (
-                    domain.endswith("." + name.lstrip("."))
-                    and (name.startswith(".") or s.relay_parent_matches)
+                matched = _name_matches(
+                    domain, normalize_domain(pattern), parent_matches=s.relay_parent_matches
                 )
             if matched:
                 return not negated

@@ -91,13 +91,14 @@ def _stop_all() -> None:
 
 
 class _ThreadedServer(StartStop):
-    """An asyncio TCP server on 127.0.0.1 running in a thread with its own loop."""
+    """An asyncio TCP server on 127.0.0.1 (or another loopback ``host``) running in a
+    thread with its own loop."""
 
     _kind = "server"
 
-    def __init__(self, port: int | None) -> None:
-        self._host = HOST
-        self._port = port if port is not None else free_port(HOST)
+    def __init__(self, port: int | None, host: str = HOST) -> None:
+        self._host = host
+        self._port = port if port is not None else free_port(host)
         self._state_lock = threading.Lock()  # start/stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -356,8 +357,9 @@ class Primary(_ThreadedServer):
         hostname: str = "primary.test",
         reject_null_sender: bool = False,
         log: Callable[[str], None] | None = None,
+        host: str = HOST,
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, host)
         self._hostname = hostname
         self.reject_null_sender = reject_null_sender
         self._log = log

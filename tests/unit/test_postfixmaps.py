@@ -89,7 +89,7 @@ def standard(tmp_path: Path) -> PostfixRoutes:
     config_dir = postfix_dir(
         tmp_path,
         {
-            "relay_domains": "exact.test, .parent.test, mx.test list.test gone.test lmtp.test "
+            "relay_domains": "exact.test, parent.test, mx.test list.test gone.test lmtp.test "
             "own.test default.test nexthop-only.test hash:$DIR/relay.hash, rx.test, "
             "!no.star.test, star.test",
             "transport_maps": "regexp:$DIR/transport.re, hash:$DIR/transport.hash",
@@ -110,8 +110,8 @@ def test_exact_domain_entry(standard: PostfixRoutes) -> None:
 
 def test_parent_entry_matches_subdomains_only(standard: PostfixRoutes) -> None:
     assert lookup(standard, "a.b.parent.test") == (Nexthop("192.0.2.2", 25),)
-    # parent.test itself is not relayed (.parent.test in relay_domains), so no route.
-    assert lookup(standard, "parent.test") == ()
+    # parent.test itself is relayed, but .parent.test in the table is for subdomains.
+    assert lookup(standard, "parent.test") == (RECIPIENT_DOMAIN,)
 
 
 def test_a_transport_with_no_nexthop_is_the_recipient_domain(standard: PostfixRoutes) -> None:
@@ -164,6 +164,29 @@ def test_parent_style_follows_parent_domain_matches_subdomains(tmp_path: Path) -
             )
         )
         assert lookup(routes, "a.example.test") == (Nexthop(sub_hop, 25),)
+
+
+@pytest.mark.parametrize(
+    ("listed", "pattern", "matched"),
+    [
+        ("relay_domains", "example.test", ["example.test", "a.example.test"]),
+        ("relay_domains", ".example.test", []),
+        ("", "example.test", ["example.test"]),
+        ("", ".example.test", ["a.example.test"]),
+    ],
+)
+def test_relay_domains_names_match_as_in_postfix(
+    tmp_path: Path, listed: str, pattern: str, matched: list[str]
+) -> None:
+    routes = routes_of(
+        postfix_dir(
+            tmp_path,
+            {"relay_domains": pattern, "parent_domain_matches_subdomains": listed},
+            {},
+        )
+    )
+    for domain in ("example.test", "a.example.test"):
+        assert bool(lookup(routes, domain)) is (domain in matched), domain
 
 
 def test_wildcard_entry_comes_last(tmp_path: Path) -> None:
