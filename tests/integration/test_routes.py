@@ -263,3 +263,34 @@ def set_main_cf(backup: PostfixInstance, name: str, value: str) -> None:
     main_cf = backup.config_dir / "main.cf"
     past = main_cf.stat().st_mtime - 10
     os.utime(main_cf, (past, past))
+
+
+def test_sighup_does_not_stop_the_milter_and_sigterm_still_does() -> None:
+    """libmilter's own signal thread would take SIGHUP as a stop: callahead's main thread
+    must take it instead, while SIGTERM still reaches libmilter."""
+    if os.geteuid() != 0:
+        pytest.skip("runs like the other integration tests, as root")
+    with make_workdir("callahead-sighup-") as workdir:
+        process = CallaheadProcess(workdir, {"CALLAHEAD_ROUTES": "example.test=[127.0.0.1]:9"})
+        process.start()
+        try:
+            pid = process.pid
+            assert pid is not None
+
+            def reloaded() -> int:
+                return process.log().count("SIGHUP: routes reloaded")
+
+            def wait_reloads(want: int) -> None:
+                wait_for(lambda: reloaded() >= want, 10, what=f"reload {want}")
+
+            for reloads in range(1, 4):
+                os.kill(pid, signal.SIGHUP)
+                wait_reloads(reloads)
+            assert process.log().count("SIGHUP: routes reloaded") == 3
+            assert not process.exited()
+            assert "callahead_probe_loop_up 1.0" in process.scrape()
+            os.kill(pid, signal.SIGTERM)
+            wait_for(process.exited, 15, what="callahead to exit after SIGTERM")
+            assert process.returncode == 0, process.log()
+        finally:
+            process.stop()
