@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache import PositiveCache
-from .config import Config
+from .config import Config, postfix_myhostname
 from .engine import EngineSettings, ProbeEngine
 from .guard import ClientGuard
 from .loop import LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
+from .postfixmaps import PostfixRoutes
 from .refresh import LoopRefresher, refresh_limit
+from .resolve import DnsPython, MxResolver, ThisHost
+from .router import Router
 
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:
@@ -37,6 +40,27 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
     )
 
 
+def this_host(config: Config) -> ThisHost:
+    """This host among MX hosts (resolve.py): Postfix's myhostname and the EHLO name;
+    the Postfix configuration's inet_interfaces and proxy_interfaces (else every
+    address of this host, as Postfix's default ``inet_interfaces = all``)."""
+    postfix = config.postfix
+    if postfix is not None:
+        return ThisHost.from_postfix([postfix.myhostname, config.helo_name], postfix.interfaces)
+    return ThisHost.from_postfix([postfix_myhostname() or "", config.helo_name], ["all"])
+
+
+def build_resolver(config: Config) -> tuple[MxResolver, DnsPython]:
+    """The MX resolver of the engine, and its DNS client (whose cache SIGHUP flushes)."""
+    dns_client = DnsPython(config.resolver)
+    return MxResolver(dns_client, this_host(config)), dns_client
+
+
+def build_router(config: Config, loop: ProbeLoop, dns_client: DnsPython) -> Router:
+    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
+    return Router(config.routes, postfix, loop.run, on_reload=dns_client.flush)
+
+
 @dataclass(frozen=True, slots=True)
 class Parts:
     """The decision core and what it is built on, for the server to run and stop."""
@@ -46,11 +70,14 @@ class Parts:
     engine: ProbeEngine
     prober: LoopProber
     refresher: LoopRefresher
+    router: Router
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
+    resolver, dns_client = build_resolver(config)
+    router = build_router(config, loop, dns_client)
     cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache)
+    engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache, resolver=resolver)
     prober = LoopProber(loop, engine)
     refresher = LoopRefresher(
         loop,
@@ -60,7 +87,7 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         on_outcome=metrics.refreshed,
     )
     policy = Policy(
-        routes=config.routes,
+        routes=router,
         cache=cache,
         prober=prober,
         tempfail_action=config.tempfail_action,
@@ -73,4 +100,4 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         refresher=refresher,
         refresh_within=config.cache_ttl * config.cache_refresh,
     )
-    return Parts(policy, cache, engine, prober, refresher)
+    return Parts(policy, cache, engine, prober, refresher, router)

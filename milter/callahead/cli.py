@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .admin import AdminUnavailable, ask, status_lines
-from .assembly import engine_settings
+from .assembly import build_resolver, engine_settings
 from .config import (
     EX_CONFIG,
     VARIABLES,
@@ -25,6 +25,9 @@ from .config import (
 )
 from .engine import ProbeEngine
 from .loop import HANDOFF_MARGIN
+from .postfixmaps import PostfixRoutes
+from .router import describe_routes
+from .routes import Nexthop, RouteUnavailable
 from .verdict import ProbeResult, Verdict
 
 EX_USAGE = 64
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if command == "config":
         for name, value in config.describe():
             print(f"{name}={value}")
+        print(f"# routes from: {routes_source(config)}")
         return 0
     if command == "probe":
         return run_probe(config, args.address, explain=args.explain)
@@ -209,9 +213,22 @@ def run_status(config: Config) -> int:
     return 0 if answer["healthy"] else 1
 
 
+def routes_source(config: Config) -> str:
+    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
+    return describe_routes(config.routes, postfix)
+
+
+def _no_routes(config: Config) -> bool:
+    return not config.routes and config.postfix is None
+
+
 def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int:
-    if not config.routes:
-        print("callahead: CALLAHEAD_ROUTES is empty: no primary to probe", file=sys.stderr)
+    if _no_routes(config):
+        print(
+            "callahead: CALLAHEAD_ROUTES and CALLAHEAD_POSTFIX_CONFIG are empty: "
+            "no primary to probe",
+            file=sys.stderr,
+        )
         return EX_CONFIG
     normalized = normalize_recipient(address_arg)
     if normalized is None:
@@ -225,16 +242,30 @@ def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int
     except UnsendableAddress as exc:
         print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
         return EX_USAGE
-    hops = config.routes.lookup(normalized.domain)
-    if not hops:
-        print(f"callahead: no route for {normalized.domain!r} in CALLAHEAD_ROUTES", file=sys.stderr)
-        return EX_USAGE
     warning = helo_warning(config.helo_name)
     if warning:
         print(f"callahead: warning: {warning}", file=sys.stderr)
 
+    async def routes() -> tuple[Nexthop, ...]:
+        hops = config.routes.lookup(normalized.domain)
+        if hops or config.postfix is None:
+            return hops
+        return await PostfixRoutes(config.postfix).lookup(normalized.domain, address)
+
     async def once() -> int:
-        engine = ProbeEngine(engine_settings(config, transcript=explain))
+        try:
+            hops = await routes()
+        except RouteUnavailable as exc:
+            print(f"callahead: the route of {normalized.domain!r} is unknown: {exc}")
+            return PROBE_EXIT[Verdict.TEMPFAIL]
+        if not hops:
+            print(
+                f"callahead: no route for {normalized.domain!r} in {routes_source(config)}",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        resolver, _ = build_resolver(config)
+        engine = ProbeEngine(engine_settings(config, transcript=explain), resolver=resolver)
         result = await engine.probe(address, hops)
         code = "no reply" if result.code is None else str(result.code)
         print(
@@ -294,10 +325,10 @@ def helo_warning(helo: str) -> str | None:
 
 
 def run_serve(config: Config) -> int:
-    if not config.routes:
+    if _no_routes(config):
         print(
             "callahead: CALLAHEAD_ROUTES='' is invalid: serve needs at least one "
-            "domain=nexthop route",
+            "domain=nexthop route, or CALLAHEAD_POSTFIX_CONFIG",
             file=sys.stderr,
         )
         return EX_CONFIG

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from .address import UnsendableAddress, wire_address
 from .errors import CallaheadError
 from .policy import TempfailAction
+from .postfixmaps import PostfixConfigError, PostfixSettings, load_settings
+from .resolve import parse_resolver
 from .routes import RouteError, RouteTable, parse_routes
 from .tls import TlsMode
 
@@ -365,6 +367,35 @@ def _parse_route_table(name: str, value: str) -> RouteTable:
         raise ConfigError(name, value, str(exc)) from None
 
 
+def _parse_postfix_config(name: str, value: str) -> PostfixSettings | None:
+    path = value.strip()
+    if not path:
+        return None
+    if not path.startswith("/"):
+        raise ConfigError(name, value, "expected the absolute path of a Postfix config directory")
+    try:
+        return load_settings(path.rstrip("/") or "/")
+    except PostfixConfigError as exc:
+        raise ConfigError(name, value, f"cannot use this Postfix configuration: {exc}") from None
+
+
+def _postfix_text(settings: PostfixSettings | None) -> str:
+    return "" if settings is None else settings.config_dir
+
+
+def _parse_resolver(name: str, value: str) -> tuple[str, int] | None:
+    try:
+        return parse_resolver(value)
+    except ValueError:
+        raise ConfigError(
+            name, value, "expected an address with an optional port (HOST[:PORT], [IPV6]:PORT)"
+        ) from None
+
+
+def _resolver_text(server: tuple[str, int] | None) -> str:
+    return "" if server is None else _join_hostport(*server)
+
+
 def _routes_text(routes: RouteTable) -> str:
     return " ".join(f"{d}={h}" for d, h in routes.entries())
 
@@ -451,12 +482,33 @@ VARIABLES: tuple[Variable, ...] = (
         "CALLAHEAD_ROUTES",
         "",
         "domain=nexthop entries, separated by spaces or commas; nexthop as in "
-        "transport(5): [host], [host]:port or host:port, optional smtp:/relay: "
-        "prefix; .example.com matches subdomains; a domain listed twice fails over "
-        "in order (required by serve and probe)",
+        "transport(5): [host] or [host]:port (no MX lookup), host or host:port (MX of "
+        "host, then its address), optional smtp:/relay: prefix, smtp: or relay alone "
+        "for the MX of the recipient domain; .example.com matches subdomains; a domain "
+        "listed twice fails over in order; taken before CALLAHEAD_POSTFIX_CONFIG (serve "
+        "and probe need one of the two)",
         field="routes",
         parse=_parse_route_table,
         render=_routes_text,
+    ),
+    Variable(
+        "CALLAHEAD_POSTFIX_CONFIG",
+        "",
+        "a Postfix config directory (e.g. /etc/postfix) whose relay_domains and "
+        "transport_maps give the routes, looked up with postconf and postmap (re-read "
+        "on SIGHUP); empty: none",
+        field="postfix",
+        parse=_parse_postfix_config,
+        render=_postfix_text,
+    ),
+    Variable(
+        "CALLAHEAD_RESOLVER",
+        "",
+        "DNS server for MX routes, HOST[:PORT] (an address); empty: the system's "
+        "(/etc/resolv.conf)",
+        field="resolver",
+        parse=_parse_resolver,
+        render=_resolver_text,
     ),
     Variable(
         "CALLAHEAD_CACHE_TTL",
@@ -693,6 +745,8 @@ class Config:
     """The milter socket as the operator wrote it; empty: no milter."""
     policy_listen: Listen | None
     routes: RouteTable
+    postfix: PostfixSettings | None
+    resolver: tuple[str, int] | None
     cache_ttl: float
     cache_size: int
     cache_file: str

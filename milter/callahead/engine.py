@@ -16,6 +16,8 @@
   ``fallback_sender``, which its later sessions keep using.
 * **Refusals of the prober** are counted per primary and logged once, so the operator
   learns that callahead cannot protect a domain (and why).
+* **MX routes**: nexthops that need a DNS lookup are expanded by the injected
+  ``HopResolver`` (resolve.py) within the probe's deadline; a failure is undecided.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .cache import ValidCache
 from .errors import CallaheadError
 from .freshness import LastJudged
 from .pool import SessionPool
-from .routes import Nexthop
+from .routes import Nexthop, RouteUnavailable
 from .session import Session, SessionFailed, SessionLost, SessionSettings
 from .tls import TlsMode, unverified_tls_context
 from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
@@ -127,14 +129,24 @@ class _Unobserved:
         pass
 
 
+class HopResolver(Protocol):
+    """Turns a route's nexthops into literal ones (resolve.MxResolver is the real one)."""
+
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> tuple[Nexthop, ...]:
+        """Raises ``RouteUnavailable`` when there is nothing to probe."""
+        ...
+
+
 class ProbeEngine:
     def __init__(
         self,
         settings: EngineSettings,
         observer: EngineObserver | None = None,
         known_valid: ValidCache | None = None,
+        resolver: HopResolver | None = None,
     ) -> None:
         self.settings = settings
+        self._resolver = resolver
         self._known_valid = known_valid
         self._observer: EngineObserver = observer if observer is not None else _Unobserved()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
@@ -272,6 +284,12 @@ class ProbeEngine:
         """Failover: each nexthop in order, all within one deadline."""
         started = time.monotonic()
         deadline = started + self.settings.timeout
+        if any(hop.mx for hop in hops):
+            try:
+                hops = await self._expand(hops, address.rpartition("@")[2], deadline)
+            except RouteUnavailable as exc:
+                log.info("no host to probe for %s: %s", address, exc)
+                return ProbeResult.not_probed(Skip.ROUTE_FAILED, hops, f"route: {exc}")
         result: ProbeResult | None = None
         for hop in hops:
             primary = self._primary(hop)
@@ -306,6 +324,17 @@ class ProbeEngine:
         if result is None:
             return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
+
+    async def _expand(
+        self, hops: tuple[Nexthop, ...], domain: str, deadline: float
+    ) -> tuple[Nexthop, ...]:
+        if self._resolver is None:
+            raise RouteUnavailable("MX routes need a resolver")
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self._resolver.expand(hops, domain)
+        except TimeoutError:
+            raise RouteUnavailable("the DNS did not answer within the probe timeout") from None
 
     async def _at_primary(
         self, primary: _Primary, address: str, started: float, budget: float

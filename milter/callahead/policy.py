@@ -16,7 +16,7 @@ from typing import Protocol
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .cache import ValidCache
 from .guard import ClientGuard
-from .routes import Nexthop, RouteTable
+from .routes import Nexthop, Routes, RouteUnavailable
 from .verdict import ProbeResult, Skip, Verdict
 
 
@@ -51,6 +51,7 @@ class Reason(enum.Enum):
     CLIENT_LIMIT = "client_limit"
     SHUTDOWN = "shutdown"
     LOOP_STALLED = "loop_stalled"
+    ROUTE_FAILED = "route_failed"
     ERROR = "error"
 
 
@@ -133,7 +134,7 @@ class Policy:
     def __init__(
         self,
         *,
-        routes: RouteTable,
+        routes: Routes,
         cache: ValidCache,
         prober: Prober,
         tempfail_action: TempfailAction,
@@ -165,15 +166,30 @@ class Policy:
 
     def decide(self, recipient: str, client: str | None = None) -> Decision:
         """Judge one recipient; ``client`` is the SMTP client's address, if known.
-        From a thread other than the probe loop's: a probe is waited for."""
-        step = self._before_probe(recipient, client)
+        From a thread other than the probe loop's: a route lookup or a probe on the
+        loop is waited for."""
+        normalized = normalize_recipient(recipient)
+        if normalized is None:
+            return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
+        try:
+            hops = self._routes.lookup(normalized.domain, normalized.address)
+        except RouteUnavailable:
+            hops = None
+        step = self._before_probe(normalized.address, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         return self._final(self._after_probe(step, self._prober.probe(step.address, step.hops)))
 
     async def decide_async(self, recipient: str, client: str | None = None) -> Decision:
         """``decide`` for a front end running on the probe loop itself."""
-        step = self._before_probe(recipient, client)
+        normalized = normalize_recipient(recipient)
+        if normalized is None:
+            return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
+        try:
+            hops = await self._routes.lookup_async(normalized.domain, normalized.address)
+        except RouteUnavailable:
+            hops = None
+        step = self._before_probe(normalized.address, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         result = await self._prober.probe_async(step.address, step.hops)
@@ -184,13 +200,13 @@ class Policy:
             return dataclasses.replace(decision, dry_run=True)
         return decision
 
-    def _before_probe(self, recipient: str, client: str | None) -> Decision | _ToProbe:
-        """Everything decided without a probe, or what to probe."""
-        normalized = normalize_recipient(recipient)
-        if normalized is None:
-            return Decision(Action.SKIP, Reason.UNROUTED, recipient)
-        address = normalized.address
-        hops = self._routes.lookup(normalized.domain)
+    def _before_probe(
+        self, address: str, hops: tuple[Nexthop, ...] | None, client: str | None
+    ) -> Decision | _ToProbe:
+        """Everything decided without a probe, or what to probe. ``hops`` None: the
+        route could not be looked up now."""
+        if hops is None:
+            return Decision(self._undecided, Reason.ROUTE_FAILED, address)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
         left = self._cache.remaining(address)
@@ -225,4 +241,6 @@ class Policy:
             reason = Reason.LOOP_STALLED
         elif result.skipped is Skip.SHUTDOWN:
             reason = Reason.SHUTDOWN
+        elif result.skipped is Skip.ROUTE_FAILED:
+            reason = Reason.ROUTE_FAILED
         return Decision(self._undecided, reason, address, result)

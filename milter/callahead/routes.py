@@ -4,13 +4,20 @@ Routes are written the way Postfix transport(5) writes a nexthop, so an operator
 the right-hand side of a `transport_maps` entry: ``example.com=[mx1.example.com]:25``.
 An entry for ``.example.com`` matches every subdomain of example.com (not example.com
 itself, as in Postfix with ``parent_domain_matches_subdomains`` off).
+
+A nexthop is either *literal* (``[host]:port``, or an address without brackets: connect
+there) or needs an *MX lookup* (``host``, ``host:port``: the MX hosts of ``host``, else its
+address; ``smtp:`` or ``relay`` with no host: the MX hosts of the recipient domain). The
+lookups are made by resolve.py, on the probe loop; nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from .address import normalize_domain
 from .errors import CallaheadError
@@ -29,27 +36,60 @@ class RouteError(CallaheadError, ValueError):
     """A route entry or nexthop that cannot be used; the message says what is allowed."""
 
 
+class RouteUnavailable(CallaheadError):
+    """The route of a domain cannot be told now (a Postfix map or DNS lookup failed, or
+    the MX hosts left are none): the recipient is undecided, never rejected."""
+
+
 @dataclass(frozen=True, slots=True)
 class Nexthop:
-    """One primary: the host to connect to and its port."""
+    """One primary: the host to connect to and its port.
+
+    With ``mx`` the host is a name whose MX records (else its addresses) give the hosts
+    to connect to, as in Postfix for a nexthop without brackets; an empty host with
+    ``mx`` is the recipient domain itself (``smtp:`` or ``relay`` with no host)."""
 
     host: str
     port: int
+    mx: bool = False
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}"
+        if not self.mx:
+            return f"[{self.host}]:{self.port}"
+        if not self.host:
+            return "smtp:" if self.port == DEFAULT_SMTP_PORT else f"smtp::{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+RECIPIENT_DOMAIN = Nexthop("", DEFAULT_SMTP_PORT, mx=True)
+"""``smtp:`` or ``relay`` with no host: the MX hosts of the recipient domain."""
+_BARE_TRANSPORTS = ("smtp", "relay")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_nexthop(text: str) -> Nexthop:
-    """Parse ``[host]``, ``[host]:port`` or ``host:port``, with an optional ``smtp:``
-    or ``relay:`` transport prefix. A bare ``host`` without brackets would mean an MX
-    lookup to Postfix; callahead never looks up MX records, so it is refused."""
+    """Parse ``[host]``, ``[host]:port`` (literal), ``host`` or ``host:port`` (MX lookup of
+    host, unless it is an address), with an optional ``smtp:`` or ``relay:`` transport
+    prefix; ``smtp:``, ``relay:``, ``smtp`` or ``relay`` alone mean the MX hosts of the
+    recipient domain."""
     spec = text.strip()
+    if spec.lower() in _BARE_TRANSPORTS:
+        return RECIPIENT_DOMAIN
     for prefix in _TRANSPORT_PREFIXES:
         if spec.lower().startswith(prefix):
             spec = spec[len(prefix) :]
+            if not spec.strip():
+                return RECIPIENT_DOMAIN
             break
     port_text: str | None = None
+    mx = False
     if spec.startswith("["):
         close = spec.find("]")
         if close < 0:
@@ -62,8 +102,14 @@ def parse_nexthop(text: str) -> Nexthop:
             port_text = rest[1:]
     else:
         host, sep, port_text = spec.rpartition(":")
-        if not sep or ":" in host:
-            raise RouteError(f"nexthop {text!r} must be [host], [host]:port or host:port")
+        if not sep:
+            host, port_text = spec, None
+        if ":" in host:
+            raise RouteError(
+                f"nexthop {text!r} must be [host], [host]:port, host or host:port "
+                "(an IPv6 address goes in brackets)"
+            )
+        mx = not _is_address(host.strip())
     host = host.strip()
     if host.lower().startswith("ipv6:"):
         host = host[5:]
@@ -74,7 +120,7 @@ def parse_nexthop(text: str) -> Nexthop:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise RouteError(f"nexthop {text!r}: port must be a number from 1 to 65535")
         port = int(port_text)
-    return Nexthop(host=host, port=port)
+    return Nexthop(host=host.rstrip(".").lower() if mx else host, port=port, mx=mx)
 
 
 class RouteTable:
@@ -98,8 +144,9 @@ class RouteTable:
     def __bool__(self) -> bool:
         return bool(self._exact or self._parents)
 
-    def lookup(self, domain: str) -> tuple[Nexthop, ...]:
-        """The nexthops for a recipient domain, or an empty tuple when it has no route.
+    def lookup(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        """The nexthops for a recipient domain, or an empty tuple when it has no route
+        (``address``, the whole recipient, is not needed here: see ``Routes``).
 
         An exact entry wins over a parent-domain entry; among parent entries the
         closest parent wins."""
@@ -115,6 +162,9 @@ class RouteTable:
             if hops:
                 return hops
         return ()
+
+    async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        return self.lookup(domain, address)
 
     def entries(self) -> list[tuple[str, Nexthop]]:
         """Every entry in a stable order, for printing the configuration."""
@@ -137,3 +187,19 @@ def parse_routes(text: str) -> RouteTable:
             raise RouteError(f"entry {item!r}: {domain!r} is not a domain")
         entries.append((domain, parse_nexthop(hop)))
     return RouteTable(entries)
+
+
+class Routes(Protocol):
+    """Where the policy finds a domain's nexthops: a ``RouteTable``, or router.Router
+    (the table, then the maps of a Postfix configuration)."""
+
+    def lookup(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        """The nexthops of ``domain`` (``address`` is the whole recipient, for Postfix's
+        regexp and pcre transport maps); empty when it has no route. Raises
+        ``RouteUnavailable`` when that cannot be told now. From a thread other than the
+        probe loop's."""
+        ...
+
+    async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        """``lookup`` on the probe loop itself (the policy service)."""
+        ...

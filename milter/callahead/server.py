@@ -1,5 +1,10 @@
 """Run the front ends (milter, policy service) with the probe loop, metrics, admin socket
-and watchdog, until a stop signal."""
+and watchdog, until a stop signal.
+
+SIGHUP reloads the routes (router.py). libmilter's own signal thread takes SIGHUP as a
+stop, so it must never get one: libmilter runs in a thread of its own (which, like
+libmilter's threads, blocks SIGHUP), and the main thread keeps SIGHUP unblocked with a
+handler, so the kernel hands it the signal (it prefers the main thread of a process)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from .judge import Judge
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
 from .policyservice import PolicyService
+from .postfixmaps import PostfixConfigError
 from .refresh import LoopRefresher
+from .router import Router
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,18 @@ def _exit_on_second_signal() -> None:
         time.sleep(SIGNAL_POLL)
 
 
+def _reload(router: Router) -> None:
+    """SIGHUP: re-read the routes; on failure the old ones stay. One log line either way."""
+    try:
+        routes = router.reload()
+    except PostfixConfigError as exc:
+        log.error("SIGHUP: reload failed, keeping the old routes: %s", exc)
+    except Exception:  # a handler in the main thread must never end the process
+        log.exception("SIGHUP: reload failed, keeping the old routes")
+    else:
+        log.info("SIGHUP: routes reloaded: %s", routes)
+
+
 async def _close(
     policy_service: PolicyService,
     admin: AdminServer,
@@ -97,6 +116,7 @@ def serve(config: Config) -> int:
     metrics = Metrics()
     parts = build_policy(config, loop, metrics)
     cache, engine = parts.cache, parts.engine
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(parts.router))
     longest = engine.settings.longest_answer + HANDOFF_MARGIN
     if config.socket and longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
@@ -153,7 +173,7 @@ def serve(config: Config) -> int:
             "callahead listening: milter %s, policy service %s; routes: %s; metrics: %s",
             config.socket or "off",
             config.policy_listen or "off",
-            " ".join(f"{d}={h}" for d, h in config.routes.entries()),
+            parts.router.describe(),
             "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
         )
         if config.dry_run:
@@ -190,14 +210,27 @@ def serve(config: Config) -> int:
 
 
 def _run_milter(config: Config, judge: Judge, metrics: Metrics) -> int:
-    """libmilter's loop, until the first stop signal."""
+    """libmilter's loop until the first stop signal, in a thread of its own (see the
+    module doc); the main thread waits in ``join``, where SIGHUP handlers run."""
     Milter.factory = lambda: CallaheadMilter(judge, metrics)
     # callahead changes nothing in a message; it only asks for its macros and replies.
     Milter.set_flags(Milter.SETSYMLIST)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            Milter.runmilter("callahead", config.milter_socket, timeout=300)
+        except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="callahead-milter")
     notify("READY=1")
-    try:
-        Milter.runmilter("callahead", config.milter_socket, timeout=300)
-    except Milter.milter.error as exc:
-        log.error("milter stopped: %s (socket %s)", exc, config.socket)
+    thread.start()
+    thread.join()
+    if raised and isinstance(raised[0], Milter.milter.error):
+        log.error("milter stopped: %s (socket %s)", raised[0], config.socket)
         return EX_UNAVAILABLE
+    if raised:
+        raise raised[0]
     return 0

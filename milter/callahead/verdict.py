@@ -103,6 +103,8 @@ class Skip(enum.Enum):
     """callahead's own probe loop is not answering (see loop.py's heartbeat)."""
     SHUTDOWN = "shutdown"
     """callahead is stopping: probes in flight were cancelled, no new ones start."""
+    ROUTE_FAILED = "route_failed"
+    """The route's hosts could not be found (DNS failure, no MX host but this one)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from types import FrameType
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.harness.threaded import ThreadedServer
+from tests.harness.threaded import HOST, ThreadedServer
 
 __all__ = [
     "Delivered",
@@ -171,8 +171,9 @@ class Primary(ThreadedServer):
         hostname: str = "primary.test",
         reject_null_sender: bool = False,
         log: Callable[[str], None] | None = None,
+        host: str = HOST,
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, host)
         self._hostname = hostname
         self.reject_null_sender = reject_null_sender
         self._log = log

@@ -643,8 +643,9 @@ class ScriptedServer(ThreadedServer, _Commands):
         *,
         port: int | None = None,
         tls_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, host)
         self._lock = threading.Lock()
         self._script = script if script is not None else Script()
         self._commands: list[Command] = []

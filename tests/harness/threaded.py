@@ -35,9 +35,11 @@ class ThreadedServer(StartStop):
 
     _kind = "server"
 
-    def __init__(self, port: int | None) -> None:
-        self._host = HOST
-        self._port = port if port is not None else free_port(HOST)
+    def __init__(self, port: int | None, host: str = HOST) -> None:
+        """``host``: 127.0.0.1, or another loopback address (the MX-route tests run
+        primaries on port 25 of 127.0.53.x)."""
+        self._host = host
+        self._port = port if port is not None else free_port(host)
         self._state_lock = threading.Lock()  # start/stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

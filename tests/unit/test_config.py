@@ -91,6 +91,8 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_SOCKET",
         "CALLAHEAD_POLICY_LISTEN",
         "CALLAHEAD_ROUTES",
+        "CALLAHEAD_POSTFIX_CONFIG",
+        "CALLAHEAD_RESOLVER",
         "CALLAHEAD_CACHE_TTL",
         "CALLAHEAD_CACHE_SIZE",
         "CALLAHEAD_CACHE_FILE",
@@ -373,7 +375,13 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_CACHE_SIZE", "many", "whole number"),
     ("CALLAHEAD_ROUTES", "example.com", "domain=nexthop"),
     ("CALLAHEAD_ROUTES", "example.com=[mx]:25 example.org", "domain=nexthop"),
-    ("CALLAHEAD_ROUTES", "example.com=mx.example.com", "[host], [host]:port or host:port"),
+    ("CALLAHEAD_ROUTES", "example.com=2001:db8::1", "IPv6 address goes in brackets"),
+    ("CALLAHEAD_ROUTES", "example.com=smtp:bad!host", "host name or address"),
+    ("CALLAHEAD_POSTFIX_CONFIG", "etc/postfix", "absolute path"),
+    ("CALLAHEAD_POSTFIX_CONFIG", "/nonexistent/postfix", "main.cf does not exist"),
+    ("CALLAHEAD_RESOLVER", "dns.example.com", "HOST[:PORT]"),
+    ("CALLAHEAD_RESOLVER", "127.0.0.1:0", "HOST[:PORT]"),
+    ("CALLAHEAD_RESOLVER", "127.0.0.1:x", "HOST[:PORT]"),
     ("CALLAHEAD_ROUTES", "example.com=[mx.example.com", "]"),
     ("CALLAHEAD_ROUTES", "example.com=[h]:0", "1 to 65535"),
     ("CALLAHEAD_ROUTES", "example.com=[h]:99999", "1 to 65535"),
@@ -492,8 +500,9 @@ def test_cli_config_prints_every_variable(capsys: pytest.CaptureFixture[str]) ->
     assert status == 0
     out, err = capsys.readouterr()
     assert err == ""
-    lines = out.splitlines()
+    *lines, source = out.splitlines()
     assert [line.split("=", 1)[0] for line in lines] == [v.name for v in VARIABLES]
+    assert source == "# routes from: CALLAHEAD_ROUTES example.com=[127.0.0.1]:2525"
     assert "CALLAHEAD_TEMPFAIL_ACTION=defer" in lines
     assert "CALLAHEAD_CACHE_TTL=60" in lines
     assert "CALLAHEAD_HELO_NAME=backup.example.net" in lines

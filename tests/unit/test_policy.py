@@ -11,7 +11,7 @@ from callahead.address import Recipient, normalize_recipient
 from callahead.cache import PositiveCache
 from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, TempfailAction
-from callahead.routes import Nexthop, parse_routes
+from callahead.routes import Nexthop, RouteUnavailable, parse_routes
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.unit.probers import SyncProber
 
@@ -527,3 +527,33 @@ def test_the_async_path_decides_as_the_sync_one(
         assert (decision.action, decision.reason) == (action, reason)
         assert (address in cache) == (reason is Reason.PROBE_VALID)
     assert decisions[0] == decisions[1]
+
+
+class FailingRoutes:
+    def lookup(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        raise RouteUnavailable("postmap: fatal: open database /etc/postfix/transport.db")
+
+    async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        return self.lookup(domain, address)
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+def test_a_route_that_cannot_be_looked_up_is_undecided_never_rejected(
+    action: TempfailAction, expected: Action
+) -> None:
+    prober = FakeProber()
+    cache = PositiveCache(ttl=3600, maxsize=100)
+    policy = Policy(routes=FailingRoutes(), cache=cache, prober=prober, tempfail_action=action)
+    decision = policy.decide("<alice@example.com>")
+    assert (decision.action, decision.reason) == (expected, Reason.ROUTE_FAILED)
+    assert prober.calls == []
+
+
+def test_a_probe_without_a_host_to_probe_is_route_failed() -> None:
+    skipped = ProbeResult.not_probed(Skip.ROUTE_FAILED, HOPS, "route: NXDOMAIN")
+    policy, _ = make_policy(FakeProber({"alice@example.com": [skipped]}))
+    decision = policy.decide("<alice@example.com>")
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.ROUTE_FAILED)

@@ -7,6 +7,7 @@ import pytest
 from callahead.address import normalize_domain
 from callahead.routes import (
     DEFAULT_SMTP_PORT,
+    RECIPIENT_DOMAIN,
     Nexthop,
     RouteError,
     RouteTable,
@@ -88,11 +89,17 @@ def test_parent_domain_listed_twice_keeps_both_in_order() -> None:
     [
         ("[mx.example.com]", Nexthop("mx.example.com", DEFAULT_SMTP_PORT)),
         ("[mx.example.com]:2525", Nexthop("mx.example.com", 2525)),
-        ("mx.example.com:2525", Nexthop("mx.example.com", 2525)),
+        ("mx.example.com:2525", Nexthop("mx.example.com", 2525, mx=True)),
+        ("mx.example.com", Nexthop("mx.example.com", 25, mx=True)),
+        ("MX.Example.COM.", Nexthop("mx.example.com", 25, mx=True)),
+        ("smtp:", RECIPIENT_DOMAIN),
+        ("relay:", RECIPIENT_DOMAIN),
+        ("relay", RECIPIENT_DOMAIN),
+        ("SMTP", RECIPIENT_DOMAIN),
         ("smtp:[mx.example.com]", Nexthop("mx.example.com", 25)),
         ("relay:[mx.example.com]:587", Nexthop("mx.example.com", 587)),
         ("SMTP:[mx.example.com]:26", Nexthop("mx.example.com", 26)),
-        ("smtp:mx.example.com:26", Nexthop("mx.example.com", 26)),
+        ("smtp:mx.example.com:26", Nexthop("mx.example.com", 26, mx=True)),
         ("[192.0.2.10]", Nexthop("192.0.2.10", 25)),
         ("192.0.2.10:2525", Nexthop("192.0.2.10", 2525)),
         ("[::1]:2525", Nexthop("::1", 2525)),
@@ -125,7 +132,6 @@ def test_ipv6_route() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "mx.example.com",
         "[mx.example.com",
         "[h]:0",
         "[h]:99999",
@@ -135,7 +141,7 @@ def test_ipv6_route() -> None:
         "[]",
         "[]:25",
         ":25",
-        "smtp:",
+        "smtp::25",
         "[bad!host]",
         "2001:db8::1",
         "h:port",
@@ -152,7 +158,7 @@ def test_separators_commas_and_whitespace_mixed() -> None:
     )
     assert table.lookup("a.test") == (A,)
     assert table.lookup("b.test") == (B,)
-    assert table.lookup("c.test") == (Nexthop("c.mx.test", 26),)
+    assert table.lookup("c.test") == (Nexthop("c.mx.test", 26, mx=True),)
     assert table.lookup("d.test") == (Nexthop("d", 25),)
     assert len(table) == 4
 
@@ -169,7 +175,7 @@ def test_entries_in_stable_order() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["example.com", "example.com=", "=[mx]", ".=[mx]", "bad domain!=[mx]", "example.com=mx"],
+    ["example.com", "example.com=", "=[mx]", ".=[mx]", "bad domain!=[mx]", "example.com=m!x"],
 )
 def test_bad_routes(text: str) -> None:
     with pytest.raises(RouteError):
@@ -233,3 +239,19 @@ def test_two_domains_that_idna2003_would_merge_keep_their_routes() -> None:
     assert table.lookup("straße.de") == (Nexthop("mx-sharp", 25),)
     assert table.lookup("xn--strae-oqa.de") == (Nexthop("mx-sharp", 25),)
     assert table.lookup("strasse.de") == (Nexthop("mx-ss", 25),)
+
+
+def test_mx_nexthops_print_as_transport_5_writes_them() -> None:
+    assert str(parse_nexthop("relay")) == "smtp:"
+    assert str(parse_nexthop("smtp:mx.example.com")) == "mx.example.com:25"
+    assert str(parse_nexthop("mx.example.com:2525")) == "mx.example.com:2525"
+    table = parse_routes("a.test=smtp: b.test=mx.b.test")
+    assert parse_routes(" ".join(f"{d}={h}" for d, h in table.entries())).entries() == (
+        table.entries()
+    )
+
+
+def test_an_address_without_brackets_is_literal() -> None:
+    """An address has no MX records: it is connected to, as with brackets."""
+    assert parse_nexthop("192.0.2.10") == Nexthop("192.0.2.10", 25)
+    assert parse_nexthop("smtp:192.0.2.10:2525") == Nexthop("192.0.2.10", 2525)

@@ -1,0 +1,258 @@
+"""From a route's nexthops to the addresses to probe, through the DNS, as Postfix's
+smtp(8) does it.
+
+* ``[host]:port`` (literal): no lookup; the session connects to ``host``.
+* ``host`` / ``host:port``: the MX hosts of ``host``; with no MX records, ``host`` itself
+  (RFC 5321 5.1 implicit MX); then the addresses (A, then AAAA) of each.
+* ``smtp:`` or ``relay`` with no host: the same for the recipient domain.
+
+MX hosts are tried by preference (equal ones shuffled, as RFC 5321 asks). **This host
+is never probed**: an MX host whose name is this host's name (Postfix's ``myhostname``)
+or one of whose addresses is this host's (``inet_interfaces`` and ``proxy_interfaces``
+of the Postfix configuration; with ``all``, the addresses of this host's interfaces) is
+dropped with every MX host of equal or lower preference, as smtp(8) does (it looks at
+the addresses; RFC 5321 also names the host name, which catches a backup behind NAT).
+When none is left (this host is the best MX), or on any DNS failure, NXDOMAIN or a null
+MX (RFC 7505), the recipient is undecided (``RouteUnavailable``), never rejected.
+
+At most ``MAX_ADDRESSES`` addresses are returned (smtp_mx_address_limit). Answers are
+cached for their TTL by dnspython's cache (bounded); ``flush`` empties it (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from .address import normalize_domain
+from .routes import Nexthop, RouteUnavailable
+
+MAX_ADDRESSES = 5
+"""Addresses tried per recipient at most (Postfix's smtp_mx_address_limit)."""
+DNS_CACHE_SIZE = 10_000
+DNS_TIMEOUT = 5.0
+"""Seconds for one name's lookups at most (within the probe's own deadline)."""
+
+
+class NoRecords(Exception):
+    """The name exists and has no records of the type asked (NOERROR/NODATA)."""
+
+
+class DnsFailure(Exception):
+    """NXDOMAIN, SERVFAIL, a timeout, no server answering: the reason in the message."""
+
+
+class Dns(Protocol):
+    """The lookups MX selection needs (``DnsPython`` is the real one)."""
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        """(preference, exchange) pairs; raises NoRecords or DnsFailure."""
+        ...
+
+    async def addresses(self, name: str) -> list[str]:
+        """A then AAAA addresses; raises NoRecords or DnsFailure."""
+        ...
+
+
+def parse_resolver(text: str) -> tuple[str, int] | None:
+    """``HOST[:PORT]`` or ``[IPV6]:PORT`` (HOST an address); None when empty; raises
+    ValueError when malformed."""
+    text = text.strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?|([0-9A-Fa-f:.]+)", text)
+    if not match:
+        raise ValueError(text)
+    host = match.group(1) or match.group(3) or match.group(5)
+    port_text = match.group(2) or match.group(4)
+    ipaddress.ip_address(host)  # raises ValueError
+    port = int(port_text) if port_text else 53
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return host, port
+
+
+class DnsPython:
+    """``Dns`` through dnspython's asyncio resolver: the system's servers, or one given."""
+
+    def __init__(self, server: tuple[str, int] | None = None, timeout: float = DNS_TIMEOUT):
+        self._resolver = dns.asyncresolver.Resolver(configure=server is None)
+        if server is not None:
+            self._resolver.nameservers = [server[0]]
+            self._resolver.port = server[1]
+        self._resolver.lifetime = timeout
+        self._resolver.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
+
+    def flush(self) -> None:
+        cache = self._resolver.cache
+        if cache is not None:
+            cache.flush()
+
+    async def _query(self, name: str, rdtype: str) -> list[str]:
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            raise NoRecords(f"{name} has no {rdtype} records") from None
+        except dns.resolver.NXDOMAIN:
+            raise DnsFailure(f"{name} does not exist (NXDOMAIN)") from None
+        except dns.exception.DNSException as exc:
+            raise DnsFailure(f"{rdtype} lookup of {name} failed: {exc}") from None
+        return [rdata.to_text() for rdata in answer]
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        out = []
+        for text in await self._query(name, "MX"):
+            preference, _, exchange = text.partition(" ")
+            out.append((int(preference), exchange))
+        return out
+
+    async def addresses(self, name: str) -> list[str]:
+        found: list[str] = []
+        failure: DnsFailure | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found += await self._query(name, rdtype)
+            except NoRecords:
+                pass
+            except DnsFailure as exc:
+                failure = failure or exc
+        if found:
+            return found
+        if failure is not None:
+            raise failure
+        raise NoRecords(f"{name} has no address records")
+
+
+@dataclass(frozen=True, slots=True)
+class ThisHost:
+    """What counts as this host among MX hosts: its names and its addresses."""
+
+    names: frozenset[str]
+    addresses: frozenset[str]
+
+    @classmethod
+    def from_postfix(cls, names: Iterable[str], interfaces: Iterable[str]) -> ThisHost:
+        """``interfaces``: Postfix's ``inet_interfaces`` and ``proxy_interfaces``
+        entries; ``all`` means every address of this host's interfaces."""
+        addresses: set[str] = set()
+        all_names = list(names)
+        for item in interfaces:
+            item = item.strip("[]").lower()
+            if item == "all":
+                addresses |= interface_addresses()
+            elif item in ("loopback-only", "localhost"):
+                addresses |= {"127.0.0.1", "::1"}
+            else:
+                try:
+                    addresses.add(str(ipaddress.ip_address(item)))
+                except ValueError:
+                    all_names.append(item)
+        return cls(
+            frozenset(normalize_domain(n) for n in all_names if n),
+            frozenset(addresses),
+        )
+
+    def is_self(self, name: str, addresses: Sequence[str]) -> bool:
+        return normalize_domain(name) in self.names or any(
+            _canonical(a) in self.addresses for a in addresses
+        )
+
+
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def interface_addresses() -> set[str]:
+    """Every address of this host's interfaces (Linux: the kernel's local routes and
+    /proc/net/if_inet6)."""
+    found: set[str] = set()
+    try:
+        last = ""
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith(("|--", "+--")):
+                last = text[3:].strip().split("/")[0]
+            elif text.startswith("/32 host LOCAL") and last:
+                found.add(last)
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(str(ipaddress.ip_address(bytes.fromhex(raw))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+class MxResolver:
+    """Expands a route's nexthops into literal ones (engine.HopResolver)."""
+
+    def __init__(self, dns_: Dns, this_host: ThisHost, *, shuffle: bool = True) -> None:
+        self._dns = dns_
+        self._this_host = this_host
+        self._shuffle = shuffle
+
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> tuple[Nexthop, ...]:
+        """Literal nexthops for ``hops`` (the recipient ``domain`` for a hostless one),
+        in order, at most ``MAX_ADDRESSES``; raises ``RouteUnavailable`` when none."""
+        out: list[Nexthop] = []
+        problems: list[str] = []
+        for hop in hops:
+            if not hop.mx:
+                out.append(hop)
+                continue
+            try:
+                out += await self._mx_hops(hop.host or domain, hop.port)
+            except RouteUnavailable as exc:
+                problems.append(str(exc))
+        unique = list(dict.fromkeys(out))[:MAX_ADDRESSES]
+        if not unique:
+            raise RouteUnavailable("; ".join(problems) or "no host to probe")
+        return tuple(unique)
+
+    async def _mx_hops(self, name: str, port: int) -> list[Nexthop]:
+        name = normalize_domain(name)
+        try:
+            records = await self._dns.mx(name)
+        except NoRecords:
+            records = [(0, name)]  # implicit MX
+        except DnsFailure as exc:
+            raise RouteUnavailable(str(exc)) from None
+        exchanges = [(pref, normalize_domain(host)) for pref, host in records]
+        if any(not host for _, host in exchanges):
+            raise RouteUnavailable(f"{name} has a null MX: it accepts no mail")
+        exchanges.sort(key=lambda mx: (mx[0], random.random() if self._shuffle else 0))
+        resolved: list[tuple[int, str, list[str]]] = []
+        problems: list[str] = []
+        for pref, host in exchanges:
+            try:
+                addresses = await self._dns.addresses(host)
+            except (NoRecords, DnsFailure) as exc:
+                problems.append(str(exc))
+                addresses = []
+            resolved.append((pref, host, addresses))
+        cut = min(
+            (pref for pref, host, addrs in resolved if self._this_host.is_self(host, addrs)),
+            default=None,
+        )
+        kept = [r for r in resolved if cut is None or r[0] < cut]
+        hops = [Nexthop(address, port) for _, _, addrs in kept for address in addrs]
+        if not hops:
+            if cut is not None and not kept:
+                raise RouteUnavailable(f"this host is the best MX host of {name}")
+            raise RouteUnavailable("; ".join(problems) or f"no address for the MX hosts of {name}")
+        return hops
