@@ -7,6 +7,16 @@
   on the wire, answered with the tempfail action.
 * ``SessionLost`` / ``SessionFailed`` (session.py): a probe session died or could not
   open; the engine retries or turns it into an undecided result.
+* ``RouteUnavailable`` (routes.py), ``PostfixConfigError`` (postfixmaps.py),
+  ``NoRecords`` / ``DnsFailure`` (resolve.py): a route that cannot be told now (an
+  undecided answer, never a reject), or a Postfix configuration that cannot be read
+  (exit 78 at start; the old routes stay on SIGHUP).
+* ``CacheFileError`` (cachefile.py): the cache file cannot be read or written; logged,
+  never fatal.
+* ``AdminError`` / ``AdminUnavailable`` (admin.py): the admin socket cannot be set up
+  (serve goes on without it) or no serve answers on it (the command exits 69).
+* ``RequestError`` (policyservice.py): a policy request that cannot be Postfix's; the
+  connection is closed.
 """
 
 from __future__ import annotations

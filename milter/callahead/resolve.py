@@ -35,6 +35,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .address import normalize_domain
+from .errors import CallaheadError
 from .routes import Nexthop, RouteUnavailable
 
 MAX_ADDRESSES = 5
@@ -44,11 +45,11 @@ DNS_TIMEOUT = 5.0
 """Seconds for one name's lookups at most (within the probe's own deadline)."""
 
 
-class NoRecords(Exception):
+class NoRecords(CallaheadError):
     """The name exists and has no records of the type asked (NOERROR/NODATA)."""
 
 
-class DnsFailure(Exception):
+class DnsFailure(CallaheadError):
     """NXDOMAIN, SERVFAIL, a timeout, no server answering: the reason in the message."""
 
 

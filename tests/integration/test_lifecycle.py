@@ -151,6 +151,10 @@ def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdi
         assert "milter off" in process.log()
         assert not accepts(process.milter_port)
         assert process.pid is not None
+        # SIGHUP reloads (the main thread waits in sigwait for the stop signals).
+        os.kill(process.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: routes reloaded" in process.log(), 10, what="the reload")
+        assert not process.exited()
         signalled = time.monotonic()
         os.kill(process.pid, signal.SIGTERM)
         wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
