@@ -381,31 +381,22 @@ class Figure:
 
 def _ratio_to_plain(workload: str, case: Case, specs: Sequence[PrimarySpec]) -> Figure:
     """Median msg/s of a case over plain Postfix's, per primary."""
+    return _ratio(workload, case, PLAIN, specs)
 
+
+def _ratio_to_floor(workload: str, case: Case) -> Figure:
+    """Median msg/s of a front end over its do-nothing floor's, per primary."""
+    return _ratio(workload, case, FLOORS[case], PRIMARIES)
+
+
+def _ratio(workload: str, case: Case, to: Case, specs: Sequence[PrimarySpec]) -> Figure:
     def read(report: Report) -> list[Reading]:
         readings = []
         for spec in specs:
             item = report.find(workload, spec, case)
             if item is None or not item.runs:
                 continue
-            r = ratio(report, item)
-            where = "" if workload == "warm" else f", primary {spec.label}"
-            readings.append(Reading(where, r, "-" if r is None else f"{r:.2f}"))
-        return readings
-
-    return Figure(read, lambda v: f"{v:.2f}")
-
-
-def _ratio_to_floor(workload: str, case: Case) -> Figure:
-    """Median msg/s of a front end over its do-nothing floor's, per primary."""
-
-    def read(report: Report) -> list[Reading]:
-        readings = []
-        for spec in PRIMARIES:
-            item = report.find(workload, spec, case)
-            if item is None or not item.runs:
-                continue
-            r = ratio(report, item, FLOORS[case])
+            r = ratio(report, item, to)
             where = "" if workload == "warm" else f", primary {spec.label}"
             readings.append(Reading(where, r, "-" if r is None else f"{r:.2f}"))
         return readings

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from callahead.cache import PositiveCache
+from tests.unit.clock import Clock
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
@@ -118,14 +119,6 @@ def test_thread_safety_smoke() -> None:
     cache.add("after@example.com")
     assert "after@example.com" in cache
     assert len(cache) == 500
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_remaining_counts_down_and_ends_with_the_entry() -> None:

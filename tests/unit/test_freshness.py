@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from callahead.freshness import LastJudged
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.clock import Clock
 
 
 def test_unjudged_address_takes_any_session() -> None:

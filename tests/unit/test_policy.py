@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from callahead.guard import ClientGuard
 from callahead.policy import Action, Policy, Reason, TempfailAction
 from callahead.routes import Nexthop, RouteUnavailable, parse_routes
 from callahead.verdict import ProbeResult, Skip, Stage, Verdict
+from tests.unit.clock import Clock
 from tests.unit.probers import SyncProber
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
@@ -48,9 +50,11 @@ def make_policy(
     prober: FakeProber,
     action: TempfailAction = TempfailAction.ACCEPT,
     cache: PositiveCache | None = None,
+    **options: Any,
 ) -> tuple[Policy, PositiveCache]:
+    """A policy over ``ROUTES``; ``options``: the rest of ``Policy``'s arguments."""
     cache = cache if cache is not None else PositiveCache(ttl=3600, maxsize=100)
-    policy = Policy(routes=ROUTES, cache=cache, prober=prober, tempfail_action=action)
+    policy = Policy(routes=ROUTES, cache=cache, prober=prober, tempfail_action=action, **options)
     return policy, cache
 
 
@@ -435,14 +439,7 @@ def test_dry_run_decides_as_usual_but_gives_no_reject_or_defer() -> None:
     prober = FakeProber(
         {"ghost@example.com": [UNKNOWN], "busy@example.com": [TEMPFAIL], "a@example.com": [VALID]}
     )
-    cache = PositiveCache(ttl=3600, maxsize=100)
-    policy = Policy(
-        routes=ROUTES,
-        cache=cache,
-        prober=prober,
-        tempfail_action=TempfailAction.DEFER,
-        dry_run=True,
-    )
+    policy, cache = make_policy(prober, TempfailAction.DEFER, dry_run=True)
     rejected = policy.decide("<ghost@example.com>")
     assert (rejected.action, rejected.reason) == (Action.REJECT, Reason.PROBE_UNKNOWN)
     assert rejected.dry_run is True
@@ -471,24 +468,13 @@ class RecordingRefresher:
         self.asked.append((address, tuple(hops)))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_hit_in_the_last_part_of_the_ttl_is_refreshed_and_answered_at_once() -> None:
-    clock = Clock()
-    cache = PositiveCache(ttl=100, maxsize=10, clock=clock)
+    clock = Clock(0.0)
     prober = FakeProber({"a@example.com": [VALID]})
     refresher = RecordingRefresher()
-    policy = Policy(
-        routes=ROUTES,
-        cache=cache,
-        prober=prober,
-        tempfail_action=TempfailAction.ACCEPT,
+    policy, _ = make_policy(
+        prober,
+        cache=PositiveCache(ttl=100, maxsize=10, clock=clock),
         refresher=refresher,
         refresh_within=10,
     )

@@ -330,13 +330,6 @@ def test_quoted_local_part_sent_exactly(scripted: StartScripted) -> None:
 # --- LoopProber and ProbeLoop ----------------------------------------------------------
 
 
-@pytest.fixture
-def probe_loop() -> ProbeLoop:
-    loop = ProbeLoop()
-    loop.start()
-    return loop
-
-
 def test_loop_prober_from_plain_threads(probe_loop: ProbeLoop, scripted: StartScripted) -> None:
     server = scripted(Script(rcpt_default=OK))
     engine = ProbeEngine(probe_settings(helo_name=HELO, sender="", timeout=2.0))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Sequence
-
-import pytest
+from collections.abc import Sequence
 
 from callahead.cache import PositiveCache
 from callahead.engine import ProbeEngine
@@ -44,38 +42,30 @@ class AnsweredEngine(ProbeEngine):
             self._answers[address] = future
         return await future
 
-    def answer(self, loop: ProbeLoop, address: str, verdict: Verdict) -> None:
+    def answer(self, probe_loop: ProbeLoop, address: str, verdict: Verdict) -> None:
         code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
         result = ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, str(HOPS[0]))
         with self._lock:
             future = self._answers.pop(address)
-        loop.call_soon(future.set_result, result)
+        probe_loop.call_soon(future.set_result, result)
 
     def waiting(self, address: str) -> bool:
         with self._lock:
             return address in self._answers
 
 
-@pytest.fixture
-def loop() -> Iterator[ProbeLoop]:
-    probe_loop = ProbeLoop()
-    probe_loop.start()
-    yield probe_loop
-    probe_loop.stop()
-
-
 def make(
-    loop: ProbeLoop, limit: int = 2
+    probe_loop: ProbeLoop, limit: int = 2
 ) -> tuple[LoopRefresher, AnsweredEngine, PositiveCache, list[str]]:
     engine = AnsweredEngine()
     cache = PositiveCache(ttl=100, maxsize=10)
     outcomes: list[str] = []
-    refresher = LoopRefresher(loop, engine, cache, limit=limit, on_outcome=outcomes.append)
+    refresher = LoopRefresher(probe_loop, engine, cache, limit=limit, on_outcome=outcomes.append)
     return refresher, engine, cache, outcomes
 
 
-def test_unknown_forgets_the_address_and_valid_keeps_it(loop: ProbeLoop) -> None:
-    refresher, engine, cache, outcomes = make(loop)
+def test_unknown_forgets_the_address_and_valid_keeps_it(probe_loop: ProbeLoop) -> None:
+    refresher, engine, cache, outcomes = make(probe_loop)
     cache.add("gone@x.test")
     cache.add("kept@x.test")
     refresher.refresh("gone@x.test", HOPS)
@@ -83,8 +73,8 @@ def test_unknown_forgets_the_address_and_valid_keeps_it(loop: ProbeLoop) -> None
     wait_for(lambda: engine.waiting("gone@x.test") and engine.waiting("kept@x.test"), 5.0)
     assert sorted(engine.asked) == [("gone@x.test", True), ("kept@x.test", True)]
 
-    engine.answer(loop, "gone@x.test", Verdict.UNKNOWN)
-    engine.answer(loop, "kept@x.test", Verdict.VALID)
+    engine.answer(probe_loop, "gone@x.test", Verdict.UNKNOWN)
+    engine.answer(probe_loop, "kept@x.test", Verdict.VALID)
     wait_for(lambda: len(outcomes) == 2, 5.0)
     assert sorted(outcomes) == ["unknown", "valid"]
     assert "gone@x.test" not in cache
@@ -92,18 +82,18 @@ def test_unknown_forgets_the_address_and_valid_keeps_it(loop: ProbeLoop) -> None
     assert refresher.pending == 0
 
 
-def test_an_undecided_refresh_leaves_the_entry_to_expire(loop: ProbeLoop) -> None:
-    refresher, engine, cache, outcomes = make(loop)
+def test_an_undecided_refresh_leaves_the_entry_to_expire(probe_loop: ProbeLoop) -> None:
+    refresher, engine, cache, outcomes = make(probe_loop)
     cache.add("a@x.test")
     refresher.refresh("a@x.test", HOPS)
     wait_for(lambda: engine.waiting("a@x.test"), 5.0)
-    engine.answer(loop, "a@x.test", Verdict.TEMPFAIL)
+    engine.answer(probe_loop, "a@x.test", Verdict.TEMPFAIL)
     wait_for(lambda: outcomes == ["tempfail"], 5.0)
     assert "a@x.test" in cache
 
 
-def test_one_refresh_per_address_and_at_most_limit_at_once(loop: ProbeLoop) -> None:
-    refresher, engine, _, outcomes = make(loop, limit=2)
+def test_one_refresh_per_address_and_at_most_limit_at_once(probe_loop: ProbeLoop) -> None:
+    refresher, engine, _, outcomes = make(probe_loop, limit=2)
     refresher.refresh("a@x.test", HOPS)
     refresher.refresh("a@x.test", HOPS)  # already in flight: nothing more
     refresher.refresh("b@x.test", HOPS)
@@ -111,14 +101,15 @@ def test_one_refresh_per_address_and_at_most_limit_at_once(loop: ProbeLoop) -> N
     assert outcomes == [SKIPPED]
     wait_for(lambda: engine.waiting("a@x.test") and engine.waiting("b@x.test"), 5.0)
     assert sorted(a for a, _ in engine.asked) == ["a@x.test", "b@x.test"]
-    engine.answer(loop, "a@x.test", Verdict.VALID)
+    engine.answer(probe_loop, "a@x.test", Verdict.VALID)
     wait_for(lambda: refresher.pending == 1, 5.0)
     refresher.refresh("c@x.test", HOPS)  # room again
     wait_for(lambda: engine.waiting("c@x.test"), 5.0)
+    probe_loop.run(refresher.aclose(), timeout=5.0)  # the ones still waiting
 
 
-def test_no_refresh_without_a_free_probe_slot(loop: ProbeLoop) -> None:
-    refresher, engine, _, outcomes = make(loop)
+def test_no_refresh_without_a_free_probe_slot(probe_loop: ProbeLoop) -> None:
+    refresher, engine, _, outcomes = make(probe_loop)
     engine.free = False
     refresher.refresh("a@x.test", HOPS)
     wait_for(lambda: outcomes == [SKIPPED], 5.0)
@@ -126,11 +117,11 @@ def test_no_refresh_without_a_free_probe_slot(loop: ProbeLoop) -> None:
     assert refresher.pending == 0
 
 
-def test_the_refreshes_in_flight_are_cancelled_at_shutdown(loop: ProbeLoop) -> None:
-    refresher, engine, _, _ = make(loop)
+def test_the_refreshes_in_flight_are_cancelled_at_shutdown(probe_loop: ProbeLoop) -> None:
+    refresher, engine, _, _ = make(probe_loop)
     refresher.refresh("a@x.test", HOPS)
     wait_for(lambda: engine.waiting("a@x.test"), 5.0)
-    loop.run(refresher.aclose(), timeout=5.0)
+    probe_loop.run(refresher.aclose(), timeout=5.0)
     assert refresher.pending == 0
 
 
