@@ -46,6 +46,8 @@ SHUTDOWN_GRACE = 2.0
 SESSION_CLOSE_TIMEOUT = 5.0
 """Seconds for closing the pooled probe sessions (QUIT) at shutdown."""
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+SIGNAL_WAIT = 60.0
+"""Seconds of one wait for the stop signals (each wait ends early on SIGHUP too)."""
 SIGNAL_POLL = 0.05
 """Seconds between two looks for a second stop signal."""
 UNCLAIMED_AFTER = 0.3
@@ -106,7 +108,7 @@ def serve(config: Config) -> int:
     The stop signals are blocked in every thread (the mask is set before any thread
     starts), so only one thread takes the first one: libmilter's own signal thread
     (libmilter stops listening, which it notices within about 5 s, and returns), or,
-    without a milter, the main thread in ``sigwait``. Then the probes in flight are
+    without a milter, the main thread in ``sigtimedwait``. Then the probes in flight are
     cancelled, so every recipient waiting on one (a libmilter thread, a policy request)
     is answered with the tempfail action within ``SHUTDOWN_GRACE``, and the pooled
     sessions are closed with QUIT within ``SESSION_CLOSE_TIMEOUT``: about 12 s at most
@@ -184,7 +186,7 @@ def serve(config: Config) -> int:
         if config.socket:
             return _run_milter(config, judge, metrics)
         notify("READY=1")
-        signum = signal.sigwait(STOP_SIGNALS)
+        signum = _wait_for_stop()
         log.info("stop signal (%s)", signal.Signals(signum).name)
         return 0
     finally:
@@ -207,6 +209,17 @@ def serve(config: Config) -> int:
         if config.cache_file:
             cachefile.save_from(cache, config.cache_file)
         log.info("callahead stopped")
+
+
+def _wait_for_stop() -> int:
+    """The first stop signal, taken in the main thread (no milter). Not ``sigwait``:
+    glibc's restarts itself when SIGHUP's handler interrupts it, so the handler (which
+    Python runs only once the call returns) would wait for the stop; Python's
+    ``sigtimedwait`` returns on the interruption and runs the handler at once."""
+    while True:
+        taken = signal.sigtimedwait(STOP_SIGNALS, SIGNAL_WAIT)
+        if taken is not None:
+            return taken.si_signo
 
 
 def _run_milter(config: Config, judge: Judge, metrics: Metrics) -> int:
