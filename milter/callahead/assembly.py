@@ -34,6 +34,7 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
         pool_max_age=config.pool_max_age,
         fallback_sender=config.probe_fallback_sender,
         transcript=transcript,
+        primary_rate=config.primary_rate,
     )
 
 

@@ -638,6 +638,17 @@ VARIABLES: tuple[Variable, ...] = (
         render=_fmt_number,
     ),
     Variable(
+        "CALLAHEAD_PRIMARY_RATE",
+        "0",
+        "probes per second each primary may get from this callahead (a token bucket "
+        "holding a second's worth, at least one); a probe over it waits within "
+        "CALLAHEAD_PROBE_WAIT, else the tempfail action (reason primary_budget); "
+        "0: unlimited",
+        field="primary_rate",
+        parse=_number(float, maximum=100_000, what="expected a number from 0 to 100000"),
+        render=_fmt_number,
+    ),
+    Variable(
         "CALLAHEAD_BREAKER_FAILURES",
         "5",
         "consecutive connection-level failures after which a primary is treated as "
@@ -713,6 +724,7 @@ class Config:
     pool_max_age: float
     max_probes: int
     probe_wait: float
+    primary_rate: float
     breaker_failures: int
     breaker_cooldown: float
     client_unknown_limit: int

@@ -143,7 +143,7 @@ class Metrics:
             "callahead_cache_refreshes",
             "Cached addresses verified again in the background near the end of their TTL, "
             "by outcome (valid: kept; unknown: forgotten; tempfail: kept until it expires; "
-            "skipped: no spare probe slot)",
+            "skipped: no spare probe slot or no budget token)",
             ["outcome"],
             registry=r,
         )

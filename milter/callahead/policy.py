@@ -51,6 +51,7 @@ class Reason(enum.Enum):
     CLIENT_LIMIT = "client_limit"
     SHUTDOWN = "shutdown"
     LOOP_STALLED = "loop_stalled"
+    PRIMARY_BUDGET = "primary_budget"
     ERROR = "error"
 
 
@@ -225,4 +226,6 @@ class Policy:
             reason = Reason.LOOP_STALLED
         elif result.skipped is Skip.SHUTDOWN:
             reason = Reason.SHUTDOWN
+        elif result.skipped is Skip.PRIMARY_BUDGET:
+            reason = Reason.PRIMARY_BUDGET
         return Decision(self._undecided, reason, address, result)

@@ -103,6 +103,8 @@ class Skip(enum.Enum):
     """callahead's own probe loop is not answering (see loop.py's heartbeat)."""
     SHUTDOWN = "shutdown"
     """callahead is stopping: probes in flight were cancelled, no new ones start."""
+    PRIMARY_BUDGET = "primary_budget"
+    """The primary's probe budget (``CALLAHEAD_PRIMARY_RATE``) had no token in time."""
 
 
 @dataclass(frozen=True, slots=True)
