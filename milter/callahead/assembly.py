@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache import PositiveCache
+from .catchall import LoopCatchAll
 from .config import Config
 from .engine import EngineSettings, ProbeEngine
 from .guard import ClientGuard
@@ -47,6 +48,8 @@ class Parts:
     engine: ProbeEngine
     prober: LoopProber
     refresher: LoopRefresher
+    catchall: LoopCatchAll | None = None
+    """None when CALLAHEAD_CATCHALL_CHECK is 0."""
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
@@ -60,6 +63,16 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         limit=refresh_limit(config.max_probes),
         on_outcome=metrics.refreshed,
     )
+    catchall = None
+    if config.catchall_check > 0:
+        catchall = LoopCatchAll(
+            loop,
+            engine,
+            cache,
+            interval=config.catchall_check,
+            on_check=metrics.catchall_checked,
+            on_state=metrics.domain_state,
+        )
     policy = Policy(
         routes=config.routes,
         cache=cache,
@@ -73,5 +86,6 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         dry_run=config.dry_run,
         refresher=refresher,
         refresh_within=config.cache_ttl * config.cache_refresh,
+        catchall=catchall,
     )
-    return Parts(policy, cache, engine, prober, refresher)
+    return Parts(policy, cache, engine, prober, refresher, catchall)

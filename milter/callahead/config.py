@@ -504,6 +504,17 @@ VARIABLES: tuple[Variable, ...] = (
         render=_fmt_number,
     ),
     Variable(
+        "CALLAHEAD_CATCHALL_CHECK",
+        "3600",
+        "seconds between two checks (one probe of a made-up address, in the background, "
+        "at the first recipient after that time) of whether a routed domain's primary "
+        "accepts every address; such a domain's recipients are accepted without a probe "
+        "(reason accepts_all); 0 disables",
+        field="catchall_check",
+        parse=_seconds(high=604800),
+        render=_fmt_number,
+    ),
+    Variable(
         "CALLAHEAD_TEMPFAIL_ACTION",
         "accept",
         "accept or defer, when the probe cannot decide",
@@ -709,6 +720,7 @@ class Config:
     cache_file: str
     cache_save_interval: float
     cache_refresh: float
+    catchall_check: float
     tempfail_action: TempfailAction
     dry_run: bool
     probe_timeout: float

@@ -52,6 +52,7 @@ class Reason(enum.Enum):
     SHUTDOWN = "shutdown"
     LOOP_STALLED = "loop_stalled"
     PRIMARY_BUDGET = "primary_budget"
+    ACCEPTS_ALL = "accepts_all"
     ERROR = "error"
 
 
@@ -74,6 +75,25 @@ class Refresher(Protocol):
 
 class _NoRefresh:
     def refresh(self, address: str, hops: Sequence[Nexthop]) -> None:
+        pass
+
+
+class CatchAll(Protocol):
+    """Knows which route entries' primaries accept every address (catchall.py is the
+    real one); both calls return at once."""
+
+    def accepts_all(self, route: str) -> bool:
+        """From memory: did the last check find ``route``'s primary accepting all?"""
+
+    def check_if_due(self, route: str, hops: Sequence[Nexthop]) -> None:
+        """Start a check of ``route`` in the background if one is due."""
+
+
+class _NoCatchAll:
+    def accepts_all(self, route: str) -> bool:
+        return False
+
+    def check_if_due(self, route: str, hops: Sequence[Nexthop]) -> None:
         pass
 
 
@@ -142,9 +162,11 @@ class Policy:
         dry_run: bool = False,
         refresher: Refresher | None = None,
         refresh_within: float = 0.0,
+        catchall: CatchAll | None = None,
     ) -> None:
         """``refresh_within``: a cached address asked for with less than this many
-        seconds left is handed to ``refresher`` (0: never)."""
+        seconds left is handed to ``refresher`` (0: never). ``catchall``: which domains
+        accept all (their recipients are accepted without a probe); None: no checks."""
         self._routes = routes
         self._cache = cache
         self._prober = prober
@@ -155,6 +177,7 @@ class Policy:
         self._dry_run = dry_run
         self._refresher: Refresher = refresher if refresher is not None else _NoRefresh()
         self._refresh_within = refresh_within
+        self._catchall: CatchAll = catchall if catchall is not None else _NoCatchAll()
 
     @property
     def guard_enabled(self) -> bool:
@@ -191,9 +214,10 @@ class Policy:
         if normalized is None:
             return Decision(Action.SKIP, Reason.UNROUTED, recipient)
         address = normalized.address
-        hops = self._routes.lookup(normalized.domain)
+        route, hops = self._routes.match(normalized.domain)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
+        self._catchall.check_if_due(route, hops)
         left = self._cache.remaining(address)
         if left is not None:
             if left < self._refresh_within:
@@ -205,6 +229,10 @@ class Policy:
             wire_address(address, allow_utf8=True)
         except UnsendableAddress:
             return Decision(self._undecided, Reason.BAD_ADDRESS, address)
+        if self._catchall.accepts_all(route):
+            # Its primary accepts any address: a probe would say nothing. Never a
+            # tempfail either: the primary takes the mail.
+            return Decision(Action.ACCEPT, Reason.ACCEPTS_ALL, address)
         return _ToProbe(address, hops, client)
 
     def _after_probe(self, step: _ToProbe, result: ProbeResult) -> Decision:

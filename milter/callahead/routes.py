@@ -103,18 +103,25 @@ class RouteTable:
 
         An exact entry wins over a parent-domain entry; among parent entries the
         closest parent wins."""
+        return self.match(domain)[1]
+
+    def match(self, domain: str) -> tuple[str, tuple[Nexthop, ...]]:
+        """The entry that routes a recipient domain: its key as written in the table
+        (``example.com``, or ``.example.com`` for a parent entry) and its nexthops;
+        ``("", ())`` when none does."""
         key = normalize_domain(domain)
         if not key:
-            return ()
+            return "", ()
         hops = self._exact.get(key)
         if hops:
-            return hops
+            return key, hops
         labels = key.split(".")
         for i in range(1, len(labels)):
-            hops = self._parents.get(".".join(labels[i:]))
+            parent = ".".join(labels[i:])
+            hops = self._parents.get(parent)
             if hops:
-                return hops
-        return ()
+                return "." + parent, hops
+        return "", ()
 
     def entries(self) -> list[tuple[str, Nexthop]]:
         """Every entry in a stable order, for printing the configuration."""

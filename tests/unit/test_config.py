@@ -71,6 +71,7 @@ def test_defaults() -> None:
     assert config.cache_file == ""
     assert config.cache_save_interval == 300
     assert config.cache_refresh == 0.1
+    assert config.catchall_check == 3600
     assert config.dry_run is False
     assert config.admin_socket == "/run/callahead/admin.sock"
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
@@ -97,6 +98,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_CACHE_FILE",
         "CALLAHEAD_CACHE_SAVE_INTERVAL",
         "CALLAHEAD_CACHE_REFRESH",
+        "CALLAHEAD_CATCHALL_CHECK",
         "CALLAHEAD_TEMPFAIL_ACTION",
         "CALLAHEAD_DRY_RUN",
         "CALLAHEAD_PROBE_TIMEOUT",
@@ -311,6 +313,8 @@ def test_probe_tls(text: str, mode: TlsMode) -> None:
         ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0.25", 0.25),
         ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "0", 0.0),
         ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "2.5", 2.5),
+        ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "0", 0.0),
+        ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "600", 600.0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", "0", 0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", " 3 ", 3),
         ("CALLAHEAD_BREAKER_COOLDOWN", "breaker_cooldown", "0.5", 0.5),
@@ -425,6 +429,8 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_PROBE_WAIT", "nan", "seconds >= 0"),
     ("CALLAHEAD_PRIMARY_RATE", "-1", "number from 0 to 100000"),
     ("CALLAHEAD_PRIMARY_RATE", "inf", "number from 0 to 100000"),
+    ("CALLAHEAD_CATCHALL_CHECK", "-5", "seconds >= 0"),
+    ("CALLAHEAD_CATCHALL_CHECK", "604801", "at most 604800"),
     ("CALLAHEAD_BREAKER_FAILURES", "-1", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_FAILURES", "many", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_COOLDOWN", "0", "seconds > 0"),
