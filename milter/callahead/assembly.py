@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache import PositiveCache
+from .catchall import LoopCatchAll
 from .config import Config, postfix_myhostname
 from .engine import EngineSettings, ProbeEngine
 from .guard import ClientGuard
@@ -37,6 +38,7 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
         pool_max_age=config.pool_max_age,
         fallback_sender=config.probe_fallback_sender,
         transcript=transcript,
+        primary_rate=config.primary_rate,
     )
 
 
@@ -71,6 +73,8 @@ class Parts:
     prober: LoopProber
     refresher: LoopRefresher
     router: Router
+    catchall: LoopCatchAll | None = None
+    """None when CALLAHEAD_CATCHALL_CHECK is 0."""
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
@@ -86,6 +90,16 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         limit=refresh_limit(config.max_probes),
         on_outcome=metrics.refreshed,
     )
+    catchall = None
+    if config.catchall_check > 0:
+        catchall = LoopCatchAll(
+            loop,
+            engine,
+            cache,
+            interval=config.catchall_check,
+            on_check=metrics.catchall_checked,
+            on_state=metrics.domain_state,
+        )
     policy = Policy(
         routes=router,
         cache=cache,
@@ -99,5 +113,6 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         dry_run=config.dry_run,
         refresher=refresher,
         refresh_within=config.cache_ttl * config.cache_refresh,
+        catchall=catchall,
     )
-    return Parts(policy, cache, engine, prober, refresher, router)
+    return Parts(policy, cache, engine, prober, refresher, router, catchall)

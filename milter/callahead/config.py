@@ -556,6 +556,17 @@ VARIABLES: tuple[Variable, ...] = (
         render=_fmt_number,
     ),
     Variable(
+        "CALLAHEAD_CATCHALL_CHECK",
+        "3600",
+        "seconds between two checks (one probe of a made-up address, in the background, "
+        "at the first recipient after that time) of whether a routed domain's primary "
+        "accepts every address; such a domain's recipients are accepted without a probe "
+        "(reason accepts_all); 0 disables",
+        field="catchall_check",
+        parse=_seconds(high=604800),
+        render=_fmt_number,
+    ),
+    Variable(
         "CALLAHEAD_TEMPFAIL_ACTION",
         "accept",
         "accept or defer, when the probe cannot decide",
@@ -690,6 +701,17 @@ VARIABLES: tuple[Variable, ...] = (
         render=_fmt_number,
     ),
     Variable(
+        "CALLAHEAD_PRIMARY_RATE",
+        "0",
+        "probes per second each primary may get from this callahead (a token bucket "
+        "holding a second's worth, at least one); a probe over it waits within "
+        "CALLAHEAD_PROBE_WAIT, else the tempfail action (reason primary_budget); "
+        "0: unlimited",
+        field="primary_rate",
+        parse=_number(float, maximum=100_000, what="expected a number from 0 to 100000"),
+        render=_fmt_number,
+    ),
+    Variable(
         "CALLAHEAD_BREAKER_FAILURES",
         "5",
         "consecutive connection-level failures after which a primary is treated as "
@@ -752,6 +774,7 @@ class Config:
     cache_file: str
     cache_save_interval: float
     cache_refresh: float
+    catchall_check: float
     tempfail_action: TempfailAction
     dry_run: bool
     probe_timeout: float
@@ -767,6 +790,7 @@ class Config:
     pool_max_age: float
     max_probes: int
     probe_wait: float
+    primary_rate: float
     breaker_failures: int
     breaker_cooldown: float
     client_unknown_limit: int

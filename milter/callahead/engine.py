@@ -14,6 +14,9 @@
 * **Fallback sender**: a primary that refuses the probe's sender (at MAIL FROM, or at
   RCPT TO when Postfix delays the rejection) is asked again once with
   ``fallback_sender``, which its later sessions keep using.
+* **A probe budget** per primary (see budget.py, ``primary_rate``): a probe waits for a
+  token within what is left of ``probe_wait``, or is skipped (``primary_budget``);
+  background probes (refresh, catch-all checks) take a token only if one is there.
 * **Refusals of the prober** are counted per primary and logged once, so the operator
   learns that callahead cannot protect a domain (and why).
 * **MX routes**: nexthops that need a DNS lookup are expanded by the injected
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .breaker import Breaker, State
+from .budget import TokenBucket
 from .cache import ValidCache
 from .errors import CallaheadError
 from .freshness import LastJudged
@@ -63,6 +67,8 @@ class EngineSettings:
     fallback_sender: str
     transcript: bool = False
     """Record the SMTP dialogue (``callahead probe --explain`` only)."""
+    primary_rate: float = 0.0
+    """Probes per second each primary may get (a token bucket); 0: unlimited."""
 
     @property
     def longest_answer(self) -> float:
@@ -169,7 +175,13 @@ class ProbeEngine:
             breaker = Breaker(
                 failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
             )
-            primary = _Primary(name=name, breaker=breaker, sender=self.settings.sender)
+            rate = self.settings.primary_rate
+            primary = _Primary(
+                name=name,
+                breaker=breaker,
+                sender=self.settings.sender,
+                budget=TokenBucket(rate) if rate > 0 else None,
+            )
             settings = self._session_settings
             observer = self._observer
             primary.pool = SessionPool(
@@ -210,13 +222,20 @@ class ProbeEngine:
     # -- probing --------------------------------------------------------------------
 
     async def probe(
-        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+        self,
+        address: str,
+        hops: Sequence[Nexthop],
+        *,
+        recheck: bool = False,
+        background: bool = False,
     ) -> ProbeResult:
         """Probe ``address`` (already normalized), sharing a probe already in flight.
 
         The first request runs the probe itself (no extra task: this is the hot path);
         the ones that arrive meanwhile wait on a future that it fills. ``recheck``: probe
-        even when the address is in the cache (a refresh near the end of its TTL)."""
+        even when the address is in the cache (a refresh near the end of its TTL).
+        ``background``: nobody waits for the answer (a refresh, a catch-all check): it
+        takes a primary's budget token only if one is there now, never waits for one."""
         shared = self._inflight.get(address)
         if shared is not None:
             self._observer.coalesced_wait()
@@ -228,7 +247,7 @@ class ProbeEngine:
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
         try:
-            result = await self._within_slots(address, tuple(hops))
+            result = await self._within_slots(address, tuple(hops), background)
         except BaseException as exc:
             del self._inflight[address]
             # The waiters get an undecided answer; the error goes to this caller only.
@@ -254,8 +273,13 @@ class ProbeEngine:
             why="a probe of the same address that ended a moment ago found it valid",
         )
 
-    async def _within_slots(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
+    async def _within_slots(
+        self, address: str, hops: tuple[Nexthop, ...], background: bool
+    ) -> ProbeResult:
         self._ensure_janitor()
+        # What is left of probe_wait after the wait for a slot may go to a primary's
+        # budget; a background probe may not wait for it at all.
+        wait_until = time.monotonic() + (0.0 if background else self.settings.probe_wait)
         if self._slots.locked():
             wait = self.settings.probe_wait
             try:
@@ -274,14 +298,17 @@ class ProbeEngine:
         self._observer.probe_started()
         result: ProbeResult | None = None
         try:
-            result = await self._with_failover(address, hops)
+            result = await self._with_failover(address, hops, wait_until)
         finally:
             self._observer.probe_ended(result)
             self._slots.release()
         return result
 
-    async def _with_failover(self, address: str, hops: tuple[Nexthop, ...]) -> ProbeResult:
-        """Failover: each nexthop in order, all within one deadline."""
+    async def _with_failover(
+        self, address: str, hops: tuple[Nexthop, ...], wait_until: float
+    ) -> ProbeResult:
+        """Failover: each nexthop in order, all within one deadline. A nexthop over its
+        budget (no token by ``wait_until``) is skipped like one marked down."""
         started = time.monotonic()
         deadline = started + self.settings.timeout
         if any(hop.mx for hop in hops):
@@ -297,6 +324,21 @@ class ProbeEngine:
             admission = breaker.allow()
             if admission is None:
                 continue
+            if primary.budget is not None:
+                try:
+                    spent = await primary.budget.take(min(wait_until, deadline) - time.monotonic())
+                except BaseException:
+                    breaker.release(admission)
+                    raise
+                if not spent:
+                    breaker.release(admission)
+                    result = ProbeResult.not_probed(
+                        Skip.PRIMARY_BUDGET,
+                        (hop,),
+                        f"over the probe budget of {primary.name} "
+                        f"({primary.budget.rate:g} probes per second)",
+                    )
+                    continue
             budget = deadline - time.monotonic()
             if budget <= 0:
                 breaker.release(admission)
@@ -491,6 +533,8 @@ class _Primary:
     breaker: Breaker
     sender: str
     """MAIL FROM of new sessions: the probe sender, or the fallback once it was refused."""
+    budget: TokenBucket | None
+    """Probes this primary may still get (``CALLAHEAD_PRIMARY_RATE``); None: unlimited."""
     reached: bool = False
     """The last probe reached the primary at the SMTP level."""
     refusing: bool = False

@@ -24,6 +24,7 @@ from .verdict import Basis, ProbeResult, Verdict
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
+CATCHALL_OUTCOMES = REFRESH_OUTCOMES
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -143,7 +144,7 @@ class Metrics:
             "callahead_cache_refreshes",
             "Cached addresses verified again in the background near the end of their TTL, "
             "by outcome (valid: kept; unknown: forgotten; tempfail: kept until it expires; "
-            "skipped: no spare probe slot)",
+            "skipped: no spare probe slot or no budget token)",
             ["outcome"],
             registry=r,
         )
@@ -164,12 +165,29 @@ class Metrics:
             "Open policy service connections (Postfix keeps one per smtpd process)",
             registry=r,
         )
+        self.domain_accepts_all = Gauge(
+            "callahead_domain_accepts_all",
+            "1 while the last check found the primary of a routed domain (a CALLAHEAD_ROUTES "
+            "entry) accepting a made-up address: its recipients are accepted without a probe",
+            ["domain"],
+            registry=r,
+        )
+        self.catchall_checks = Counter(
+            "callahead_catchall_checks",
+            "Checks of whether a routed domain's primary accepts every address, by outcome "
+            "(valid: it does; unknown: it does not; tempfail: undecided; skipped: no spare "
+            "probe slot or budget token)",
+            ["outcome"],
+            registry=r,
+        )
         self._primaries = _PrimariesCollector()
         r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.
         self._probe_counts = {v: self.probes.labels(v.value) for v in Verdict}
         for outcome in REFRESH_OUTCOMES:
             self.refreshes.labels(outcome)
+        for outcome in CATCHALL_OUTCOMES:
+            self.catchall_checks.labels(outcome)
         for action in (Action.REJECT, Action.DEFER):
             self.dry_run_overrides.labels(action.value)
 
@@ -200,6 +218,14 @@ class Metrics:
     def refreshed(self, outcome: str) -> None:
         """One background refresh ended: a verdict's value, or ``skipped``."""
         self.refreshes.labels(outcome).inc()
+
+    def catchall_checked(self, outcome: str) -> None:
+        """One catch-all check ended: a verdict's value, or ``skipped``."""
+        self.catchall_checks.labels(outcome).inc()
+
+    def domain_state(self, route: str, accepts_all: bool) -> None:
+        """A catch-all check decided ``route`` (a route entry: the labels stay bounded)."""
+        self.domain_accepts_all.labels(route).set(1.0 if accepts_all else 0.0)
 
     def cache_counters(self) -> dict[str, float]:
         """The cache's counters so far, for ``callahead cache stats``."""

@@ -52,6 +52,8 @@ class Reason(enum.Enum):
     SHUTDOWN = "shutdown"
     LOOP_STALLED = "loop_stalled"
     ROUTE_FAILED = "route_failed"
+    PRIMARY_BUDGET = "primary_budget"
+    ACCEPTS_ALL = "accepts_all"
     ERROR = "error"
 
 
@@ -74,6 +76,25 @@ class Refresher(Protocol):
 
 class _NoRefresh:
     def refresh(self, address: str, hops: Sequence[Nexthop]) -> None:
+        pass
+
+
+class CatchAll(Protocol):
+    """Knows which route entries' primaries accept every address (catchall.py is the
+    real one); both calls return at once."""
+
+    def accepts_all(self, route: str) -> bool:
+        """From memory: did the last check find ``route``'s primary accepting all?"""
+
+    def check_if_due(self, route: str, hops: Sequence[Nexthop]) -> None:
+        """Start a check of ``route`` in the background if one is due."""
+
+
+class _NoCatchAll:
+    def accepts_all(self, route: str) -> bool:
+        return False
+
+    def check_if_due(self, route: str, hops: Sequence[Nexthop]) -> None:
         pass
 
 
@@ -142,9 +163,11 @@ class Policy:
         dry_run: bool = False,
         refresher: Refresher | None = None,
         refresh_within: float = 0.0,
+        catchall: CatchAll | None = None,
     ) -> None:
         """``refresh_within``: a cached address asked for with less than this many
-        seconds left is handed to ``refresher`` (0: never)."""
+        seconds left is handed to ``refresher`` (0: never). ``catchall``: which domains
+        accept all (their recipients are accepted without a probe); None: no checks."""
         self._routes = routes
         self._cache = cache
         self._prober = prober
@@ -155,6 +178,7 @@ class Policy:
         self._dry_run = dry_run
         self._refresher: Refresher = refresher if refresher is not None else _NoRefresh()
         self._refresh_within = refresh_within
+        self._catchall: CatchAll = catchall if catchall is not None else _NoCatchAll()
 
     @property
     def guard_enabled(self) -> bool:
@@ -175,7 +199,8 @@ class Policy:
             hops = self._routes.lookup(normalized.domain, normalized.address)
         except RouteUnavailable:
             hops = None
-        step = self._before_probe(normalized.address, hops, client)
+        route = self._routes.route_key(normalized.domain)
+        step = self._before_probe(normalized.address, route, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         return self._final(self._after_probe(step, self._prober.probe(step.address, step.hops)))
@@ -189,7 +214,8 @@ class Policy:
             hops = await self._routes.lookup_async(normalized.domain, normalized.address)
         except RouteUnavailable:
             hops = None
-        step = self._before_probe(normalized.address, hops, client)
+        route = self._routes.route_key(normalized.domain)
+        step = self._before_probe(normalized.address, route, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         result = await self._prober.probe_async(step.address, step.hops)
@@ -201,14 +227,17 @@ class Policy:
         return decision
 
     def _before_probe(
-        self, address: str, hops: tuple[Nexthop, ...] | None, client: str | None
+        self, address: str, route: str, hops: tuple[Nexthop, ...] | None, client: str | None
     ) -> Decision | _ToProbe:
         """Everything decided without a probe, or what to probe. ``hops`` None: the
-        route could not be looked up now."""
+        route could not be looked up now; ``route``: the route entry that routes the
+        domain (for catch-all detection), empty when none is checked."""
         if hops is None:
             return Decision(self._undecided, Reason.ROUTE_FAILED, address)
         if not hops:
             return Decision(Action.SKIP, Reason.UNROUTED, address)
+        if route:
+            self._catchall.check_if_due(route, hops)
         left = self._cache.remaining(address)
         if left is not None:
             if left < self._refresh_within:
@@ -220,6 +249,10 @@ class Policy:
             wire_address(address, allow_utf8=True)
         except UnsendableAddress:
             return Decision(self._undecided, Reason.BAD_ADDRESS, address)
+        if route and self._catchall.accepts_all(route):
+            # Its primary accepts any address: a probe would say nothing. Never a
+            # tempfail either: the primary takes the mail.
+            return Decision(Action.ACCEPT, Reason.ACCEPTS_ALL, address)
         return _ToProbe(address, hops, client)
 
     def _after_probe(self, step: _ToProbe, result: ProbeResult) -> Decision:
@@ -243,4 +276,6 @@ class Policy:
             reason = Reason.SHUTDOWN
         elif result.skipped is Skip.ROUTE_FAILED:
             reason = Reason.ROUTE_FAILED
+        elif result.skipped is Skip.PRIMARY_BUDGET:
+            reason = Reason.PRIMARY_BUDGET
         return Decision(self._undecided, reason, address, result)

@@ -5,7 +5,9 @@ primary drop out of the cache.
 The recipient that asks is answered from the cache at once; the probe runs on the probe
 loop without anyone waiting for it. It is bounded: at most ``limit`` refreshes at once
 (a small share of ``CALLAHEAD_MAX_PROBES``), and a refresh starts only on a probe slot
-that is free at that moment, so it never makes a recipient wait for a slot.
+that is free at that moment, so it never makes a recipient wait for a slot; it takes a
+token of the primary's budget (``CALLAHEAD_PRIMARY_RATE``) only if one is there, and is
+skipped otherwise.
 
 What a refresh finds: valid keeps the address for a new TTL (the engine adds it to the
 cache), unknown forgets it (the next recipient is probed and refused), undecided leaves
@@ -24,7 +26,7 @@ from .engine import ProbeEngine
 from .logfmt import escape
 from .loop import ProbeLoop
 from .routes import Nexthop
-from .verdict import ProbeResult, Verdict
+from .verdict import ProbeResult, Skip, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class LoopRefresher:
 
     async def _run(self, address: str, hops: tuple[Nexthop, ...]) -> None:
         try:
-            result = await self._engine.probe(address, hops, recheck=True)
+            result = await self._engine.probe(address, hops, recheck=True, background=True)
         finally:
             self._done(address)
         self._apply(address, result)
@@ -106,7 +108,7 @@ class LoopRefresher:
                 result.primary,
                 escape(result.detail, spaces=True),
             )
-        self._on_outcome(result.verdict.value)
+        self._on_outcome(SKIPPED if result.skipped is Skip.PRIMARY_BUDGET else result.verdict.value)
 
     async def aclose(self) -> None:
         """Cancel the refreshes in flight (at shutdown)."""

@@ -58,6 +58,9 @@ class Router:
             async with asyncio.timeout(LOOKUP_WAIT):
                 return await self._postfix.lookup(domain, address)
 
+    def route_key(self, domain: str) -> str:
+        return self._table.route_key(domain)
+
     def _known(self, domain: str, address: str) -> tuple[Nexthop, ...] | None:
         """The route without a Postfix lookup, if it is known so; None: look it up."""
         hops = self._table.lookup(domain)

@@ -150,21 +150,31 @@ class RouteTable:
 
         An exact entry wins over a parent-domain entry; among parent entries the
         closest parent wins."""
+        return self.match(domain)[1]
+
+    def match(self, domain: str) -> tuple[str, tuple[Nexthop, ...]]:
+        """The entry that routes a recipient domain: its key as written in the table
+        (``example.com``, or ``.example.com`` for a parent entry) and its nexthops;
+        ``("", ())`` when none does."""
         key = normalize_domain(domain)
         if not key:
-            return ()
+            return "", ()
         hops = self._exact.get(key)
         if hops:
-            return hops
+            return key, hops
         labels = key.split(".")
         for i in range(1, len(labels)):
-            hops = self._parents.get(".".join(labels[i:]))
+            parent = ".".join(labels[i:])
+            hops = self._parents.get(parent)
             if hops:
-                return hops
-        return ()
+                return "." + parent, hops
+        return "", ()
 
     async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
         return self.lookup(domain, address)
+
+    def route_key(self, domain: str) -> str:
+        return self.match(domain)[0]
 
     def entries(self) -> list[tuple[str, Nexthop]]:
         """Every entry in a stable order, for printing the configuration."""
@@ -202,4 +212,11 @@ class Routes(Protocol):
 
     async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
         """``lookup`` on the probe loop itself (the policy service)."""
+        ...
+
+    def route_key(self, domain: str) -> str:
+        """The ``CALLAHEAD_ROUTES`` entry that routes ``domain`` (``example.com`` or
+        ``.example.com``), the key of its catch-all state; empty when none does (routes
+        from Postfix's maps are not checked: under a parent-domain entry the domain would
+        be the sender's choice). No I/O."""
         ...

@@ -21,6 +21,7 @@ from . import cachefile
 from .adapter import CallaheadMilter
 from .admin import AdminError, AdminServer, Health
 from .assembly import build_policy
+from .catchall import LoopCatchAll
 from .config import Config
 from .engine import ProbeEngine
 from .judge import Judge
@@ -94,11 +95,14 @@ async def _close(
     policy_service: PolicyService,
     admin: AdminServer,
     refresher: LoopRefresher,
+    catchall: LoopCatchAll | None,
     engine: ProbeEngine,
 ) -> None:
     await policy_service.aclose(SHUTDOWN_GRACE)
     await admin.aclose()
     await refresher.aclose()
+    if catchall is not None:
+        await catchall.aclose()
     await engine.aclose()
 
 
@@ -200,7 +204,7 @@ def serve(config: Config) -> int:
             saver.cancel()
         try:
             loop.run(
-                _close(policy_service, admin, parts.refresher, engine),
+                _close(policy_service, admin, parts.refresher, parts.catchall, engine),
                 timeout=SHUTDOWN_GRACE + SESSION_CLOSE_TIMEOUT,
             )
         except TimeoutError:

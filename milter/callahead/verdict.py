@@ -105,6 +105,8 @@ class Skip(enum.Enum):
     """callahead is stopping: probes in flight were cancelled, no new ones start."""
     ROUTE_FAILED = "route_failed"
     """The route's hosts could not be found (DNS failure, no MX host but this one)."""
+    PRIMARY_BUDGET = "primary_budget"
+    """The primary's probe budget (``CALLAHEAD_PRIMARY_RATE``) had no token in time."""
 
 
 @dataclass(frozen=True, slots=True)

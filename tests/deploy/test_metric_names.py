@@ -84,6 +84,8 @@ def exercised() -> Metrics:
     metrics.policy_bad_requests.inc()
     metrics.policy_connections.inc()
     metrics.refreshed("valid")
+    metrics.catchall_checked("valid")
+    metrics.domain_state("example.test", True)
     metrics.watch_primaries(lambda: [PrimaryState("[mx]:25", 1, False, True, False)])
     return metrics
 

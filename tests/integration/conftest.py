@@ -296,6 +296,9 @@ def stack() -> Iterator[Stack]:
             base = {
                 "CALLAHEAD_PROBE_TIMEOUT": str(PROBE_TIMEOUT),
                 "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+                # Checks are background probes these tests would count (connections,
+                # breaker failures, RCPTs); test_budget.py tests them.
+                "CALLAHEAD_CATCHALL_CHECK": "0",
             }
             settings: dict[str, tuple[dict[str, str], dict[str, str]]] = {
                 # name: (callahead environment, backup listener overrides)

@@ -63,6 +63,7 @@ def test_defaults() -> None:
     assert config.pool_idle == 30
     assert config.max_probes == 64
     assert config.probe_wait == 2
+    assert config.primary_rate == 0
     assert config.breaker_failures == 5
     assert config.breaker_cooldown == 30
     assert config.client_unknown_limit == 20
@@ -70,6 +71,7 @@ def test_defaults() -> None:
     assert config.cache_file == ""
     assert config.cache_save_interval == 300
     assert config.cache_refresh == 0.1
+    assert config.catchall_check == 3600
     assert config.dry_run is False
     assert config.admin_socket == "/run/callahead/admin.sock"
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
@@ -98,6 +100,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_CACHE_FILE",
         "CALLAHEAD_CACHE_SAVE_INTERVAL",
         "CALLAHEAD_CACHE_REFRESH",
+        "CALLAHEAD_CATCHALL_CHECK",
         "CALLAHEAD_TEMPFAIL_ACTION",
         "CALLAHEAD_DRY_RUN",
         "CALLAHEAD_PROBE_TIMEOUT",
@@ -113,6 +116,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_POOL_MAX_AGE",
         "CALLAHEAD_MAX_PROBES",
         "CALLAHEAD_PROBE_WAIT",
+        "CALLAHEAD_PRIMARY_RATE",
         "CALLAHEAD_BREAKER_FAILURES",
         "CALLAHEAD_BREAKER_COOLDOWN",
         "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
@@ -309,6 +313,10 @@ def test_probe_tls(text: str, mode: TlsMode) -> None:
         ("CALLAHEAD_MAX_PROBES", "max_probes", "10000", 10000),
         ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0", 0.0),
         ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0.25", 0.25),
+        ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "0", 0.0),
+        ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "2.5", 2.5),
+        ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "0", 0.0),
+        ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "600", 600.0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", "0", 0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", " 3 ", 3),
         ("CALLAHEAD_BREAKER_COOLDOWN", "breaker_cooldown", "0.5", 0.5),
@@ -341,6 +349,7 @@ def test_engine_settings_from_config() -> None:
             CALLAHEAD_PROBE_WAIT="0.5",
             CALLAHEAD_BREAKER_FAILURES="2",
             CALLAHEAD_BREAKER_COOLDOWN="15",
+            CALLAHEAD_PRIMARY_RATE="20",
         )
     )
     assert engine_settings(config) == EngineSettings(
@@ -356,6 +365,7 @@ def test_engine_settings_from_config() -> None:
         breaker_cooldown=15.0,
         pool_max_age=10.0,
         fallback_sender="",
+        primary_rate=20.0,
     )
     assert engine_settings(config).longest_answer == 4.5
 
@@ -425,6 +435,10 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_MAX_PROBES", "10001", "whole number from 1 to 10000"),
     ("CALLAHEAD_PROBE_WAIT", "-1", "seconds >= 0"),
     ("CALLAHEAD_PROBE_WAIT", "nan", "seconds >= 0"),
+    ("CALLAHEAD_PRIMARY_RATE", "-1", "number from 0 to 100000"),
+    ("CALLAHEAD_PRIMARY_RATE", "inf", "number from 0 to 100000"),
+    ("CALLAHEAD_CATCHALL_CHECK", "-5", "seconds >= 0"),
+    ("CALLAHEAD_CATCHALL_CHECK", "604801", "at most 604800"),
     ("CALLAHEAD_BREAKER_FAILURES", "-1", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_FAILURES", "many", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_COOLDOWN", "0", "seconds > 0"),

@@ -833,3 +833,116 @@ def test_fuzz_no_recipient_adds_a_command_on_the_wire(scripted: StartScripted) -
         probe_loop.stop()
     # Whatever was sent, every line on the wire was one of ours.
     assert set(server.verbs()) <= ALLOWED_VERBS
+
+
+# --- the probe budget per primary (CALLAHEAD_PRIMARY_RATE) -----------------------------
+
+
+def timed_rcpts(times: list[float]) -> Script:
+    """A primary that accepts every recipient and notes when each RCPT arrived."""
+
+    def hook(session: Session, address: str) -> str:
+        if not address.lower().startswith("postmaster@"):
+            times.append(time.monotonic())
+        return OK
+
+    return Script(rcpt_hook=hook)
+
+
+def test_a_burst_over_the_rate_waits_within_probe_wait_then_is_skipped(
+    scripted: StartScripted,
+) -> None:
+    times: list[float] = []
+    server = scripted(timed_rcpts(times))
+    rate = 5.0  # a burst of 5 at once, then one every 0.2 s
+
+    async def go() -> list[tuple[ProbeResult, float]]:
+        async with engine_with(settings(primary_rate=rate, probe_wait=0.5)) as engine:
+            return list(
+                await asyncio.gather(
+                    *(timed(engine.probe(f"u{n}@x.test", [hop(server)])) for n in range(12))
+                )
+            )
+
+    outcomes = run(go)
+    probed = [(r, t) for r, t in outcomes if r.skipped is None]
+    over = [(r, t) for r, t in outcomes if r.skipped is not None]
+    # 5 at once, then the tokens due at 0.2 s and 0.4 s; the one at 0.6 s is too late.
+    assert len(probed) == 7
+    assert all(r.verdict is Verdict.VALID for r, _ in probed)
+    assert sorted(t for _, t in probed)[-1] >= 0.38  # the last one waited for its token
+    assert len(over) == 5
+    for result, seconds in over:
+        assert result.skipped is Skip.PRIMARY_BUDGET
+        assert result.verdict is Verdict.TEMPFAIL
+        assert result.primary == str(hop(server))
+        assert seconds < 0.2  # refused at once: its token would come after probe_wait
+    # The primary's own count and times: never more than the burst plus the rate.
+    assert len(times) == 7 == len(server.rcpts()) - server.count("RCPT TO:<postmaster@")
+    times.sort()
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= rate + rate * (times[j] - times[i]) + 0.05
+
+
+def test_coalesced_requests_and_known_valid_addresses_take_no_token(
+    scripted: StartScripted,
+) -> None:
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.2}))
+    cache = PositiveCache(ttl=60, maxsize=10)
+
+    async def go() -> None:
+        async with engine_with(settings(primary_rate=0.5, probe_wait=0), None, cache) as engine:
+            shared = await asyncio.gather(
+                *(engine.probe("a@x.test", [hop(server)]) for _ in range(4))
+            )
+            assert [r.verdict for r in shared] == [Verdict.VALID] * 4
+            again = await engine.probe("a@x.test", [hop(server)])  # known valid now
+            assert again.verdict is Verdict.VALID and again.skipped is None
+            # The one token went to the one probe of a@: b@ finds the bucket empty.
+            other = await engine.probe("b@x.test", [hop(server)])
+            assert other.skipped is Skip.PRIMARY_BUDGET
+
+    run(go)
+    assert server.rcpts() == ["a@x.test"]
+
+
+def test_each_failover_hop_has_its_own_budget(scripted: StartScripted) -> None:
+    first = scripted(Script(rcpt_default=OK))
+    second = scripted(Script(rcpt_default=OK))
+    hops = [hop(first), hop(second)]
+
+    async def go() -> list[ProbeResult]:
+        async with engine_with(settings(primary_rate=0.5, probe_wait=0)) as engine:
+            return [await engine.probe(f"u{n}@x.test", hops) for n in range(3)]
+
+    one, two, three = run(go)
+    assert (one.verdict, one.primary) == (Verdict.VALID, str(hops[0]))
+    assert (two.verdict, two.primary) == (Verdict.VALID, str(hops[1]))
+    assert three.skipped is Skip.PRIMARY_BUDGET
+    assert first.rcpts() == ["u0@x.test"]
+    assert second.rcpts() == ["u1@x.test"]
+
+
+def test_a_background_probe_never_waits_for_a_token(scripted: StartScripted) -> None:
+    server = scripted(Script(rcpt_default=OK))
+    metrics = Metrics()
+
+    async def go() -> None:
+        async with engine_with(settings(primary_rate=1, probe_wait=5), metrics) as engine:
+            assert (await engine.probe("a@x.test", [hop(server)])).verdict is Verdict.VALID
+            result, seconds = await timed(
+                engine.probe("b@x.test", [hop(server)], recheck=True, background=True)
+            )
+            assert result.skipped is Skip.PRIMARY_BUDGET
+            assert seconds < 0.1
+            # A recipient, though, waits for the next token (1 s) within probe_wait.
+            result, seconds = await timed(engine.probe("c@x.test", [hop(server)]))
+            assert result.verdict is Verdict.VALID
+            assert seconds >= 0.5
+
+    run(go)
+    assert server.rcpts() == ["a@x.test", "c@x.test"]
+    # Skipped probes are not probes: the counter has the two made.
+    assert sample(metrics, "callahead_probes_total", outcome="valid") == 2
+    assert sample(metrics, "callahead_probes_in_flight") == 0

@@ -27,7 +27,12 @@ class HeldEngine(ProbeEngine):
         self.release: asyncio.Event | None = None
 
     async def probe(
-        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+        self,
+        address: str,
+        hops: Sequence[Nexthop],
+        *,
+        recheck: bool = False,
+        background: bool = False,
     ) -> ProbeResult:
         self.release = asyncio.Event()
         self.started.set()

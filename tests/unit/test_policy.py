@@ -418,7 +418,11 @@ def skipped(skip: Skip) -> ProbeResult:
 )
 @pytest.mark.parametrize(
     ("skip", "reason"),
-    [(Skip.OVERLOAD, Reason.OVERLOAD), (Skip.PRIMARY_DOWN, Reason.PRIMARY_DOWN)],
+    [
+        (Skip.OVERLOAD, Reason.OVERLOAD),
+        (Skip.PRIMARY_DOWN, Reason.PRIMARY_DOWN),
+        (Skip.PRIMARY_BUDGET, Reason.PRIMARY_BUDGET),
+    ],
 )
 def test_skipped_probe_maps_to_its_reason_with_the_tempfail_action(
     action: TempfailAction, expected: Action, skip: Skip, reason: Reason
@@ -521,6 +525,9 @@ class FailingRoutes:
 
     async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
         return self.lookup(domain, address)
+
+    def route_key(self, domain: str) -> str:
+        return ""
 
 
 @pytest.mark.parametrize(

@@ -405,7 +405,12 @@ class StuckEngine(ProbeEngine):
         self.cancelled = threading.Event()
 
     async def probe(
-        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+        self,
+        address: str,
+        hops: Sequence[Nexthop],
+        *,
+        recheck: bool = False,
+        background: bool = False,
     ) -> ProbeResult:
         try:
             await asyncio.sleep(60)

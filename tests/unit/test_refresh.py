@@ -11,7 +11,7 @@ from callahead.engine import ProbeEngine
 from callahead.loop import ProbeLoop
 from callahead.refresh import SKIPPED, LoopRefresher, refresh_limit
 from callahead.routes import Nexthop
-from callahead.verdict import ProbeResult, Stage, Verdict
+from callahead.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.harness.waiting import wait_for
 
 from .settings import probe_settings
@@ -26,6 +26,7 @@ class AnsweredEngine(ProbeEngine):
         super().__init__(probe_settings())
         self.free = True
         self.asked: list[tuple[str, bool]] = []
+        self.in_background: list[bool] = []
         self._answers: dict[str, asyncio.Future[ProbeResult]] = {}
         self._lock = threading.Lock()
 
@@ -34,17 +35,27 @@ class AnsweredEngine(ProbeEngine):
         return self.free
 
     async def probe(
-        self, address: str, hops: Sequence[Nexthop], *, recheck: bool = False
+        self,
+        address: str,
+        hops: Sequence[Nexthop],
+        *,
+        recheck: bool = False,
+        background: bool = False,
     ) -> ProbeResult:
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
         with self._lock:
             self.asked.append((address, recheck))
+            self.in_background.append(background)
             self._answers[address] = future
         return await future
 
     def answer(self, probe_loop: ProbeLoop, address: str, verdict: Verdict) -> None:
         code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
-        result = ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, str(HOPS[0]))
+        self.give(
+            probe_loop, address, ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, "x")
+        )
+
+    def give(self, probe_loop: ProbeLoop, address: str, result: ProbeResult) -> None:
         with self._lock:
             future = self._answers.pop(address)
         probe_loop.call_soon(future.set_result, result)
@@ -72,6 +83,7 @@ def test_unknown_forgets_the_address_and_valid_keeps_it(probe_loop: ProbeLoop) -
     refresher.refresh("kept@x.test", HOPS)
     wait_for(lambda: engine.waiting("gone@x.test") and engine.waiting("kept@x.test"), 5.0)
     assert sorted(engine.asked) == [("gone@x.test", True), ("kept@x.test", True)]
+    assert engine.in_background == [True, True]  # never waits for a budget token
 
     engine.answer(probe_loop, "gone@x.test", Verdict.UNKNOWN)
     engine.answer(probe_loop, "kept@x.test", Verdict.VALID)
@@ -89,6 +101,16 @@ def test_an_undecided_refresh_leaves_the_entry_to_expire(probe_loop: ProbeLoop) 
     wait_for(lambda: engine.waiting("a@x.test"), 5.0)
     engine.answer(probe_loop, "a@x.test", Verdict.TEMPFAIL)
     wait_for(lambda: outcomes == ["tempfail"], 5.0)
+    assert "a@x.test" in cache
+
+
+def test_a_refresh_over_the_primary_budget_counts_as_skipped(probe_loop: ProbeLoop) -> None:
+    refresher, engine, cache, outcomes = make(probe_loop)
+    cache.add("a@x.test")
+    refresher.refresh("a@x.test", HOPS)
+    wait_for(lambda: engine.waiting("a@x.test"), 5.0)
+    engine.give(probe_loop, "a@x.test", ProbeResult.not_probed(Skip.PRIMARY_BUDGET, HOPS, "budget"))
+    wait_for(lambda: outcomes == [SKIPPED], 5.0)
     assert "a@x.test" in cache
 
 

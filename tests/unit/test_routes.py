@@ -60,6 +60,19 @@ def test_closest_parent_wins() -> None:
         assert table.lookup("a.example.com") == (Nexthop("far.mx.test", 25),)
 
 
+def test_match_names_the_entry_that_routes_a_domain() -> None:
+    """The route key: what catch-all detection keeps its state by (bounded by the table,
+    whatever domains senders make up)."""
+    table = parse_routes(
+        ".Example.com=[parent.mx.test] a.example.com=[exact.mx.test] .a.example.com=[near.mx.test]"
+    )
+    assert table.match("A.example.com") == ("a.example.com", (Nexthop("exact.mx.test", 25),))
+    assert table.match("x.a.example.com") == (".a.example.com", (Nexthop("near.mx.test", 25),))
+    assert table.match("b.example.com") == (".example.com", (Nexthop("parent.mx.test", 25),))
+    assert table.match("example.com") == ("", ())
+    assert table.match("") == ("", ())
+
+
 def test_unrouted_domain_gives_empty_tuple() -> None:
     table = parse_routes("example.com=[mx.example.com]")
     assert table.lookup("example.org") == ()
