@@ -5,8 +5,10 @@ served on the probe loop. One request per connection: a JSON object on one line,
 JSON object back on one line, then the server closes. Requests (``op``):
 
 * ``cache-show`` ``{"address": ...}`` -> ``{"cached": bool, "remaining": seconds|null}``
+  (with Redis, ``"shared": true`` when Redis answered, and ``cached`` is then Redis's)
 * ``cache-flush`` with ``{"address": ...}``, ``{"domain": ...}`` or ``{"all": true}``
-  -> ``{"flushed": n}``
+  -> ``{"flushed": n}`` (with Redis: the keys removed from Redis, every backup's local
+  copies go too, and ``"shared": false`` when Redis did not answer)
 * ``cache-stats`` -> entries, size, TTL, hits, misses, refreshes, the cache file
 * ``status`` -> ``{"healthy": bool, "loop": {...}, "primaries": [...]}``
 
@@ -32,6 +34,7 @@ from .cache import PositiveCache
 from .engine import PrimaryState
 from .errors import CallaheadError
 from .logfmt import escape
+from .sharedcache import SharedGate, SharedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,12 @@ class AdminServer:
         health: Callable[[], Health],
         counters: Callable[[], Mapping[str, float]],
         cache_file: str = "",
+        shared: SharedGate | None = None,
     ) -> None:
+        """``shared``: the shared cache (Redis), on which ``cache show`` and ``cache
+        flush`` act too, for every backup."""
         self._cache = cache
+        self._shared = shared
         self._health = health
         self._counters = counters
         self._cache_file = cache_file
@@ -136,7 +143,7 @@ class AdminServer:
             except (ValueError, asyncio.LimitOverrunError):
                 answer = _error(f"request longer than {MAX_REQUEST} bytes")
             else:
-                answer = self.answer(line)
+                answer = await self.answer_async(line)
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -144,8 +151,67 @@ class AdminServer:
         finally:
             writer.close()
 
+    async def answer_async(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line, on the probe loop: ``cache show`` and ``cache
+        flush`` ask the shared cache too, when there is one."""
+        if self._shared is None:
+            return self.answer(line)
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            request = None
+        if isinstance(request, dict) and request.get("op") == "cache-show":
+            return await self._shared_show(self._shared, request)
+        if isinstance(request, dict) and request.get("op") == "cache-flush":
+            return await self._shared_flush(self._shared, request)
+        return self.answer(line)
+
+    async def _shared_show(self, shared: SharedGate, request: Mapping[str, Any]) -> dict[str, Any]:
+        answer = self._show(request)
+        if not answer["ok"]:
+            return answer
+        try:
+            left = await shared.remaining(answer["address"])
+        except SharedUnavailable:
+            answer["shared"] = None  # Redis did not answer: this backup's own cache only
+            return answer
+        answer.update(cached=left is not None, remaining=left, shared=True)
+        return answer
+
+    async def _shared_flush(self, shared: SharedGate, request: Mapping[str, Any]) -> dict[str, Any]:
+        target = _flush_target(request)
+        if target is None:
+            return _error("expected an address, @domain or all")
+        kind, what = target
+        local = self._flush_local(kind, what)
+        if kind == "all":
+            flushed = await shared.flush_all()
+        elif kind == "domain":
+            flushed = await shared.flush_domain(what)
+        else:
+            flushed = await shared.flush_address(what)
+        label = "all" if kind == "all" else what
+        if flushed is None:
+            log.warning(
+                "admin: cache flush %s: %d local entr%s; redis did not answer: the other "
+                "backups keep theirs",
+                escape(label),
+                local,
+                _ies(local),
+            )
+            return {"ok": True, "flushed": local, "shared": False}
+        log.info("admin: cache flush %s: %d shared entr%s", escape(label), flushed, _ies(flushed))
+        return {"ok": True, "flushed": flushed, "shared": True}
+
+    def _flush_local(self, kind: str, what: str) -> int:
+        if kind == "all":
+            return self._cache.clear()
+        if kind == "domain":
+            return self._cache.discard_domain(what)
+        return int(self._cache.discard(what))
+
     def answer(self, line: bytes) -> dict[str, Any]:
-        """The answer to one request line."""
+        """The answer to one request line (this backup's own cache only)."""
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -171,17 +237,13 @@ class AdminServer:
         return {"ok": True, "address": address, "cached": left is not None, "remaining": left}
 
     def _flush(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        if request.get("all") is True:
-            flushed, what = self._cache.clear(), "all"
-        elif isinstance(request.get("domain"), str) and request["domain"].strip("@ "):
-            domain = normalize_domain(request["domain"].strip().lstrip("@"))
-            flushed, what = self._cache.discard_domain(domain), f"@{domain}"
-        else:
-            address = _address(request.get("address"))
-            if address is None:
-                return _error("expected an address, @domain or all")
-            flushed, what = int(self._cache.discard(address)), address
-        log.info("admin: cache flush %s: %d entr%s", escape(what), flushed, _ies(flushed))
+        target = _flush_target(request)
+        if target is None:
+            return _error("expected an address, @domain or all")
+        kind, what = target
+        flushed = self._flush_local(kind, what)
+        label = "all" if kind == "all" else f"@{what}" if kind == "domain" else what
+        log.info("admin: cache flush %s: %d entr%s", escape(label), flushed, _ies(flushed))
         return {"ok": True, "flushed": flushed}
 
     def _stats(self) -> dict[str, Any]:
@@ -193,6 +255,7 @@ class AdminServer:
             "size": stats.maxsize,
             "ttl": stats.ttl,
             "file": self._cache_file,
+            **({} if self._shared is None else {"shared": redis_state(self._shared)}),
             **self._counters(),
         }
 
@@ -207,6 +270,10 @@ class AdminServer:
         }
 
 
+def redis_state(shared: SharedGate) -> str:
+    return "redis up" if shared.store.up else "redis down (this backup's own cache only)"
+
+
 def _primary(state: PrimaryState) -> dict[str, Any]:
     return {
         "name": state.name,
@@ -219,6 +286,18 @@ def _primary(state: PrimaryState) -> dict[str, Any]:
         "last_age": state.last_age,
         "problem": primary_problem(state),
     }
+
+
+def _flush_target(request: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What a flush request names: ("all", ""), ("domain", DOMAIN) or ("address",
+    ADDRESS), normalized; None when it names nothing."""
+    if request.get("all") is True:
+        return "all", ""
+    domain = request.get("domain")
+    if isinstance(domain, str) and domain.strip("@ "):
+        return "domain", normalize_domain(domain.strip().lstrip("@"))
+    address = _address(request.get("address"))
+    return None if address is None else ("address", address)
 
 
 def _address(value: object) -> str | None:

@@ -2,7 +2,8 @@
 
 The probe engine knows nothing of configuration parsing; this module turns a ``Config``
 into the engine's settings and builds the decision core (cache, guard, engine behind a
-``LoopProber``), for ``callahead serve`` (server.py) and ``callahead probe`` (cli.py).
+``LoopProber``, and the shared cache in front of the engine when Redis is configured),
+for ``callahead serve`` (server.py) and ``callahead probe`` (cli.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from .catchall import LoopCatchAll
 from .config import Config, postfix_myhostname
 from .engine import EngineSettings, ProbeEngine
 from .guard import ClientGuard
-from .loop import LoopProber, ProbeLoop
+from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
 from .postfixmaps import PostfixRoutes
 from .refresh import LoopRefresher, refresh_limit
 from .resolve import DnsPython, MxResolver, ThisHost
 from .router import Router
+from .sharedcache import RedisStore, SharedGate
 
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:
@@ -75,14 +77,52 @@ class Parts:
     router: Router
     catchall: LoopCatchAll | None = None
     """None when CALLAHEAD_CATCHALL_CHECK is 0."""
+    shared: SharedGate | None = None
+    """The shared cache (``CALLAHEAD_REDIS_URL``), if configured."""
+
+
+def local_ttl(config: Config) -> float:
+    """Seconds a positive answer stays in this backup's own cache: with Redis, a short
+    while in front of it (``CALLAHEAD_REDIS_LOCAL_TTL``)."""
+    if config.redis_url:
+        return min(config.cache_ttl, config.redis_local_ttl)
+    return config.cache_ttl
+
+
+def shared_delay(config: Config) -> float:
+    """The longest the shared cache can add to an answer (0 without it)."""
+    if not config.redis_url:
+        return 0.0
+    return config.redis_lock_wait + 3 * config.redis_timeout
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
     resolver, dns_client = build_resolver(config)
     router = build_router(config, loop, dns_client)
-    cache = PositiveCache(ttl=config.cache_ttl, maxsize=config.cache_size)
-    engine = ProbeEngine(engine_settings(config), metrics, known_valid=cache, resolver=resolver)
-    prober = LoopProber(loop, engine)
+    cache = PositiveCache(ttl=local_ttl(config), maxsize=config.cache_size)
+    refresh_within = config.cache_ttl * config.cache_refresh
+    shared: SharedGate | None = None
+    engine: ProbeEngine | None = None
+    if config.redis_url:
+        shared = SharedGate(
+            RedisStore(config.redis_url, timeout=config.redis_timeout, observer=metrics),
+            cache,
+            ttl=config.cache_ttl,
+            lock_wait=config.redis_lock_wait,
+            probe_timeout=config.probe_timeout,
+            refresh_within=refresh_within,
+            refresh_limit=refresh_limit(config.max_probes),
+            free_slot=lambda: engine is not None and engine.has_free_slot,
+            observer=metrics,
+        )
+        # Refresh ahead is the shared cache's: local entries live too short for it.
+        refresh_within = 0.0
+    engine = ProbeEngine(
+        engine_settings(config), metrics, known_valid=cache, resolver=resolver, cluster=shared
+    )
+    prober = LoopProber(
+        loop, engine, wait=engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN
+    )
     refresher = LoopRefresher(
         loop,
         engine,
@@ -112,7 +152,7 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         ),
         dry_run=config.dry_run,
         refresher=refresher,
-        refresh_within=config.cache_ttl * config.cache_refresh,
+        refresh_within=refresh_within,
         catchall=catchall,
     )
-    return Parts(policy, cache, engine, prober, refresher, router, catchall)
+    return Parts(policy, cache, engine, prober, refresher, router, catchall, shared)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .admin import AdminUnavailable, ask, status_lines
-from .assembly import build_resolver, engine_settings
+from .assembly import build_resolver, engine_settings, shared_delay
 from .config import (
     EX_CONFIG,
     VARIABLES,
@@ -180,16 +180,25 @@ def run_cache(config: Config, args: argparse.Namespace) -> int:
         if not answer["cached"]:
             print(f"{answer['address']}: not cached")
             return 1
-        print(f"{answer['address']}: cached, {answer['remaining']:.0f} s left")
+        print(f"{answer['address']}: cached, {answer['remaining']:.0f} s left{_where(answer)}")
         return 0
     if action == "flush":
         flushed = answer["flushed"]
-        print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}")
+        print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}{_where(answer)}")
         return 0
     for key, value in answer.items():
         if key != "ok":
             print(f"{key}: {_plain(value)}")
     return 0
+
+
+def _where(answer: dict[str, object]) -> str:
+    """Which cache a show or flush answer is about, when Redis is configured."""
+    if "shared" not in answer:
+        return ""
+    if answer["shared"]:
+        return " (shared: every backup)"
+    return " (this backup only: redis did not answer)"
 
 
 def _plain(value: object) -> str:
@@ -299,12 +308,15 @@ def answer_time_problem(config: Config) -> str | None:
     Postfix's milter_command_timeout. None when it does, or when there is no Postfix to
     ask (then serve warns against Postfix's default)."""
     timeout = postfix_milter_command_timeout()
-    engine_longest = engine_settings(config).longest_answer
+    engine_longest = engine_settings(config).longest_answer + shared_delay(config)
     longest = engine_longest + HANDOFF_MARGIN
     if timeout is None or longest < timeout:
         return None
+    redis = (
+        " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)" if config.redis_url else ""
+    )
     return (
-        f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT = "
+        f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT{redis} = "
         f"{engine_longest:g}s: with the {HANDOFF_MARGIN:g}s "
         f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
         f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "

@@ -15,12 +15,14 @@ import os
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .address import UnsendableAddress, wire_address
 from .errors import CallaheadError
+from .logfmt import redact_url
 from .policy import TempfailAction
 from .postfixmaps import PostfixConfigError, PostfixSettings, load_settings
 from .resolve import parse_resolver
@@ -430,6 +432,29 @@ def _parse_path(name: str, value: str) -> str:
     return path
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _parse_redis_url(name: str, value: str) -> str:
+    url = value.strip()
+    if not url:
+        return ""
+    allowed = "expected redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///path"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(name, value, allowed) from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(name, value, allowed)
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ConfigError(name, value, allowed)
+    elif not parts.hostname or (port is not None and not 0 < port < 65536):
+        raise ConfigError(name, value, allowed)
+    return url
+
+
 def _parse_log_level(name: str, value: str) -> int:
     level = value.strip().upper()
     if level not in _LOG_LEVELS:
@@ -564,6 +589,49 @@ VARIABLES: tuple[Variable, ...] = (
         "(reason accepts_all); 0 disables",
         field="catchall_check",
         parse=_seconds(high=604800),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_REDIS_URL",
+        "",
+        "Redis shared by the backup MXes of a site (redis://HOST:PORT/DB, rediss:// for "
+        "TLS, unix:///path): positive answers and probes in flight are shared, flushes act "
+        "on all; Redis down or slow: each backup goes on alone; empty: not shared",
+        field="redis_url",
+        parse=_parse_redis_url,
+        render=redact_url,
+    ),
+    Variable(
+        "CALLAHEAD_REDIS_TIMEOUT",
+        "0.2",
+        "seconds for one Redis round trip; past it (or on any error) the recipient is "
+        "handled as without Redis, and after 3 failures in a row Redis is left alone for 5 s",
+        field="redis_timeout",
+        parse=_number(
+            float,
+            exclusive_minimum=True,
+            maximum=5,
+            what="expected a number of seconds > 0 and at most 5",
+        ),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_REDIS_LOCK_WAIT",
+        "2",
+        "seconds a backup waits for another backup's probe of the same address before "
+        "probing itself",
+        field="redis_lock_wait",
+        parse=_seconds(high=60),
+        render=_fmt_number,
+    ),
+    Variable(
+        "CALLAHEAD_REDIS_LOCAL_TTL",
+        "60",
+        "with Redis, seconds a positive answer is kept in this backup's own cache in front "
+        "of Redis (at most CALLAHEAD_CACHE_TTL): how long a flush missed while Redis was "
+        "unreachable can go unseen, and how often an address is re-probed while it is",
+        field="redis_local_ttl",
+        parse=_seconds(positive=True, high=86400),
         render=_fmt_number,
     ),
     Variable(
@@ -775,6 +843,10 @@ class Config:
     cache_save_interval: float
     cache_refresh: float
     catchall_check: float
+    redis_url: str
+    redis_timeout: float
+    redis_lock_wait: float
+    redis_local_ttl: float
     tempfail_action: TempfailAction
     dry_run: bool
     probe_timeout: float

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,6 +113,19 @@ class EngineObserver(Protocol):
     def prober_refused_by(self, primary: str, basis: Basis) -> None: ...
 
 
+class ClusterGate(Protocol):
+    """Other backup MXes in front of a probe (sharedcache.SharedGate, with Redis): their
+    cached answers and their probes in flight. ``run()`` is this engine's own probe."""
+
+    async def probe(
+        self,
+        address: str,
+        hops: tuple[Nexthop, ...],
+        recheck: bool,
+        run: Callable[[], Awaitable[ProbeResult]],
+    ) -> ProbeResult: ...
+
+
 class _Unobserved:
     """The observer of an engine nobody watches (``callahead probe``)."""
 
@@ -150,10 +163,12 @@ class ProbeEngine:
         observer: EngineObserver | None = None,
         known_valid: ValidCache | None = None,
         resolver: HopResolver | None = None,
+        cluster: ClusterGate | None = None,
     ) -> None:
         self.settings = settings
         self._resolver = resolver
         self._known_valid = known_valid
+        self._cluster = cluster
         self._observer: EngineObserver = observer if observer is not None else _Unobserved()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
         self._session_settings = SessionSettings(
@@ -247,7 +262,15 @@ class ProbeEngine:
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
         try:
-            result = await self._within_slots(address, tuple(hops), background)
+            if self._cluster is None:
+                result = await self._within_slots(address, tuple(hops), background)
+            else:
+                result = await self._cluster.probe(
+                    address,
+                    tuple(hops),
+                    recheck,
+                    lambda: self._within_slots(address, tuple(hops), background),
+                )
         except BaseException as exc:
             del self._inflight[address]
             # The waiters get an undecided answer; the error goes to this caller only.
@@ -255,7 +278,12 @@ class ProbeEngine:
             raise
         # The answer is in the cache before the in-flight entry goes: a request arriving
         # in between finds one or the other, never neither.
-        if result.verdict is Verdict.VALID and self._known_valid is not None:
+        # (A shared hit is already cached, for the time it has left.)
+        if (
+            result.verdict is Verdict.VALID
+            and result.basis is not Basis.SHARED
+            and self._known_valid is not None
+        ):
             self._known_valid.add(address)
         del self._inflight[address]
         shared.set_result(result)

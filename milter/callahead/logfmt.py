@@ -5,12 +5,14 @@ part may hold spaces, ``>`` and ``=``, so a raw ``rcpt=<...>`` could end early a
 ``decision=accept`` for a fail2ban-style parser. Every attacker-controlled field goes
 through ``escape``: backslash, quote, angle brackets, ``=``, and every control, space
 or unprintable character become ``\\xHH`` (``\\uHHHH`` beyond Latin-1), so no field can
-end early and no ``key=value`` can appear inside one.
+end early and no ``key=value`` can appear inside one. A URL loses its password
+(``redact_url``).
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 _UNSAFE = re.compile(r'[\\"<>=\x00-\x20\x7f-\x9f]|[^\x00-\x7f]')
 
@@ -38,3 +40,17 @@ def escape(text: str, *, spaces: bool = False) -> str:
         else:
             out.append(char)  # printable non-ASCII, as in an SMTPUTF8 address
     return "".join(out)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (a Redis URL in a log line or in
+    ``callahead config``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(unparsable URL)"
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -25,6 +25,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
 CATCHALL_OUTCOMES = REFRESH_OUTCOMES
+REDIS_LOCK_WAIT_OUTCOMES = ("shared", "released", "timeout", "error")
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -180,6 +181,41 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.redis_hits = Counter(
+            "callahead_redis_hits",
+            "Local cache misses found valid in the shared cache (Redis): no probe",
+            registry=r,
+        )
+        self.redis_misses = Counter(
+            "callahead_redis_misses",
+            "Local cache misses not found in the shared cache (Redis)",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "callahead_redis_errors",
+            "Redis calls that failed or timed out (the recipient was handled as without Redis)",
+            registry=r,
+        )
+        self.redis_round_trips = Counter(
+            "callahead_redis_round_trips",
+            "Redis commands or scripts sent (each one network round trip), failed ones too",
+            registry=r,
+        )
+        self.redis_breaker_open = Gauge(
+            "callahead_redis_breaker_open",
+            "1 while Redis is treated as down (every backup goes on with its local cache "
+            "alone); 0 when it is used, or not configured",
+            registry=r,
+        )
+        self.redis_lock_waits = Counter(
+            "callahead_redis_lock_waits",
+            "Waits for another backup's probe of the same address, by outcome (shared: it "
+            "found it valid; released: it did not, so this backup probed; timeout; error)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in REDIS_LOCK_WAIT_OUTCOMES:
+            self.redis_lock_waits.labels(outcome)
         self._primaries = _PrimariesCollector()
         r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.
@@ -214,6 +250,22 @@ class Metrics:
 
     def prober_refused_by(self, primary: str, basis: Basis) -> None:
         self.prober_refused.labels(primary, basis.value).inc()
+
+    # -- the shared cache's observer (sharedcache.SharedObserver) ----------------------
+
+    def watch_redis(self, breaker_open: Callable[[], bool]) -> None:
+        self.redis_breaker_open.set_function(lambda: 1.0 if breaker_open() else 0.0)
+
+    def redis_round_trip(self, ok: bool) -> None:
+        self.redis_round_trips.inc()
+        if not ok:
+            self.redis_errors.inc()
+
+    def redis_lookup(self, hit: bool) -> None:
+        (self.redis_hits if hit else self.redis_misses).inc()
+
+    def redis_lock_wait(self, outcome: str) -> None:
+        self.redis_lock_waits.labels(outcome).inc()
 
     def refreshed(self, outcome: str) -> None:
         """One background refresh ended: a verdict's value, or ``skipped``."""

@@ -17,7 +17,7 @@ from .address import UnsendableAddress, normalize_recipient, wire_address
 from .cache import ValidCache
 from .guard import ClientGuard
 from .routes import Nexthop, Routes, RouteUnavailable
-from .verdict import ProbeResult, Skip, Verdict
+from .verdict import Basis, ProbeResult, Skip, Verdict
 
 
 class TempfailAction(enum.Enum):
@@ -40,6 +40,7 @@ class Reason(enum.Enum):
     """Why. The values are the ``reason`` metric label."""
 
     CACHE_HIT = "cache_hit"
+    SHARED_CACHE_HIT = "shared_cache_hit"
     PROBE_VALID = "probe_valid"
     PROBE_UNKNOWN = "probe_unknown"
     PROBE_TEMPFAIL = "probe_tempfail"
@@ -257,6 +258,9 @@ class Policy:
 
     def _after_probe(self, step: _ToProbe, result: ProbeResult) -> Decision:
         address, client = step.address, step.client
+        if result.verdict is Verdict.VALID and result.basis is Basis.SHARED:
+            # Found in the shared cache (Redis), which cached it locally for its time left.
+            return Decision(Action.ACCEPT, Reason.SHARED_CACHE_HIT, address, result)
         if result.verdict is Verdict.VALID:
             self._cache.add(address)
             return Decision(Action.ACCEPT, Reason.PROBE_VALID, address, result)

@@ -20,17 +20,19 @@ import Milter
 from . import cachefile
 from .adapter import CallaheadMilter
 from .admin import AdminError, AdminServer, Health
-from .assembly import build_policy
+from .assembly import build_policy, shared_delay
 from .catchall import LoopCatchAll
 from .config import Config
 from .engine import ProbeEngine
 from .judge import Judge
+from .logfmt import redact_url
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
 from .policyservice import PolicyService
 from .postfixmaps import PostfixConfigError
 from .refresh import LoopRefresher
 from .router import Router
+from .sharedcache import SharedGate
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,15 @@ async def _close(
     refresher: LoopRefresher,
     catchall: LoopCatchAll | None,
     engine: ProbeEngine,
+    shared: SharedGate | None,
 ) -> None:
     await policy_service.aclose(SHUTDOWN_GRACE)
     await admin.aclose()
     await refresher.aclose()
     if catchall is not None:
         await catchall.aclose()
+    if shared is not None:
+        await shared.aclose()
     await engine.aclose()
 
 
@@ -123,7 +128,7 @@ def serve(config: Config) -> int:
     parts = build_policy(config, loop, metrics)
     cache, engine = parts.cache, parts.engine
     signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(parts.router))
-    longest = engine.settings.longest_answer + HANDOFF_MARGIN
+    longest = engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN
     if config.socket and longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
             "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT allow answers of up to %.0f s: "
@@ -142,6 +147,8 @@ def serve(config: Config) -> int:
     if config.cache_file:
         cachefile.load_into(cache, config.cache_file)
     loop.start()
+    if parts.shared is not None:
+        loop.call_soon(parts.shared.start)
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
     judge = Judge(parts.policy, metrics)
     policy_service = PolicyService(judge, metrics)
@@ -150,6 +157,7 @@ def serve(config: Config) -> int:
         lambda: Health(loop.healthy, loop.silent_for, engine.primary_states(), config.dry_run),
         metrics.cache_counters,
         config.cache_file,
+        parts.shared,
     )
     monitor = HealthMonitor(lambda: loop.healthy)
     saver: concurrent.futures.Future[None] | None = None
@@ -176,11 +184,13 @@ def serve(config: Config) -> int:
             )
         monitor.start()
         log.info(
-            "callahead listening: milter %s, policy service %s; routes: %s; metrics: %s",
+            "callahead listening: milter %s, policy service %s; routes: %s; metrics: %s; "
+            "shared cache: %s",
             config.socket or "off",
             config.policy_listen or "off",
             parts.router.describe(),
             "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
+            redact_url(config.redis_url) if config.redis_url else "off",
         )
         if config.dry_run:
             log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")
@@ -204,7 +214,9 @@ def serve(config: Config) -> int:
             saver.cancel()
         try:
             loop.run(
-                _close(policy_service, admin, parts.refresher, parts.catchall, engine),
+                _close(
+                    policy_service, admin, parts.refresher, parts.catchall, engine, parts.shared
+                ),
                 timeout=SHUTDOWN_GRACE + SESSION_CLOSE_TIMEOUT,
             )
         except TimeoutError:

@@ -88,6 +88,8 @@ class Basis(enum.Enum):
     """Any other 4xx, or a 5xx whose meaning is not clear."""
     NO_REPLY = "no_reply"
     """No reply to classify: refused, timeout, disconnect, TLS failure, skipped."""
+    SHARED = "shared"
+    """Valid without a probe: a backup MX of the site found it valid (Redis)."""
 
     @property
     def refuses_prober(self) -> bool:

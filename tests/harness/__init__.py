@@ -31,6 +31,8 @@ Modules:
   stopped with SIGTERM then SIGKILL.
 - :mod:`tests.harness.lifecycle` -- ``StartStop`` (``with`` starts and stops every server
   above) and the maildir readers they share.
+- :mod:`tests.harness.redis` -- ``RedisServer``: a throwaway ``redis-server`` on a free
+  loopback port, no persistence, stopped and started again on the same port.
 - :mod:`tests.harness.peers` -- ``EximPrimary`` and ``OpenSmtpdPrimary``: peers' MTAs as
   primaries, run from Debian's packages unpacked with ``dpkg -x`` into ``.cache/``.
 """

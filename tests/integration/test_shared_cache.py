@@ -1,0 +1,215 @@
+"""Several backup MXes sharing one Redis (CALLAHEAD_REDIS_URL), all real parts: a real
+redis-server on loopback, two real Postfix backups (A and B), each with its own
+``callahead serve`` attached as a milter, and one primary (the harness's stand-in, which
+records every probe it gets). Its own stack: it does not need the session ``stack``."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.callahead_process import CallaheadProcess
+from tests.harness.client import Transaction, make_message, send
+from tests.harness.fixtures import make_workdir
+from tests.harness.ports import free_port
+from tests.harness.postfix import SNIPPET, Listener, PostfixInstance, backup_mx_main_cf
+from tests.harness.primary import Primary
+from tests.harness.redis import RedisServer
+from tests.harness.waiting import wait_for
+from tests.integration.conftest import RAISED_LIMITS, SENDER, MetricsDelta, hop
+
+PROBE_TIMEOUT = 2.0
+DOMAIN = "shared.test"
+
+
+@dataclass
+class Backup:
+    name: str
+    callahead: CallaheadProcess
+    postfix: PostfixInstance
+    port: int
+
+    def rcpt(self, *rcpts: str, body: bool = False) -> Transaction:
+        message = make_message(SENDER, list(rcpts))[1] if body else None
+        return send(self.port, SENDER, list(rcpts), message)
+
+    def counter(self, name: str, **labels: str) -> float:
+        return self.callahead.samples().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    primary: Primary
+    a: Backup
+    b: Backup
+
+    def new_user(self) -> str:
+        address = self.new_address()
+        self.primary.add_user(address)
+        return address
+
+    @staticmethod
+    def new_address() -> str:
+        return f"u{uuid.uuid4().hex[:12]}@{DOMAIN}"
+
+
+def _backup_mx(workdir: Path, name: str, callahead: CallaheadProcess, primary_port: int) -> Backup:
+    """A real Postfix backup MX built from deploy/postfix-main.cf, as conftest.py builds
+    the stack's, with ``callahead`` as its milter; started."""
+    directory = workdir / f"backup-{name}"
+    directory.mkdir(mode=0o755)
+    port = free_port()
+    postfix = PostfixInstance(
+        directory,
+        backup_mx_main_cf(
+            SNIPPET,
+            workdir=directory,
+            relay_domains=[DOMAIN],
+            transports={DOMAIN: hop(primary_port)},
+            milter=callahead.socket,
+            hostname=f"backup-{name}.test",
+        ),
+        [Listener(port, RAISED_LIMITS)],
+    )
+    postfix.start()
+    return Backup(name, callahead, postfix, port)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with make_workdir() as workdir, RedisServer(workdir) as redis, Primary([]) as primary:
+        env = {
+            "CALLAHEAD_ROUTES": f"{DOMAIN}={hop(primary.port)}",
+            "CALLAHEAD_PROBE_TIMEOUT": str(PROBE_TIMEOUT),
+            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+            "CALLAHEAD_REDIS_URL": redis.url,
+        }
+        started: list[CallaheadProcess] = []
+        instances: list[PostfixInstance] = []
+        try:
+            backups: list[Backup] = []
+            for name in ("a", "b"):
+                callahead = CallaheadProcess(workdir, env, name=f"callahead-{name}")
+                started.append(callahead)
+                callahead.start()
+                backup = _backup_mx(workdir, name, callahead, primary.port)
+                instances.append(backup.postfix)
+                backups.append(backup)
+            yield Cluster(redis, primary, backups[0], backups[1])
+        finally:
+            for instance in instances:
+                instance.stop()
+            # libmilter takes up to ~5 s to wind down: stop both side by side.
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda process: process.stop(), started))
+
+
+def shared_hits(backup: Backup) -> float:
+    return backup.counter(
+        "callahead_rcpt_decisions_total", decision="accept", reason="shared_cache_hit"
+    )
+
+
+def test_an_address_verified_through_a_is_answered_by_b_from_redis(cluster: Cluster) -> None:
+    user = cluster.new_user()
+    hits_before = shared_hits(cluster.b)
+    tx = cluster.a.rcpt(user)
+    assert tx.code(user) == 250
+    assert cluster.primary.probes_for(user) == 1
+    # A writes the entry in the background, right after answering.
+    wait_for(lambda: cluster.redis.keys("callahead:v1:valid:*") > 0, 5, what="the shared entry")
+    tx = cluster.b.rcpt(user, body=True)
+    assert tx.code(user) == 250
+    assert tx.data is not None and tx.data[0] == 250
+    assert cluster.primary.probes_for(user) == 1  # B did not probe
+    assert shared_hits(cluster.b) == hits_before + 1
+    # And the message accepted by B is delivered to the primary.
+    wait_for(lambda: cluster.primary.mailbox(user), 30, what="delivery through B")
+    # An unknown address is never shared: each backup asks the primary itself.
+    unknown = cluster.new_address()
+    assert cluster.a.rcpt(unknown).code(unknown) == 550
+    assert cluster.b.rcpt(unknown).code(unknown) == 550
+    assert cluster.primary.probes_for(unknown) == 2
+
+
+def test_concurrent_rcpts_for_a_new_address_over_both_backups_make_one_probe(
+    cluster: Cluster,
+) -> None:
+    user = cluster.new_user()
+    # The primary takes its time, so that every RCPT arrives while the probe is in flight.
+    cluster.primary.set_rcpt_reply(user, "250 2.1.5 OK", delay=0.5)
+    waits_a = MetricsDelta(cluster.a.callahead)
+    waits_b = MetricsDelta(cluster.b.callahead)
+    backups = [cluster.a, cluster.b] * 10
+    with ThreadPoolExecutor(len(backups)) as pool:
+        codes = list(pool.map(lambda backup: backup.rcpt(user).code(user), backups))
+    assert codes == [250] * 20
+    assert cluster.primary.probes_for(user) == 1
+    # One backup probed; the other waited on the cluster lock and took its answer.
+    shared = waits_a("callahead_redis_lock_waits_total", outcome="shared") + waits_b(
+        "callahead_redis_lock_waits_total", outcome="shared"
+    )
+    assert shared >= 1
+
+
+def test_a_flush_through_a_is_seen_by_b(cluster: Cluster) -> None:
+    user = cluster.new_user()
+    assert cluster.a.rcpt(user).code(user) == 250
+    wait_for(lambda: cluster.b.rcpt(user).code(user) == 250, 5, what="B to know it")
+    assert cluster.primary.probes_for(user) == 1
+    shown = cluster.b.callahead.cli("cache", "show", user)
+    assert shown.returncode == 0 and "(shared: every backup)" in shown.stdout
+    cluster.primary.remove_user(user)  # deleted on the primary
+    flushed = cluster.a.callahead.cli("cache", "flush", user)
+    assert flushed.returncode == 0, flushed.stderr
+    assert flushed.stdout.strip() == "flushed 1 entry (shared: every backup)"
+    shown = cluster.b.callahead.cli("cache", "show", user)
+    assert shown.returncode == 1, shown.stdout
+    # B dropped its own copy too (the flush channel): it asks the primary again.
+    assert cluster.b.rcpt(user).code(user) == 550
+    assert cluster.primary.probes_for(user) == 2
+
+
+def test_redis_down_and_back(cluster: Cluster) -> None:
+    """Redis stopped: both backups answer right, each alone, within the probe timeout,
+    and nothing accepted is lost; Redis back: sharing resumes."""
+    known_before = cluster.new_user()
+    assert cluster.a.rcpt(known_before).code(known_before) == 250
+    cluster.redis.stop()
+    try:
+        for backup in (cluster.a, cluster.b):
+            for _ in range(4):  # past the breaker's threshold
+                known, unknown = cluster.new_user(), cluster.new_address()
+                started = time.monotonic()
+                tx = backup.rcpt(known, unknown, body=True)
+                assert time.monotonic() - started < PROBE_TIMEOUT
+                assert tx.code(known) == 250
+                assert tx.code(unknown) == 550
+                assert tx.data is not None and tx.data[0] == 250
+                wait_for(functools.partial(cluster.primary.mailbox, known), 30, what="delivery")
+            assert backup.counter("callahead_redis_breaker_open") == 1
+        # A still knows what it verified before, from its own cache.
+        assert cluster.a.rcpt(known_before).code(known_before) == 250
+        assert cluster.primary.probes_for(known_before) == 1
+    finally:
+        cluster.redis.start()
+    assert "is not answering" in cluster.a.callahead.log()
+
+    def shared_again() -> bool:
+        user = cluster.new_user()
+        cluster.a.rcpt(user)
+        cluster.b.rcpt(user)
+        return cluster.primary.probes_for(user) == 1
+
+    # The breaker lets a trial call through after its cooldown (5 s).
+    wait_for(shared_again, 20, interval=0.5, what="sharing to resume")
+    assert "answers again" in cluster.a.callahead.log()
+    assert cluster.a.counter("callahead_redis_breaker_open") == 0
