@@ -638,6 +638,8 @@ def render(report: Report, env: list[str]) -> str:
     out += [
         "## Method notes",
         "",
+        "- the shared cache (Redis) is measured apart, by `python -m bench.redis`: "
+        "`bench/RESULTS-redis.md`.",
         "- cold: `smtp-source -c -N -s SESSIONS -m COUNT -l 512`; `-N` numbers the "
         "recipients, so message n goes to `<n>c<case>r<run>@domain`: new addresses every run, "
         "all known to the primary.",
