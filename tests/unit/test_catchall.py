@@ -4,10 +4,8 @@ primaries), and what the decision core does with it."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import threading
 from collections.abc import Sequence
 
 import pytest
@@ -24,6 +22,7 @@ from tests.harness.fixtures import StartScripted
 from tests.harness.scripted import Script
 from tests.harness.waiting import wait_for
 from tests.unit.clock import Clock
+from tests.unit.engines import AnsweredEngine, Asked, answer_of
 from tests.unit.probers import SyncProber
 
 from .settings import probe_settings
@@ -99,56 +98,6 @@ def test_a_parent_entry_is_checked_at_the_parent_domain_itself() -> None:
 # --- the checks on a probe loop, with an engine the test answers -------------------------
 
 
-class AnsweredEngine(ProbeEngine):
-    """Probes wait until the test answers them; a valid answer is cached, as the real
-    engine does."""
-
-    def __init__(self, cache: PositiveCache) -> None:
-        super().__init__(probe_settings())
-        self.free = True
-        self.asked: list[tuple[str, tuple[Nexthop, ...], bool, bool]] = []
-        self._cache = cache
-        self._answers: dict[str, asyncio.Future[ProbeResult]] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def has_free_slot(self) -> bool:
-        return self.free
-
-    async def probe(
-        self,
-        address: str,
-        hops: Sequence[Nexthop],
-        *,
-        recheck: bool = False,
-        background: bool = False,
-    ) -> ProbeResult:
-        future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            self.asked.append((address, tuple(hops), recheck, background))
-            self._answers[address] = future
-        result = await future
-        if result.verdict is Verdict.VALID:
-            self._cache.add(address)
-        return result
-
-    def waiting(self) -> list[str]:
-        with self._lock:
-            return list(self._answers)
-
-    def answer(self, loop: ProbeLoop, result: ProbeResult) -> str:
-        wait_for(self.waiting, 5.0, what="a check")
-        with self._lock:
-            address, future = self._answers.popitem()
-        loop.call_soon(future.set_result, result)
-        return address
-
-
-def answer(verdict: Verdict) -> ProbeResult:
-    code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
-    return ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, str(HOPS[0]))
-
-
 @pytest.fixture
 def loop(probe_loop: ProbeLoop) -> ProbeLoop:
     """The shared running probe loop (conftest.py), under the name these tests use."""
@@ -180,10 +129,10 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     made = Made(loop)
     made.catchall.check_if_due(".example.com", HOPS)
     made.catchall.check_if_due(".example.com", HOPS)  # already running: nothing more
-    address = made.engine.answer(loop, answer(Verdict.VALID))
+    address = made.engine.give_next(loop, answer_of(Verdict.VALID))
     match = CHECK.match(address)
     assert match is not None and match.group(1) == "example.com"
-    assert made.engine.asked == [(address, HOPS, True, True)]  # recheck, in the background
+    assert made.engine.asked == [Asked(address, HOPS, True, True)]  # recheck, in the background
     wait_for(lambda: made.outcomes == ["valid"], 5.0)
     assert made.catchall.accepts_all(".example.com")
     assert made.states == [(".example.com", True)]
@@ -198,7 +147,7 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     assert len(made.engine.asked) == 1
     made.clock.now += 3600
     made.catchall.check_if_due(".example.com", HOPS)
-    second = made.engine.answer(loop, answer(Verdict.VALID))
+    second = made.engine.give_next(loop, answer_of(Verdict.VALID))
     assert second != address
     wait_for(lambda: len(made.outcomes) == 2, 5.0)
     assert len(caplog.records) == 1
@@ -206,7 +155,7 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     # The catch-all goes: the next check says so, once.
     made.clock.now += 3600
     made.catchall.check_if_due(".example.com", HOPS)
-    made.engine.answer(loop, answer(Verdict.UNKNOWN))
+    made.engine.give_next(loop, answer_of(Verdict.UNKNOWN))
     wait_for(lambda: len(made.outcomes) == 3, 5.0)
     assert not made.catchall.accepts_all(".example.com")
     assert made.states[-1] == (".example.com", False)
@@ -219,13 +168,13 @@ def test_a_normal_primary_is_not_flagged_and_a_tempfail_changes_nothing(
     caplog.set_level(logging.WARNING, logger="callahead.catchall")
     made = Made(loop)
     made.catchall.check_if_due("a.test", HOPS)
-    made.engine.answer(loop, answer(Verdict.UNKNOWN))
+    made.engine.give_next(loop, answer_of(Verdict.UNKNOWN))
     wait_for(lambda: made.outcomes == ["unknown"], 5.0)
     assert not made.catchall.accepts_all("a.test")
     assert made.states == [("a.test", False)]
     made.clock.now += 3600
     made.catchall.check_if_due("a.test", HOPS)
-    made.engine.answer(loop, answer(Verdict.TEMPFAIL))
+    made.engine.give_next(loop, answer_of(Verdict.TEMPFAIL))
     wait_for(lambda: made.outcomes == ["unknown", "tempfail"], 5.0)
     assert made.states == [("a.test", False)]
     assert caplog.records == []
@@ -240,7 +189,7 @@ def test_a_check_is_skipped_without_a_free_slot_or_a_budget_token(loop: ProbeLoo
     made.engine.free = True
     made.clock.now += 60  # tried again a minute later
     made.catchall.check_if_due("a.test", HOPS)
-    made.engine.answer(loop, ProbeResult.not_probed(Skip.PRIMARY_BUDGET, HOPS, "budget"))
+    made.engine.give_next(loop, ProbeResult.not_probed(Skip.PRIMARY_BUDGET, HOPS, "budget"))
     wait_for(lambda: made.outcomes == [SKIPPED, SKIPPED], 5.0)
     assert made.states == []
 

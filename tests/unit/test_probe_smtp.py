@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
 
 from callahead import loop as loop_module
 from callahead.cli import main
-from callahead.engine import EngineSettings, ProbeEngine
+from callahead.engine import ProbeEngine
 from callahead.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from callahead.metrics import Metrics
 from callahead.routes import Nexthop
@@ -22,6 +21,7 @@ from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_for
+from tests.unit.engines import AnsweredEngine
 from tests.unit.settings import probe_settings
 from tests.unit.test_engine import NO_SMTPUTF8, hop, run
 
@@ -397,34 +397,13 @@ def test_loop_prober_gives_up_on_a_stuck_probe(
         probe_loop.stop()
 
 
-class StuckEngine(ProbeEngine):
-    """An engine whose probes never end, to test the hand-off bound alone."""
-
-    def __init__(self, settings: EngineSettings) -> None:
-        super().__init__(settings)
-        self.cancelled = threading.Event()
-
-    async def probe(
-        self,
-        address: str,
-        hops: Sequence[Nexthop],
-        *,
-        recheck: bool = False,
-        background: bool = False,
-    ) -> ProbeResult:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        raise AssertionError("not reached")
-
-
 def test_loop_prober_bound_uses_handoff_margin(
     probe_loop: ProbeLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(loop_module, "HANDOFF_MARGIN", 0.1)
-    engine = StuckEngine(probe_settings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1))
+    engine = AnsweredEngine(
+        settings=probe_settings(helo_name=HELO, sender="", timeout=0.2, probe_wait=0.1)
+    )  # never answered: the hand-off bound alone ends the wait
     refused = Nexthop("127.0.0.1", free_port())
     try:
         prober = LoopProber(probe_loop, engine)

@@ -2,67 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Sequence
-
 from callahead.cache import PositiveCache
-from callahead.engine import ProbeEngine
 from callahead.loop import ProbeLoop
 from callahead.refresh import SKIPPED, LoopRefresher, refresh_limit
 from callahead.routes import Nexthop
-from callahead.verdict import ProbeResult, Skip, Stage, Verdict
+from callahead.verdict import ProbeResult, Skip, Verdict
 from tests.harness.waiting import wait_for
 
-from .settings import probe_settings
+from .engines import AnsweredEngine
 
 HOPS = (Nexthop("127.0.0.1", 2525),)
-
-
-class AnsweredEngine(ProbeEngine):
-    """Probes wait until the test answers them (``answer``); records ``recheck``."""
-
-    def __init__(self) -> None:
-        super().__init__(probe_settings())
-        self.free = True
-        self.asked: list[tuple[str, bool]] = []
-        self.in_background: list[bool] = []
-        self._answers: dict[str, asyncio.Future[ProbeResult]] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def has_free_slot(self) -> bool:
-        return self.free
-
-    async def probe(
-        self,
-        address: str,
-        hops: Sequence[Nexthop],
-        *,
-        recheck: bool = False,
-        background: bool = False,
-    ) -> ProbeResult:
-        future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            self.asked.append((address, recheck))
-            self.in_background.append(background)
-            self._answers[address] = future
-        return await future
-
-    def answer(self, probe_loop: ProbeLoop, address: str, verdict: Verdict) -> None:
-        code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
-        self.give(
-            probe_loop, address, ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.01, "x")
-        )
-
-    def give(self, probe_loop: ProbeLoop, address: str, result: ProbeResult) -> None:
-        with self._lock:
-            future = self._answers.pop(address)
-        probe_loop.call_soon(future.set_result, result)
-
-    def waiting(self, address: str) -> bool:
-        with self._lock:
-            return address in self._answers
 
 
 def make(
@@ -82,8 +31,11 @@ def test_unknown_forgets_the_address_and_valid_keeps_it(probe_loop: ProbeLoop) -
     refresher.refresh("gone@x.test", HOPS)
     refresher.refresh("kept@x.test", HOPS)
     wait_for(lambda: engine.waiting("gone@x.test") and engine.waiting("kept@x.test"), 5.0)
-    assert sorted(engine.asked) == [("gone@x.test", True), ("kept@x.test", True)]
-    assert engine.in_background == [True, True]  # never waits for a budget token
+    assert sorted((a.address, a.recheck) for a in engine.asked) == [
+        ("gone@x.test", True),
+        ("kept@x.test", True),
+    ]
+    assert [a.background for a in engine.asked] == [True, True]  # never waits for a budget token
 
     engine.answer(probe_loop, "gone@x.test", Verdict.UNKNOWN)
     engine.answer(probe_loop, "kept@x.test", Verdict.VALID)
@@ -122,7 +74,7 @@ def test_one_refresh_per_address_and_at_most_limit_at_once(probe_loop: ProbeLoop
     refresher.refresh("c@x.test", HOPS)  # over the limit
     assert outcomes == [SKIPPED]
     wait_for(lambda: engine.waiting("a@x.test") and engine.waiting("b@x.test"), 5.0)
-    assert sorted(a for a, _ in engine.asked) == ["a@x.test", "b@x.test"]
+    assert sorted(a.address for a in engine.asked) == ["a@x.test", "b@x.test"]
     engine.answer(probe_loop, "a@x.test", Verdict.VALID)
     wait_for(lambda: refresher.pending == 1, 5.0)
     refresher.refresh("c@x.test", HOPS)  # room again
