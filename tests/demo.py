@@ -108,9 +108,15 @@ def demo(primary: Primary, backup: PostfixInstance, port: int, callahead: Callah
         if "decision=" in line:
             say("  " + line.split(": INFO ", 1)[-1])
     say()
-    say("callahead's metrics (excerpt of /metrics):")
+    say("callahead's metrics (excerpt of /metrics; callahead_probes_total also counts its")
+    say("catch-all check, one probe of a made-up address at the domain's first recipient):")
     for line in callahead.scrape().splitlines():
-        counters = ("callahead_rcpt_decisions_total", "callahead_probes_total")
+        counters = (
+            "callahead_rcpt_decisions_total",
+            "callahead_probes_total",
+            "callahead_catchall_checks_total",
+            "callahead_domain_accepts_all",
+        )
         if line.startswith(counters) and not line.endswith(" 0.0"):
             say("  " + line)
 
