@@ -78,20 +78,24 @@ def test_primary_down_mail_is_queued_then_delivered(
         assert tx.data is not None and tx.data[0] == 250
         queued = re.search(r"queued as (\w+)", tx.data[1])
         assert queued is not None, tx.data
-        # Postfix tries the primary, fails, and keeps the message.
-        try:
-            wait_for(
-                lambda: any(
-                    e["queue_id"] == queued.group(1) and e["queue_name"] == "deferred"
-                    for e in stack.backup.queue_entries()
-                ),
-                DELIVERY_TIMEOUT,
-                what="the message in the deferred queue",
+        queue_id = queued.group(1)
+
+        def kept_after_a_deferral() -> bool:
+            """Postfix tried the primary, deferred the message and still holds it. Which
+            queue it is in at a given moment does not matter: with the harness's 1 s
+            retry timers it cycles through deferred, incoming and active, and once (in
+            about 20 full runs) qmgr left it in incoming ("skipped, still being
+            delivered") until the flush below."""
+            deferred = any(
+                f"{queue_id}: to=<{addr}>" in line and "status=deferred" in line
+                for line in stack.backup.maillog().splitlines()
             )
-        except TimeoutError as exc:  # say where the message went (seen once, not since)
-            lines = [
-                line for line in stack.backup.maillog().splitlines() if queued.group(1) in line
-            ]
+            return deferred and queue_id in stack.backup.queue_ids()
+
+        try:
+            wait_for(kept_after_a_deferral, DELIVERY_TIMEOUT, what="a deferral, message kept")
+        except TimeoutError as exc:  # say where the message went
+            lines = [line for line in stack.backup.maillog().splitlines() if queue_id in line]
             raise AssertionError(
                 f"{exc}\nqueue: {stack.backup.queue_entries()}\nlog:\n" + "\n".join(lines)
             ) from exc
@@ -100,7 +104,7 @@ def test_primary_down_mail_is_queued_then_delivered(
         stack.primary.start()
     stack.backup.flush()
     wait_for(lambda: delivered(stack, addr, token), DELIVERY_TIMEOUT, what="delivery")
-    wait_for(lambda: queued.group(1) not in stack.backup.queue_ids(), 10, what="the queue to empty")
+    wait_for(lambda: queue_id not in stack.backup.queue_ids(), 10, what="the queue to empty")
     assert len([m for m in stack.primary.mailbox(addr) if token.encode() in m]) == 1
     assert delta("callahead_rcpt_decisions_total", decision="accept", reason="probe_tempfail") == 1
     assert delta("callahead_probes_total", outcome="tempfail") == 1
