@@ -154,17 +154,14 @@ class AdminServer:
     async def answer_async(self, line: bytes) -> dict[str, Any]:
         """The answer to one request line, on the probe loop: ``cache show`` and ``cache
         flush`` ask the shared cache too, when there is one."""
-        if self._shared is None:
-            return self.answer(line)
-        try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            request = None
-        if isinstance(request, dict) and request.get("op") == "cache-show":
+        request = _request(line)
+        if self._shared is None or isinstance(request, str):
+            return self._answer(request)
+        if request.get("op") == "cache-show":
             return await self._shared_show(self._shared, request)
-        if isinstance(request, dict) and request.get("op") == "cache-flush":
+        if request.get("op") == "cache-flush":
             return await self._shared_flush(self._shared, request)
-        return self.answer(line)
+        return self._answer(request)
 
     async def _shared_show(self, shared: SharedGate, request: Mapping[str, Any]) -> dict[str, Any]:
         answer = self._show(request)
@@ -212,12 +209,11 @@ class AdminServer:
 
     def answer(self, line: bytes) -> dict[str, Any]:
         """The answer to one request line (this backup's own cache only)."""
-        try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return _error("the request is not a JSON object on one line")
-        if not isinstance(request, dict):
-            return _error("the request is not a JSON object")
+        return self._answer(_request(line))
+
+    def _answer(self, request: dict[str, Any] | str) -> dict[str, Any]:
+        if isinstance(request, str):  # not a request: why
+            return _error(request)
         op = request.get("op")
         if op == "cache-show":
             return self._show(request)
@@ -286,6 +282,17 @@ def _primary(state: PrimaryState) -> dict[str, Any]:
         "last_age": state.last_age,
         "problem": primary_problem(state),
     }
+
+
+def _request(line: bytes) -> dict[str, Any] | str:
+    """A request line as a JSON object, or why it is not one."""
+    try:
+        request = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "the request is not a JSON object on one line"
+    if not isinstance(request, dict):
+        return "the request is not a JSON object"
+    return request
 
 
 def _flush_target(request: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -58,6 +58,11 @@ class Reason(enum.Enum):
     ERROR = "error"
 
 
+_SKIPPED = {skip: Reason(skip.value) for skip in Skip}
+"""Why no probe was made, as the reason of the decision: each ``Skip`` has the
+``Reason`` of the same name (built at import, so a new one without it fails at once)."""
+
+
 class Prober(Protocol):
     """Answers probes; the real one (loop.LoopProber) runs them on the probe loop."""
 
@@ -267,19 +272,10 @@ class Policy:
         if result.verdict is Verdict.UNKNOWN:
             self._guard.record_unknown(client)
             return Decision(Action.REJECT, Reason.PROBE_UNKNOWN, address, result)
-        reason = Reason.PROBE_TEMPFAIL
         if result.basis.refuses_prober:
             reason = Reason.PROBER_REFUSED
-        elif result.skipped is Skip.OVERLOAD:
-            reason = Reason.OVERLOAD
-        elif result.skipped is Skip.PRIMARY_DOWN:
-            reason = Reason.PRIMARY_DOWN
-        elif result.skipped is Skip.LOOP_STALLED:
-            reason = Reason.LOOP_STALLED
-        elif result.skipped is Skip.SHUTDOWN:
-            reason = Reason.SHUTDOWN
-        elif result.skipped is Skip.ROUTE_FAILED:
-            reason = Reason.ROUTE_FAILED
-        elif result.skipped is Skip.PRIMARY_BUDGET:
-            reason = Reason.PRIMARY_BUDGET
+        elif result.skipped is not None:
+            reason = _SKIPPED[result.skipped]
+        else:
+            reason = Reason.PROBE_TEMPFAIL
         return Decision(self._undecided, reason, address, result)
