@@ -43,6 +43,8 @@ class Reason(enum.Enum):
     SHARED_CACHE_HIT = "shared_cache_hit"
     PROBE_VALID = "probe_valid"
     PROBE_UNKNOWN = "probe_unknown"
+    NO_DOMAIN = "no_domain"
+    """The recipient domain does not exist (NXDOMAIN) or accepts no mail (null MX)."""
     PROBE_TEMPFAIL = "probe_tempfail"
     PROBER_REFUSED = "prober_refused"
     UNROUTED = "unrouted"
@@ -119,6 +121,7 @@ class Reply:
 
 # No reply names the primary or repeats its words: the sender learns only the verdict.
 REJECT_REPLY = Reply("550", "5.1.1", "Recipient address rejected: User unknown")
+NO_DOMAIN_REPLY = Reply("550", "5.1.2", "Recipient address rejected: Domain not found")
 DEFER_REPLY = Reply(
     "451", "4.4.3", "Recipient address verification temporarily unavailable, try again later"
 )

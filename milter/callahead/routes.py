@@ -41,6 +41,12 @@ class RouteUnavailable(CallaheadError):
     the MX hosts left are none): the recipient is undecided, never rejected."""
 
 
+class NoSuchDomain(CallaheadError):
+    """The recipient domain of an MX-derived route does not exist (an authoritative
+    NXDOMAIN) or accepts no mail (an RFC 7505 null MX): the recipient is unknown
+    (``550 5.1.2``), as with Postfix's ``reject_unknown_recipient_domain``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Nexthop:
     """One primary: the host to connect to and its port.
@@ -59,6 +65,17 @@ class Nexthop:
         if not self.host:
             return "smtp:" if self.port == DEFAULT_SMTP_PORT else f"smtp::{self.port}"
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion:
+    """A route's nexthops made literal (resolve.MxResolver), in the order to try."""
+
+    hops: tuple[Nexthop, ...]
+    secondary: frozenset[Nexthop] = frozenset()
+    """The hops that come from an MX host outside the most-preferred group of their MX
+    lookup (another backup MX of the site): their valid or unknown answers are never
+    final. Literal hops (``[host]``) are never secondary: the operator named them."""
 
 
 RECIPIENT_DOMAIN = Nexthop("", DEFAULT_SMTP_PORT, mx=True)

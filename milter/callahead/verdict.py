@@ -90,6 +90,16 @@ class Basis(enum.Enum):
     """No reply to classify: refused, timeout, disconnect, TLS failure, skipped."""
     SHARED = "shared"
     """Valid without a probe: a backup MX of the site found it valid (Redis)."""
+    DRIFT = "drift"
+    """A rejection of the recipient on a session where an address of the domain that
+    was verified valid recently (the control) was rejected too: the primary may have
+    stopped judging recipients (a broken directory lookup, the wrong host)."""
+    SECONDARY = "secondary"
+    """A valid or unknown answer from an MX host outside the most-preferred group of an
+    MX-derived route (another backup MX): only the primary's word counts."""
+    NO_DOMAIN = "no_domain"
+    """The recipient domain of an MX-routed domain does not exist (authoritative
+    NXDOMAIN) or accepts no mail (RFC 7505 null MX): unknown, 550 5.1.2."""
 
     @property
     def refuses_prober(self) -> bool:
