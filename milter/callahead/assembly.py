@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .cache import PositiveCache
 from .catchall import LoopCatchAll
 from .config import Config, postfix_myhostname
+from .controls import Controls
 from .engine import EngineSettings, ProbeEngine
 from .guard import ClientGuard
 from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
@@ -118,7 +119,12 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         # Refresh ahead is the shared cache's: local entries live too short for it.
         refresh_within = 0.0
     engine = ProbeEngine(
-        engine_settings(config), metrics, known_valid=cache, resolver=resolver, cluster=shared
+        engine_settings(config),
+        metrics,
+        known_valid=cache,
+        resolver=resolver,
+        cluster=shared,
+        controls=Controls(cache, shared),
     )
     prober = LoopProber(
         loop, engine, wait=engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN

@@ -7,12 +7,17 @@ the lock.
 Each entry keeps its own expiry, so that entries loaded from ``CALLAHEAD_CACHE_FILE``
 keep the time they had left, and so that the operator can see it (``callahead cache
 show``). When the cache is full, the least recently added or looked-up entry goes.
+
+It also remembers, per domain, the few addresses verified most recently (``recent``):
+they are the *control* addresses a probe session asks when the primary rejects a
+recipient (session.py), so that a domain without postmaster@ still has a control.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +48,16 @@ class CacheStats:
     enabled: bool
 
 
+RECENT_PER_DOMAIN = 3
+"""Recently verified addresses remembered per domain, as control addresses."""
+RECENT_DOMAINS = 10_000
+"""Domains whose recent addresses are remembered (the least recently verified go)."""
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
 def _expiry(_address: str, expires: float, _now: float) -> float:
     return expires
 
@@ -61,6 +76,8 @@ class PositiveCache:
         self._entries: TLRUCache[str, float] = TLRUCache(
             maxsize=max(maxsize, 1), ttu=_expiry, timer=self._clock
         )
+        self._recent: OrderedDict[str, list[str]] = OrderedDict()
+        """Domain -> its most recently verified addresses, newest first."""
         self._lock = threading.Lock()
 
     @property
@@ -79,6 +96,38 @@ class PositiveCache:
             return
         with self._lock:
             self._entries[address] = self._clock() + self.ttl
+            self._remember(address)
+
+    def _remember(self, address: str) -> None:
+        domain = _domain(address)
+        addresses = self._recent.pop(domain, [])
+        if address in addresses:
+            addresses.remove(address)
+        addresses.insert(0, address)
+        del addresses[RECENT_PER_DOMAIN:]
+        self._recent[domain] = addresses
+        if len(self._recent) > RECENT_DOMAINS:
+            self._recent.popitem(last=False)
+
+    def recent(self, domain: str) -> tuple[str, ...]:
+        """The addresses of ``domain`` (normalized) verified most recently and still
+        cached, newest first: control addresses for a probe session."""
+        if not self._enabled:
+            return ()
+        with self._lock:
+            addresses = self._recent.get(domain, ())
+            return tuple(a for a in addresses if a in self._entries)
+
+    def forget_recent(self, address: str) -> None:
+        """Stop offering ``address`` as a control (its primary refused it while another
+        control of the domain was accepted); its cache entry stays."""
+        with self._lock:
+            self._unremember(address)
+
+    def _unremember(self, address: str) -> None:
+        addresses = self._recent.get(_domain(address))
+        if addresses is not None and address in addresses:
+            addresses.remove(address)
 
     def remaining(self, address: str) -> float | None:
         if not self._enabled:
@@ -95,6 +144,7 @@ class PositiveCache:
             return self._pop(address)
 
     def _pop(self, address: str) -> bool:
+        self._unremember(address)
         present = address in self._entries
         try:
             del self._entries[address]
@@ -106,6 +156,7 @@ class PositiveCache:
         """Forget every address at ``domain`` (already normalized); returns how many."""
         suffix = "@" + domain
         with self._lock:
+            self._recent.pop(domain, None)
             doomed = [a for a in self._entries if a.endswith(suffix)]
             return sum(1 for a in doomed if self._pop(a))
 
@@ -115,6 +166,7 @@ class PositiveCache:
             self._entries.expire()
             count = len(self._entries)
             self._entries.clear()
+            self._recent.clear()
             return count
 
     def snapshot(self) -> list[tuple[str, float]]:
@@ -137,6 +189,7 @@ class PositiveCache:
                 if left <= 0:
                     continue
                 self._entries[address] = now + min(left, self.ttl)
+                self._remember(address)
                 taken += 1
         return taken
 

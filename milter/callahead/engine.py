@@ -38,9 +38,17 @@ from .budget import TokenBucket
 from .cache import ValidCache
 from .errors import CallaheadError
 from .freshness import LastJudged
+from .logfmt import escape
 from .pool import SessionPool
 from .routes import Nexthop, RouteUnavailable
-from .session import Session, SessionFailed, SessionLost, SessionSettings
+from .session import (
+    ControlSource,
+    Session,
+    SessionFailed,
+    SessionLost,
+    SessionSettings,
+    TransactionShape,
+)
 from .tls import TlsMode, unverified_tls_context
 from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
@@ -112,6 +120,9 @@ class EngineObserver(Protocol):
 
     def prober_refused_by(self, primary: str, basis: Basis) -> None: ...
 
+    def drift_seen(self, primary: str) -> None:
+        """A verified control was refused on a session of ``primary`` (Basis.DRIFT)."""
+
 
 class ClusterGate(Protocol):
     """Other backup MXes in front of a probe (sharedcache.SharedGate, with Redis): their
@@ -147,6 +158,9 @@ class _Unobserved:
     def prober_refused_by(self, primary: str, basis: Basis) -> None:
         pass
 
+    def drift_seen(self, primary: str) -> None:
+        pass
+
 
 class HopResolver(Protocol):
     """Turns a route's nexthops into literal ones (resolve.MxResolver is the real one)."""
@@ -164,8 +178,12 @@ class ProbeEngine:
         known_valid: ValidCache | None = None,
         resolver: HopResolver | None = None,
         cluster: ClusterGate | None = None,
+        controls: ControlSource | None = None,
     ) -> None:
+        """``controls``: recently verified addresses per domain, asked as controls when
+        a primary rejects a recipient (session.py); None: postmaster@ only."""
         self.settings = settings
+        self._controls = controls
         self._resolver = resolver
         self._known_valid = known_valid
         self._cluster = cluster
@@ -199,8 +217,11 @@ class ProbeEngine:
             )
             settings = self._session_settings
             observer = self._observer
+            controls = self._controls
             primary.pool = SessionPool(
-                lambda: Session(hop, settings, sender=primary.sender),
+                lambda: Session(
+                    hop, settings, sender=primary.sender, shape=primary.shape, controls=controls
+                ),
                 size=self.settings.pool_size,
                 idle=self.settings.pool_idle,
                 max_age=self.settings.pool_max_age,
@@ -449,6 +470,8 @@ class ProbeEngine:
                         raise
                     finally:
                         pool.release(session)
+                    if session.refused_multi_recipient:
+                        self._note_shape(primary)
                     if result.basis is Basis.SENDER and not sender_retry:
                         sender_retry = self._fall_back(primary, result)
                         if sender_retry:
@@ -489,10 +512,51 @@ class ProbeEngine:
         primary.pool.reap(drop_all=True)
         return True
 
+    def _note_shape(self, primary: _Primary) -> None:
+        """A session of ``primary`` had a later RCPT of a transaction refused with
+        ``5.5.3``: one recipient per transaction from now on, or the fallback sender
+        (with a real sender, multi-recipient transactions are no bounces)."""
+        if primary.shape_noted:
+            return
+        primary.shape_noted = True
+        fallback = self.settings.fallback_sender
+        if fallback and not primary.sender:
+            primary.sender = fallback
+            primary.shape.single_rcpt = False
+            primary.pool.reap(drop_all=True)
+            how = f"probing it with the fallback sender <{fallback}> from now on"
+        else:
+            how = "one recipient per transaction from now on (RSET and MAIL FROM before each)"
+        log.warning(
+            "primary %s refuses a later RCPT of a transaction (5.5.3, as Postfix's "
+            "reject_multi_recipient_bounce does with MAIL FROM:<>): %s",
+            primary.name,
+            how,
+        )
+
+    def _note_drift(self, primary: _Primary, address: str, result: ProbeResult) -> None:
+        self._observer.drift_seen(primary.name)
+        domain = address.rpartition("@")[2]
+        if domain in primary.drift_warned or len(primary.drift_warned) >= WARNED_LIMIT:
+            return
+        primary.drift_warned.add(domain)
+        log.warning(
+            "primary %s refused an address of %s that it had accepted recently (%s): it "
+            "may have stopped judging recipients (a broken directory lookup, the wrong "
+            "host), so its rejections on that session were answered as undecided; if "
+            "that user was removed, run callahead cache flush for it",
+            primary.name,
+            escape(domain),
+            escape(result.why, spaces=True),
+        )
+
     def _note_refusal(self, primary: _Primary, address: str, result: ProbeResult) -> None:
         """Count a refusal of the prober and log it once per primary and kind (and per
         domain for an unproven one); note when the primary judges recipients again."""
         basis = result.basis
+        if basis is Basis.DRIFT:
+            self._note_drift(primary, address, result)
+            return
         if basis.refuses_prober:
             self._observer.prober_refused_by(primary.name, basis)
             primary.refusing = True
@@ -568,6 +632,11 @@ class _Primary:
     refusing: bool = False
     """The last answer of the primary refused the prober."""
     warned: set[tuple[Basis, str]] = field(default_factory=set)
+    drift_warned: set[str] = field(default_factory=set)
+    """Domains whose drift was logged (once each, bounded)."""
+    shape: TransactionShape = field(default_factory=TransactionShape)
+    """How this primary wants its transactions; shared by its sessions."""
+    shape_noted: bool = False
     last_verdict: Verdict | None = None
     last_detail: str = ""
     last_at: float | None = None

@@ -122,6 +122,14 @@ class Metrics:
             ["primary", "basis"],
             registry=r,
         )
+        self.drift = Counter(
+            "callahead_drift",
+            "Probe sessions on which a recently verified address (the control) was refused "
+            "as unknown with no other control accepted: the primary may have stopped "
+            "judging recipients; that session's rejections were answered as undecided",
+            ["primary"],
+            registry=r,
+        )
         self.client_address_missing = Counter(
             "callahead_client_address_missing",
             "Recipients judged without the client's address (no {client_addr} macro from "
@@ -250,6 +258,9 @@ class Metrics:
 
     def prober_refused_by(self, primary: str, basis: Basis) -> None:
         self.prober_refused.labels(primary, basis.value).inc()
+
+    def drift_seen(self, primary: str) -> None:
+        self.drift.labels(primary).inc()
 
     # -- the shared cache's observer (sharedcache.SharedObserver) ----------------------
 

@@ -34,6 +34,11 @@ parts are SHA-256 digests in hex):
   TTL it has left. The domain's digest comes first so that ``cache flush @DOMAIN`` can
   find a domain's keys with ``SCAN MATCH`` (no per-domain index to keep in step; the cost
   is a SCAN of the key space, for an operator's command).
+* ``callahead:v1:control:<sha256(domain)>``: the address of that domain verified valid
+  most recently (in plain text), with the same TTL: the control address a probe session
+  of any backup asks when the primary rejects a recipient (session.py), so that a domain
+  without postmaster@ has a control on a backup that has verified none of its users.
+  Flushes remove it with the address or the domain.
 * ``callahead:v1:lock:<sha256(address)>``: the probe of that address in flight, with a
   random token, expiring by itself after the probe timeout plus a second if its holder
   dies.
@@ -78,6 +83,9 @@ T = TypeVar("T")
 PREFIX = "callahead:v1:"
 VALID_PREFIX = PREFIX + "valid:"
 LOCK_PREFIX = PREFIX + "lock:"
+CONTROL_PREFIX = PREFIX + "control:"
+MAX_CONTROL_LENGTH = 600
+"""Bytes of a control address read from Redis at most (anything longer is ignored)."""
 CHANNEL = PREFIX + "flush"
 
 BREAKER_FAILURES = 3
@@ -108,10 +116,12 @@ return {left, 0}
 _POLL = """
 return {redis.call('PTTL', KEYS[1]), redis.call('EXISTS', KEYS[2])}
 """
-# Store KEYS[1] (valid) for ARGV[1] ms, then release KEYS[2] (lock) if it holds ARGV[2]:
-# in this order, so that whoever takes the lock next finds the entry.
+# Store KEYS[1] (valid) for ARGV[1] ms and the address ARGV[3] as its domain's control
+# KEYS[3], then release KEYS[2] (lock) if it holds ARGV[2]: in this order, so that
+# whoever takes the lock next finds the entry.
 _PUBLISH_VALID = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1])
 if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 1
 """
@@ -135,6 +145,11 @@ def valid_key(address: str) -> str:
 def domain_pattern(domain: str) -> str:
     """A ``SCAN MATCH`` pattern for every valid key of ``domain`` (normalized)."""
     return f"{VALID_PREFIX}{_digest(domain)}:*"
+
+
+def control_key(domain: str) -> str:
+    """The key holding a recently verified address of ``domain`` (normalized)."""
+    return f"{CONTROL_PREFIX}{_digest(domain)}"
 
 
 def lock_key(address: str) -> str:
@@ -222,6 +237,10 @@ class RedisStore:
         )
 
     @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    @property
     def up(self) -> bool:
         """Redis is being used (the breaker is closed)."""
         return self._breaker.state is State.CLOSED
@@ -279,8 +298,18 @@ class RedisStore:
     async def store_valid(self, address: str, ttl_ms: int, token: str = "") -> None:
         """Write ``address`` as valid for ``ttl_ms`` and release its lock if ``token``
         holds it."""
-        keys = [valid_key(address), lock_key(address)]
-        await self.call("store", lambda: self._publish_valid(keys=keys, args=[ttl_ms, token]))
+        keys = [valid_key(address), lock_key(address), control_key(address.rpartition("@")[2])]
+        await self.call(
+            "store", lambda: self._publish_valid(keys=keys, args=[ttl_ms, token, address])
+        )
+
+    async def control(self, domain: str) -> str | None:
+        """The address of ``domain`` verified most recently by any backup, if any."""
+        value = await self.call("control", lambda: self._client.get(control_key(domain)))
+        if not isinstance(value, bytes) or len(value) > MAX_CONTROL_LENGTH:
+            return None
+        address = value.decode("utf-8", "replace")
+        return address if address.endswith("@" + domain) else None
 
     async def release(self, address: str, token: str) -> None:
         keys = [lock_key(address)]
@@ -296,6 +325,8 @@ class RedisStore:
     async def forget(self, address: str) -> int:
         """Remove ``address`` and tell every backup; how many keys went (0 or 1)."""
         removed = int(await self.call("flush", lambda: self._client.delete(valid_key(address))))
+        control = [control_key(address.rpartition("@")[2])]
+        await self.call("flush", lambda: self._release(keys=control, args=[address]))
         await self.announce({"address": address})
         return removed
 
@@ -310,7 +341,8 @@ class RedisStore:
             removed += removed_now
             if cursor == 0:
                 break
-        await self.announce(announcement)
+        if announcement:
+            await self.announce(announcement)
         return removed
 
     async def _scan_and_unlink(self, cursor: int, pattern: str) -> tuple[int, int]:
@@ -592,6 +624,7 @@ class SharedGate:
     async def flush_domain(self, domain: str) -> int | None:
         self.local.discard_domain(domain)
         try:
+            await self.store.call("flush", lambda: self.store.client.delete(control_key(domain)))
             return await self.store.forget_matching(domain_pattern(domain), {"domain": domain})
         except SharedUnavailable:
             return None
@@ -599,7 +632,16 @@ class SharedGate:
     async def flush_all(self) -> int | None:
         self.local.clear()
         try:
+            await self.store.forget_matching(CONTROL_PREFIX + "*", {})
             return await self.store.forget_matching(VALID_PREFIX + "*", {"all": True})
+        except SharedUnavailable:
+            return None
+
+    async def recent_valid(self, domain: str) -> str | None:
+        """A control address of ``domain`` from Redis; None when there is none or Redis
+        does not answer."""
+        try:
+            return await self.store.control(domain)
         except SharedUnavailable:
             return None
 

@@ -22,16 +22,25 @@ RCPT       5xx with enhanced code ``5.1.x`` (not ``5.1.7``/``5.1.8``,   unknown
            directory-based blocking)
 RCPT       5xx with ``5.2.4`` (OpenSMTPD's unknown virtual user)        unknown
 RCPT       5xx with ``5.0.x`` and a text that says the user is unknown  unknown
-RCPT       bare ``550``/``551``/``553`` (no enhanced code, as Exim)     unknown
+RCPT       bare 5xx (no enhanced code, as Exim) whose text says the     unknown, with
+           user is unknown (``UNKNOWN_USER_TEXTS``)                     a control
 RCPT       any other 5xx (``5.2.x`` mailbox, ``5.3.x`` system,          undecided
-           ``5.5.x`` protocol, ``5.6.x`` content, ``5.7.x`` policy)
+           ``5.5.x`` protocol, ``5.6.x`` content, ``5.7.x`` policy,
+           a bare 5xx with any other text)
 RCPT       ``452``, ``4.5.3``, ``4.7.5xx``: throttling                  undecided,
                                                                         fresh session
 any        other 4xx, ``421``, no reply, a 5xx before RCPT TO           undecided
 =========  ===========================================================  ===========
 
-An *unknown* verdict is only final once the same session has had
-``RCPT TO:<postmaster@domain>`` accepted (see ``Basis.UNPROVEN``); the engine does that.
+The evidence rules (session.py applies them; docs/verdicts.md explains them):
+
+* **explicit**: an enhanced code about the recipient, and no prober phrase, is unknown
+  on its own;
+* **bare**: a bare rejection with an unknown-user text is unknown only on a session that
+  has accepted a *control* address of the domain (an address verified valid recently,
+  or postmaster@); otherwise ``Basis.UNPROVEN``;
+* **drift**: a recently verified control refused as unknown on the session, with no
+  other control accepted, makes that session's rejections undecided (``Basis.DRIFT``).
 """
 
 from __future__ import annotations
@@ -156,6 +165,9 @@ class Classification:
     basis: Basis
     why: str
     """One sentence for ``callahead probe --explain`` and the logs."""
+    bare: bool = False
+    """An *unknown* from a bare 5xx (no enhanced status code): final only on a session
+    that has accepted a control address of the domain (session.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +191,27 @@ PROBER_TEXTS = (
     # restrictions at RCPT TO, in these words.
     "client host rejected",
     "helo command rejected",
+    # HELO checks of other MTAs (Exim's "HELO/EHLO ..." denies, "use a fully qualified
+    # domain name in HELO").
+    "helo",
+    "ehlo",
     # reject_rbl_client and friends: "Service unavailable; Client host [...] blocked
-    # using zen.spamhaus.org".
+    # using zen.spamhaus.org"; Exim's "... is in a black list at ...".
     "blocked using",
     "blocklist",
     "blacklist",
+    "black list",
+    "block list",
+    "listed",
+    "dnsbl",
+    "spamhaus",
+    # Rate limits and connection limits on the prober's address: Exim's "Sender rate
+    # overlimit", "Too many connections", "too many ... from your host".
+    "ratelimit",
+    "rate limit",
+    "rate overlimit",
+    "overlimit",
+    "too many",
     # Relay refusals: the primary does not take mail for the domain from this client.
     "relay access denied",
     "relay not permitted",
@@ -191,6 +219,9 @@ PROBER_TEXTS = (
     # Exim's default text for an ACL deny without a message.
     "administrative prohibition",
 )
+"""Phrases that say a 5xx at RCPT TO refuses the prober, whatever its code says: the
+recipient's existence is not what was judged. They win over every recipient-level
+code (an explicit ``5.1.1 ... blocked using ...`` is undecided)."""
 SENDER_TEXTS = (
     "sender address rejected",  # Postfix, delayed to RCPT TO
     "sender verify failed",  # Exim
@@ -198,18 +229,33 @@ SENDER_TEXTS = (
 UNKNOWN_USER_TEXTS = (
     "user unknown",
     "unknown user",
+    "unknown local part",
+    "unknown recipient",
+    "unknown address",
+    "unknown mailbox",
+    "recipient unknown",
+    "address unknown",
+    "mailbox unknown",
     "no such user",
     "no such recipient",
     "no such mailbox",
+    "no such address",
+    "user not found",
+    "recipient not found",
+    "mailbox not found",
+    "address not found",
     "invalid recipient",
-    "recipient unknown",
-    "unknown recipient",
+    "invalid mailbox",
     "unrouteable address",
+    "unroutable address",
     "does not exist",
 )
-BARE_RECIPIENT_CODES = (550, 551, 553)
-"""Codes that reject the recipient when no enhanced code says otherwise (RFC 5321:
-550 mailbox unavailable, 551 user not local, 553 mailbox name not allowed)."""
+"""Texts that say the user is unknown. A *bare* 5xx (no enhanced status code, as Exim
+and OpenSMTPD answer) is unknown only with one of these, and only on a session that has
+accepted a control address of the domain; a ``5.0.x`` is unknown only with one."""
+MULTI_RECIPIENT_TEXTS = ("multi-recipient bounce",)
+"""Postfix's ``reject_multi_recipient_bounce`` (``550 5.5.3 <...>: Recipient address
+rejected: Multi-recipient bounce``) on a later RCPT of a ``MAIL FROM:<>`` transaction."""
 
 _SUBJECTS = {
     0: "other or undefined status",
@@ -232,8 +278,13 @@ def enhanced_code(code: int, text: str) -> EnhancedCode | None:
     return found if found.klass == code // 100 else None
 
 
+_QUOTED_PATH = re.compile(r"<[^<>]*>")
+"""An address the reply quotes (``<u@example.com>: ...``): it is the sender's choice, so
+it is never read for phrases (``<michelo@...>`` must not read as "helo")."""
+
+
 def _mentions(text: str, phrases: tuple[str, ...]) -> str | None:
-    lowered = text.lower()
+    lowered = _QUOTED_PATH.sub("<>", text).lower()
     return next((phrase for phrase in phrases if phrase in lowered), None)
 
 
@@ -318,16 +369,20 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             "RCPT TO with smtpd_delay_reject = yes)",
         )
     if enhanced is None:
-        if code in BARE_RECIPIENT_CODES:
+        phrase = _mentions(text, UNKNOWN_USER_TEXTS)
+        if phrase is not None:
             return Classification(
                 Verdict.UNKNOWN,
                 Basis.RECIPIENT,
-                f"a bare {code} (no enhanced status code) at RCPT TO rejects the recipient",
+                f'rule bare: a bare {code} (no enhanced status code) that says "{phrase}" '
+                "rejects the recipient once a control address of the domain is accepted "
+                "on the same session",
+                bare=True,
             )
         return Classification(
             Verdict.TEMPFAIL,
             Basis.TEMPORARY,
-            f"a bare {code} at RCPT TO does not say it is about the recipient",
+            f"a bare {code} at RCPT TO does not say the user is unknown: it decides nothing",
         )
     subject = _SUBJECTS.get(enhanced.subject, "an unassigned subject")
     if enhanced.subject == 1 and enhanced.detail in (7, 8):
@@ -338,27 +393,29 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
         )
     if enhanced.subject == 1:
         return Classification(
-            Verdict.UNKNOWN, Basis.RECIPIENT, f"{enhanced} ({subject}) rejects the recipient"
+            Verdict.UNKNOWN,
+            Basis.RECIPIENT,
+            f"rule explicit: {enhanced} ({subject}) rejects the recipient",
         )
     if (enhanced.subject, enhanced.detail) == (4, 1):
         return Classification(
             Verdict.UNKNOWN,
             Basis.RECIPIENT,
-            f"{enhanced} at RCPT TO is Microsoft 365's directory-based blocking: the "
-            "recipient is not in the directory",
+            f"rule explicit: {enhanced} at RCPT TO is Microsoft 365's directory-based "
+            "blocking: the recipient is not in the directory",
         )
     if (enhanced.subject, enhanced.detail) == (2, 4):
         return Classification(
             Verdict.UNKNOWN,
             Basis.RECIPIENT,
-            f"{enhanced} (the recipient cannot be expanded) is OpenSMTPD's answer for a "
-            "recipient its tables do not know",
+            f"rule explicit: {enhanced} (the recipient cannot be expanded) is OpenSMTPD's "
+            "answer for a recipient its tables do not know",
         )
     if enhanced.subject == 0 and _mentions(text, UNKNOWN_USER_TEXTS) is not None:
         return Classification(
             Verdict.UNKNOWN,
             Basis.RECIPIENT,
-            f"{enhanced} ({subject}) with a text that says the user is unknown",
+            f"rule explicit: {enhanced} ({subject}) with a text that says the user is unknown",
         )
     if enhanced.subject == 2:
         return Classification(
@@ -380,10 +437,33 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
 
 
 def unproven(reply: str) -> Classification:
-    """A recipient-level rejection on a session where postmaster@domain was refused too."""
+    """A bare rejection on a session that accepted no control address of the domain."""
     return Classification(
         Verdict.TEMPFAIL,
         Basis.UNPROVEN,
-        "the primary refused postmaster@ on the same session too (" + reply + "): it is "
-        "refusing the prober, so the rejection proves nothing about the recipient",
+        "rule bare: no control address of the domain was accepted on the same session ("
+        + reply
+        + "), so a bare rejection proves nothing about the recipient",
+    )
+
+
+def drifted(control: str, reply: str) -> Classification:
+    """A rejection of the recipient on a session where a recently verified address of
+    the domain (the control) was rejected as unknown too."""
+    return Classification(
+        Verdict.TEMPFAIL,
+        Basis.DRIFT,
+        f"rule drift: {control}, verified valid recently, was refused on the same session "
+        f"({reply}): the primary may have stopped judging recipients, so its rejections "
+        "decide nothing on this session",
+    )
+
+
+def refuses_multi_recipient_bounce(code: int, text: str) -> bool:
+    """``5.5.3`` (too many recipients) or Postfix's "Multi-recipient bounce" at RCPT TO."""
+    if not 500 <= code < 600:
+        return False
+    enhanced = enhanced_code(code, text)
+    return (enhanced is not None and (enhanced.subject, enhanced.detail) == (5, 3)) or (
+        _mentions(text, MULTI_RECIPIENT_TEXTS) is not None
     )

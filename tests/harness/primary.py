@@ -153,7 +153,9 @@ class Primary(ThreadedServer):
 
     Replies: RCPT for a known user ``250 2.1.5 OK``; for anyone else
     ``550 5.1.1 <addr>: Recipient address rejected: User unknown in virtual mailbox
-    table``; with ``reject_null_sender`` ``MAIL FROM:<>`` gets
+    table``; postmaster@ is one of them only with ``postmaster`` (the default is the
+    unkind common case: many real primaries have no such mailbox); with
+    ``reject_null_sender`` ``MAIL FROM:<>`` gets
     ``550 5.7.1 null sender not accepted``. ``set_rcpt_reply`` overrides the reply
     (and can delay it) for one address, e.g. ``451 4.3.0 try again later``.
 
@@ -172,9 +174,11 @@ class Primary(ThreadedServer):
         reject_null_sender: bool = False,
         log: Callable[[str], None] | None = None,
         host: str = HOST,
+        postmaster: bool = False,
     ) -> None:
         super().__init__(port, host)
         self._hostname = hostname
+        self.postmaster = postmaster
         self.reject_null_sender = reject_null_sender
         self._log = log
         self._lock = threading.Lock()
@@ -233,8 +237,7 @@ class Primary(ThreadedServer):
         with self._lock:
             if key in self._overrides:
                 return self._overrides[key]
-            # RFC 5321 4.5.1: every domain accepts postmaster@.
-            known = key in self._users or key.startswith("postmaster@")
+            known = key in self._users or (self.postmaster and key.startswith("postmaster@"))
         return (RCPT_OK if known else unknown_user_reply(address)), 0.0
 
     def _record_rcpt(self, record: RcptRecord, reply: str) -> None:

@@ -134,9 +134,10 @@ class Script:
     rcpt_ok: str = "250 2.1.5 Ok"
     rcpt_overrides: dict[str, str] = field(default_factory=dict)
     """Address (compared case-insensitively) -> full reply line; beats ``users``."""
-    postmaster: str | None = "250 2.1.5 Ok"
-    """Reply to ``postmaster@`` any domain (RFC 5321 4.5.1 makes every domain accept it),
-    unless ``rcpt_overrides`` names the address; None: answered like any address."""
+    postmaster: str | None = None
+    """Reply to ``postmaster@`` any domain, unless ``rcpt_overrides`` names the address;
+    None (the default, as at the many real primaries without a postmaster@ mailbox):
+    answered like any address."""
     rcpt_hook: RcptHook | None = None
     """Decides every RCPT instead of the fields above (see ``RcptHook``)."""
     starttls: str = "220 2.0.0 Ready to start TLS"

@@ -20,6 +20,7 @@ from callahead import session as session_module
 from callahead.address import normalize_recipient, wire_address
 from callahead.breaker import State
 from callahead.cache import PositiveCache
+from callahead.controls import Controls
 from callahead.engine import EngineSettings, ProbeEngine
 from callahead.loop import LoopProber, ProbeLoop
 from callahead.metrics import Metrics
@@ -70,7 +71,10 @@ async def engine_with(
     metrics: Metrics | None = None,
     known_valid: PositiveCache | None = None,
 ) -> AsyncIterator[ProbeEngine]:
-    engine = ProbeEngine(engine_settings, metrics, known_valid)
+    """An engine; with ``known_valid``, its recently verified addresses are the
+    controls, as in ``callahead serve``."""
+    controls = None if known_valid is None else Controls(known_valid)
+    engine = ProbeEngine(engine_settings, metrics, known_valid, controls=controls)
     try:
         yield engine
     finally:
@@ -162,9 +166,9 @@ def test_session_retired_after_the_error_budget_without_another_command(
 
     run(go)
     assert ERROR_BUDGET == 9
-    # An unknown verdict needs postmaster@ accepted on its session: one more RCPT per
-    # session, which is not an error.
-    vouch = 1 if code == 550 else 0
+    # An explicit 5.1.1 is unknown on its own: no control RCPT (no address of the
+    # domain was verified, and postmaster@ is needed only for a bare 550).
+    vouch = 0
     assert server.connections == math.ceil(probes / ERROR_BUDGET)
     assert server.count("RCPT") == probes + vouch * server.connections
     assert all(len(c.rcpts()) <= ERROR_BUDGET + vouch for c in server.sessions)
@@ -318,8 +322,7 @@ def test_421_at_rcpt_on_a_reused_session_retries_and_gives_the_real_answer(
     assert server.sessions[1].lines == [
         f"EHLO {HELO}",
         "MAIL FROM:<>",
-        "RCPT TO:<nobody@example.test>",
-        "RCPT TO:<postmaster@example.test>",  # vouches for the unknown verdict
+        "RCPT TO:<nobody@example.test>",  # 5.1.1: unknown on its own, no control asked
         "QUIT",  # at aclose
     ]
 
@@ -445,7 +448,7 @@ def test_breaker_skips_a_silent_primary_and_one_trial_closes_it(scripted: StartS
                 assert len(trials) == 1  # exactly one trial probe
                 assert trials[0].verdict is Verdict.UNKNOWN
                 assert all(r.skipped is Skip.PRIMARY_DOWN for r in results if r.skipped)
-                assert working.count("RCPT") == 2  # the trial and its postmaster@ check
+                assert working.count("RCPT") == 1  # the trial (5.1.1 needs no control)
                 assert engine.breaker_state(primary) is State.CLOSED
                 assert sample(metrics, "callahead_breaker_open", primary=label) == 0
                 assert sample(metrics, "callahead_primary_reached", primary=label) == 1
@@ -659,8 +662,8 @@ def test_starttls_refused(scripted: StartScripted, tls: TlsMode, verdict: Verdic
     )
     [result] = probe_twice(server, tls)
     assert result.verdict is verdict
-    # "may": the probe and its postmaster@ check.
-    assert server.count("RCPT") == (2 if tls is TlsMode.MAY else 0)
+    # "may": the probe (its 5.1.1 needs no control).
+    assert server.count("RCPT") == (1 if tls is TlsMode.MAY else 0)
 
 
 # --- SMTPUTF8 ----------------------------------------------------------------------------
@@ -811,10 +814,7 @@ def test_fuzz_no_recipient_adds_a_command_on_the_wire(scripted: StartScripted) -
                 assert b"\r" not in body and b"\n" not in body and b"\x00" not in body, raw
                 assert command.verb in ALLOWED_VERBS, raw
             rcpts = [c.raw for c in new if c.raw.startswith(b"RCPT")]
-            if len(rcpts) == 2:  # an unknown verdict is vouched for by postmaster@
-                assert rcpts.pop() == b"RCPT TO:<postmaster@example.test>\r\n"
-                assert decision.reason is Reason.PROBE_UNKNOWN
-            assert len(rcpts) <= 1
+            assert len(rcpts) <= 1  # 5.1.1 is unknown on its own: no control RCPT
             result = decision.probe
             if rcpts:
                 assert decision.reason in (Reason.PROBE_VALID, Reason.PROBE_UNKNOWN)

@@ -497,12 +497,25 @@ def test_cli_probe_explain_for_a_primary_refusing_the_helo(
     assert "not fully qualified" in captured.err  # the warning about the EHLO name
 
 
-def test_cli_probe_explain_shows_the_postmaster_evidence(
+def test_cli_probe_explain_names_the_rule_that_decided(
     scripted: StartScripted, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # An explicit 5.1.1: unknown on its own, no control asked.
     server = scripted(Script(rcpt_default=UNKNOWN))
     assert cli_probe(server, "nobody@example.test", "--explain") == 1
     out = capsys.readouterr().out
+    assert "postmaster@" not in out
+    assert "classified: unknown (recipient): rule explicit: 5.1.1" in out
+    assert "unknown on its own" in out
+    # A bare 550 with an unknown-user text: postmaster@ is asked as the control.
+    bare = scripted(Script(rcpt_default="550 Unrouteable address", postmaster=OK))
+    assert cli_probe(bare, "nobody@example.test", "--explain") == 1
+    out = capsys.readouterr().out
     assert f"  C: RCPT TO:<postmaster@example.test>\n  S: {OK}" in out
-    assert "classified: unknown (recipient)" in out
-    assert "postmaster@example.test was accepted on the same session" in out
+    assert "classified: unknown (recipient): rule bare:" in out
+    assert "the control postmaster@example.test was accepted on the same session" in out
+    # The same without postmaster@: undecided, and the rule says why.
+    unproven = scripted(Script(rcpt_default="550 Unrouteable address"))
+    assert cli_probe(unproven, "nobody@example.test", "--explain") == 2
+    out = capsys.readouterr().out
+    assert "classified: tempfail (unproven): rule bare: no control address" in out

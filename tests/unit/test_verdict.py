@@ -16,7 +16,9 @@ from callahead.verdict import (
     Stage,
     Verdict,
     classify,
+    drifted,
     enhanced_code,
+    refuses_multi_recipient_bounce,
     unproven,
 )
 
@@ -61,7 +63,20 @@ RCPT_CASES = [
     # Exim, OpenSMTPD and others without enhanced codes.
     (550, "Unrouteable address", UNKNOWN, Basis.RECIPIENT),
     (550, "Invalid recipient: <x@example.test>", UNKNOWN, Basis.RECIPIENT),
-    (551, "User not local; please try <x@elsewhere.test>", UNKNOWN, Basis.RECIPIENT),
+    # A bare 5xx is unknown only when its text says so ("User not local" does not).
+    (551, "User not local; please try <x@elsewhere.test>", TEMPFAIL, Basis.TEMPORARY),
+    (550, "Unknown user", UNKNOWN, Basis.RECIPIENT),
+    (550, "No such user here", UNKNOWN, Basis.RECIPIENT),
+    # Exim denies that refuse the prober, after Debian's ACL accepted postmaster@.
+    (550, "Sender rate overlimit", TEMPFAIL, Basis.PROBER),
+    (550, "Too many connections from your host", TEMPFAIL, Basis.PROBER),
+    (550, "192.0.2.7 is in a black list at zen.example.org", TEMPFAIL, Basis.PROBER),
+    (550, "Rejected because 192.0.2.7 is listed at bl.example.org", TEMPFAIL, Basis.PROBER),
+    (550, "HELO/EHLO must contain a FQDN", TEMPFAIL, Basis.PROBER),
+    (550, "Requested action not taken: mailbox unavailable", TEMPFAIL, Basis.TEMPORARY),
+    # The quoted address is the sender's choice, never read for phrases.
+    (550, "5.1.1 <michelo@example.test>: User unknown", UNKNOWN, Basis.RECIPIENT),
+    (550, "5.1.1 <too-many-listed@example.test>: no such user", UNKNOWN, Basis.RECIPIENT),
     (553, "sorry, no mailbox here by that name. (#5.1.1)", UNKNOWN, Basis.RECIPIENT),
     (550, "5.0.0 <x@example.test>... User unknown", UNKNOWN, Basis.RECIPIENT),
     # OpenSMTPD 6.8 with a virtual user table, for a user it does not know.
@@ -164,8 +179,8 @@ RCPT_CASES = [
     (
         550,
         "4.1.1 mismatched class: the enhanced code is ignored, the bare 550 decides",
-        UNKNOWN,
-        Basis.RECIPIENT,
+        TEMPFAIL,
+        Basis.TEMPORARY,
     ),
     # -- valid ------------------------------------------------------------------------------
     (250, "2.1.5 Ok", VALID, Basis.ACCEPTED),
@@ -226,6 +241,44 @@ def test_replies_before_rcpt_never_decide(
 )
 def test_enhanced_code(code: int, text: str, expected: EnhancedCode | None) -> None:
     assert enhanced_code(code, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "bare"),
+    [
+        (550, "5.1.1 <x@example.test>: User unknown in virtual mailbox table", False),
+        (550, "5.4.1 Recipient address rejected: Access denied", False),
+        (524, "5.2.4 Mailing list expansion problem", False),
+        (550, "Unrouteable address", True),
+        (550, "Invalid recipient: <x@example.test>", True),
+        (553, "sorry, no mailbox here by that name. (#5.1.1)", False),
+    ],
+)
+def test_bare_unknowns_are_marked_for_the_control_rule(code: int, text: str, bare: bool) -> None:
+    found = classify(Stage.RCPT, code, text)
+    assert found.verdict is UNKNOWN
+    assert found.bare is bare
+    assert found.why.startswith("rule bare:" if bare else "rule explicit:")
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "refuses"),
+    [
+        (550, "5.5.3 <u1@example.test>: Recipient address rejected: Multi-recipient bounce", True),
+        (550, "Multi-recipient bounce", True),
+        (452, "4.5.3 Too many recipients", False),
+        (550, "5.1.1 <u1@example.test>: User unknown in relay recipient table", False),
+        (554, "5.5.3 Too many recipients", True),
+    ],
+)
+def test_multi_recipient_bounce_refusals(code: int, text: str, refuses: bool) -> None:
+    assert refuses_multi_recipient_bounce(code, text) is refuses
+
+
+def test_drift_is_undecided_and_names_the_control() -> None:
+    found = drifted("u1@example.test", "550 5.1.1 User unknown")
+    assert (found.verdict, found.basis) == (TEMPFAIL, Basis.DRIFT)
+    assert "u1@example.test" in found.why and found.why.startswith("rule drift:")
 
 
 def test_refusals_of_the_prober_are_marked() -> None:
