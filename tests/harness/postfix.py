@@ -413,7 +413,7 @@ def primary_main_cf(
     in_flow_delay: str = "0s",
     mailbox_owner: str = "nobody",
     map_type: str = "texthash",
-    postmaster: bool = True,
+    postmaster: bool = False,
 ) -> dict[str, str]:
     """main.cf for a throwaway Postfix *primary* that knows ``users``.
 
@@ -422,8 +422,9 @@ def primary_main_cf(
     ``write_virtual_users``) or, with ``map_type="hash"``, a ``hash:`` map built by
     postmap at start, as most sites keep it; mail goes to maildirs under
     ``WORKDIR/vmail`` owned by ``mailbox_owner``. Unknown users get Postfix's own
-    ``550 5.1.1 ... User unknown in virtual mailbox table``. With ``postmaster`` (as
-    RFC 5321 and every real site), ``postmaster@`` each domain is a mailbox too. Error
+    ``550 5.1.1 ... User unknown in virtual mailbox table``. ``postmaster@`` is one of
+    them only with ``postmaster``: by default it gets that 550 too, as at the many real
+    sites whose database-backed virtual domains have no postmaster alias. Error
     limits (``smtpd_soft_error_limit`` ...) and junk command limits keep their Postfix
     defaults.
     """

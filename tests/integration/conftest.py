@@ -15,11 +15,14 @@
   map, default ``smtpd_delay_reject = yes``), with one listener per restriction that
   refuses the prober rather than the recipient: ``reject_non_fqdn_helo_hostname``
   (helo.strict.test), ``check_sender_access`` refusing ``<>`` (sender.strict.test),
-  ``check_client_access`` refusing the backup's address (client.strict.test); a domain
-  without postmaster@ (nopm.strict.test); and a plain listener that the backup
-  delivers every strict domain to. A scripted primary answers as Microsoft 365 does
-  (m365.test). Peers' MTAs as primaries: a real Exim 4 (exim.test) and a real OpenSMTPD
-  (opensmtpd.test), from Debian's packages unpacked by tests/harness/peers.py.
+  ``check_client_access`` refusing the backup's address (client.strict.test); one with
+  ``reject_multi_recipient_bounce`` first in ``smtpd_recipient_restrictions``, as
+  hardening guides set it (mrb.strict.test); and a plain listener that the backup
+  delivers every strict domain to. Like many real sites (database-backed virtual
+  domains), the strict primary has no postmaster@ mailbox in any domain. A scripted
+  primary answers as Microsoft 365 does (m365.test), postmaster@ included. Peers'
+  MTAs as primaries: a real Exim 4 (exim.test) and a real OpenSMTPD (opensmtpd.test),
+  from Debian's packages unpacked by tests/harness/peers.py.
 """
 
 from __future__ import annotations
@@ -84,9 +87,12 @@ STRICT_KINDS = {
     "helo": {"smtpd_helo_restrictions": "reject_non_fqdn_helo_hostname"},
     "sender": {"smtpd_sender_restrictions": "check_sender_access inline:{<>=REJECT}"},
     "client": {"smtpd_client_restrictions": "check_client_access inline:{127.0.0.1=REJECT}"},
+    "mrb": {"smtpd_recipient_restrictions": "reject_multi_recipient_bounce"},
 }
-STRICT_DOMAINS = ("helo", "sender", "client", "nopm", "late", "ttl")
-"""Domains of the strict primary, NAME.strict.test; every one but nopm has postmaster@."""
+STRICT_DOMAINS = ("helo", "sender", "client", "mrb", "nopm", "late", "ttl", "drift")
+"""Domains of the strict primary, NAME.strict.test; none has postmaster@."""
+MRB_USERS = 10
+"""Users u1 ... u10 of mrb.strict.test."""
 FALLBACK_SENDER = "probe@backup.test"
 M365_UNKNOWN = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
 M365_OVERRIDES = {
@@ -152,7 +158,7 @@ class Stack:
     strict_ports: dict[str, int]
     """Its listeners: one per STRICT_KINDS entry, and "deliver" (no restriction)."""
     strict_users: list[str]
-    """Its mailboxes, postmaster@ included: pass a changed copy to set_strict_users."""
+    """Its mailboxes (no postmaster@): pass a changed copy to set_strict_users."""
     m365: ScriptedServer
     peers: dict[str, PeerPrimary]
     """Peers' MTAs as primaries: "exim" (Exim 4) for exim.test, "opensmtpd" for
@@ -241,7 +247,7 @@ def stack() -> Iterator[Stack]:
             strict_dir.mkdir(mode=0o755)
             strict_domains = [f"{d}.strict.test" for d in STRICT_DOMAINS]
             strict_users = [f"u1@{d}" for d in strict_domains] + [
-                f"postmaster@{d}" for d in strict_domains if not d.startswith("nopm.")
+                f"u{n}@mrb.strict.test" for n in range(2, MRB_USERS + 1)
             ]
             strict_ports = {kind: free_port() for kind in (*STRICT_KINDS, "deliver")}
             strict = PostfixInstance(
@@ -252,7 +258,6 @@ def stack() -> Iterator[Stack]:
                     domains=strict_domains,
                     hostname="strict-primary.test",
                     map_type="hash",
-                    postmaster=False,
                 ),
                 [Listener(port, STRICT_KINDS.get(kind, {})) for kind, port in strict_ports.items()],
             )
@@ -361,6 +366,7 @@ def stack() -> Iterator[Stack]:
             strict_routes = (
                 " ".join(f"{kind}.strict.test={hop(strict_ports[kind])}" for kind in STRICT_KINDS)
                 + f" nopm.strict.test={strict_hop} late.strict.test={strict_hop}"
+                + f" drift.strict.test={strict_hop}"
                 + f" m365.test={hop(m365.port)}"
             )
             settings["strict"] = (

@@ -14,7 +14,7 @@ import pytest
 from tests.harness.client import make_message, send
 from tests.harness.waiting import wait_for
 
-from .conftest import FALLBACK_SENDER, SENDER, MetricsDelta, Stack
+from .conftest import FALLBACK_SENDER, SENDER, MetricsDelta, Stack, hop
 
 DELIVERY_TIMEOUT = 30.0
 
@@ -86,23 +86,93 @@ def test_a_primary_refusing_the_prober_never_rejects_a_known_user(
     assert len(warnings) == 1
 
 
-def test_a_domain_without_postmaster_is_never_rejected(stack: Stack) -> None:
-    """The primary rejects the unknown user with a real 550 5.1.1, but it rejects
-    postmaster@ too: nothing proves it judges recipients, so nothing is rejected."""
+def test_a_primary_without_postmaster_is_protected(stack: Stack, front_end: str) -> None:
+    """A real Postfix primary with virtual_mailbox_maps and no postmaster@ (the usual
+    database-backed virtual setup): its 550 5.1.1 is believed on its own, a known user
+    is accepted and delivered, and postmaster@ is never asked."""
+    profile = stack.profiles["strict"]
+    port = profile.port_for(front_end)
+    delta = MetricsDelta(profile.process)
+    known = "u1@nopm.strict.test"
+    unknown = [f"nobody-{uuid.uuid4().hex[:8]}@nopm.strict.test" for _ in range(2)]
+    token, body = make_message(SENDER, [known])
+
+    tx = send(port, SENDER, [known, *unknown], body)
+
+    assert [tx.code(a) for a in (known, *unknown)] == [250, 550, 550]
+    assert tx.data is not None and tx.data[0] == 250
+    for addr in unknown:
+        assert strict_logged(stack, addr, "User unknown", "from=<>")
+    wait_for(lambda: delivered(stack, known, token), DELIVERY_TIMEOUT, what="delivery")
+    assert not strict_log_lines(stack, "postmaster@nopm.strict.test")
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 2
+    assert (
+        delta(
+            "callahead_prober_refused_total",
+            primary=hop(stack.strict_ports["deliver"]),
+            basis="unproven",
+        )
+        == 0
+    )
+
+
+def test_a_primary_refusing_multi_recipient_bounces_is_protected(stack: Stack) -> None:
+    """reject_multi_recipient_bounce: after MAIL FROM:<>, every RCPT after the first
+    accepted one gets 5.5.3. Ten known users and ten unknown ones, interleaved in one
+    transaction at the backup: each gets its real answer."""
     profile = stack.profiles["strict"]
     delta = MetricsDelta(profile.process)
-    unknown = [f"nobody-{uuid.uuid4().hex[:8]}@nopm.strict.test" for _ in range(2)]
+    known = [f"u{n}@mrb.strict.test" for n in range(1, 11)]
+    unknown = [f"nobody-{uuid.uuid4().hex[:8]}@mrb.strict.test" for _ in range(10)]
+    interleaved = [addr for pair in zip(known, unknown, strict=True) for addr in pair]
 
-    tx = send(profile.port, SENDER, unknown)
+    tx = send(profile.port, SENDER, interleaved)
 
-    assert [tx.code(a) for a in unknown] == [250, 250]
+    assert [tx.code(a) for a in known] == [250] * 10
+    assert [tx.code(a) for a in unknown] == [550] * 10
     for addr in unknown:
-        assert strict_logged(stack, addr, "User unknown")
-    assert strict_logged(stack, "postmaster@nopm.strict.test", "User unknown")
-    primary = f"[127.0.0.1]:{stack.strict_ports['deliver']}"
-    assert delta("callahead_prober_refused_total", primary=primary, basis="unproven") == 2
-    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 2
-    assert len(re.findall(r"refuses postmaster@nopm\.strict\.test too", profile.process.log())) == 1
+        assert strict_logged(stack, addr, "User unknown", "from=<>")
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 10
+    assert delta("callahead_rcpt_decisions_total", decision="accept", reason="probe_valid") == 10
+    # The primary really refused a later RCPT as a multi-recipient bounce, once: from
+    # then on each probe had a transaction of its own.
+    bounces = [
+        line
+        for line in stack.strict.maillog().splitlines()
+        if "Multi-recipient bounce" in line and "mrb.strict.test" in line
+    ]
+    assert len(bounces) == 1
+    assert "one recipient per transaction" in profile.process.log()
+
+
+def test_drift_a_verified_control_refused_rejects_nobody(stack: Stack) -> None:
+    """u1 was verified; then the primary stops knowing the domain's users (a broken
+    directory: it answers 5.1.1 to everyone). The control u1 is refused on the new
+    session, so its rejections are undecided: nobody gets a 550; the drift is counted."""
+    profile = stack.profiles["strict"]
+    delta = MetricsDelta(profile.process)
+    primary = hop(stack.strict_ports["deliver"])
+    known = "u1@drift.strict.test"
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@drift.strict.test"
+    users = list(stack.strict_users)
+
+    assert send(profile.port, SENDER, [known]).code(known) == 250
+    assert send(profile.port, SENDER, [unknown]).code(unknown) == 550  # u1 vouches
+    try:
+        stack.set_strict_users([u for u in users if not u.endswith("@drift.strict.test")])
+        # Judged a moment ago: asked again on a new session, which sees the change.
+        again = send(profile.port, SENDER, [unknown])
+        assert again.code(unknown) == 250
+        other = f"real-{uuid.uuid4().hex[:8]}@drift.strict.test"
+        assert send(profile.port, SENDER, [other]).code(other) == 250
+    finally:
+        stack.set_strict_users(users)
+    assert strict_logged(stack, known, "User unknown", "from=<>")  # the control, refused
+    assert delta("callahead_drift_total", primary=primary) == 2
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 1
+    # Logged once for the domain, beside the decision lines.
+    warning = r"refused an address of drift\.strict\.test that it had accepted recently"
+    assert len(re.findall(warning, profile.process.log())) == 1
 
 
 def test_fallback_sender_when_the_primary_refuses_the_null_sender(stack: Stack) -> None:
@@ -195,6 +265,9 @@ def test_microsoft_365_replies(stack: Stack) -> None:
         rcpts = [c for c in commands if c.session == session and c.line.startswith("RCPT")]
         assert rcpts[-1].reply is not None and rcpts[-1].reply[:3] in ("451", "452")
     assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 1
+    # The tenant has no postmaster@ (it gets 5.4.1 like any address it lacks), and its
+    # 5.4.1 needs no control: postmaster@ was never asked.
+    assert not any("postmaster@" in c.line for c in commands)
 
 
 @pytest.mark.parametrize("peer", ["exim", "opensmtpd"])
