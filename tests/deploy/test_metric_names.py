@@ -76,6 +76,7 @@ def exercised() -> Metrics:
     metrics.coalesced_wait()
     for basis in Basis:
         metrics.prober_refused_by("[mx]:25", basis)
+    metrics.drift_seen("[mx]:25")
     metrics.track_cache_size(lambda: 3)
     metrics.errors.inc()
     metrics.client_address_missing.inc()

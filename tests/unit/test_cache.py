@@ -186,3 +186,38 @@ def test_a_disabled_cache_keeps_and_restores_nothing() -> None:
     assert cache.remaining("a@example.com") is None
     assert cache.restore([("a@example.com", 10.0)]) == 0
     assert cache.stats().enabled is False
+
+
+def test_recent_addresses_per_domain_are_the_controls() -> None:
+    clock = Clock()
+    cache = PositiveCache(ttl=60, maxsize=100, clock=clock)
+    for local in ("a", "b", "c", "d"):
+        cache.add(f"{local}@example.test")
+        clock.now += 1
+    cache.add("x@other.test")
+    # The newest first, at most three, of that domain only.
+    assert cache.recent("example.test") == ("d@example.test", "c@example.test", "b@example.test")
+    cache.add("b@example.test")  # verified again: the newest now
+    assert cache.recent("example.test")[0] == "b@example.test"
+    cache.forget_recent("b@example.test")
+    assert "b@example.test" in cache  # still trusted, only no control
+    assert cache.recent("example.test") == ("d@example.test", "c@example.test")
+    cache.discard("d@example.test")
+    assert cache.recent("example.test") == ("c@example.test",)
+    clock.now += 60  # expired entries are no controls
+    assert cache.recent("example.test") == ()
+    cache.add("y@other.test")
+    assert cache.discard_domain("other.test") == 1
+    assert cache.recent("other.test") == ()
+    cache.add("z@third.test")
+    cache.clear()
+    assert cache.recent("third.test") == ()
+
+
+def test_restored_entries_are_controls_newest_first() -> None:
+    cache = PositiveCache(ttl=60, maxsize=100)
+    cache.restore([("old@example.test", 10.0), ("new@example.test", 50.0)])
+    assert cache.recent("example.test") == ("new@example.test", "old@example.test")
+    disabled = PositiveCache(ttl=0, maxsize=100)
+    disabled.add("a@example.test")
+    assert disabled.recent("example.test") == ()

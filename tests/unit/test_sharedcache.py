@@ -17,6 +17,7 @@ import pytest
 from callahead.breaker import Breaker
 from callahead.cache import PositiveCache
 from callahead.config import ConfigError, load_config
+from callahead.controls import Controls
 from callahead.logfmt import redact_url
 from callahead.metrics import Metrics
 from callahead.policy import Action, Policy, Reason, TempfailAction
@@ -27,6 +28,7 @@ from callahead.sharedcache import (
     VALID_PREFIX,
     RedisStore,
     SharedGate,
+    control_key,
     domain_pattern,
     lock_key,
     valid_key,
@@ -375,6 +377,54 @@ def test_a_flush_on_one_backup_reaches_every_backup(redis: RedisServer) -> None:
         await wait_until(lambda: a.local.remaining(kept) is None, what="A drops everything")
         assert redis.keys("callahead:*") == 0
         await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_valid_answer_is_every_backups_control_until_flushed(redis: RedisServer) -> None:
+    """A backup that verified no user of a domain gets one from Redis as its control
+    (sessions ask it when the primary rejects a recipient); flushes take it away."""
+
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        first, second = new_address(), new_address()
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await b.gate.recent_valid("example.test") == first
+        await a.ask(second)
+        await settle(a)
+        assert await b.gate.recent_valid("example.test") == second  # the newest
+        assert await b.gate.recent_valid("other.test") is None
+        assert await a.gate.flush_address(first) == 1
+        assert await b.gate.recent_valid("example.test") == second  # not the flushed one
+        assert await a.gate.flush_address(second) == 1
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await a.gate.flush_domain("example.test") == 1  # the control is no entry
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await a.gate.flush_all() == 1
+        assert redis.keys("callahead:*") == 0
+        # What Redis holds is checked: a value of another domain is no control.
+        redis.command("SET", control_key("example.test"), "x@evil.test")
+        assert await b.gate.recent_valid("example.test") is None
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_backup_without_redis_has_only_its_own_controls() -> None:
+    async def scenario() -> None:
+        cache = PositiveCache(ttl=60, maxsize=10)
+        down = backup("redis://127.0.0.1:9", timeout=0.2)
+        controls = Controls(cache, down.gate)
+        assert await controls.controls("example.test") == ()  # Redis down: none, at once
+        cache.add("u1@example.test")
+        assert await controls.controls("example.test") == ("u1@example.test",)
+        await closed(down)
 
     asyncio.run(scenario())
 
