@@ -22,7 +22,8 @@ the evidence rules apply (docs/verdicts.md):
 
 Controls are asked once per session and domain, right after the first rejection that
 needs them, in the same transaction (no RSET; a Postfix primary counts a rejected
-RCPT as an error, an accepted one as nothing).
+RCPT as an error, an accepted one as nothing). A probe of the domain accepted earlier
+on the same session vouches as a control would: no control is asked then.
 
 **Transaction shape.** A primary with Postfix's ``reject_multi_recipient_bounce``
 answers every RCPT after the first accepted one of a ``MAIL FROM:<>`` transaction with
@@ -373,7 +374,12 @@ class Session:
             if stage is Stage.MAIL:
                 return self._result(Stage.MAIL, reply.code, reply.message, started)
             found = classify(Stage.RCPT, reply.code, reply.message)
-            if found.verdict is Verdict.UNKNOWN:
+            if found.verdict is Verdict.VALID:
+                # An address of the domain accepted on this session vouches for its
+                # rejections as well as any control would (the same view of the tables).
+                evidence = self._evidence.setdefault(address.rpartition("@")[2], _Evidence())
+                evidence.vouched_by = evidence.vouched_by or address
+            elif found.verdict is Verdict.UNKNOWN:
                 found = await self._judge_unknown(address, found)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self._retired = True

@@ -181,8 +181,9 @@ def test_refresh_ahead_forgets_a_user_deleted_on_the_primary_and_keeps_the_other
     )
     tx = send(port, SENDER, [deleted, kept])
     assert tx.code(deleted) == tx.code(kept) == 250  # answered from the cache at once
+    # kept may be asked once more: as the control that vouches for deleted's 5.1.1.
     wait_for(
-        lambda: primary.probes_for(deleted) == 2 and primary.probes_for(kept) == 2,
+        lambda: primary.probes_for(deleted) == 2 and primary.probes_for(kept) >= 2,
         10.0,
         what="the background refreshes at the primary",
     )
