@@ -499,12 +499,12 @@ class ProbeEngine:
         if not fallback or primary.sender == fallback:
             return False
         log.warning(
-            "primary %s refuses the probe sender <%s> (%s %r at %s): probing it with the "
+            'primary %s refuses the probe sender <%s> (%s "%s" at %s): probing it with the '
             "fallback sender <%s> from now on",
             primary.name,
-            primary.sender,
+            escape(primary.sender),
             result.code,
-            result.detail,
+            escape(result.detail, spaces=True),
             result.stage.value.upper(),
             fallback,
         )
@@ -566,15 +566,15 @@ class ProbeEngine:
                 return
             primary.warned.add(key)
             log.warning(
-                "primary %s refuses callahead's probes, not the recipients: %s %r at %s (%s); "
-                "recipients of %s are accepted unverified while it does. %s",
+                'primary %s refuses callahead\'s probes, not the recipients: %s "%s" at %s '
+                '("%s"); recipients of %s are accepted unverified while it does. %s',
                 primary.name,
                 result.code,
-                result.detail,
+                escape(result.detail, spaces=True),
                 result.stage.value.upper(),
-                result.why,
-                domain,
-                _ADVICE[basis].format(domain=domain, helo=self.settings.helo_name),
+                escape(result.why, spaces=True),
+                escape(domain),
+                _ADVICE[basis].format(domain=escape(domain), helo=self.settings.helo_name),
             )
         elif result.verdict is not Verdict.TEMPFAIL:
             primary.refusing = False

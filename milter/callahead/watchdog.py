@@ -16,6 +16,8 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 
+from .logfmt import escape
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_INTERVAL = 1.0
@@ -34,7 +36,7 @@ def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(state.encode(), address)
     except OSError as exc:
-        log.warning("cannot notify the service manager at %r: %s", address, exc)
+        log.warning("cannot notify the service manager at %s: %s", escape(address), exc)
         return False
     return True
 
