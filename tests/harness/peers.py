@@ -326,7 +326,13 @@ def _kill_all(sid: int, marker: str, what: str) -> None:
 
 class PeerPrimary(StartStop):
     """A peer MTA as the primary of ``domain``; ``users`` are local parts or addresses
-    in ``domain``. Common part: paths, users, lifecycle. Subclasses write the config."""
+    in ``domain``, its only mailboxes. Common part: paths, users, lifecycle. Subclasses
+    write the config.
+
+    ``postmaster=True`` adds a ``postmaster@domain`` mailbox (the same as listing it in
+    ``users``). By default there is none, as on many real primaries: what the MTA then
+    answers for postmaster@ is its own business (OpenSMTPD refuses it like any unknown
+    user; Debian's Exim ACL accepts it at RCPT anyway)."""
 
     peer: ClassVar[PeerName]
     _ready_pattern: ClassVar[str] = ""
@@ -338,12 +344,13 @@ class PeerPrimary(StartStop):
         domain: str,
         users: Iterable[str],
         port: int | None = None,
+        postmaster: bool = False,
     ) -> None:
         domain = domain.lower().rstrip(".")
         labels = domain.split(".")
         if len(labels) < 2 or not all(_NAME.match(label) for label in labels):
             raise ValueError(f"not a domain name: {domain!r}")
-        local_parts = {"postmaster"}
+        local_parts = {"postmaster"} if postmaster else set()
         for user in users:
             local, sep, at_domain = user.lower().rpartition("@")
             if not sep:
@@ -378,7 +385,8 @@ class PeerPrimary(StartStop):
 
     @property
     def users(self) -> frozenset[str]:
-        """The known addresses (``postmaster@domain`` always among them)."""
+        """The addresses with a mailbox: ``users``, and ``postmaster@domain`` only if it
+        was listed or ``postmaster=True`` was passed."""
         return frozenset(f"{lp}@{self._domain}" for lp in self._local_parts)
 
     @property
@@ -688,8 +696,9 @@ class OpenSmtpdPrimary(PeerPrimary):
     """A real OpenSMTPD (Debian 12's opensmtpd 6.8) serving ``domain`` to ``users``.
 
     Unknown users of the domain get ``524 5.2.4 Mailing list expansion problem`` at RCPT
-    TO (that is OpenSMTPD 6.8's reply when a ``virtual`` table has no entry), other
-    domains ``550 Invalid recipient``. Only one runs per machine at a time."""
+    TO (that is OpenSMTPD 6.8's reply when a ``virtual`` table has no entry), and so does
+    ``postmaster@`` without ``postmaster=True``; other domains ``550 Invalid
+    recipient``. Only one runs per machine at a time."""
 
     peer: ClassVar[PeerName] = "opensmtpd"
 
@@ -700,8 +709,9 @@ class OpenSmtpdPrimary(PeerPrimary):
         domain: str,
         users: Iterable[str],
         port: int | None = None,
+        postmaster: bool = False,
     ) -> None:
-        super().__init__(workdir, domain=domain, users=users, port=port)
+        super().__init__(workdir, domain=domain, users=users, port=port, postmaster=postmaster)
         self._lock_file: IO[str] | None = None
         self._linked_libexec = False
 

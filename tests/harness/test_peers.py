@@ -27,7 +27,7 @@ def primary(request: pytest.FixtureRequest) -> Iterator[PeerPrimary]:
     # with start() naming it (peer_available, apt-get, ldd, useradd).
     name: PeerName = request.param
     with fixtures.make_workdir(prefix=f"callahead-{name}-") as workdir:
-        peer = PRIMARIES[name](workdir, domain=DOMAIN, users=USERS)
+        peer = PRIMARIES[name](workdir, domain=DOMAIN, users=USERS, postmaster=True)
         try:
             peer.start()
             yield peer
