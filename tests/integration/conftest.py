@@ -38,7 +38,7 @@ import pytest
 
 from tests.harness.callahead_process import CallaheadProcess, Samples
 from tests.harness.fixtures import make_workdir
-from tests.harness.peers import PRIMARIES, PeerPrimary
+from tests.harness.peers import EXIM_RATE_LIMIT_ACL, PRIMARIES, EximPrimary, PeerPrimary
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
     POLICY_SNIPPET,
@@ -161,8 +161,11 @@ class Stack:
     """Its mailboxes (no postmaster@): pass a changed copy to set_strict_users."""
     m365: ScriptedServer
     peers: dict[str, PeerPrimary]
-    """Peers' MTAs as primaries: "exim" (Exim 4) for exim.test, "opensmtpd" for
-    opensmtpd.test, each with u1@ and postmaster@."""
+    """Peers' MTAs as primaries, each with u1@ (eximrl u1 to u3) and no postmaster@: "exim"
+    (Exim 4, Debian's shipped configuration) for exim.test, "opensmtpd" for
+    opensmtpd.test, and "eximrl" for eximrl.test, an Exim whose RCPT ACL refuses the
+    prober's address with a rate limit after it accepted postmaster@ (the backup
+    delivers eximrl.test to the stand-in)."""
     held: ScriptedServer
     """The shutdown profile's primary (held.test): answers RCPT after 15 s."""
     ops_primary: Primary
@@ -287,6 +290,20 @@ def stack() -> Iterator[Stack]:
                 peer.start()
                 started.append(peer)
                 peers[peer_name] = peer
+            # Debian's Exim with a rate limit on the prober's address after the
+            # postmaster@ accept (its CHECK_RCPT_LOCAL_ACL_FILE hook): known users get a
+            # bare "550 Sender rate overlimit" on a session that accepted postmaster@.
+            limited_dir = workdir / "eximrl-primary"
+            limited_dir.mkdir(mode=0o755)
+            limited = EximPrimary(
+                limited_dir,
+                domain="eximrl.test",
+                users=["u1", "u2", "u3"],
+                rcpt_acl_extra=EXIM_RATE_LIMIT_ACL,
+            )
+            limited.start()
+            started.append(limited)
+            peers["eximrl"] = limited
 
             refused_port = free_port()
             fault_routes = " ".join(
@@ -459,6 +476,8 @@ def stack() -> Iterator[Stack]:
             transports["ops.test"] = transports["refresh.test"] = hop(ops_primary.port)
             transports.update({domain: strict_hop for domain in strict_domains})
             transports.update({f"{name}.test": hop(peer.port) for name, peer in peers.items()})
+            # The rate limit would refuse the backup's own delivery too.
+            transports["eximrl.test"] = hop(primary.port)
             no_policy_port = free_port()
             main_cf = backup_mx_main_cf(
                 SNIPPET,

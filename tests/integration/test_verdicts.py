@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from functools import partial
 
 import pytest
 
@@ -32,6 +33,10 @@ def strict_logged(stack: Stack, addr: str, *words: str) -> list[str]:
         10.0,
         what=f"the primary's log line for {addr} with {words}",
     )
+
+
+def delivered_to_stand_in(stack: Stack, addr: str, token: str) -> bool:
+    return any(token.encode() in message for message in stack.primary.mailbox(addr))
 
 
 def delivered(stack: Stack, addr: str, token: str) -> bool:
@@ -268,6 +273,36 @@ def test_microsoft_365_replies(stack: Stack) -> None:
     # The tenant has no postmaster@ (it gets 5.4.1 like any address it lacks), and its
     # 5.4.1 needs no control: postmaster@ was never asked.
     assert not any("postmaster@" in c.line for c in commands)
+
+
+def test_exim_refusing_the_prober_after_the_postmaster_accept_never_refuses_a_known_user(
+    stack: Stack,
+) -> None:
+    """Debian's Exim configuration accepts postmaster@ before any deny; a rate limit on
+    the backup's address then answers known users with a bare 550 Sender rate
+    overlimit on a session that accepted postmaster@. Its text refuses the prober:
+    known users are accepted (and delivered); unknown ones still get Exim's
+    Unrouteable address, which the rate limit comes after."""
+    profile = stack.profiles["peers"]
+    delta = MetricsDelta(profile.process)
+    known = [f"u{n}@eximrl.test" for n in (1, 2, 3)]
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@eximrl.test"
+    for addr in known:
+        stack.primary.add_user(addr)  # where the backup delivers eximrl.test
+    token, body = make_message(SENDER, known)
+
+    tx = send(profile.port, SENDER, [*known, unknown], body)
+
+    assert [tx.code(a) for a in known] == [250, 250, 250]
+    assert tx.code(unknown) == 550
+    assert tx.data is not None and tx.data[0] == 250
+    for addr in known:
+        wait_for(partial(delivered_to_stand_in, stack, addr, token), DELIVERY_TIMEOUT, what=addr)
+    log = stack.peers["eximrl"].log()
+    assert "Sender rate overlimit" in log  # the primary really refused the prober
+    primary = hop(stack.peers["eximrl"].port)
+    assert delta("callahead_prober_refused_total", primary=primary, basis="prober") == 3
+    assert delta("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 1
 
 
 @pytest.mark.parametrize("peer", ["exim", "opensmtpd"])
