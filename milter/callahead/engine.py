@@ -21,6 +21,12 @@
   learns that callahead cannot protect a domain (and why).
 * **MX routes**: nexthops that need a DNS lookup are expanded by the injected
   ``HopResolver`` (resolve.py) within the probe's deadline; a failure is undecided.
+  Only the primary's word counts: a valid or unknown answer of a *secondary* hop (an
+  MX host outside the most-preferred group: another backup MX, which accepts every
+  address while the primary is down) is undecided (``Basis.SECONDARY``) and ends the
+  failover; being undecided, it is never cached, shared, judged or used by a
+  catch-all check. A recipient domain that does not exist or has a null MX
+  (``NoSuchDomain``) is unknown (``Basis.NO_DOMAIN``) without a probe.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .breaker import Breaker, State
@@ -40,7 +46,7 @@ from .errors import CallaheadError
 from .freshness import LastJudged
 from .logfmt import escape
 from .pool import SessionPool
-from .routes import Nexthop, RouteUnavailable
+from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
 from .session import (
     ControlSource,
     Session,
@@ -165,8 +171,10 @@ class _Unobserved:
 class HopResolver(Protocol):
     """Turns a route's nexthops into literal ones (resolve.MxResolver is the real one)."""
 
-    async def expand(self, hops: Sequence[Nexthop], domain: str) -> tuple[Nexthop, ...]:
-        """Raises ``RouteUnavailable`` when there is nothing to probe."""
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
+        """The literal hops in order, the secondary ones marked. Raises ``NoSuchDomain``
+        when the recipient domain does not exist (nothing else to probe), else
+        ``RouteUnavailable`` when there is nothing to probe."""
         ...
 
 
@@ -360,12 +368,21 @@ class ProbeEngine:
         budget (no token by ``wait_until``) is skipped like one marked down."""
         started = time.monotonic()
         deadline = started + self.settings.timeout
+        secondary: frozenset[Nexthop] = frozenset()
         if any(hop.mx for hop in hops):
             try:
-                hops = await self._expand(hops, address.rpartition("@")[2], deadline)
+                expansion = await self._expand(hops, address.rpartition("@")[2], deadline)
+            except NoSuchDomain as exc:
+                log.info(
+                    "no such domain for %s: %s", escape(address), escape(str(exc), spaces=True)
+                )
+                return _no_domain(hops, exc, time.monotonic() - started)
             except RouteUnavailable as exc:
-                log.info("no host to probe for %s: %s", address, exc)
+                log.info(
+                    "no host to probe for %s: %s", escape(address), escape(str(exc), spaces=True)
+                )
                 return ProbeResult.not_probed(Skip.ROUTE_FAILED, hops, f"route: {exc}")
+            hops, secondary = expansion.hops, expansion.secondary
         result: ProbeResult | None = None
         for hop in hops:
             primary = self._primary(hop)
@@ -405,10 +422,16 @@ class ProbeEngine:
                 raise
             breaker.record(result.reached, admission)
             primary.reached = result.reached
+            if hop in secondary and result.verdict is not Verdict.TEMPFAIL:
+                result = _secondary(result)
             primary.last_verdict = result.verdict
             primary.last_detail = result.detail
             primary.last_at = time.monotonic()
             self._note_refusal(primary, address, result)
+            if result.basis is Basis.SECONDARY:
+                # Another backup MX answered: only the primary's word counts, and the
+                # hops after it are no better. Not judged: undecided.
+                return result
             if result.verdict is not Verdict.TEMPFAIL:
                 self._judged.record(address)
                 return result
@@ -416,9 +439,7 @@ class ProbeEngine:
             return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
 
-    async def _expand(
-        self, hops: tuple[Nexthop, ...], domain: str, deadline: float
-    ) -> tuple[Nexthop, ...]:
+    async def _expand(self, hops: tuple[Nexthop, ...], domain: str, deadline: float) -> Expansion:
         if self._resolver is None:
             raise RouteUnavailable("MX routes need a resolver")
         try:
@@ -604,6 +625,40 @@ class ProbeEngine:
             self._janitor = None
         for primary in self._primaries.values():
             await primary.pool.aclose()
+
+
+def _secondary(result: ProbeResult) -> ProbeResult:
+    """A valid or unknown answer of a secondary hop, made undecided."""
+    return replace(
+        result,
+        verdict=Verdict.TEMPFAIL,
+        basis=Basis.SECONDARY,
+        why=(
+            f"{result.primary} is not in the most-preferred MX group of the domain: it is "
+            "another backup MX, which accepts every address while the primary is down, so "
+            f"its {result.verdict.value} answer ({result.why or result.basis.value}) is "
+            "not the primary's word: undecided, not cached, not shared"
+        ),
+    )
+
+
+def _no_domain(hops: Sequence[Nexthop], exc: NoSuchDomain, duration: float) -> ProbeResult:
+    """The recipient domain of an MX route does not exist or accepts no mail."""
+    return ProbeResult(
+        Verdict.UNKNOWN,
+        Stage.CONNECT,
+        None,
+        f"route: {exc}",
+        duration,
+        str(hops[0]) if hops else "",
+        reached=False,
+        basis=Basis.NO_DOMAIN,
+        why=(
+            "the DNS says the recipient domain does not exist (NXDOMAIN) or accepts no "
+            "mail (RFC 7505 null MX): unknown (550 5.1.2), as Postfix's "
+            "reject_unknown_recipient_domain answers"
+        ),
+    )
 
 
 _ADVICE = {

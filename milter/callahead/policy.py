@@ -145,7 +145,7 @@ class Decision:
         if self.dry_run:
             return None
         if self.action is Action.REJECT:
-            return REJECT_REPLY
+            return NO_DOMAIN_REPLY if self.reason is Reason.NO_DOMAIN else REJECT_REPLY
         if self.action is Action.DEFER:
             return CLIENT_LIMIT_REPLY if self.reason is Reason.CLIENT_LIMIT else DEFER_REPLY
         return None
@@ -274,7 +274,8 @@ class Policy:
             return Decision(Action.ACCEPT, Reason.PROBE_VALID, address, result)
         if result.verdict is Verdict.UNKNOWN:
             self._guard.record_unknown(client)
-            return Decision(Action.REJECT, Reason.PROBE_UNKNOWN, address, result)
+            reason = Reason.NO_DOMAIN if result.basis is Basis.NO_DOMAIN else Reason.PROBE_UNKNOWN
+            return Decision(Action.REJECT, reason, address, result)
         if result.basis.refuses_prober:
             reason = Reason.PROBER_REFUSED
         elif result.skipped is not None:

@@ -12,8 +12,22 @@ or one of whose addresses is this host's (``inet_interfaces`` and ``proxy_interf
 of the Postfix configuration; with ``all``, the addresses of this host's interfaces) is
 dropped with every MX host of equal or lower preference, as smtp(8) does (it looks at
 the addresses; RFC 5321 also names the host name, which catches a backup behind NAT).
-When none is left (this host is the best MX), or on any DNS failure, NXDOMAIN or a null
-MX (RFC 7505), the recipient is undecided (``RouteUnavailable``), never rejected.
+When none is left (this host is the best MX), or on any DNS failure (SERVFAIL, REFUSED,
+a timeout, no server answering), the recipient is undecided (``RouteUnavailable``).
+
+**Only the primary's word counts.** Of one MX lookup, the hosts of the most-preferred
+group (the lowest preference among *all* its MX records, whether they resolve or not;
+an implicit MX is its own primary) are primaries; every other MX host is another
+backup MX of the site, which accepts every address while the primary is down, so its
+hops are returned in ``Expansion.secondary`` and the engine never takes their valid or
+unknown answers as final. Literal hops are never secondary.
+
+**No such domain.** When the recipient domain itself (a hostless hop: ``relay``,
+``smtp:``) does not exist (dnspython's ``NXDOMAIN``) or has an RFC 7505 null MX (a lone
+``MX 0 .``) and no other hop of the route is left to probe, ``NoSuchDomain`` is raised:
+the recipient is unknown (``550 5.1.2``). An NXDOMAIN or a null MX of a *named* nexthop
+host (``smtp:mx.example.com``) is the configuration's problem, not the recipient's:
+undecided. A null MX among other MX records breaks RFC 7505: undecided too.
 
 At most ``MAX_ADDRESSES`` addresses are returned (smtp_mx_address_limit). Answers are
 cached for their TTL by dnspython's cache (bounded); ``flush`` empties it (SIGHUP).
@@ -36,7 +50,7 @@ import dns.resolver
 
 from .address import normalize_domain
 from .errors import CallaheadError
-from .routes import Nexthop, RouteUnavailable
+from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
 
 MAX_ADDRESSES = 5
 """Addresses tried per recipient at most (Postfix's smtp_mx_address_limit)."""
@@ -53,11 +67,16 @@ class DnsFailure(CallaheadError):
     """NXDOMAIN, SERVFAIL, a timeout, no server answering: the reason in the message."""
 
 
+class NameNotFound(DnsFailure):
+    """An NXDOMAIN answer (dnspython's ``NXDOMAIN``): the name does not exist."""
+
+
 class Dns(Protocol):
     """The lookups MX selection needs (``DnsPython`` is the real one)."""
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
-        """(preference, exchange) pairs; raises NoRecords or DnsFailure."""
+        """(preference, exchange) pairs; raises NoRecords, NameNotFound (NXDOMAIN) or
+        DnsFailure."""
         ...
 
     async def addresses(self, name: str) -> list[str]:
@@ -105,7 +124,7 @@ class DnsPython:
         except dns.resolver.NoAnswer:
             raise NoRecords(f"{name} has no {rdtype} records") from None
         except dns.resolver.NXDOMAIN:
-            raise DnsFailure(f"{name} does not exist (NXDOMAIN)") from None
+            raise NameNotFound(f"{name} does not exist (NXDOMAIN)") from None
         except dns.exception.DNSException as exc:
             raise DnsFailure(f"{rdtype} lookup of {name} failed: {exc}") from None
         return [rdata.to_text() for rdata in answer]
@@ -207,35 +226,67 @@ class MxResolver:
         self._this_host = this_host
         self._shuffle = shuffle
 
-    async def expand(self, hops: Sequence[Nexthop], domain: str) -> tuple[Nexthop, ...]:
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
         """Literal nexthops for ``hops`` (the recipient ``domain`` for a hostless one),
-        in order, at most ``MAX_ADDRESSES``; raises ``RouteUnavailable`` when none."""
+        in order, at most ``MAX_ADDRESSES``, with the ones outside the most-preferred
+        group of their MX lookup marked secondary. Raises ``NoSuchDomain`` when none is
+        left and the recipient domain's own lookup found it does not exist or takes no
+        mail, else ``RouteUnavailable`` when none is left."""
         out: list[Nexthop] = []
+        primaries: set[Nexthop] = set()
+        secondaries: set[Nexthop] = set()
         problems: list[str] = []
+        no_domain: str | None = None
         for hop in hops:
             if not hop.mx:
                 out.append(hop)
+                primaries.add(hop)
                 continue
             try:
-                out += await self._mx_hops(hop.host or domain, hop.port)
+                first, rest = await self._mx_hops(hop.host or domain, hop.port)
+            except NoSuchDomain as exc:
+                # Only the recipient domain's own answer says the recipient is unknown;
+                # a named nexthop host that does not exist is a configuration problem.
+                if not hop.host and no_domain is None:
+                    no_domain = str(exc)
+                problems.append(str(exc))
+                continue
             except RouteUnavailable as exc:
                 problems.append(str(exc))
+                continue
+            out += first + rest
+            primaries.update(first)
+            secondaries.update(rest)
         unique = list(dict.fromkeys(out))[:MAX_ADDRESSES]
         if not unique:
+            if no_domain is not None:
+                raise NoSuchDomain(no_domain)
             raise RouteUnavailable("; ".join(problems) or "no host to probe")
-        return tuple(unique)
+        # A hop that is a primary of any lookup (or literal) is a primary.
+        secondary = frozenset(h for h in unique if h in secondaries and h not in primaries)
+        return Expansion(tuple(unique), secondary)
 
-    async def _mx_hops(self, name: str, port: int) -> list[Nexthop]:
+    async def _mx_hops(self, name: str, port: int) -> tuple[list[Nexthop], list[Nexthop]]:
+        """The hops of ``name``'s MX hosts in order: (the most-preferred group's, the
+        others'). Raises ``NoSuchDomain`` (NXDOMAIN, a lone null MX) or
+        ``RouteUnavailable``."""
         name = normalize_domain(name)
         try:
             records = await self._dns.mx(name)
         except NoRecords:
-            records = [(0, name)]  # implicit MX
+            records = [(0, name)]  # implicit MX: the name is its own primary
+        except NameNotFound:
+            raise NoSuchDomain(f"{name} does not exist (NXDOMAIN)") from None
         except DnsFailure as exc:
             raise RouteUnavailable(str(exc)) from None
         exchanges = [(pref, normalize_domain(host)) for pref, host in records]
         if any(not host for _, host in exchanges):
-            raise RouteUnavailable(f"{name} has a null MX: it accepts no mail")
+            if len(exchanges) == 1:
+                raise NoSuchDomain(f"{name} has a null MX (RFC 7505): it accepts no mail")
+            raise RouteUnavailable(f"{name} has a null MX among other MX records (RFC 7505)")
+        if not exchanges:
+            raise RouteUnavailable(f"no MX host for {name}")
+        best = min(pref for pref, _ in exchanges)
         exchanges.sort(key=lambda mx: (mx[0], random.random() if self._shuffle else 0))
         resolved: list[tuple[int, str, list[str]]] = []
         problems: list[str] = []
@@ -251,9 +302,10 @@ class MxResolver:
             default=None,
         )
         kept = [r for r in resolved if cut is None or r[0] < cut]
-        hops = [Nexthop(address, port) for _, _, addrs in kept for address in addrs]
-        if not hops:
+        first = [Nexthop(a, port) for pref, _, addrs in kept if pref == best for a in addrs]
+        rest = [Nexthop(a, port) for pref, _, addrs in kept if pref != best for a in addrs]
+        if not first and not rest:
             if cut is not None and not kept:
                 raise RouteUnavailable(f"this host is the best MX host of {name}")
             raise RouteUnavailable("; ".join(problems) or f"no address for the MX hosts of {name}")
-        return hops
+        return first, rest

@@ -29,11 +29,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no fresh free port found on {host}")
 
 
-def listen_inode(port: int) -> str | None:
-    """The socket inode of the listener on 127.0.0.1:``port``, read from /proc/net/tcp
-    (no connection is made: to Postfix, a connection would start an smtpd and its
-    milter session)."""
-    want = f"0100007F:{port:04X}"
+def listen_inode(port: int, host: str = "127.0.0.1") -> str | None:
+    """The socket inode of the listener on ``host``:``port`` (IPv4), read from
+    /proc/net/tcp (no connection is made: to Postfix, a connection would start an smtpd
+    and its milter session)."""
+    packed = socket.inet_aton(host)
+    want = f"{int.from_bytes(packed, 'little'):08X}:{port:04X}"
     try:
         lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
     except OSError:
@@ -45,9 +46,9 @@ def listen_inode(port: int) -> str | None:
     return None
 
 
-def listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:``port``, without connecting to it."""
-    return listen_inode(port) is not None
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host``:``port``, without connecting to it."""
+    return listen_inode(port, host) is not None
 
 
 def accepts(port: int) -> bool:

@@ -166,7 +166,8 @@ def _check_value(name: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class Listener:
-    """One smtpd on ``127.0.0.1:port``, with per-service ``-o key=value`` overrides.
+    """One smtpd on ``host:port`` (127.0.0.1 unless given: another loopback address
+    serves as an MX host on port 25), with per-service ``-o key=value`` overrides.
 
     A value with whitespace is written in the ``-o { key = value }`` form; braces in a
     value must balance (``inline:{a=b}`` is fine); commas are fine.
@@ -174,6 +175,7 @@ class Listener:
 
     port: int
     overrides: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -192,7 +194,7 @@ class Listener:
                 raise ValueError(f"-o {key}: leading/trailing whitespace in {value!r}")
 
     def master_cf_line(self) -> str:
-        parts = [f"127.0.0.1:{self.port} inet n - n - - smtpd"]
+        parts = [f"{self.host}:{self.port} inet n - n - - smtpd"]
         for key, value in self.overrides.items():
             if any(ch.isspace() for ch in value):
                 parts.append(f"-o {{ {key} = {value} }}")
@@ -681,10 +683,10 @@ class PostfixInstance(StartStop):
             )
             for listener in self._listeners:
                 wait_for(
-                    functools.partial(listening, listener.port),
+                    functools.partial(listening, listener.port, listener.host),
                     START_TIMEOUT,
                     interval=0.02,
-                    what=f"smtpd listening on 127.0.0.1:{listener.port}",
+                    what=f"smtpd listening on {listener.host}:{listener.port}",
                 )
         except BaseException as exc:
             with contextlib.suppress(Exception):

@@ -106,11 +106,13 @@ hashed.test      smtp:[127.0.0.1]:{port}
 up.test          relay
 down.test        smtp:
 nxdomain.test    relay
+unserved.example relay
 later.test       smtp:[127.0.0.1]:{port}
 """
 RELAY_DOMAINS = (
     # parent.test matches its subdomains too (Postfix's default parent_domain_matches_...)
-    "hashed.test parent.test rx.test up.test down.test nxdomain.test new.test later.test"
+    "hashed.test parent.test rx.test up.test down.test nxdomain.test new.test later.test "
+    "unserved.example"
 )
 
 
@@ -240,12 +242,27 @@ def test_this_hosts_own_mx_entry_and_later_ones_are_never_probed(routed: Routed)
     )
 
 
-def test_nxdomain_is_undecided_not_rejected(routed: Routed) -> None:
-    assert rcpt(routed, "nobody@nxdomain.test") == 250
+def test_a_dns_failure_is_undecided_not_rejected(routed: Routed) -> None:
+    """nsd serves no zone for unserved.example: it answers REFUSED, a DNS failure that
+    says nothing about the recipient domain."""
+    assert rcpt(routed, "nobody@unserved.example") == 250
     wait_for(
         lambda: (
-            "rcpt=<nobody@nxdomain.test> decision=accept reason=route_failed"
+            "rcpt=<nobody@unserved.example> decision=accept reason=route_failed"
             in routed.callahead.log()
+        ),
+        5,
+        what="the decision line",
+    )
+
+
+def test_nxdomain_of_the_recipient_domain_is_rejected_550_5_1_2(routed: Routed) -> None:
+    tx = send(routed.port, SENDER, ["nobody@nxdomain.test"])
+    code, text = tx.rcpt["nobody@nxdomain.test"]
+    assert (code, text.split()[0]) == (550, "5.1.2"), tx.rcpt
+    wait_for(
+        lambda: (
+            "rcpt=<nobody@nxdomain.test> decision=reject reason=no_domain" in routed.callahead.log()
         ),
         5,
         what="the decision line",
@@ -255,9 +272,9 @@ def test_nxdomain_is_undecided_not_rejected(routed: Routed) -> None:
 def test_sighup_routes_a_new_domain_and_a_broken_change_keeps_the_old_routes(
     routed: Routed,
 ) -> None:
-    # new.test is relayed but has no transport entry: its MX is looked up, and there is
-    # none (NXDOMAIN), so it is undecided.
-    assert rcpt(routed, "first@new.test") == 250
+    # new.test is relayed but has no transport entry: its MX is looked up, and the
+    # domain does not exist (NXDOMAIN), so the recipient is refused (550 5.1.2).
+    assert rcpt(routed, "first@new.test") == 550
     assert routed.primary.probes_for("first@new.test") == 0
 
     routed.transport(f"new.test smtp:[127.0.0.1]:{routed.primary.port}\n")

@@ -23,6 +23,7 @@ from callahead.metrics import Metrics
 from callahead.policy import (
     CLIENT_LIMIT_REPLY,
     DEFER_REPLY,
+    NO_DOMAIN_REPLY,
     REJECT_REPLY,
     Policy,
     TempfailAction,
@@ -133,6 +134,26 @@ def test_valid_continues_without_reply(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h.reply is None
     assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="probe_valid") == 1
     assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="cache_hit") == 1
+
+
+def test_a_recipient_domain_that_does_not_exist_rejects_550_512(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    no_domain = ProbeResult(
+        Verdict.UNKNOWN,
+        Stage.CONNECT,
+        None,
+        "route: example.com does not exist (NXDOMAIN)",
+        0.001,
+        PRIMARY,
+        reached=False,
+        basis=Basis.NO_DOMAIN,
+    )
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": no_domain}))
+    h.connect()
+    assert h.rcpt("<bob@example.com>") == Milter.REJECT
+    assert h.reply == ("550", "5.1.2", NO_DOMAIN_REPLY.text)
+    assert h.sample("callahead_rcpt_decisions_total", decision="reject", reason="no_domain") == 1
 
 
 def test_unknown_rejects_550_511_without_primary_details(

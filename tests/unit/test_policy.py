@@ -11,9 +11,9 @@ import pytest
 from callahead.address import Recipient, normalize_recipient
 from callahead.cache import PositiveCache
 from callahead.guard import ClientGuard
-from callahead.policy import Action, Policy, Reason, TempfailAction
+from callahead.policy import NO_DOMAIN_REPLY, REJECT_REPLY, Action, Policy, Reason, TempfailAction
 from callahead.routes import Nexthop, RouteUnavailable, parse_routes
-from callahead.verdict import ProbeResult, Skip, Stage, Verdict
+from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from tests.unit.clock import Clock
 from tests.unit.probers import SyncProber
 
@@ -94,6 +94,48 @@ def test_unknown_is_rejected_and_not_cached() -> None:
     assert decision.action is Action.ACCEPT
     assert decision.reason is Reason.PROBE_VALID
     assert len(prober.calls) == 2
+
+
+def test_a_recipient_domain_that_does_not_exist_is_rejected_550_512_and_counted() -> None:
+    no_domain = ProbeResult(
+        Verdict.UNKNOWN,
+        Stage.CONNECT,
+        None,
+        "route: example.com does not exist (NXDOMAIN)",
+        0.001,
+        "smtp:",
+        reached=False,
+        basis=Basis.NO_DOMAIN,
+    )
+    prober = FakeProber({"bob@example.com": [no_domain]})
+    guard = ClientGuard(limit=2, window=60)
+    policy, cache = make_policy(prober, guard=guard)
+    decision = policy.decide("<bob@example.com>", "192.0.2.9")
+    assert (decision.action, decision.reason) == (Action.REJECT, Reason.NO_DOMAIN)
+    assert decision.reply == NO_DOMAIN_REPLY
+    assert (decision.reply.code, decision.reply.xcode) == ("550", "5.1.2")
+    assert "bob@example.com" not in cache
+    assert not guard.blocked("192.0.2.9")
+    policy.decide("<bob@example.com>", "192.0.2.9")
+    assert guard.blocked("192.0.2.9")  # each one counted as an unknown
+    assert len(prober.calls) == 2  # never remembered
+
+
+def test_a_secondary_answer_is_accepted_undecided_and_not_cached() -> None:
+    secondary = ProbeResult(
+        Verdict.TEMPFAIL, Stage.RCPT, 250, "2.1.5 Ok", 0.01, "[192.0.2.2]:25", basis=Basis.SECONDARY
+    )
+    policy, cache = make_policy(FakeProber({"bob@example.com": [secondary]}))
+    decision = policy.decide("<bob@example.com>")
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.PROBE_TEMPFAIL)
+    assert "bob@example.com" not in cache
+    deferring, _ = make_policy(FakeProber({"bob@example.com": [secondary]}), TempfailAction.DEFER)
+    assert deferring.decide("<bob@example.com>").action is Action.DEFER
+
+
+def test_a_user_unknown_reject_keeps_its_5_1_1_reply() -> None:
+    policy, _ = make_policy(FakeProber({"ghost@example.com": [UNKNOWN]}))
+    assert policy.decide("<ghost@example.com>").reply == REJECT_REPLY
 
 
 def test_unknown_is_probed_every_time() -> None:

@@ -18,11 +18,12 @@ from callahead.cache import PositiveCache
 from callahead.judge import Judge
 from callahead.loop import ProbeLoop
 from callahead.metrics import Metrics
-from callahead.policy import Policy, TempfailAction
+from callahead.policy import Action, Decision, Policy, Reason, TempfailAction
 from callahead.policyservice import (
     MAX_ATTRIBUTES,
     MAX_LINE,
     PolicyService,
+    action_for,
 )
 from callahead.routes import parse_routes
 from callahead.verdict import ProbeResult, Stage, Verdict
@@ -105,6 +106,11 @@ def test_rcpt_requests_get_the_decision_on_one_kept_connection(served: Served) -
         )
         assert served.ask(conn, request(recipient="x@unrouted.org")) == b"action=DUNNO\n\n"
     assert served.sample("callahead_policy_requests_total", state="rcpt") == 4
+
+
+def test_a_recipient_domain_that_does_not_exist_gets_550_512() -> None:
+    decision = Decision(Action.REJECT, Reason.NO_DOMAIN, "anyone@zq7x.example.com")
+    assert action_for(decision) == "550 5.1.2 Recipient address rejected: Domain not found"
 
 
 def test_other_states_get_dunno_without_a_probe(served: Served) -> None:

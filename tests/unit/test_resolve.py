@@ -1,26 +1,49 @@
 """MX selection (resolve.py) with scripted DNS answers: preference order, this host's
-entries and everything after them dropped, and every DNS failure undecided."""
+entries and everything after them dropped, the most-preferred group as the primaries
+(every other MX host secondary), a recipient domain that does not exist (NXDOMAIN, null
+MX) as ``NoSuchDomain``, and every other DNS failure undecided; then the engine with a
+fake resolver: a secondary's answer is undecided and never cached, a domain that does
+not exist is unknown."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 
+import dns.resolver
 import pytest
 
+from callahead.cache import PositiveCache
+from callahead.catchall import LoopCatchAll
 from callahead.engine import ProbeEngine
+from callahead.guard import ClientGuard
+from callahead.loop import ProbeLoop
+from callahead.policy import NO_DOMAIN_REPLY, Action, Policy, Reason, TempfailAction
 from callahead.resolve import (
     MAX_ADDRESSES,
     DnsFailure,
+    DnsPython,
     MxResolver,
+    NameNotFound,
     NoRecords,
     ThisHost,
     parse_resolver,
 )
-from callahead.routes import RECIPIENT_DOMAIN, Nexthop, RouteUnavailable, parse_nexthop
-from callahead.verdict import Skip, Verdict
+from callahead.routes import (
+    RECIPIENT_DOMAIN,
+    Expansion,
+    Nexthop,
+    NoSuchDomain,
+    RouteUnavailable,
+    parse_nexthop,
+    parse_routes,
+)
+from callahead.verdict import Basis, ProbeResult, Skip, Verdict
 from tests.harness.fixtures import StartScripted
+from tests.harness.ports import free_port
 from tests.harness.scripted import Script
+from tests.harness.waiting import wait_for
+from tests.unit.probers import SyncProber
 from tests.unit.settings import probe_settings
 
 SELF = ThisHost(names=frozenset({"backup.example.net"}), addresses=frozenset({"192.0.2.99"}))
@@ -53,9 +76,13 @@ class FakeDns:
         return answer
 
 
-def expand(dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com") -> list[Nexthop]:
+def expansion(dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com") -> Expansion:
     resolver = MxResolver(dns, SELF, shuffle=False)
-    return list(asyncio.run(resolver.expand(hops, domain)))
+    return asyncio.run(resolver.expand(hops, domain))
+
+
+def expand(dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com") -> list[Nexthop]:
+    return list(expansion(dns, hops, domain).hops)
 
 
 def addrs(*hosts: str, port: int = 25) -> list[Nexthop]:
@@ -121,10 +148,138 @@ def test_dns_failures_are_route_unavailable(answer: Exception) -> None:
         expand(FakeDns({"example.com": answer}, {}), [RECIPIENT_DOMAIN])
 
 
-def test_null_mx_is_route_unavailable() -> None:
+# --- only the primary's word counts: the most-preferred group ------------------------------
+
+
+def test_the_most_preferred_group_is_primary_and_every_other_mx_host_secondary() -> None:
+    dns = FakeDns(
+        {
+            "example.com": [
+                (30, "backup.example.net"),
+                (20, "other.example.com"),
+                (10, "primary.example.com"),
+                (10, "primary2.example.com"),
+            ]
+        },
+        {
+            "primary.example.com": ["192.0.2.1"],
+            "primary2.example.com": ["192.0.2.11"],
+            "other.example.com": ["192.0.2.2", "2001:db8::2"],
+            "backup.example.net": ["192.0.2.20"],
+        },
+    )
+    out = expansion(dns, [RECIPIENT_DOMAIN])
+    assert out.hops == tuple(addrs("192.0.2.1", "192.0.2.11", "192.0.2.2", "2001:db8::2"))
+    assert out.secondary == frozenset(addrs("192.0.2.2", "2001:db8::2"))
+
+
+def test_the_group_is_the_lowest_preference_of_all_records_even_ones_that_do_not_resolve() -> None:
+    """The primary's name does not resolve (or answers nothing): what is left is the
+    other backup, still secondary."""
+    for failure in (NoRecords("none"), NameNotFound("NXDOMAIN"), DnsFailure("SERVFAIL")):
+        dns = FakeDns(
+            {"example.com": [(10, "primary.example.com"), (20, "other.example.com")]},
+            {"primary.example.com": failure, "other.example.com": ["192.0.2.2"]},
+        )
+        out = expansion(dns, [RECIPIENT_DOMAIN])
+        assert out.hops == tuple(addrs("192.0.2.2"))
+        assert out.secondary == frozenset(out.hops)
+
+
+def test_a_single_mx_and_an_implicit_mx_are_primaries() -> None:
+    single = FakeDns({"example.com": [(50, "mx.example.com")]}, {"mx.example.com": ["192.0.2.5"]})
+    assert expansion(single, [RECIPIENT_DOMAIN]).secondary == frozenset()
+    implicit = FakeDns({"example.com": NoRecords("no MX")}, {"example.com": ["192.0.2.7"]})
+    out = expansion(implicit, [RECIPIENT_DOMAIN])
+    assert (out.hops, out.secondary) == (tuple(addrs("192.0.2.7")), frozenset())
+
+
+def test_literal_hops_are_never_secondary_nor_a_named_hosts_primary() -> None:
+    """A literal hop is a primary even when an MX lookup lists the same address lower; a
+    named nexthop's most-preferred group is primary too (its own lookup)."""
+    dns = FakeDns(
+        {
+            "example.com": [(10, "mx1.example.com"), (20, "mx2.example.com")],
+            "relay.example.org": [(5, "r1.example.org"), (9, "r2.example.org")],
+        },
+        {
+            "mx1.example.com": ["192.0.2.1"],
+            "mx2.example.com": ["192.0.2.2"],
+            "r1.example.org": ["192.0.2.31"],
+            "r2.example.org": ["192.0.2.32"],
+        },
+    )
+    literal = Nexthop("192.0.2.2", 25)
+    out = expansion(dns, [RECIPIENT_DOMAIN, literal])
+    assert out.hops == tuple(addrs("192.0.2.1", "192.0.2.2"))
+    assert out.secondary == frozenset()
+    named = expansion(dns, [parse_nexthop("smtp:relay.example.org")])
+    assert named.hops == tuple(addrs("192.0.2.31", "192.0.2.32"))
+    assert named.secondary == frozenset(addrs("192.0.2.32"))
+
+
+# --- no such domain ------------------------------------------------------------------------
+
+
+def test_nxdomain_of_the_recipient_domain_is_no_such_domain() -> None:
+    dns = FakeDns({"zq7x.example.com": NameNotFound("zq7x.example.com: NXDOMAIN")}, {})
+    with pytest.raises(NoSuchDomain, match="NXDOMAIN"):
+        expand(dns, [RECIPIENT_DOMAIN], "zq7x.example.com")
+
+
+def test_a_null_mx_of_the_recipient_domain_is_no_such_domain() -> None:
     dns = FakeDns({"example.com": [(0, ".")]}, {})
+    with pytest.raises(NoSuchDomain, match="null MX"):
+        expand(dns, [RECIPIENT_DOMAIN])
+
+
+def test_a_null_mx_among_other_records_breaks_rfc_7505_and_is_undecided() -> None:
+    dns = FakeDns({"example.com": [(0, "."), (10, "mx.example.com")]}, {})
     with pytest.raises(RouteUnavailable, match="null MX"):
         expand(dns, [RECIPIENT_DOMAIN])
+
+
+@pytest.mark.parametrize(
+    "answer", [NameNotFound("mx.example.org: NXDOMAIN"), [(0, ".")]], ids=["nxdomain", "null"]
+)
+def test_nxdomain_or_null_mx_of_a_named_nexthop_host_is_undecided(
+    answer: list[tuple[int, str]] | Exception,
+) -> None:
+    """``smtp:mx.example.org`` that does not exist is the configuration's problem."""
+    dns = FakeDns({"mx.example.org": answer}, {})
+    with pytest.raises(RouteUnavailable) as raised:
+        expand(dns, [parse_nexthop("smtp:mx.example.org")])
+    assert not isinstance(raised.value, NoSuchDomain)
+
+
+@pytest.mark.parametrize("answer", [DnsFailure("SERVFAIL"), DnsFailure("timed out")])
+def test_servfail_or_a_timeout_of_the_recipient_domain_is_undecided(answer: Exception) -> None:
+    with pytest.raises(RouteUnavailable):
+        expand(FakeDns({"example.com": answer}, {}), [RECIPIENT_DOMAIN])
+
+
+def test_no_such_domain_only_when_no_other_hop_is_left() -> None:
+    dns = FakeDns({"example.com": NameNotFound("NXDOMAIN")}, {})
+    literal = Nexthop("198.51.100.1", 2525)
+    assert expand(dns, [RECIPIENT_DOMAIN, literal]) == [literal]
+
+
+def test_dnspython_nxdomain_is_name_not_found_and_servfail_a_plain_failure() -> None:
+    client = DnsPython(("127.0.0.1", 53))
+
+    async def nxdomain(*args: object, **kwargs: object) -> object:
+        raise dns.resolver.NXDOMAIN()  # type: ignore[no-untyped-call]
+
+    async def servfail(*args: object, **kwargs: object) -> object:
+        raise dns.resolver.NoNameservers()  # type: ignore[no-untyped-call]
+
+    client._resolver.resolve = nxdomain  # type: ignore[method-assign,assignment]
+    with pytest.raises(NameNotFound):
+        asyncio.run(client.mx("zq7x.example.com"))
+    client._resolver.resolve = servfail  # type: ignore[method-assign,assignment]
+    with pytest.raises(DnsFailure) as raised:
+        asyncio.run(client.mx("example.com"))
+    assert not isinstance(raised.value, NameNotFound)
 
 
 def test_an_mx_host_without_address_is_skipped_for_the_next() -> None:
@@ -192,9 +347,9 @@ def test_engine_probes_the_addresses_the_resolver_gives(scripted: StartScripted)
         resolver = MxResolver(dns, SELF)
 
         class Pointing:
-            async def expand(self, hops: Sequence[Nexthop], domain: str) -> tuple[Nexthop, ...]:
+            async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
                 assert (list(hops), domain) == ([RECIPIENT_DOMAIN], "example.com")
-                return (hop,)
+                return Expansion((hop,))
 
         engine = ProbeEngine(probe_settings(), resolver=Pointing())
         result = await engine.probe("user@example.com", [RECIPIENT_DOMAIN])
@@ -217,3 +372,167 @@ def test_engine_without_a_resolver_does_not_probe_mx_routes() -> None:
         assert (result.verdict, result.skipped) == (Verdict.TEMPFAIL, Skip.ROUTE_FAILED)
 
     asyncio.run(go())
+
+
+# --- the engine with a fake resolver ------------------------------------------------------
+
+
+class Expanding:
+    """A resolver that gives ``expansion`` (or raises it), and records what it was asked."""
+
+    def __init__(self, expansion: Expansion | Exception) -> None:
+        self.expansion = expansion
+        self.asked: list[str] = []
+
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
+        self.asked.append(domain)
+        if isinstance(self.expansion, Exception):
+            raise self.expansion
+        return self.expansion
+
+
+def down_hop() -> Nexthop:
+    """A primary that refuses connections (nothing listens on the port)."""
+    return Nexthop("127.0.0.1", free_port())
+
+
+@pytest.mark.parametrize("reply", ["250 2.1.5 Ok", "550 5.1.1 <u@example.com>: User unknown"])
+def test_a_secondary_answer_is_undecided_ends_the_failover_and_is_never_cached(
+    scripted: StartScripted, reply: str
+) -> None:
+    """The primary is down, the other backup answers: whatever it says, it is not the
+    primary's word (a plain backup accepts everything). The hop after it is not tried."""
+    other_backup = scripted(Script(rcpt_default=reply))
+    after = scripted(Script(rcpt_default="250 2.1.5 Ok"))
+    secondary = Nexthop(other_backup.host, other_backup.port)
+    later = Nexthop(after.host, after.port)
+    cache = PositiveCache(ttl=3600, maxsize=10)
+
+    async def go() -> ProbeResult:
+        expansion = Expansion((down_hop(), secondary, later), frozenset({secondary, later}))
+        engine = ProbeEngine(probe_settings(), known_valid=cache, resolver=Expanding(expansion))
+        try:
+            result = await engine.probe("u@example.com", [RECIPIENT_DOMAIN])
+            assert engine._judged.since("u@example.com") == float("-inf")  # never judged
+            return result
+        finally:
+            await engine.aclose()
+
+    result = asyncio.run(go())
+    assert (result.verdict, result.basis, result.skipped) == (
+        Verdict.TEMPFAIL,
+        Basis.SECONDARY,
+        None,
+    )
+    assert result.primary == str(secondary)
+    assert "most-preferred" in result.why
+    assert other_backup.rcpts() == ["u@example.com"]  # it really was probed
+    assert after.connections == 0
+    assert "u@example.com" not in cache
+    # The policy accepts it undecided and caches nothing.
+    policy = Policy(
+        routes=parse_routes("example.com=relay"),
+        cache=cache,
+        prober=FixedProber(result),
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    decision = policy.decide("<u@example.com>")
+    assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.PROBE_TEMPFAIL)
+    assert "u@example.com" not in cache
+
+
+def test_a_primary_answer_is_final_and_a_secondary_tempfail_goes_on(
+    scripted: StartScripted,
+) -> None:
+    busy_primary = scripted(Script(rcpt_default="451 4.3.0 try later"))
+    busy_backup = scripted(Script(rcpt_default="450 4.2.0 busy"))
+    answering = scripted(Script(rcpt_default="550 5.1.1 <u@example.com>: User unknown"))
+    hops = [Nexthop(s.host, s.port) for s in (busy_primary, busy_backup, answering)]
+
+    async def go(expansion: Expansion) -> ProbeResult:
+        engine = ProbeEngine(probe_settings(), resolver=Expanding(expansion))
+        try:
+            return await engine.probe("u@example.com", [RECIPIENT_DOMAIN])
+        finally:
+            await engine.aclose()
+
+    primary_word = asyncio.run(go(Expansion(tuple(hops))))
+    assert (primary_word.verdict, primary_word.basis) == (Verdict.UNKNOWN, Basis.RECIPIENT)
+    secondary_word = asyncio.run(go(Expansion(tuple(hops), frozenset(hops[1:]))))
+    assert (secondary_word.verdict, secondary_word.basis) == (Verdict.TEMPFAIL, Basis.SECONDARY)
+    assert secondary_word.primary == str(hops[2])
+
+
+def test_a_catch_all_check_answered_by_a_secondary_marks_nothing(
+    scripted: StartScripted, probe_loop: ProbeLoop
+) -> None:
+    other_backup = scripted(Script(rcpt_default="250 2.1.5 Ok"))
+    secondary = Nexthop(other_backup.host, other_backup.port)
+    cache = PositiveCache(ttl=3600, maxsize=10)
+    engine = ProbeEngine(
+        probe_settings(),
+        known_valid=cache,
+        resolver=Expanding(Expansion((down_hop(), secondary), frozenset({secondary}))),
+    )
+    outcomes: list[str] = []
+    states: list[tuple[str, bool]] = []
+    catchall = LoopCatchAll(
+        probe_loop,
+        engine,
+        cache,
+        interval=3600,
+        on_check=outcomes.append,
+        on_state=lambda route, state: states.append((route, state)),
+    )
+    try:
+        catchall.check_if_due("example.com", [RECIPIENT_DOMAIN])
+        wait_for(lambda: outcomes, 5.0, what="the check")
+        assert outcomes == ["tempfail"]
+        assert states == []
+        assert not catchall.accepts_all("example.com")
+        assert len(other_backup.rcpts()) == 1  # the made-up address reached it
+        assert len(cache) == 0
+    finally:
+        probe_loop.run(catchall.aclose(), timeout=5.0)
+        probe_loop.run(engine.aclose(), timeout=5.0)
+
+
+def test_no_such_domain_is_unknown_no_domain_never_cached_and_rejected_with_5_1_2() -> None:
+    resolver = Expanding(NoSuchDomain("zq7x.example.com does not exist (NXDOMAIN)"))
+    cache = PositiveCache(ttl=3600, maxsize=10)
+
+    async def go() -> ProbeResult:
+        engine = ProbeEngine(probe_settings(), known_valid=cache, resolver=resolver)
+        try:
+            return await engine.probe("anyone@zq7x.example.com", [RECIPIENT_DOMAIN])
+        finally:
+            await engine.aclose()
+
+    result = asyncio.run(go())
+    assert resolver.asked == ["zq7x.example.com"]
+    assert (result.verdict, result.basis, result.code) == (Verdict.UNKNOWN, Basis.NO_DOMAIN, None)
+    assert "NXDOMAIN" in result.detail
+    assert len(cache) == 0
+    guard = ClientGuard(limit=1, window=60)
+    policy = Policy(
+        routes=parse_routes(".example.com=relay"),
+        cache=cache,
+        prober=FixedProber(result),
+        tempfail_action=TempfailAction.ACCEPT,
+        guard=guard,
+    )
+    decision = policy.decide("<anyone@zq7x.example.com>", "192.0.2.50")
+    assert (decision.action, decision.reason) == (Action.REJECT, Reason.NO_DOMAIN)
+    assert decision.reply == NO_DOMAIN_REPLY
+    assert len(cache) == 0
+    assert guard.blocked("192.0.2.50")  # counted as an unknown
+
+
+class FixedProber(SyncProber):
+    """Answers every probe with one result."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        self.result = result
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        return self.result
