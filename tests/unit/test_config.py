@@ -26,6 +26,7 @@ from callahead.config import (
 )
 from callahead.engine import EngineSettings
 from callahead.policy import TempfailAction
+from callahead.policyservice import LOOPBACK
 from callahead.routes import Nexthop
 from callahead.tls import TlsMode
 
@@ -77,6 +78,7 @@ def test_defaults() -> None:
     assert config.admin_socket == "/run/callahead/admin.sock"
     assert config.policy_listen is None
     assert [str(n) for n in config.policy_clients] == ["127.0.0.0/8", "::1/128"]
+    assert config.policy_clients == LOOPBACK  # the service's own default
     assert config.policy_max_connections == 200
     assert config.policy_max_idle == 300  # Postfix's smtpd_policy_service_max_idle
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
