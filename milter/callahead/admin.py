@@ -19,12 +19,9 @@ too long, not JSON, or unknown gets an error answer, never more than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import socket
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +32,7 @@ from .engine import PrimaryState
 from .errors import CallaheadError
 from .logfmt import escape
 from .sharedcache import SharedGate, SharedUnavailable
+from .unixsocket import BoundSocket, UnixSocketError, bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +101,24 @@ class AdminServer:
         self._counters = counters
         self._cache_file = cache_file
         self._server: asyncio.Server | None = None
-        self._path = ""
-        self._inode: tuple[int, int] | None = None
+        self._bound: BoundSocket | None = None
 
     async def start(self, path: str) -> None:
-        """Listen on ``path``; raises ``AdminError`` when it cannot."""
-        _clear_stale(path)
+        """Listen on ``path``; raises ``AdminError`` when it cannot (or must not: a file
+        that is not a socket, or a socket where another callahead answers)."""
+        try:
+            bound = bind_unix(path, SOCKET_MODE)
+        except UnixSocketError as exc:
+            raise AdminError(str(exc)) from None
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=path, limit=MAX_REQUEST
+                self._serve, sock=bound.sock, limit=MAX_REQUEST
             )
-            os.chmod(path, SOCKET_MODE)
-            info = os.stat(path)
         except OSError as exc:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
+            bound.sock.close()
+            bound.remove()
             raise AdminError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-        self._path = path
-        self._inode = (info.st_dev, info.st_ino)
+        self._bound = bound
 
     async def aclose(self) -> None:
         if self._server is None:
@@ -129,11 +126,9 @@ class AdminServer:
         self._server.close()
         await self._server.wait_closed()
         self._server = None
-        # Remove the socket only if it is still ours (not a later instance's).
-        with contextlib.suppress(OSError):
-            info = os.stat(self._path)
-            if (info.st_dev, info.st_ino) == self._inode:
-                os.unlink(self._path)
+        if self._bound is not None:
+            self._bound.remove()  # only if it is still ours (not a later instance's)
+            self._bound = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -320,28 +315,6 @@ def _error(message: str) -> dict[str, Any]:
 
 def _ies(count: int) -> str:
     return "y" if count == 1 else "ies"
-
-
-def _clear_stale(path: str) -> None:
-    """Remove a socket left by a callahead that died; refuse to touch anything else, or
-    a socket where another callahead answers."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise AdminError(f"cannot use {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISSOCK(info.st_mode):
-        raise AdminError(f"{path} exists and is not a socket; not touching it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-    raise AdminError(f"another callahead answers on {path}")
 
 
 def ask(path: str, request: Mapping[str, Any], *, timeout: float = CLIENT_TIMEOUT) -> Any:

@@ -21,6 +21,8 @@ from .config import (
     ConfigError,
     is_fully_qualified,
     load_config,
+    loopback_host,
+    parse_listen,
     postfix_milter_command_timeout,
 )
 from .engine import ProbeEngine
@@ -336,6 +338,23 @@ def helo_warning(helo: str) -> str | None:
     )
 
 
+def milter_exposure_warning(config: Config) -> str | None:
+    """A warning for an ``inet:`` milter socket reachable from other hosts: libmilter
+    takes any client, and ``{client_addr}`` (the dictionary guard's key) is the
+    requester's word there too; None on loopback, a unix socket, or no milter."""
+    if not config.socket:
+        return None
+    listen = parse_listen("CALLAHEAD_SOCKET", config.socket)
+    if listen.kind != "inet" or loopback_host(listen.host):
+        return None
+    return (
+        f"CALLAHEAD_SOCKET={config.socket} listens off loopback: anyone who reaches it can "
+        "ask which addresses exist, and name the client address the dictionary guard "
+        "counts; listen on 127.0.0.1 or a unix socket, or firewall the port to the "
+        "Postfix hosts"
+    )
+
+
 def run_serve(config: Config) -> int:
     if _no_routes(config):
         print(
@@ -356,9 +375,9 @@ def run_serve(config: Config) -> int:
         format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    warning = helo_warning(config.helo_name)
-    if warning:
-        log.warning("%s", warning)
+    for warning in (helo_warning(config.helo_name), milter_exposure_warning(config)):
+        if warning:
+            log.warning("%s", warning)
     problem = answer_time_problem(config) if config.socket else None
     if problem:
         print(f"callahead: {problem}", file=sys.stderr)

@@ -36,6 +36,9 @@ DEFAULT_SOCKET = "inet:127.0.0.1:8895"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
 DEFAULT_ADMIN_SOCKET = "/run/callahead/admin.sock"
 DEFAULT_POSTFIX_CONFIG = "/etc/postfix"
+DEFAULT_POLICY_CLIENTS = "127.0.0.0/8 ::1/128"
+POSTFIX_POLICY_MAX_IDLE = 300.0
+"""Postfix's default smtpd_policy_service_max_idle, in seconds."""
 POSTCONF_TIMEOUT = 5.0
 """Seconds ``postconf -h myhostname`` may take at start."""
 
@@ -362,6 +365,65 @@ def _listen_text(listen: Listen | None) -> str:
     return "" if listen is None else str(listen)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_networks(name: str, value: str) -> tuple[Network, ...]:
+    """Networks separated by spaces or commas: ``192.0.2.0/24``, ``2001:db8::/32``, a
+    bare address (one host), or Postfix's ``[2001:db8::]/32``."""
+    allowed = (
+        "expected networks separated by spaces or commas (192.0.2.0/24, 2001:db8::/32, "
+        "a single address), at least one"
+    )
+    networks: list[Network] = []
+    for word in value.replace(",", " ").split():
+        text = word.replace("[", "").replace("]", "") if word.startswith("[") else word
+        try:
+            network = ipaddress.ip_network(text)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ConfigError(name, value, allowed) from None
+            raise ConfigError(
+                name,
+                value,
+                f"{word} has host bits set: write {loose} for that network, or the "
+                "address alone for one host",
+            ) from None
+        networks.append(network)
+    if not networks:
+        raise ConfigError(name, value, allowed)
+    return tuple(networks)
+
+
+def _networks_text(networks: tuple[Network, ...]) -> str:
+    return " ".join(str(n) for n in networks)
+
+
+def _loopback_network(network: Network) -> bool:
+    if isinstance(network, ipaddress.IPv6Network):
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None and network.prefixlen >= 96:
+            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}").is_loopback
+    return network.is_loopback
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a listening host is reachable from this machine only: a loopback address
+    or ``localhost``. ``0.0.0.0``, ``::``, other addresses and other names are not."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def _parse_route_table(name: str, value: str) -> RouteTable:
     try:
         return parse_routes(value)
@@ -502,6 +564,36 @@ VARIABLES: tuple[Variable, ...] = (
         field="policy_listen",
         parse=_parse_optional_listen,
         render=_listen_text,
+    ),
+    Variable(
+        "CALLAHEAD_POLICY_CLIENTS",
+        DEFAULT_POLICY_CLIENTS,
+        "networks whose clients the inet: policy service answers (CIDRs or addresses, "
+        "separated by spaces or commas); any other client is disconnected at once "
+        "(callahead_policy_refused_connections_total); a policy service listening off "
+        "loopback must list its Postfix hosts here (else exit 78)",
+        field="policy_clients",
+        parse=_parse_networks,
+        render=_networks_text,
+    ),
+    Variable(
+        "CALLAHEAD_POLICY_MAX_CONNECTIONS",
+        "200",
+        "policy service connections open at once (1-10000; Postfix keeps one per smtpd "
+        "process: keep it above smtpd's process limit); a new one beyond it is closed at "
+        "once, the open ones are served on",
+        field="policy_max_connections",
+        parse=_whole(1, 10000),
+        render=str,
+    ),
+    Variable(
+        "CALLAHEAD_POLICY_MAX_IDLE",
+        _fmt_number(POSTFIX_POLICY_MAX_IDLE),
+        "Postfix's smtpd_policy_service_max_idle: a policy connection idle 5 s longer than "
+        "this (one Postfix would have closed) is closed",
+        field="policy_max_idle",
+        parse=_seconds(positive=True, high=86400),
+        render=_fmt_number,
     ),
     Variable(
         "CALLAHEAD_ROUTES",
@@ -834,6 +926,9 @@ class Config:
     socket: str
     """The milter socket as the operator wrote it; empty: no milter."""
     policy_listen: Listen | None
+    policy_clients: tuple[Network, ...]
+    policy_max_connections: int
+    policy_max_idle: float
     routes: RouteTable
     postfix: PostfixSettings | None
     resolver: tuple[str, int] | None
@@ -885,4 +980,27 @@ def load_config(env: Mapping[str, str]) -> Config:
     if unknown:
         raise ConfigError(unknown[0], env[unknown[0]], "unknown variable (see --help)")
     values = {v.field: v.parse(v.name, env.get(v.name, v.default)) for v in VARIABLES}
-    return Config(**values)
+    config = Config(**values)
+    _check_policy_exposure(config, env.get("CALLAHEAD_POLICY_CLIENTS", DEFAULT_POLICY_CLIENTS))
+    return config
+
+
+def _check_policy_exposure(config: Config, clients_text: str) -> None:
+    """A policy service reachable from other hosts answers, to anyone who reaches it,
+    which addresses exist, and the requester names its own ``client_address`` (the
+    dictionary guard's key): listening off loopback takes an explicit list of the
+    Postfix hosts that may ask. With only loopback listed, every remote smtpd would be
+    disconnected and fall back to its default action, unverified and unnoticed."""
+    listen = config.policy_listen
+    if listen is None or listen.kind != "inet" or loopback_host(listen.host):
+        return
+    if all(_loopback_network(n) for n in config.policy_clients):
+        raise ConfigError(
+            "CALLAHEAD_POLICY_CLIENTS",
+            clients_text,
+            f"CALLAHEAD_POLICY_LISTEN={listen} listens off loopback, and these networks "
+            "admit loopback clients only: list the networks of the Postfix hosts that may "
+            'ask (e.g. CALLAHEAD_POLICY_CLIENTS="127.0.0.0/8 ::1/128 192.0.2.0/24"), or '
+            "listen on 127.0.0.1; anyone else who reaches the port could learn which "
+            "addresses exist",
+        )

@@ -15,6 +15,9 @@
   never fatal.
 * ``AdminError`` / ``AdminUnavailable`` (admin.py): the admin socket cannot be set up
   (serve goes on without it) or no serve answers on it (the command exits 69).
+* ``UnixSocketError`` (unixsocket.py): a unix socket path that must not be taken
+  (something that is not a socket, or a socket that answers); the admin socket goes
+  off, the policy service exits 69.
 * ``RequestError`` (policyservice.py): a policy request that cannot be Postfix's; the
   connection is closed.
 """

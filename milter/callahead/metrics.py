@@ -174,6 +174,13 @@ class Metrics:
             "Open policy service connections (Postfix keeps one per smtpd process)",
             registry=r,
         )
+        self.policy_refused = Counter(
+            "callahead_policy_refused_connections",
+            "Policy service connections disconnected at once, by reason: client (not in "
+            "CALLAHEAD_POLICY_CLIENTS), limit (CALLAHEAD_POLICY_MAX_CONNECTIONS open)",
+            ["reason"],
+            registry=r,
+        )
         self.domain_accepts_all = Gauge(
             "callahead_domain_accepts_all",
             "1 while the last check found the primary of a routed domain (a CALLAHEAD_ROUTES "

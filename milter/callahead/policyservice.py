@@ -8,19 +8,30 @@ connection per smtpd process. For ``protocol_state=RCPT`` the recipient is judge
 shared core (judge.py); every other state gets ``DUNNO`` (no opinion).
 
 Robustness: a request that is not ``name=value`` lines, or not an access policy
-request, gets ``DUNNO`` and a log line; a line or a request too long to be Postfix's
-closes the connection (Postfix then retries, and at last applies
-``smtpd_policy_service_default_action``). Nothing a client sends can crash the service
-or get it to answer anything but a well-formed action.
+request, gets ``DUNNO`` and a log line; a request over ``MAX_REQUEST`` bytes (or
+``MAX_ATTRIBUTES`` attributes) closes the connection (Postfix then retries once, and at
+last applies ``smtpd_policy_service_default_action``, DUNNO in the README's settings).
+Nothing a client sends can crash the service or get it to answer anything but a
+well-formed action.
+
+Exposure: an answer tells which addresses exist, and ``client_address`` (the key of
+the dictionary guard) is the requester's word. On ``inet`` only clients of the allowed
+networks (``CALLAHEAD_POLICY_CLIENTS``, loopback by default) are served; any other is
+disconnected at once. Bounds: at most ``max_connections`` connections (a new one beyond
+is disconnected at once, the open ones are served on), ``MAX_REQUEST`` bytes buffered
+per connection, and a connection idle longer than Postfix keeps its own
+(``smtpd_policy_service_max_idle``) is closed. Refused connections are counted by
+reason and logged at most once a minute per reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import CallaheadError
@@ -28,18 +39,36 @@ from .judge import Judge
 from .logfmt import escape
 from .metrics import Metrics
 from .policy import Decision
+from .unixsocket import BoundSocket, bind_unix
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 16 * 1024
-"""Bytes of one attribute line, at most (Postfix's are far shorter)."""
+MAX_REQUEST = 16 * 1024
+"""Bytes of one request, at most, its lines and the empty lines before it together
+(Postfix's are under 2 KiB). Also the reader's buffer limit, so a connection holds
+little more than this however it sends."""
+MAX_LINE = MAX_REQUEST
+"""Bytes of one attribute line, at most."""
 MAX_ATTRIBUTES = 256
 """Attributes of one request, at most (Postfix 3.7 sends about 30)."""
-IDLE_TIMEOUT = 3600.0
-"""Seconds a connection may wait for its next request (Postfix closes its own after
-``smtpd_policy_service_max_idle``, 300 s)."""
+IDLE_MARGIN = 5.0
+"""Seconds past Postfix's ``smtpd_policy_service_max_idle`` before an idle connection is
+closed: Postfix closes its own first. Closing one it still holds costs its next request
+a reconnection after ``smtpd_policy_service_try_delay`` (1 s)."""
+IDLE_TIMEOUT = 300.0 + IDLE_MARGIN
+"""Seconds a connection may wait for its next request, by default."""
 REQUEST_TIMEOUT = 30.0
 """Seconds for the rest of a request once its first line came."""
+MAX_CONNECTIONS = 200
+"""Connections open at once, by default (``CALLAHEAD_POLICY_MAX_CONNECTIONS``)."""
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+REFUSAL_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about refused connections of one reason."""
 DUNNO = "DUNNO"
 
 
@@ -65,19 +94,25 @@ def action_for(decision: Decision) -> str:
     return f"{reply.code} {reply.xcode} {reply.text}"
 
 
-async def read_request(reader: asyncio.StreamReader) -> PolicyRequest | None:
+async def read_request(
+    reader: asyncio.StreamReader, idle_timeout: float = IDLE_TIMEOUT
+) -> PolicyRequest | None:
     """The next request, or None when the client closed (or stayed silent for
-    ``IDLE_TIMEOUT``) between requests.
+    ``idle_timeout``) between requests.
 
     One deadline for the whole request (a timer per line cost a sixth of the warm path's
-    CPU): ``IDLE_TIMEOUT`` for its first line, then ``REQUEST_TIMEOUT`` for the rest."""
+    CPU): ``idle_timeout`` for its first line, then ``REQUEST_TIMEOUT`` for the rest."""
     attributes: dict[str, str] = {}
     malformed = 0
     first = True
+    size = 0
     try:
-        async with asyncio.timeout(IDLE_TIMEOUT) as deadline:
+        async with asyncio.timeout(idle_timeout) as deadline:
             while True:
                 raw = await reader.readline()
+                size += len(raw)
+                if size > MAX_REQUEST:
+                    raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
                 if not raw:
                     if first:
                         return None
@@ -102,7 +137,7 @@ async def read_request(reader: asyncio.StreamReader) -> PolicyRequest | None:
                         "utf-8", "surrogateescape"
                     )
     except (ValueError, asyncio.LimitOverrunError):
-        raise RequestError(f"a line longer than {MAX_LINE} bytes") from None
+        raise RequestError(f"a request longer than {MAX_REQUEST} bytes") from None
     except TimeoutError:
         if first:
             return None
@@ -112,26 +147,49 @@ async def read_request(reader: asyncio.StreamReader) -> PolicyRequest | None:
 class PolicyService:
     """Serves policy requests on the probe loop; one coroutine per connection."""
 
-    def __init__(self, judge: Judge, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        judge: Judge,
+        metrics: Metrics,
+        *,
+        clients: Iterable[Network] = LOOPBACK,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        """``clients``: the networks an ``inet`` client must be in (a unix socket's
+        are the filesystem's business); ``idle_timeout``: seconds a connection may wait
+        between two requests."""
         self._judge = judge
         self._metrics = metrics
+        self._clients = tuple(clients)
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._servers: list[asyncio.Server] = []
-        self._unix_path = ""
+        self._bound: BoundSocket | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._busy = 0
         """Requests being answered now."""
         self._answered = asyncio.Condition()
+        self._refusals: dict[str, tuple[float, int]] = {}
+        """Reason -> (when its last log line was written, refusals since then)."""
 
     async def start(self, kind: str, host: str, port: int, path: str) -> None:
-        """Listen on ``inet`` ``host``:``port`` or ``unix`` ``path``; raises OSError."""
+        """Listen on ``inet`` ``host``:``port`` or ``unix`` ``path``; raises OSError, or
+        ``UnixSocketError`` for a path that is not a stale socket."""
         if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            server = await asyncio.start_unix_server(self._serve, path=path, limit=MAX_LINE)
-            self._unix_path = path
+            bound = bind_unix(path)
+            try:
+                server = await asyncio.start_unix_server(
+                    self._serve, sock=bound.sock, limit=MAX_REQUEST
+                )
+            except OSError:
+                bound.sock.close()
+                bound.remove()
+                raise
+            self._bound = bound
         else:
             server = await asyncio.start_server(
-                self._serve, host=host, port=port, limit=MAX_LINE, reuse_address=True
+                self._serve, host=host, port=port, limit=MAX_REQUEST, reuse_address=True
             )
         self._servers.append(server)
 
@@ -153,17 +211,55 @@ class PolicyService:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self._unix_path:
-            with contextlib.suppress(OSError):
-                os.unlink(self._unix_path)
+        if self._bound is not None:
+            self._bound.remove()  # only if it is still the socket this process bound
+            self._bound = None
+
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why a new connection is refused (``client``, ``limit``), or None."""
+        peer = writer.get_extra_info("peername")
+        if isinstance(peer, tuple) and not _allowed(peer[0], self._clients):
+            return "client"
+        if len(self._connections) >= self._max_connections:
+            return "limit"
+        return None
+
+    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        writer.close()
+        self._metrics.policy_refused.labels(reason).inc()
+        now = time.monotonic()
+        logged, since = self._refusals.get(reason, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - logged < REFUSAL_LOG_INTERVAL:
+            self._refusals[reason] = (logged, since + 1)
+            return
+        self._refusals[reason] = (now, 0)
+        more = f" ({since} more refused since the last line)" if since else ""
+        if reason == "client":
+            log.warning(
+                "policy client %s is not in CALLAHEAD_POLICY_CLIENTS: disconnected%s",
+                _peer(writer),
+                more,
+            )
+        else:
+            log.warning(
+                "policy client %s: %d connections open, CALLAHEAD_POLICY_MAX_CONNECTIONS: "
+                "disconnected (Postfix falls back to smtpd_policy_service_default_action)%s",
+                _peer(writer),
+                len(self._connections),
+                more,
+            )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reason = self._refusal(writer)
+        if reason is not None:
+            self._refuse(writer, reason)
+            return
         self._connections.add(writer)
         self._metrics.policy_connections.inc()
         try:
             while True:
                 try:
-                    request = await read_request(reader)
+                    request = await read_request(reader, self._idle_timeout)
                 except RequestError as exc:
                     self._metrics.policy_bad_requests.inc()
                     log.warning("policy client %s: %s: closing", _peer(writer), exc)
@@ -213,8 +309,23 @@ _STATES = {
 """protocol_state values counted by name; anything else is ``other`` (bounded labels)."""
 
 
+def _allowed(host: object, networks: tuple[Network, ...]) -> bool:
+    """Whether a peer's address is in one of ``networks`` (an IPv4-mapped IPv6 peer,
+    as a dual-stack listener sees IPv4 clients, by its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(str(host))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.scope_id:
+            address = ipaddress.IPv6Address(str(address).partition("%")[0])
+    return any(address in network for network in networks)
+
+
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"[{peer[0]}]:{peer[1]}"
+        return f"[{escape(str(peer[0]))}]:{peer[1]}"
     return "(unix socket)"

@@ -28,11 +28,12 @@ from .judge import Judge
 from .logfmt import redact_url
 from .loop import HANDOFF_MARGIN, ProbeLoop
 from .metrics import Metrics
-from .policyservice import PolicyService
+from .policyservice import IDLE_MARGIN, PolicyService
 from .postfixmaps import PostfixConfigError
 from .refresh import LoopRefresher
 from .router import Router
 from .sharedcache import SharedGate
+from .unixsocket import UnixSocketError
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,13 @@ def serve(config: Config) -> int:
         loop.call_soon(parts.shared.start)
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
     judge = Judge(parts.policy, metrics)
-    policy_service = PolicyService(judge, metrics)
+    policy_service = PolicyService(
+        judge,
+        metrics,
+        clients=config.policy_clients,
+        max_connections=config.policy_max_connections,
+        idle_timeout=config.policy_max_idle + IDLE_MARGIN,
+    )
     admin = AdminServer(
         cache,
         lambda: Health(loop.healthy, loop.silent_for, engine.primary_states(), config.dry_run),
@@ -169,7 +176,7 @@ def serve(config: Config) -> int:
                     policy_service.start(listen.kind, listen.host, listen.port, listen.path),
                     timeout=START_TIMEOUT,
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, UnixSocketError) as exc:
                 log.error("cannot serve policy requests on %s: %s", listen, exc)
                 return EX_UNAVAILABLE
         if config.admin_socket:

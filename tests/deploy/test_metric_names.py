@@ -84,6 +84,8 @@ def exercised() -> Metrics:
     metrics.policy_requests.labels("rcpt").inc()
     metrics.policy_bad_requests.inc()
     metrics.policy_connections.inc()
+    for refusal in ("client", "limit"):
+        metrics.policy_refused.labels(refusal).inc()
     metrics.refreshed("valid")
     metrics.catchall_checked("valid")
     metrics.domain_state("example.test", True)

@@ -169,7 +169,7 @@ def test_a_stale_socket_is_replaced_and_a_live_one_left_alone(tmp_path: Path) ->
     try:
         assert ask(str(path), {"op": "status"})["ok"] is True
         second = AdminServer(PositiveCache(ttl=1, maxsize=1), lambda: served.health, dict)
-        with pytest.raises(AdminError, match="another callahead answers"):
+        with pytest.raises(AdminError, match="another process answers"):
             served.loop.run(second.start(str(path)), timeout=5)
         assert ask(str(path), {"op": "status"})["ok"] is True
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from callahead.assembly import engine_settings
-from callahead.cli import answer_time_problem, main
+from callahead.cli import answer_time_problem, main, milter_exposure_warning
 from callahead.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SOCKET,
@@ -21,10 +21,12 @@ from callahead.config import (
     default_helo_name,
     is_fully_qualified,
     load_config,
+    loopback_host,
     postfix_seconds,
 )
 from callahead.engine import EngineSettings
 from callahead.policy import TempfailAction
+from callahead.policyservice import LOOPBACK
 from callahead.routes import Nexthop
 from callahead.tls import TlsMode
 
@@ -74,6 +76,11 @@ def test_defaults() -> None:
     assert config.catchall_check == 3600
     assert config.dry_run is False
     assert config.admin_socket == "/run/callahead/admin.sock"
+    assert config.policy_listen is None
+    assert [str(n) for n in config.policy_clients] == ["127.0.0.0/8", "::1/128"]
+    assert config.policy_clients == LOOPBACK  # the service's own default
+    assert config.policy_max_connections == 200
+    assert config.policy_max_idle == 300  # Postfix's smtpd_policy_service_max_idle
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
     assert config.probe_wait + config.probe_timeout < 30
 
@@ -92,6 +99,9 @@ def test_variables_list_is_complete_and_ordered() -> None:
     assert names == [
         "CALLAHEAD_SOCKET",
         "CALLAHEAD_POLICY_LISTEN",
+        "CALLAHEAD_POLICY_CLIENTS",
+        "CALLAHEAD_POLICY_MAX_CONNECTIONS",
+        "CALLAHEAD_POLICY_MAX_IDLE",
         "CALLAHEAD_ROUTES",
         "CALLAHEAD_POSTFIX_CONFIG",
         "CALLAHEAD_RESOLVER",
@@ -453,6 +463,12 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_CLIENT_WINDOW", "-5", "seconds >= 0"),
     ("CALLAHEAD_CLIENT_IPV6_PREFIX", "129", "from 16 to 128"),
     ("CALLAHEAD_CLIENT_IPV6_PREFIX", "/64", "from 16 to 128"),
+    ("CALLAHEAD_POLICY_CLIENTS", "", "at least one"),
+    ("CALLAHEAD_POLICY_CLIENTS", "192.0.2.0/33", "networks separated by"),
+    ("CALLAHEAD_POLICY_CLIENTS", "mx.example.com", "networks separated by"),
+    ("CALLAHEAD_POLICY_CLIENTS", "10.1.2.3/8", "write 10.0.0.0/8"),
+    ("CALLAHEAD_POLICY_MAX_CONNECTIONS", "0", "whole number from 1 to 10000"),
+    ("CALLAHEAD_POLICY_MAX_IDLE", "0", "seconds > 0"),
 ]
 
 
@@ -664,3 +680,104 @@ def test_answer_time_fits_postfix(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert answer_time_problem(load_config(env_with())) is None
     monkeypatch.setenv("MAIL_CONFIG", str(tmp_path / "missing"))  # no Postfix: warn later
     assert answer_time_problem(load_config(env_with(CALLAHEAD_PROBE_TIMEOUT="300"))) is None
+
+
+# --- exposure of the front ends --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "networks"),
+    [
+        ("127.0.0.0/8 ::1/128", ["127.0.0.0/8", "::1/128"]),
+        ("192.0.2.0/24, 2001:db8::/32", ["192.0.2.0/24", "2001:db8::/32"]),
+        ("192.0.2.7 ::1", ["192.0.2.7/32", "::1/128"]),
+        ("[2001:db8::]/32 127.0.0.1", ["2001:db8::/32", "127.0.0.1/32"]),  # Postfix's form
+    ],
+)
+def test_policy_clients(text: str, networks: list[str]) -> None:
+    config = load_config(env_with(CALLAHEAD_POLICY_CLIENTS=text))
+    assert [str(n) for n in config.policy_clients] == networks
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.1", False),
+        ("mx.example.com", False),
+    ],
+)
+def test_loopback_host(host: str, loopback: bool) -> None:
+    assert loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "listen", ["inet:0.0.0.0:8896", "inet:[::]:8896", "inet:192.0.2.1:8896", "inet:mx.example:1"]
+)
+@pytest.mark.parametrize("clients", [None, "127.0.0.1", "::1/128 127.0.0.0/8 ::ffff:127.0.0.0/104"])
+def test_a_policy_service_off_loopback_needs_its_clients_listed(
+    listen: str, clients: str | None
+) -> None:
+    env = env_with(CALLAHEAD_POLICY_LISTEN=listen)
+    if clients is not None:
+        env["CALLAHEAD_POLICY_CLIENTS"] = clients
+    with pytest.raises(ConfigError) as info:
+        load_config(env)
+    assert info.value.variable == "CALLAHEAD_POLICY_CLIENTS"
+    assert "listens off loopback" in str(info.value)
+    assert "learn which addresses exist" in str(info.value)
+
+
+def test_a_policy_service_off_loopback_with_its_clients_listed_is_accepted() -> None:
+    config = load_config(
+        env_with(
+            CALLAHEAD_POLICY_LISTEN="inet:0.0.0.0:8896",
+            CALLAHEAD_POLICY_CLIENTS="127.0.0.0/8 ::1/128 192.0.2.0/24",
+        )
+    )
+    assert str(config.policy_listen) == "inet:0.0.0.0:8896"
+    assert len(config.policy_clients) == 3
+
+
+@pytest.mark.parametrize(
+    "listen", ["inet:127.0.0.1:8896", "inet:[::1]:8896", "inet:localhost:8896", "unix:/run/p.s"]
+)
+def test_a_policy_service_on_loopback_or_a_unix_socket_needs_no_list(listen: str) -> None:
+    assert load_config(env_with(CALLAHEAD_POLICY_LISTEN=listen)).policy_listen is not None
+
+
+def test_cli_serve_with_an_open_policy_service_exits_78(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = env_with(CALLAHEAD_POLICY_LISTEN="inet:0.0.0.0:8896", CALLAHEAD_SOCKET="")
+    assert main(["serve"], env=env) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "CALLAHEAD_POLICY_CLIENTS" in err
+
+
+@pytest.mark.parametrize(
+    ("socket_spec", "warned"),
+    [
+        ("inet:127.0.0.1:8895", False),
+        ("inet:8895@localhost", False),
+        ("inet6:8895@::1", False),
+        ("unix:/run/callahead/milter.sock", False),
+        ("", False),
+        ("inet:0.0.0.0:8895", True),
+        ("inet6:8895@::", True),
+        ("inet:8895@192.0.2.1", True),
+    ],
+)
+def test_a_milter_socket_off_loopback_gets_a_warning(socket_spec: str, warned: bool) -> None:
+    warning = milter_exposure_warning(load_config(env_with(CALLAHEAD_SOCKET=socket_spec)))
+    assert (warning is not None) is warned
+    if warning is not None:
+        assert "listens off loopback" in warning
+        assert "dictionary guard" in warning

@@ -4,11 +4,16 @@ and a fuzz of the request parser."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,12 +25,16 @@ from callahead.loop import ProbeLoop
 from callahead.metrics import Metrics
 from callahead.policy import Action, Decision, Policy, Reason, TempfailAction
 from callahead.policyservice import (
+    IDLE_MARGIN,
+    IDLE_TIMEOUT,
     MAX_ATTRIBUTES,
     MAX_LINE,
+    MAX_REQUEST,
     PolicyService,
     action_for,
 )
 from callahead.routes import parse_routes
+from callahead.unixsocket import UnixSocketError
 from callahead.verdict import ProbeResult, Stage, Verdict
 from tests.unit.probers import SyncProber
 
@@ -48,7 +57,17 @@ def request(**attributes: str) -> bytes:
 
 
 class Served:
-    def __init__(self, action: TempfailAction = TempfailAction.DEFER) -> None:
+    """The service on a real probe loop, on a free loopback port, or on the unix socket
+    ``path`` when given (``start`` False: not listening yet)."""
+
+    def __init__(
+        self,
+        action: TempfailAction = TempfailAction.DEFER,
+        *,
+        path: Path | None = None,
+        start: bool = True,
+        **options: Any,
+    ) -> None:
         self.metrics = Metrics()
         policy = Policy(
             routes=ROUTES,
@@ -56,9 +75,18 @@ class Served:
             prober=Prober(),
             tempfail_action=action,
         )
-        self.service = PolicyService(Judge(policy, self.metrics), self.metrics)
+        self.service = PolicyService(Judge(policy, self.metrics), self.metrics, **options)
         self.loop = ProbeLoop()
         self.loop.start()
+        self.path = path
+        self.port = 0
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self.path is not None:
+            self.loop.run(self.service.start("unix", "", 0, str(self.path)), timeout=5)
+            return
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -66,8 +94,12 @@ class Served:
         self.loop.run(self.service.start("inet", "127.0.0.1", self.port, ""), timeout=5)
 
     def connect(self) -> socket.socket:
-        conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        return conn
+        if self.path is not None:
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(10)
+            conn.connect(str(self.path))
+            return conn
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     def ask(self, conn: socket.socket, data: bytes) -> bytes:
         conn.sendall(data)
@@ -85,6 +117,17 @@ class Served:
     def close(self) -> None:
         self.loop.run(self.service.aclose(), timeout=5)
         self.loop.stop()
+
+
+def closed_at_once(conn: socket.socket) -> bool:
+    """Whether the server closed ``conn`` without a word (within a second)."""
+    conn.settimeout(1.0)
+    try:
+        return conn.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 @pytest.fixture
@@ -239,3 +282,165 @@ def test_fuzz_any_input_gets_well_formed_actions_or_a_close(
     # The service is still there.
     with served.connect() as conn:
         assert served.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+
+
+# --- exposure and bounds ---------------------------------------------------------------
+
+
+def test_a_client_outside_the_allowed_networks_is_disconnected_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = Served(clients=[ipaddress.ip_network("192.0.2.0/24")])
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                with served.connect() as conn:
+                    conn.sendall(request(recipient="ghost@example.com"))
+                    assert closed_at_once(conn)
+        assert served.sample("callahead_policy_refused_connections_total", reason="client") == 3
+        assert served.sample("callahead_probes_total", outcome="unknown") == 0
+        assert served.service.connections == 0
+        # One line, not one per connection: a scanner cannot flood the log.
+        assert caplog.text.count("not in CALLAHEAD_POLICY_CLIENTS") == 1
+        assert "[127.0.0.1]:" in caplog.text
+    finally:
+        served.close()
+
+
+def test_the_default_networks_are_loopback_and_serve_loopback(served: Served) -> None:
+    with served.connect() as conn:
+        assert served.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+    assert served.sample("callahead_policy_refused_connections_total", reason="client") == 0
+
+
+def test_beyond_the_connection_cap_new_ones_are_closed_and_open_ones_served() -> None:
+    served = Served(max_connections=2)
+    try:
+        first, second = served.connect(), served.connect()
+        assert served.ask(first, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+        assert served.ask(second, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+        with served.connect() as third:
+            assert closed_at_once(third)
+        assert served.sample("callahead_policy_refused_connections_total", reason="limit") == 1
+        # The open ones go on.
+        assert served.ask(first, request(recipient="ghost@example.com")).startswith(b"action=550")
+        assert served.ask(second, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+        first.close()
+        deadline = time.monotonic() + 5
+        while served.service.connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with served.connect() as again:  # room again
+            assert served.ask(again, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+        second.close()
+    finally:
+        served.close()
+
+
+def test_a_request_over_the_byte_cap_closes_the_connection(served: Served) -> None:
+    # Short lines, far under the line and attribute limits, adding up past the cap.
+    line = b"x" * 100
+    count = MAX_REQUEST // (len(line) + 4) + 1
+    assert count < MAX_ATTRIBUTES
+    data = b"request=smtpd_access_policy\n" + b"".join(
+        b"a%d=%s\n" % (i, line) for i in range(count)
+    )
+    with served.connect() as conn:
+        conn.sendall(data)
+        assert conn.recv(4096) == b""  # closed, no answer, before any end of request
+    assert served.sample("callahead_policy_bad_requests_total") == 1
+    # A real-sized request (with room to spare) is answered.
+    with served.connect() as conn:
+        padding = {f"pad{i}": "y" * 100 for i in range(60)}
+        answer = served.ask(conn, request(recipient="ghost@example.com", **padding))
+        assert answer.startswith(b"action=550")
+
+
+def test_empty_lines_before_a_request_count_against_the_cap(served: Served) -> None:
+    with served.connect() as conn:
+        conn.sendall(b"\n" * (MAX_REQUEST + 1))
+        assert conn.recv(4096) == b""
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
+    served = Served(idle_timeout=0.3)
+    try:
+        with served.connect() as conn:
+            assert served.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+            started = time.monotonic()
+            conn.settimeout(5)
+            assert conn.recv(4096) == b""
+            assert 0.2 < time.monotonic() - started < 3
+        # A connection that keeps asking within the timeout stays open.
+        with served.connect() as conn:
+            for _ in range(4):
+                time.sleep(0.15)
+                answer = served.ask(conn, request(recipient="known@example.com"))
+                assert answer == b"action=DUNNO\n\n"
+        assert served.sample("callahead_policy_bad_requests_total") == 0
+    finally:
+        served.close()
+
+
+def test_the_default_idle_timeout_is_postfix_max_idle_and_a_margin() -> None:
+    assert IDLE_TIMEOUT == 300 + IDLE_MARGIN  # smtpd_policy_service_max_idle: 300 s
+    assert 0 < IDLE_MARGIN <= 10
+
+
+# --- the unix socket -------------------------------------------------------------------
+
+
+def test_the_unix_socket_replaces_a_stale_one_and_is_removed_at_stop(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()
+    served = Served(path=path)
+    try:
+        with served.connect() as conn:
+            assert served.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+    finally:
+        served.close()
+    assert not path.exists()
+
+
+def test_the_unix_socket_never_deletes_a_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    path.write_text("precious")
+    served = Served(path=path, start=False)
+    try:
+        with pytest.raises(UnixSocketError, match="is not a socket"):
+            served.start()
+    finally:
+        served.close()
+    assert path.read_text() == "precious"
+
+
+def test_the_unix_socket_leaves_a_live_one_alone(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    first = Served(path=path)
+    try:
+        second = Served(path=path, start=False)
+        try:
+            with pytest.raises(UnixSocketError, match="another process answers"):
+                second.start()
+        finally:
+            second.close()
+        with first.connect() as conn:  # still the first one's
+            assert first.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+    finally:
+        first.close()
+
+
+def test_at_stop_the_unix_socket_of_a_later_instance_is_left(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    first = Served(path=path)
+    os.unlink(path)  # an operator cleaned up; a second instance starts
+    second = Served(path=path)
+    try:
+        first.close()
+        assert path.exists()
+        with second.connect() as conn:
+            assert second.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+    finally:
+        second.close()
+    assert not path.exists()
