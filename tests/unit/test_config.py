@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from callahead.assembly import engine_settings
+from callahead.assembly import answer_time, engine_settings
 from callahead.cli import answer_time_problem, main
 from callahead.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SOCKET,
     EX_CONFIG,
     VARIABLES,
+    Config,
     ConfigError,
     default_helo_name,
     is_fully_qualified,
@@ -24,7 +26,10 @@ from callahead.config import (
     postfix_seconds,
 )
 from callahead.engine import EngineSettings
+from callahead.loop import HANDOFF_MARGIN
 from callahead.policy import TempfailAction
+from callahead.postfixmaps import PostfixSettings
+from callahead.router import LOOKUP_WAIT
 from callahead.routes import Nexthop
 from callahead.tls import TlsMode
 
@@ -664,3 +669,42 @@ def test_answer_time_fits_postfix(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert answer_time_problem(load_config(env_with())) is None
     monkeypatch.setenv("MAIL_CONFIG", str(tmp_path / "missing"))  # no Postfix: warn later
     assert answer_time_problem(load_config(env_with(CALLAHEAD_PROBE_TIMEOUT="300"))) is None
+
+
+def _with_postfix_maps(config: Config) -> Config:
+    """``config`` as with CALLAHEAD_POSTFIX_CONFIG (routes from a Postfix's maps)."""
+    settings = PostfixSettings(
+        config_dir="/etc/postfix",
+        relay_domains=("ldap:/etc/postfix/relay.cf",),
+        transport_maps=("mysql:/etc/postfix/transport.cf",),
+        relay_parent_matches=True,
+        transport_parent_matches=False,
+        default_hops=(),
+        relay_transport="relay",
+        myhostname="backup.example.net",
+        interfaces=("all",),
+        smtp_services=frozenset({"smtp", "relay"}),
+    )
+    return dataclasses.replace(config, postfix=settings)
+
+
+def test_the_answer_time_counts_the_route_lookups_in_the_postfix_maps() -> None:
+    """A slow ldap or mysql map can hold a recipient LOOKUP_WAIT (11 s) before its probe
+    even starts: that is part of the answer time Postfix waits for."""
+    config = load_config(env_with())
+    assert answer_time(config) == 2 + 10 + HANDOFF_MARGIN
+    assert answer_time(_with_postfix_maps(config)) == LOOKUP_WAIT + 2 + 10 + HANDOFF_MARGIN == 24
+
+
+def test_serve_refuses_what_the_route_lookups_push_past_postfix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "main.cf").write_text("milter_command_timeout = 20s\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    config = load_config(env_with())
+    assert answer_time_problem(config) is None  # 13 s < 20 s
+    problem = answer_time_problem(_with_postfix_maps(config))
+    assert problem is not None
+    assert "the 11s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps" in problem
+    assert "an answer can take 24s" in problem
+    assert "milter_command_timeout = 20s" in problem
