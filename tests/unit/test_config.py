@@ -708,3 +708,71 @@ def test_serve_refuses_what_the_route_lookups_push_past_postfix(
     assert "the 11s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps" in problem
     assert "an answer can take 24s" in problem
     assert "milter_command_timeout = 20s" in problem
+
+
+# --- the Redis password is never shown ------------------------------------------------
+
+PASSWORD = "S3cretPW"
+
+SHOWN_REDIS_URLS = [
+    ("redis://:S3cretPW@10.0.0.7:6379/2", "redis://:***@10.0.0.7:6379/2"),
+    ("redis://10.0.0.7:6379/2?password=S3cretPW", "redis://10.0.0.7:6379/2?password=***"),
+    (
+        "rediss://h.example/0?username=cache&password=S3cretPW&socket_timeout=1",
+        "rediss://h.example/0?username=cache&password=***&socket_timeout=1",
+    ),
+    ("unix:///run/redis.sock?db=1&password=S3cretPW", "unix:///run/redis.sock?db=1&password=***"),
+    ("unix://cache:S3cretPW@/run/redis.sock", "unix://cache:***@/run/redis.sock"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), SHOWN_REDIS_URLS)
+def test_callahead_config_never_shows_the_redis_password(
+    url: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config"], env=env_with(CALLAHEAD_REDIS_URL=url)) == 0
+    out = capsys.readouterr().out
+    assert f"CALLAHEAD_REDIS_URL={shown}\n" in out
+    assert PASSWORD not in out
+
+
+BAD_REDIS_URLS = [
+    "redis://:S3cretPW@10.0.0.7:99999/0",  # port out of range
+    "redis://:S3cretPW@10.0.0.7:http/0",  # port not a number
+    "redis://10.0.0.7:0/0?password=S3cretPW",
+    "http://cache:S3cretPW@10.0.0.7",  # not a Redis scheme
+    "redis://:S3cretPW@/0",  # no host
+    "unix://:S3cretPW@relative.sock",
+    "unix:relative.sock?password=S3cretPW",
+    ":S3cretPW@10.0.0.7:6379",  # the scheme forgotten
+    "cache:S3cretPW@10.0.0.7:6379",
+    "redis://:S3cretPW@[::1/0",  # unparsable
+    "redis://10.0.0.7/0?password=S3cretPW&db=abc",  # refused by redis-py
+    "redis://:S3cretPW@10.0.0.7/0?socket_timeout=soon",
+]
+
+
+@pytest.mark.parametrize("url", BAD_REDIS_URLS)
+def test_no_error_about_the_redis_url_shows_its_password(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(CALLAHEAD_REDIS_URL=url))
+    exc = info.value
+    assert exc.variable == "CALLAHEAD_REDIS_URL"
+    assert str(exc).startswith("CALLAHEAD_REDIS_URL=")
+    for text in (str(exc), exc.value, repr(exc.args)):
+        assert PASSWORD not in text
+    assert exc.__context__ is None and exc.__cause__ is None  # nor in a traceback
+    for command in CLI_COMMANDS:
+        assert main(command, env=env_with(CALLAHEAD_REDIS_URL=url)) == EX_CONFIG
+        err = capsys.readouterr().err
+        assert "CALLAHEAD_REDIS_URL=" in err
+        assert PASSWORD not in err
+
+
+def test_an_unknown_variable_named_like_a_password_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(CALLAHEAD_REDIS_PASSWORD=PASSWORD))
+    assert "CALLAHEAD_REDIS_PASSWORD='***' is invalid: unknown variable" in str(info.value)
+    assert PASSWORD not in str(info.value)
