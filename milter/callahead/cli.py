@@ -185,6 +185,12 @@ def run_cache(config: Config, args: argparse.Namespace) -> int:
     if action == "flush":
         flushed = answer["flushed"]
         print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}{_where(answer)}")
+        if answer.get("saved") is False:
+            print(
+                "callahead: warning: the cache file could not be saved (see serve's log): "
+                "a restart before its next save brings the flushed entries back",
+                file=sys.stderr,
+            )
         return 0
     for key, value in answer.items():
         if key != "ok":

@@ -159,6 +159,9 @@ def serve(config: Config) -> int:
         metrics.cache_counters,
         config.cache_file,
         parts.shared,
+        save=(
+            cachefile.SaveAfterChange(cache, config.cache_file).save if config.cache_file else None
+        ),
     )
     monitor = HealthMonitor(lambda: loop.healthy)
     saver: concurrent.futures.Future[None] | None = None
