@@ -64,6 +64,18 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
+def is_utf8(text: str) -> bool:
+    """False when ``text`` holds bytes that were not UTF-8: a front end decodes what it
+    is handed with ``surrogateescape``, which turns each such byte into a lone surrogate
+    (``\\udcff`` for 0xff). Such an address can be neither looked up in a Postfix map,
+    nor cached, nor put on the wire."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def needs_smtputf8(address: str) -> bool:
     """True when the local part is not ASCII (the domain is sent in A-label form)."""
     return not address.rpartition("@")[0].isascii()

@@ -8,7 +8,8 @@ JSON object back on one line, then the server closes. Requests (``op``):
   (with Redis, ``"shared": true`` when Redis answered, and ``cached`` is then Redis's)
 * ``cache-flush`` with ``{"address": ...}``, ``{"domain": ...}`` or ``{"all": true}``
   -> ``{"flushed": n}`` (with Redis: the keys removed from Redis, every backup's local
-  copies go too, and ``"shared": false`` when Redis did not answer)
+  copies go too, and ``"shared": false`` when Redis did not answer); with a cache file,
+  the file is saved before the answer, which says ``"saved": bool``
 * ``cache-stats`` -> entries, size, TTL, hits, misses, refreshes, the cache file
 * ``status`` -> ``{"healthy": bool, "loop": {...}, "primaries": [...]}``
 
@@ -22,7 +23,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +93,14 @@ class AdminServer:
         counters: Callable[[], Mapping[str, float]],
         cache_file: str = "",
         shared: SharedGate | None = None,
+        save: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """``shared``: the shared cache (Redis), on which ``cache show`` and ``cache
-        flush`` act too, for every backup."""
+        flush`` act too, for every backup. ``save``: saves the cache file (True when
+        written), awaited after every change before the answer, so that a flush
+        survives a crash of serve."""
         self._cache = cache
+        self._save = save
         self._shared = shared
         self._health = health
         self._counters = counters
@@ -150,13 +155,21 @@ class AdminServer:
         """The answer to one request line, on the probe loop: ``cache show`` and ``cache
         flush`` ask the shared cache too, when there is one."""
         request = _request(line)
-        if self._shared is None or isinstance(request, str):
+        if isinstance(request, str):
             return self._answer(request)
-        if request.get("op") == "cache-show":
+        op = request.get("op")
+        if op == "cache-show" and self._shared is not None:
             return await self._shared_show(self._shared, request)
-        if request.get("op") == "cache-flush":
-            return await self._shared_flush(self._shared, request)
-        return self._answer(request)
+        if op != "cache-flush":
+            return self._answer(request)
+        if self._shared is not None:
+            answer = await self._shared_flush(self._shared, request)
+        else:
+            answer = self._flush(request)
+        if answer["ok"] and self._save is not None:
+            # Before the answer: once `callahead cache flush` returns, the file agrees.
+            answer["saved"] = await self._save()
+        return answer
 
     async def _shared_show(self, shared: SharedGate, request: Mapping[str, Any]) -> dict[str, Any]:
         answer = self._show(request)

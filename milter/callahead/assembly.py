@@ -22,7 +22,7 @@ from .policy import Policy
 from .postfixmaps import PostfixRoutes
 from .refresh import LoopRefresher, refresh_limit
 from .resolve import DnsPython, MxResolver, ThisHost
-from .router import Router
+from .router import LOOKUP_WAIT, Router
 from .sharedcache import RedisStore, SharedGate
 
 
@@ -95,6 +95,25 @@ def shared_delay(config: Config) -> float:
     if not config.redis_url:
         return 0.0
     return config.redis_lock_wait + 3 * config.redis_timeout
+
+
+def route_wait(config: Config) -> float:
+    """The longest a recipient can wait for its route before the probe: the Postfix map
+    lookups (``LOOKUP_WAIT``) with ``CALLAHEAD_POSTFIX_CONFIG``, else nothing
+    (``CALLAHEAD_ROUTES`` is in memory)."""
+    return LOOKUP_WAIT if config.postfix is not None else 0.0
+
+
+def answer_time(config: Config) -> float:
+    """The longest an answer to one recipient can take: its route lookup, a wait for a
+    probe slot, the probe, the shared cache's waits and the thread handoff. What must
+    stay below Postfix's ``milter_command_timeout``."""
+    return (
+        route_wait(config)
+        + engine_settings(config).longest_answer
+        + shared_delay(config)
+        + HANDOFF_MARGIN
+    )
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:

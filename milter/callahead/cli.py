@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .address import UnsendableAddress, normalize_recipient, wire_address
 from .admin import AdminUnavailable, ask, status_lines
-from .assembly import build_resolver, engine_settings, shared_delay
+from .assembly import answer_time, build_resolver, engine_settings, route_wait, shared_delay
 from .config import (
     EX_CONFIG,
     VARIABLES,
@@ -187,6 +187,12 @@ def run_cache(config: Config, args: argparse.Namespace) -> int:
     if action == "flush":
         flushed = answer["flushed"]
         print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}{_where(answer)}")
+        if answer.get("saved") is False:
+            print(
+                "callahead: warning: the cache file could not be saved (see serve's log): "
+                "a restart before its next save brings the flushed entries back",
+                file=sys.stderr,
+            )
         return 0
     for key, value in answer.items():
         if key != "ok":
@@ -306,20 +312,25 @@ def explanation(result: ProbeResult) -> str:
 
 def answer_time_problem(config: Config) -> str | None:
     """Why Postfix would give up on callahead's answers, if it would: the longest answer
-    (a wait for a probe slot, the probe, the thread handoff) must stay below the local
-    Postfix's milter_command_timeout. None when it does, or when there is no Postfix to
-    ask (then serve warns against Postfix's default)."""
+    (the route lookup in the Postfix maps, a wait for a probe slot, the probe, the thread
+    handoff) must stay below the local Postfix's milter_command_timeout. None when it
+    does, or when there is no Postfix to ask (then serve warns against Postfix's
+    default)."""
     timeout = postfix_milter_command_timeout()
-    engine_longest = engine_settings(config).longest_answer + shared_delay(config)
-    longest = engine_longest + HANDOFF_MARGIN
+    longest = answer_time(config)
     if timeout is None or longest < timeout:
         return None
+    engine_longest = engine_settings(config).longest_answer + shared_delay(config)
     redis = (
         " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)" if config.redis_url else ""
     )
+    lookup = route_wait(config)
+    lookups = (
+        f" the {lookup:g}s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps and" if lookup else ""
+    )
     return (
         f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT{redis} = "
-        f"{engine_longest:g}s: with the {HANDOFF_MARGIN:g}s "
+        f"{engine_longest:g}s: with{lookups} the {HANDOFF_MARGIN:g}s "
         f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
         f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "
         "of the session); lower them or raise milter_command_timeout"

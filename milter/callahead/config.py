@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from .address import UnsendableAddress, wire_address
 from .errors import CallaheadError
-from .logfmt import redact_url
+from .logfmt import HIDDEN, looks_like_credential, redact_url
 from .policy import TempfailAction
 from .postfixmaps import PostfixConfigError, PostfixSettings, load_settings
 from .resolve import parse_resolver
@@ -514,6 +514,13 @@ def _parse_redis_url(name: str, value: str) -> str:
             raise ConfigError(name, value, allowed)
     elif not parts.hostname or (port is not None and not 0 < port < 65536):
         raise ConfigError(name, value, allowed)
+    import redis.connection  # only with a URL: redis-py takes a while to import
+
+    try:
+        # What redis-py itself refuses at connect (?db=abc, ?socket_timeout=soon).
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(name, value, f"{allowed} ({exc})") from None
     return url
 
 
@@ -540,6 +547,9 @@ class Variable:
     render: Callable[[Any], str]
     shown: str = ""
     """The default as ``--help`` shows it, when it is computed (else ``default``)."""
+    secret: Callable[[str], str] | None = None
+    """For a value that can carry a secret (a password in a URL): how its text is shown
+    in a ``ConfigError``, whatever is wrong with it (``render`` shows it redacted too)."""
 
     @property
     def shown_default(self) -> str:
@@ -692,6 +702,7 @@ VARIABLES: tuple[Variable, ...] = (
         field="redis_url",
         parse=_parse_redis_url,
         render=redact_url,
+        secret=redact_url,
     ),
     Variable(
         "CALLAHEAD_REDIS_TIMEOUT",
@@ -974,12 +985,28 @@ class Config:
         return [(v.name, v.render(getattr(self, v.field))) for v in VARIABLES]
 
 
+def _parse_variable(variable: Variable, text: str) -> Any:
+    """``variable``'s value from ``text``; a ``ConfigError`` about a secret variable
+    carries the value as ``variable.secret`` shows it, never as it was written."""
+    try:
+        return variable.parse(variable.name, text)
+    except ConfigError as exc:
+        if variable.secret is None:
+            raise
+        error = exc
+    # Raised outside the except block: the error with the secret is not its context.
+    raise ConfigError(error.variable, variable.secret(error.value), error.allowed)
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Read and validate every ``CALLAHEAD_*`` variable from ``env``."""
     unknown = sorted(k for k in env if k.startswith("CALLAHEAD_") and k not in _NAMES)
     if unknown:
-        raise ConfigError(unknown[0], env[unknown[0]], "unknown variable (see --help)")
-    values = {v.field: v.parse(v.name, env.get(v.name, v.default)) for v in VARIABLES}
+        name = unknown[0]
+        # CALLAHEAD_REDIS_PASSWORD does not exist, but its value is a password.
+        value = HIDDEN if looks_like_credential(name) else env[name]
+        raise ConfigError(name, value, "unknown variable (see --help)")
+    values = {v.field: _parse_variable(v, env.get(v.name, v.default)) for v in VARIABLES}
     config = Config(**values)
     _check_policy_exposure(config, env.get("CALLAHEAD_POLICY_CLIENTS", DEFAULT_POLICY_CLIENTS))
     return config

@@ -5,8 +5,8 @@ part may hold spaces, ``>`` and ``=``, so a raw ``rcpt=<...>`` could end early a
 ``decision=accept`` for a fail2ban-style parser. Every attacker-controlled field goes
 through ``escape``: backslash, quote, angle brackets, ``=``, and every control, space
 or unprintable character become ``\\xHH`` (``\\uHHHH`` beyond Latin-1), so no field can
-end early and no ``key=value`` can appear inside one. A URL loses its password
-(``redact_url``).
+end early and no ``key=value`` can appear inside one. A URL loses its password, in its
+user info or in its query string (``redact_url``).
 """
 
 from __future__ import annotations
@@ -42,15 +42,50 @@ def escape(text: str, *, spaces: bool = False) -> str:
     return "".join(out)
 
 
+CREDENTIAL_WORDS = ("pass", "pwd", "secret", "token", "auth", "credential")
+"""Query parameters whose value is a credential: redis-py takes ``?password=`` (and any
+other keyword) from a URL's query string."""
+HIDDEN = "***"
+
+
+def looks_like_credential(name: str) -> bool:
+    """A parameter or variable name that says its value is a credential (``password``,
+    ``CALLAHEAD_REDIS_PASSWORD``, ``auth_token``...); percent-encoding is undone."""
+    key = urllib.parse.unquote_plus(name).strip().lower()
+    return any(word in key for word in CREDENTIAL_WORDS)
+
+
+def _redact_query(query: str) -> str:
+    """``query`` with the value of every credential-looking parameter replaced."""
+    fields = []
+    for field in query.split("&"):
+        name, sep, _ = field.partition("=")
+        fields.append(f"{name}={HIDDEN}" if sep and looks_like_credential(name) else field)
+    return "&".join(fields)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (a Redis URL in a log line or in
-    ``callahead config``)."""
+    """``url`` with its password replaced by ``***`` (a Redis URL in a log line, in
+    ``callahead config`` or in a configuration error): the password of the user info,
+    the value of a credential-looking query parameter (``?password=``), and, in text
+    that has no ``//host`` part, everything before an ``@`` (``:secret@host:6379``,
+    a URL whose scheme was forgotten)."""
     try:
         parts = urllib.parse.urlsplit(url)
         password = parts.password
     except ValueError:
         return "(unparsable URL)"
-    if password is None:
+    if not url.partition(":")[2].startswith("//") and "@" in url:
+        return f"{HIDDEN}@{url.rpartition('@')[2]}"
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{host}")
+    if parts.query:
+        parts = parts._replace(query=_redact_query(parts.query))
+    if password is None and not parts.query:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if not parts.netloc:  # unix:///path?password=...: urlunsplit would drop the //
+        query = f"?{parts.query}" if parts.query else ""
+        fragment = f"#{parts.fragment}" if parts.fragment else ""
+        return f"{parts.scheme}://{parts.path}{query}{fragment}"
+    return urllib.parse.urlunsplit(parts)

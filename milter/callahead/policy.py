@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .address import UnsendableAddress, normalize_recipient, wire_address
+from .address import UnsendableAddress, is_utf8, normalize_recipient, wire_address
 from .cache import ValidCache
 from .guard import ClientGuard
 from .routes import Nexthop, Routes, RouteUnavailable
@@ -204,6 +204,8 @@ class Policy:
         normalized = normalize_recipient(recipient)
         if normalized is None:
             return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
+        if not is_utf8(normalized.address):
+            return self._final(self._not_utf8(normalized.address))
         try:
             hops = self._routes.lookup(normalized.domain, normalized.address)
         except RouteUnavailable:
@@ -219,6 +221,8 @@ class Policy:
         normalized = normalize_recipient(recipient)
         if normalized is None:
             return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
+        if not is_utf8(normalized.address):
+            return self._final(self._not_utf8(normalized.address))
         try:
             hops = await self._routes.lookup_async(normalized.domain, normalized.address)
         except RouteUnavailable:
@@ -229,6 +233,13 @@ class Policy:
             return self._final(step)
         result = await self._prober.probe_async(step.address, step.hops)
         return self._final(self._after_probe(step, result))
+
+    def _not_utf8(self, address: str) -> Decision:
+        """Bytes that are not UTF-8 (a real Postfix refuses them itself, 500 5.5.2 or
+        501 5.1.3, but another client of the policy service or the milter may not): no
+        route can be looked up for them (the Postfix maps take UTF-8), so they are judged
+        before routing, with the tempfail action: never a reject, never an error."""
+        return Decision(self._undecided, Reason.BAD_ADDRESS, address)
 
     def _final(self, decision: Decision) -> Decision:
         if self._dry_run and decision.action in (Action.REJECT, Action.DEFER):

@@ -20,13 +20,13 @@ import Milter
 from . import cachefile
 from .adapter import CallaheadMilter
 from .admin import AdminError, AdminServer, Health
-from .assembly import build_policy, shared_delay
+from .assembly import answer_time, build_policy
 from .catchall import LoopCatchAll
 from .config import Config
 from .engine import ProbeEngine
 from .judge import Judge
 from .logfmt import redact_url
-from .loop import HANDOFF_MARGIN, ProbeLoop
+from .loop import ProbeLoop
 from .metrics import Metrics
 from .policyservice import IDLE_MARGIN, PolicyService
 from .postfixmaps import PostfixConfigError
@@ -129,10 +129,11 @@ def serve(config: Config) -> int:
     parts = build_policy(config, loop, metrics)
     cache, engine = parts.cache, parts.engine
     signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(parts.router))
-    longest = engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN
+    longest = answer_time(config)
     if config.socket and longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
-            "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT allow answers of up to %.0f s: "
+            "CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT (and the route lookups, with "
+            "CALLAHEAD_POSTFIX_CONFIG) allow answers of up to %.0f s: "
             "set Postfix's milter_command_timeout above that (its default is %d s)",
             longest,
             MILTER_COMMAND_TIMEOUT,
@@ -165,6 +166,9 @@ def serve(config: Config) -> int:
         metrics.cache_counters,
         config.cache_file,
         parts.shared,
+        save=(
+            cachefile.SaveAfterChange(cache, config.cache_file).save if config.cache_file else None
+        ),
     )
     monitor = HealthMonitor(lambda: loop.healthy)
     saver: concurrent.futures.Future[None] | None = None

@@ -6,7 +6,9 @@ the primary saw, what the running service says."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +141,37 @@ def test_a_restart_with_the_cache_file_answers_a_cached_address_without_a_probe(
     assert f"rcpt=<{user}> decision=accept reason=cache_hit" in log
     left = seconds_left(ops, user)
     assert left is not None and left <= 86400
+
+
+def test_a_flush_stays_flushed_after_serve_is_killed(stack: Stack, ops: CallaheadProcess) -> None:
+    """kill -9 right after `callahead cache flush` (a crash, or systemd's watchdog
+    abort): the flushed entry must not come back from the cache file at the next start,
+    which it did until the next periodic save (CALLAHEAD_CACHE_SAVE_INTERVAL, 300 s)."""
+    port = stack.profiles["ops"].port
+    flushed_user = stack.new_user("ops.test", stack.ops_primary)
+    kept = stack.new_user("ops.test", stack.ops_primary)
+    tx = send(port, SENDER, [flushed_user, kept])
+    assert tx.code(flushed_user) == tx.code(kept) == 250
+    ops.stop()  # saved at stop: both are in the file now
+    saved = json.loads(Path(ops.env["CALLAHEAD_CACHE_FILE"]).read_text())
+    assert {flushed_user, kept} <= {address for address, _ in saved["entries"]}
+    ops.start()
+
+    flushed = ops.cli("cache", "flush", flushed_user)
+    assert flushed.returncode == 0, flushed.stderr
+    assert flushed.stdout.strip() == "flushed 1 entry"
+    assert flushed.stderr == ""  # saved
+    assert ops.pid is not None
+    os.kill(ops.pid, signal.SIGKILL)
+    wait_for(ops.exited, 10.0, what="the killed serve gone")
+    assert ops.returncode == -signal.SIGKILL
+    ops.stop()
+    ops.start()
+
+    assert seconds_left(ops, flushed_user) is None
+    assert seconds_left(ops, kept) is not None
+    assert send(port, SENDER, [flushed_user]).code(flushed_user) == 250
+    assert stack.ops_primary.probes_for(flushed_user) == 2  # probed again, not from the file
 
 
 def test_a_corrupt_cache_file_is_logged_and_the_service_runs(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from callahead import cachefile
 from callahead.admin import AdminError, AdminServer, Health, ask, primary_problem
 from callahead.cache import PositiveCache
 from callahead.cli import EX_UNAVAILABLE, main
@@ -190,3 +191,46 @@ def test_a_file_that_is_not_a_socket_is_never_touched(tmp_path: Path) -> None:
     finally:
         loop.stop()
     assert path.read_text() == "precious"
+
+
+def test_a_flush_is_saved_to_the_cache_file_before_the_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crash (or a watchdog abort) right after `callahead cache flush` must not bring
+    the entry back from the file at the next start: the file is saved at once, not at
+    the next periodic save."""
+    path = tmp_path / "cache.json"
+    cache = PositiveCache(ttl=3600, maxsize=100)
+    for address in ("gone@example.com", "kept@example.com", "x@other.example"):
+        cache.add(address)
+    cachefile.save_from(cache, str(path))
+    saver = cachefile.SaveAfterChange(cache, str(path))
+    loop = ProbeLoop()
+    loop.start()
+    server = AdminServer(
+        cache, lambda: Health(True, 0.1, [], False), dict, str(path), save=saver.save
+    )
+    loop.run(server.start(str(tmp_path / "admin.sock")), timeout=5)
+    env = {"CALLAHEAD_ADMIN_SOCKET": str(tmp_path / "admin.sock")}
+    try:
+        assert main(["cache", "flush", "gone@example.com"], env=env) == 0
+        assert saved(path) == {"kept@example.com", "x@other.example"}
+        assert main(["cache", "flush", "@other.example"], env=env) == 0
+        assert saved(path) == {"kept@example.com"}
+        assert main(["cache", "flush", "--all"], env=env) == 0
+        assert saved(path) == set()
+        assert capsys.readouterr().err == ""
+        assert saver.saves == 3
+
+        path.unlink()
+        path.mkdir()  # cannot be replaced: the save fails, and the command says so
+        cache.add("new@example.com")
+        assert main(["cache", "flush", "new@example.com"], env=env) == 0
+        assert "the cache file could not be saved" in capsys.readouterr().err
+    finally:
+        loop.run(server.aclose(), timeout=5)
+        loop.stop()
+
+
+def saved(path: Path) -> set[str]:
+    return {address for address, _ in cachefile.load(str(path))}

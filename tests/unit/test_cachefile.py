@@ -3,9 +3,11 @@ refused whole (logged and ignored at start)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,44 @@ def test_a_file_too_large_to_be_ours_is_refused(
     path.write_text(" " * 11)
     with pytest.raises(CacheFileError, match="larger than 10 bytes"):
         load(str(path))
+
+
+class SlowCache(PositiveCache):
+    """A cache whose snapshot takes a while, as one of 100,000 entries does (~0.6 s)."""
+
+    def snapshot(self) -> list[tuple[str, float]]:
+        time.sleep(0.2)
+        return super().snapshot()
+
+
+def test_saves_after_changes_run_off_the_loop_and_are_coalesced(tmp_path: Path) -> None:
+    path = tmp_path / "cache.json"
+    cache = SlowCache(ttl=3600, maxsize=100)
+    saver = cachefile.SaveAfterChange(cache, str(path))
+
+    async def burst() -> tuple[list[bool], float]:
+        beats = 0
+
+        async def beat() -> None:
+            nonlocal beats
+            while True:
+                await asyncio.sleep(0.01)
+                beats += 1
+
+        ticker = asyncio.ensure_future(beat())
+        started = time.monotonic()
+        first = asyncio.ensure_future(saver.save())
+        await asyncio.sleep(0.05)  # the first save runs; ten changes come meanwhile
+        cache.add("late@example.com")
+        rest = [asyncio.ensure_future(saver.save()) for _ in range(10)]
+        results = await asyncio.gather(first, *rest)
+        elapsed = time.monotonic() - started
+        ticker.cancel()
+        assert beats > 0.5 * elapsed / 0.01  # the loop went on during the saves
+        return results, elapsed
+
+    results, elapsed = asyncio.run(burst())
+    assert results == [True] * 11
+    assert saver.saves == 2  # the running one, then one for all ten
+    assert elapsed < 1.0
+    assert [a for a, _ in load(str(path))] == ["late@example.com"]  # the later change too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from callahead.assembly import engine_settings
+from callahead.assembly import answer_time, engine_settings
 from callahead.cli import answer_time_problem, main, milter_exposure_warning
 from callahead.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SOCKET,
     EX_CONFIG,
     VARIABLES,
+    Config,
     ConfigError,
     default_helo_name,
     is_fully_qualified,
@@ -25,8 +27,11 @@ from callahead.config import (
     postfix_seconds,
 )
 from callahead.engine import EngineSettings
+from callahead.loop import HANDOFF_MARGIN
 from callahead.policy import TempfailAction
 from callahead.policyservice import LOOPBACK
+from callahead.postfixmaps import PostfixSettings
+from callahead.router import LOOKUP_WAIT
 from callahead.routes import Nexthop
 from callahead.tls import TlsMode
 
@@ -781,3 +786,110 @@ def test_a_milter_socket_off_loopback_gets_a_warning(socket_spec: str, warned: b
     if warning is not None:
         assert "listens off loopback" in warning
         assert "dictionary guard" in warning
+
+
+def _with_postfix_maps(config: Config) -> Config:
+    """``config`` as with CALLAHEAD_POSTFIX_CONFIG (routes from a Postfix's maps)."""
+    settings = PostfixSettings(
+        config_dir="/etc/postfix",
+        relay_domains=("ldap:/etc/postfix/relay.cf",),
+        transport_maps=("mysql:/etc/postfix/transport.cf",),
+        relay_parent_matches=True,
+        transport_parent_matches=False,
+        default_hops=(),
+        relay_transport="relay",
+        myhostname="backup.example.net",
+        interfaces=("all",),
+        smtp_services=frozenset({"smtp", "relay"}),
+    )
+    return dataclasses.replace(config, postfix=settings)
+
+
+def test_the_answer_time_counts_the_route_lookups_in_the_postfix_maps() -> None:
+    """A slow ldap or mysql map can hold a recipient LOOKUP_WAIT (11 s) before its probe
+    even starts: that is part of the answer time Postfix waits for."""
+    config = load_config(env_with())
+    assert answer_time(config) == 2 + 10 + HANDOFF_MARGIN
+    assert answer_time(_with_postfix_maps(config)) == LOOKUP_WAIT + 2 + 10 + HANDOFF_MARGIN == 24
+
+
+def test_serve_refuses_what_the_route_lookups_push_past_postfix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "main.cf").write_text("milter_command_timeout = 20s\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    config = load_config(env_with())
+    assert answer_time_problem(config) is None  # 13 s < 20 s
+    problem = answer_time_problem(_with_postfix_maps(config))
+    assert problem is not None
+    assert "the 11s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps" in problem
+    assert "an answer can take 24s" in problem
+    assert "milter_command_timeout = 20s" in problem
+
+
+# --- the Redis password is never shown ------------------------------------------------
+
+PASSWORD = "S3cretPW"
+
+SHOWN_REDIS_URLS = [
+    ("redis://:S3cretPW@10.0.0.7:6379/2", "redis://:***@10.0.0.7:6379/2"),
+    ("redis://10.0.0.7:6379/2?password=S3cretPW", "redis://10.0.0.7:6379/2?password=***"),
+    (
+        "rediss://h.example/0?username=cache&password=S3cretPW&socket_timeout=1",
+        "rediss://h.example/0?username=cache&password=***&socket_timeout=1",
+    ),
+    ("unix:///run/redis.sock?db=1&password=S3cretPW", "unix:///run/redis.sock?db=1&password=***"),
+    ("unix://cache:S3cretPW@/run/redis.sock", "unix://cache:***@/run/redis.sock"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), SHOWN_REDIS_URLS)
+def test_callahead_config_never_shows_the_redis_password(
+    url: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config"], env=env_with(CALLAHEAD_REDIS_URL=url)) == 0
+    out = capsys.readouterr().out
+    assert f"CALLAHEAD_REDIS_URL={shown}\n" in out
+    assert PASSWORD not in out
+
+
+BAD_REDIS_URLS = [
+    "redis://:S3cretPW@10.0.0.7:99999/0",  # port out of range
+    "redis://:S3cretPW@10.0.0.7:http/0",  # port not a number
+    "redis://10.0.0.7:0/0?password=S3cretPW",
+    "http://cache:S3cretPW@10.0.0.7",  # not a Redis scheme
+    "redis://:S3cretPW@/0",  # no host
+    "unix://:S3cretPW@relative.sock",
+    "unix:relative.sock?password=S3cretPW",
+    ":S3cretPW@10.0.0.7:6379",  # the scheme forgotten
+    "cache:S3cretPW@10.0.0.7:6379",
+    "redis://:S3cretPW@[::1/0",  # unparsable
+    "redis://10.0.0.7/0?password=S3cretPW&db=abc",  # refused by redis-py
+    "redis://:S3cretPW@10.0.0.7/0?socket_timeout=soon",
+]
+
+
+@pytest.mark.parametrize("url", BAD_REDIS_URLS)
+def test_no_error_about_the_redis_url_shows_its_password(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(CALLAHEAD_REDIS_URL=url))
+    exc = info.value
+    assert exc.variable == "CALLAHEAD_REDIS_URL"
+    assert str(exc).startswith("CALLAHEAD_REDIS_URL=")
+    for text in (str(exc), exc.value, repr(exc.args)):
+        assert PASSWORD not in text
+    assert exc.__context__ is None and exc.__cause__ is None  # nor in a traceback
+    for command in CLI_COMMANDS:
+        assert main(command, env=env_with(CALLAHEAD_REDIS_URL=url)) == EX_CONFIG
+        err = capsys.readouterr().err
+        assert "CALLAHEAD_REDIS_URL=" in err
+        assert PASSWORD not in err
+
+
+def test_an_unknown_variable_named_like_a_password_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env_with(CALLAHEAD_REDIS_PASSWORD=PASSWORD))
+    assert "CALLAHEAD_REDIS_PASSWORD='***' is invalid: unknown variable" in str(info.value)
+    assert PASSWORD not in str(info.value)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callahead.logfmt import escape
+from callahead.logfmt import escape, redact_url
 
 FIELD = re.compile(r'(\w+)=(<[^<>\s]*>|"[^"]*"|\S+)')
 
@@ -45,3 +45,26 @@ def test_an_escaped_field_is_one_field(text: str) -> None:
     assert "\n" not in line and "\r" not in line
     quoted = f'reply="{escape(text, spaces=True)}" decision=reject'
     assert [key for key, _ in FIELD.findall(quoted)] == ["reply", "decision"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    password=st.text(alphabet="abcdefghijkXYZ0123456789-_.~!$", min_size=6, max_size=20),
+    where=st.sampled_from(
+        [
+            "redis://:{p}@h.example:6379/0",
+            "redis://cache:{p}@h.example/0",
+            "redis://h.example/0?password={p}",
+            "redis://h.example/0?db=2&Password={p}&username=cache",
+            "rediss://h.example/0?auth_token={p}",
+            "unix:///run/redis.sock?password={p}",
+            ":{p}@h.example:6379",
+        ]
+    ),
+)
+def test_redact_url_removes_the_password_wherever_redis_py_takes_it(
+    password: str, where: str
+) -> None:
+    shown = redact_url(where.format(p=password))
+    assert password not in shown
+    assert "***" in shown

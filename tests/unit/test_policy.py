@@ -592,3 +592,59 @@ def test_a_probe_without_a_host_to_probe_is_route_failed() -> None:
     policy, _ = make_policy(FakeProber({"alice@example.com": [skipped]}))
     decision = policy.decide("<alice@example.com>")
     assert (decision.action, decision.reason) == (Action.ACCEPT, Reason.ROUTE_FAILED)
+
+
+class EncodingRoutes:
+    """Routes that hand the domain and address to a tool as UTF-8, as the Postfix maps
+    do (postfixmaps.py): bytes that are not UTF-8 would raise UnicodeEncodeError."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def lookup(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        self.asked.append(address)
+        (domain + address).encode("utf-8")
+        return ROUTES.lookup(domain)
+
+    async def lookup_async(self, domain: str, address: str = "") -> tuple[Nexthop, ...]:
+        return self.lookup(domain, address)
+
+    def route_key(self, domain: str) -> str:
+        return ""
+
+
+NOT_UTF8 = [
+    b"user@ex\xffample.com".decode("utf-8", "surrogateescape"),
+    b"us\xffer@example.com".decode("utf-8", "surrogateescape"),
+    b"<\xc3(@example.com>".decode("utf-8", "surrogateescape"),
+]
+
+
+@pytest.mark.parametrize("recipient", NOT_UTF8)
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [(TempfailAction.ACCEPT, Action.ACCEPT), (TempfailAction.DEFER, Action.DEFER)],
+)
+def test_bytes_that_are_not_utf8_are_a_bad_address_before_routing(
+    recipient: str, action: TempfailAction, expected: Action
+) -> None:
+    """What a front end decodes with surrogateescape: judged bad_address with the
+    tempfail action (never a reject, never an internal error), from both entry points
+    (the milter's decide, the policy service's decide_async), without a route lookup."""
+    prober = FakeProber({"user@example.com": [result(Verdict.VALID, 250)]})
+    routes = EncodingRoutes()
+    policy = Policy(
+        routes=routes,
+        cache=PositiveCache(ttl=3600, maxsize=100),
+        prober=prober,
+        tempfail_action=action,
+    )
+    for decision in (policy.decide(recipient), asyncio.run(policy.decide_async(recipient))):
+        assert decision.action is expected
+        assert decision.reason is Reason.BAD_ADDRESS
+        assert decision.reply is None or not decision.reply.permanent
+    assert routes.asked == []
+    assert prober.calls == []
+    good = policy.decide("user@example.com")  # the same routes work for a good address
+    assert routes.asked == ["user@example.com"]
+    assert good.reason is not Reason.BAD_ADDRESS
