@@ -876,13 +876,19 @@ def test_a_burst_over_the_rate_waits_within_probe_wait_then_is_skipped(
         assert result.skipped is Skip.PRIMARY_BUDGET
         assert result.verdict is Verdict.TEMPFAIL
         assert result.primary == str(hop(server))
-        assert seconds < 0.2  # refused at once: its token would come after probe_wait
-    # The primary's own count and times: never more than the burst plus the rate.
+        # Refused at once (its token would come after probe_wait): well under the 0.5 s
+        # a wait would take, with room for a loaded machine.
+        assert seconds < 0.45
+    # The primary's own count and times: never more than the burst plus the rate. The
+    # times are arrivals at the server, so a probe sent on time may arrive late and
+    # close to the next one: JITTER seconds of slack (unthrottled, all 12 would arrive
+    # within milliseconds, over 5 + 5 * JITTER).
     assert len(times) == 7 == len(server.rcpts()) - server.count("RCPT TO:<postmaster@")
     times.sort()
+    jitter = 0.15
     for i in range(len(times)):
         for j in range(i, len(times)):
-            assert j - i + 1 <= rate + rate * (times[j] - times[i]) + 0.05
+            assert j - i + 1 <= rate + rate * (times[j] - times[i] + jitter)
 
 
 def test_coalesced_requests_and_known_valid_addresses_take_no_token(

@@ -386,8 +386,9 @@ def test_loop_prober_gives_up_on_a_stuck_probe(
         assert result.verdict is Verdict.TEMPFAIL
         assert result.code is None
         assert result.primary == str(hop(server))
-        assert wait * 0.9 <= elapsed < wait + 0.5
-        assert server.connections == 1
+        # Not the engine's 30 s: a bound loose enough for a loaded machine.
+        assert wait * 0.9 <= elapsed < wait + 3.0
+        wait_for(lambda: server.connections == 1, 5, what="the probe's connection")
         # The abandoned probe goes on (it may be shared) until its primary hangs up.
         assert in_flight() == 1
     finally:
