@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from callahead.routes import Nexthop
-from callahead.verdict import ProbeResult
+from callahead.verdict import Basis, ProbeResult, Stage, Verdict
 
 
 class SyncProber:
@@ -15,3 +15,17 @@ class SyncProber:
 
     async def probe_async(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
         return self.probe(address, hops)
+
+
+def no_domain_result(primary: str) -> ProbeResult:
+    """What the engine answers for a recipient domain that does not exist (NXDOMAIN)."""
+    return ProbeResult(
+        Verdict.UNKNOWN,
+        Stage.CONNECT,
+        None,
+        "route: example.com does not exist (NXDOMAIN)",
+        0.001,
+        primary,
+        reached=False,
+        basis=Basis.NO_DOMAIN,
+    )

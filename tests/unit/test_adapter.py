@@ -30,7 +30,7 @@ from callahead.policy import (
 )
 from callahead.routes import Nexthop, parse_routes
 from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
-from tests.unit.probers import SyncProber
+from tests.unit.probers import SyncProber, no_domain_result
 
 PRIMARY_HOST = "10.9.8.7"
 PRIMARY_PORT = 2526
@@ -139,16 +139,7 @@ def test_valid_continues_without_reply(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_recipient_domain_that_does_not_exist_rejects_550_512(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    no_domain = ProbeResult(
-        Verdict.UNKNOWN,
-        Stage.CONNECT,
-        None,
-        "route: example.com does not exist (NXDOMAIN)",
-        0.001,
-        PRIMARY,
-        reached=False,
-        basis=Basis.NO_DOMAIN,
-    )
+    no_domain = no_domain_result(PRIMARY)
     h = Harness(monkeypatch, FakeProber({"bob@example.com": no_domain}))
     h.connect()
     assert h.rcpt("<bob@example.com>") == Milter.REJECT

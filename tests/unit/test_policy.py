@@ -15,7 +15,7 @@ from callahead.policy import NO_DOMAIN_REPLY, REJECT_REPLY, Action, Policy, Reas
 from callahead.routes import Nexthop, RouteUnavailable, parse_routes
 from callahead.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from tests.unit.clock import Clock
-from tests.unit.probers import SyncProber
+from tests.unit.probers import SyncProber, no_domain_result
 
 ROUTES = parse_routes("example.com=[mx1.example.com]:2525 example.com=[mx2.example.com]")
 HOPS = (Nexthop("mx1.example.com", 2525), Nexthop("mx2.example.com", 25))
@@ -97,16 +97,7 @@ def test_unknown_is_rejected_and_not_cached() -> None:
 
 
 def test_a_recipient_domain_that_does_not_exist_is_rejected_550_512_and_counted() -> None:
-    no_domain = ProbeResult(
-        Verdict.UNKNOWN,
-        Stage.CONNECT,
-        None,
-        "route: example.com does not exist (NXDOMAIN)",
-        0.001,
-        "smtp:",
-        reached=False,
-        basis=Basis.NO_DOMAIN,
-    )
+    no_domain = no_domain_result("smtp:")
     prober = FakeProber({"bob@example.com": [no_domain]})
     guard = ClientGuard(limit=2, window=60)
     policy, cache = make_policy(prober, guard=guard)
