@@ -518,3 +518,43 @@ def test_an_accept_because_the_primary_refused_the_prober_logs_its_reply(
     line = _rcpt_log_line(caplog)
     assert "decision=accept reason=prober_refused" in line
     assert 'reply="5.5.2 \\x3clocalhost\\x3e: Helo command rejected' in line
+
+
+@pytest.mark.parametrize(
+    "routed",
+    [
+        "<@relay.example,@other.example:alice@example.com>",
+        "<@relay.example:alice@example.com>",
+        "@relay.example:alice@example.com",
+        "<@:alice@example.com>",
+    ],
+)
+def test_a_source_route_is_dropped_as_postfix_drops_it(
+    monkeypatch: pytest.MonkeyPatch, routed: str
+) -> None:
+    """Postfix hands the milter the RCPT argument as the client wrote it, source route
+    and all, but relays to the mailbox alone (RFC 5321 C: the route may be ignored), and
+    its policy service is told the mailbox alone. Judged with its route, every route
+    prefix was a new address: a cache miss and a fresh probe of a cached user, and a
+    routed probe that a primary refusing routes (``501 5.1.3``) turns into a reject."""
+    h = Harness(monkeypatch, FakeProber({"alice@example.com": VALID}))
+    h.connect()
+    assert h.rcpt("<alice@example.com>") == Milter.CONTINUE
+    assert h.rcpt(routed) == Milter.CONTINUE
+    assert h.reply is None
+    assert h.prober.calls == ["alice@example.com"]  # the second one is a cache hit
+    assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="cache_hit") == 1
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ['<"@relay.example:alice"@example.com>', "<a:b@example.com>", '"@x:"@example.com'],
+)
+def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, recipient: str
+) -> None:
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(recipient)
+    assert prober.calls == [recipient.strip("<>")]
