@@ -25,21 +25,29 @@ _warned_no_client = threading.Event()
 RCPT_MACROS = "i {client_addr}"
 """The Postfix queue id and the client address, for the decision log line."""
 
-_SOURCE_ROUTE = re.compile(r'\s*(<?)\s*@[^:,<>@"\s]*(?:,@[^:,<>@"\s]*)*:')
+_PATH = re.compile(r"[\s<]*(.*?)[\s>]*", re.DOTALL)
+"""The RCPT argument inside however many brackets and blanks Postfix forgives."""
+_SOURCE_ROUTE = re.compile(r'@[^:,<>@"\s]*(?:,@[^:,<>@"\s]*)*:')
 """The source route (RFC 5321 4.1.2's A-d-l, ``@a,@b:``) before a mailbox."""
 
 
-def without_source_route(to: str) -> str:
-    """``to`` as Postfix hands it to a milter, with any source route dropped:
-    ``<@a,@b:u@x>`` is ``<u@x>``. Postfix passes the RCPT argument as the client wrote
-    it, but relays to the mailbox alone (RFC 5321 C lets it ignore the route) and tells
-    its policy service the mailbox alone; judged with its route, each route prefix
-    would be a new address (a cache miss, a fresh probe of a cached user) and the probe
-    would carry the route to a primary that may refuse it (``501 5.1.3``: a reject)."""
-    match = _SOURCE_ROUTE.match(to)
-    if match is None:
-        return to
-    return match.group(1) + to[match.end() :]
+def milter_recipient(to: str) -> str:
+    """The mailbox Postfix relays to, from the RCPT argument it hands a milter as the
+    client wrote it: ``<mailbox>`` without extra or unbalanced brackets, blanks or a
+    source route. ``bob@x>``, ``<<bob@x>>`` and ``< bob@x >`` are all ``<bob@x>`` to
+    Postfix (and to its policy service); judged as written, the domain was ``x>``
+    (unrouted, accepted unprobed) or the local part `` bob`` (unsendable), so an
+    unknown user got past verification. ``<@a,@b:u@x>`` is ``<u@x>``: Postfix relays to
+    the mailbox alone (RFC 5321 C lets it ignore the route); judged with its route,
+    each route prefix was a new address (a cache miss, a fresh probe of a cached user),
+    and the probe carried the route to a primary that may refuse it (``501 5.1.3``: a
+    reject). A quoted local part starts with ``"``, so nothing of it is taken off."""
+    match = _PATH.fullmatch(to)
+    address = match.group(1) if match else to
+    route = _SOURCE_ROUTE.match(address)
+    if route is not None:
+        address = address[route.end() :]
+    return f"<{address}>"
 
 
 class CallaheadMilter(Milter.Base):  # type: ignore[misc]
@@ -72,7 +80,7 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         client: str | None = self.getsymval("{client_addr}")
         if not client and self._judge.policy.guard_enabled:
             self._no_client_address()
-        decision = self._judge.judge(without_source_route(to), client, queue_id)
+        decision = self._judge.judge(milter_recipient(to), client, queue_id)
         reply = decision.reply
         if reply is None:
             # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never

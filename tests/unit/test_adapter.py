@@ -558,3 +558,28 @@ def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
     h.connect()
     h.rcpt(recipient)
     assert prober.calls == [recipient.strip("<>")]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "bob@example.com>",
+        "<<bob@example.com>>",
+        "< bob@example.com >",
+        "<bob@example.com >",
+        "<< @relay.example:bob@example.com>",
+    ],
+)
+def test_brackets_that_postfix_forgives_do_not_skip_verification(
+    monkeypatch: pytest.MonkeyPatch, odd: str
+) -> None:
+    """Postfix takes ``RCPT TO:bob@example.com>`` (and doubled or spaced brackets) as
+    bob@example.com and relays to it, but hands the milter the argument as written.
+    Judged as written, the domain was ``example.com>`` (unrouted: accepted without a
+    probe) or the local part `` bob`` (unsendable: the tempfail action), so an
+    unknown user written that way got past verification (found by fuzzing the milter
+    against the policy service through a real Postfix)."""
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect()
+    assert h.rcpt(odd) == Milter.REJECT
+    assert h.prober.calls == ["bob@example.com"]
