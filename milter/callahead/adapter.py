@@ -41,13 +41,51 @@ def milter_recipient(to: str) -> str:
     the mailbox alone (RFC 5321 C lets it ignore the route); judged with its route,
     each route prefix was a new address (a cache miss, a fresh probe of a cached user),
     and the probe carried the route to a primary that may refuse it (``501 5.1.3``: a
-    reject). A quoted local part starts with ``"``, so nothing of it is taken off."""
+    reject). A quoted local part starts with ``"``, so nothing of it is taken off.
+    Blanks and RFC 822 comments outside a quoted string go as well: Postfix reads
+    ``<a @x>`` and ``<a(note)@x>`` as ``a@x`` (judged as written: unsendable, the
+    tempfail action without a probe)."""
     match = _PATH.fullmatch(to)
-    address = match.group(1) if match else to
+    address = _without_blanks_and_comments(match.group(1) if match else to)
     route = _SOURCE_ROUTE.match(address)
     if route is not None:
         address = address[route.end() :]
     return f"<{address}>"
+
+
+def _without_blanks_and_comments(address: str) -> str:
+    """``address`` as Postfix's RFC 822 tokenizer reads it outside quoted strings: no
+    blanks, no ``(comments)``, and a backslash-escaped character as itself (``a\\b``
+    is ``ab``); as it is if a quote, a comment or an escape is left open (Postfix
+    refuses those)."""
+    out: list[str] = []
+    quoted = False
+    depth = 0
+    escaped = False
+    for char in address:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                out.append(char)
+        elif char == "\\":
+            escaped = True
+            if quoted:
+                out.append(char)
+        elif quoted:
+            quoted = char != '"'
+            out.append(char)
+        elif char == "(":
+            depth += 1
+        elif depth:
+            depth -= char == ")"
+        elif char == '"':
+            quoted = True
+            out.append(char)
+        elif char not in " \t":
+            out.append(char)
+    if quoted or depth or escaped:
+        return address
+    return "".join(out)
 
 
 class CallaheadMilter(Milter.Base):  # type: ignore[misc]

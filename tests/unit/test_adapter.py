@@ -583,3 +583,49 @@ def test_brackets_that_postfix_forgives_do_not_skip_verification(
     h.connect()
     assert h.rcpt(odd) == Milter.REJECT
     assert h.prober.calls == ["bob@example.com"]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "<bob @example.com>",
+        "<bob@ example.com>",
+        "<bob\t@example.com>",
+        "<bob(a note)@example.com>",
+        "<b(nested (note))ob@example.com>",
+        "<@relay.example, @other.example:bob@example.com>",
+        "<b\\ob@example.com>",
+    ],
+)
+def test_blanks_and_comments_outside_quotes_are_dropped_as_postfix_drops_them(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """Postfix reads ``<bob @x>``, ``<bob(note)@x>`` and ``<b\\ob@x>`` as bob@x and
+    relays to it;
+    judged as written, the local part held a blank (unsendable: the tempfail action,
+    no probe), so an unknown user written that way got past verification."""
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect()
+    assert h.rcpt(written) == Milter.REJECT
+    assert h.prober.calls == ["bob@example.com"]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        '<"a b"@example.com>',
+        '<"a(b)"@example.com>',
+        '<"a\\" b"@example.com>',
+        "<a(open@example.com>",
+    ],
+)
+def test_blanks_and_parentheses_inside_quotes_are_kept(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(written)
+    assert prober.calls in ([written[1:-1]], [])
+    if written.startswith('<"'):
+        assert prober.calls == [written[1:-1]]
