@@ -9,6 +9,7 @@ Every other optional callback is negotiated away.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import Milter
@@ -23,6 +24,68 @@ _warned_no_client = threading.Event()
 
 RCPT_MACROS = "i {client_addr}"
 """The Postfix queue id and the client address, for the decision log line."""
+
+_PATH = re.compile(r"[\s<]*(.*?)[\s>]*", re.DOTALL)
+"""The RCPT argument inside however many brackets and blanks Postfix forgives."""
+_SOURCE_ROUTE = re.compile(r'@[^:,<>@"\s]*(?:,@[^:,<>@"\s]*)*:')
+"""The source route (RFC 5321 4.1.2's A-d-l, ``@a,@b:``) before a mailbox."""
+
+
+def milter_recipient(to: str) -> str:
+    """The mailbox Postfix relays to, from the RCPT argument it hands a milter as the
+    client wrote it: ``<mailbox>`` without extra or unbalanced brackets, blanks or a
+    source route. ``bob@x>``, ``<<bob@x>>`` and ``< bob@x >`` are all ``<bob@x>`` to
+    Postfix (and to its policy service); judged as written, the domain was ``x>``
+    (unrouted, accepted unprobed) or the local part `` bob`` (unsendable), so an
+    unknown user got past verification. ``<@a,@b:u@x>`` is ``<u@x>``: Postfix relays to
+    the mailbox alone (RFC 5321 C lets it ignore the route); judged with its route,
+    each route prefix was a new address (a cache miss, a fresh probe of a cached user),
+    and the probe carried the route to a primary that may refuse it (``501 5.1.3``: a
+    reject). A quoted local part starts with ``"``, so nothing of it is taken off.
+    Blanks and RFC 822 comments outside a quoted string go as well: Postfix reads
+    ``<a @x>`` and ``<a(note)@x>`` as ``a@x`` (judged as written: unsendable, the
+    tempfail action without a probe)."""
+    match = _PATH.fullmatch(to)
+    address = _without_blanks_and_comments(match.group(1) if match else to)
+    route = _SOURCE_ROUTE.match(address)
+    if route is not None:
+        address = address[route.end() :]
+    return f"<{address}>"
+
+
+def _without_blanks_and_comments(address: str) -> str:
+    """``address`` as Postfix's RFC 822 tokenizer reads it outside quoted strings: no
+    blanks, no ``(comments)``, and a backslash-escaped character as itself (``a\\b``
+    is ``ab``); as it is if a quote, a comment or an escape is left open (Postfix
+    refuses those)."""
+    out: list[str] = []
+    quoted = False
+    depth = 0
+    escaped = False
+    for char in address:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                out.append(char)
+        elif char == "\\":
+            escaped = True
+            if quoted:
+                out.append(char)
+        elif quoted:
+            quoted = char != '"'
+            out.append(char)
+        elif char == "(":
+            depth += 1
+        elif depth:
+            depth -= char == ")"
+        elif char == '"':
+            quoted = True
+            out.append(char)
+        elif char not in " \t":
+            out.append(char)
+    if quoted or depth or escaped:
+        return address
+    return "".join(out)
 
 
 class CallaheadMilter(Milter.Base):  # type: ignore[misc]
@@ -55,7 +118,7 @@ class CallaheadMilter(Milter.Base):  # type: ignore[misc]
         client: str | None = self.getsymval("{client_addr}")
         if not client and self._judge.policy.guard_enabled:
             self._no_client_address()
-        decision = self._judge.judge(to, client, queue_id)
+        decision = self._judge.judge(milter_recipient(to), client, queue_id)
         reply = decision.reply
         if reply is None:
             # Valid, undecided-and-accepting, or not ours: let Postfix go on. Never

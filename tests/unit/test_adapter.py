@@ -530,3 +530,114 @@ def test_an_accept_because_the_primary_refused_the_prober_logs_its_reply(
     line = _rcpt_log_line(caplog)
     assert "decision=accept reason=prober_refused" in line
     assert 'reply="5.5.2 \\x3clocalhost\\x3e: Helo command rejected' in line
+
+
+@pytest.mark.parametrize(
+    "routed",
+    [
+        "<@relay.example,@other.example:alice@example.com>",
+        "<@relay.example:alice@example.com>",
+        "@relay.example:alice@example.com",
+        "<@:alice@example.com>",
+    ],
+)
+def test_a_source_route_is_dropped_as_postfix_drops_it(
+    monkeypatch: pytest.MonkeyPatch, routed: str
+) -> None:
+    """Postfix hands the milter the RCPT argument as the client wrote it, source route
+    and all, but relays to the mailbox alone (RFC 5321 C: the route may be ignored), and
+    its policy service is told the mailbox alone. Judged with its route, every route
+    prefix was a new address: a cache miss and a fresh probe of a cached user, and a
+    routed probe that a primary refusing routes (``501 5.1.3``) turns into a reject."""
+    h = Harness(monkeypatch, FakeProber({"alice@example.com": VALID}))
+    h.connect()
+    assert h.rcpt("<alice@example.com>") == Milter.CONTINUE
+    assert h.rcpt(routed) == Milter.CONTINUE
+    assert h.reply is None
+    assert h.prober.calls == ["alice@example.com"]  # the second one is a cache hit
+    assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="cache_hit") == 1
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ['<"@relay.example:alice"@example.com>', "<a:b@example.com>", '"@x:"@example.com'],
+)
+def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, recipient: str
+) -> None:
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(recipient)
+    assert prober.calls == [recipient.strip("<>")]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "bob@example.com>",
+        "<<bob@example.com>>",
+        "< bob@example.com >",
+        "<bob@example.com >",
+        "<< @relay.example:bob@example.com>",
+    ],
+)
+def test_brackets_that_postfix_forgives_do_not_skip_verification(
+    monkeypatch: pytest.MonkeyPatch, odd: str
+) -> None:
+    """Postfix takes ``RCPT TO:bob@example.com>`` (and doubled or spaced brackets) as
+    bob@example.com and relays to it, but hands the milter the argument as written.
+    Judged as written, the domain was ``example.com>`` (unrouted: accepted without a
+    probe) or the local part `` bob`` (unsendable: the tempfail action), so an
+    unknown user written that way got past verification (found by fuzzing the milter
+    against the policy service through a real Postfix)."""
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect()
+    assert h.rcpt(odd) == Milter.REJECT
+    assert h.prober.calls == ["bob@example.com"]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "<bob @example.com>",
+        "<bob@ example.com>",
+        "<bob\t@example.com>",
+        "<bob(a note)@example.com>",
+        "<b(nested (note))ob@example.com>",
+        "<@relay.example, @other.example:bob@example.com>",
+        "<b\\ob@example.com>",
+    ],
+)
+def test_blanks_and_comments_outside_quotes_are_dropped_as_postfix_drops_them(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """Postfix reads ``<bob @x>``, ``<bob(note)@x>`` and ``<b\\ob@x>`` as bob@x and
+    relays to it;
+    judged as written, the local part held a blank (unsendable: the tempfail action,
+    no probe), so an unknown user written that way got past verification."""
+    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
+    h.connect()
+    assert h.rcpt(written) == Milter.REJECT
+    assert h.prober.calls == ["bob@example.com"]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        '<"a b"@example.com>',
+        '<"a(b)"@example.com>',
+        '<"a\\" b"@example.com>',
+        "<a(open@example.com>",
+    ],
+)
+def test_blanks_and_parentheses_inside_quotes_are_kept(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(written)
+    assert prober.calls in ([written[1:-1]], [])
+    if written.startswith('<"'):
+        assert prober.calls == [written[1:-1]]
