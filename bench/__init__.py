@@ -18,4 +18,6 @@ Modules:
 - :mod:`bench.report` -- what was measured, one ``Report`` per benchmark.
 - :mod:`bench.render` -- the Markdown report.
 - :mod:`bench.run` -- ``main``: the stack, the phases in turn, the report written.
+- :mod:`bench.shape` -- on its own (not in ``./dev bench``): what one recipient per
+  transaction costs a default Postfix primary (``bench/RESULTS-shape.md``).
 """
