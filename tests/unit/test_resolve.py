@@ -5,8 +5,8 @@ MX) as ``NoSuchDomain``, and every other DNS failure undecided; then the engine 
 fake resolver: a secondary's answer is undecided and never cached, a domain that does
 not exist is unknown. This host kept current (``LiveThisHost``, with an injected
 interface reader and clock): an address that comes makes its MX host skipped, one that
-goes makes it probed again, a failed read keeps what was known, and ``replace`` puts a
-new identity in force."""
+goes makes it probed again, a failed read keeps what was known, and SIGHUP's reload puts
+the new identity in force."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from pathlib import Path
 import dns.resolver
 import pytest
 
-from callahead import resolve
+from callahead import assembly, resolve
 from callahead.cache import PositiveCache
 from callahead.catchall import LoopCatchAll
+from callahead.config import load_config
 from callahead.engine import ProbeEngine
 from callahead.guard import ClientGuard
 from callahead.loop import ProbeLoop
@@ -462,6 +463,33 @@ def test_replace_puts_the_new_identity_in_force_and_rereads_the_interfaces_now(
 
     host.replace(HostIdentity.from_postfix(["backup.example.net"], ["127.0.0.1"]))
     assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1", VRRP)
+
+
+def test_sighup_reload_rebuilds_this_host_and_keeps_the_names_when_postconf_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without CALLAHEAD_POSTFIX_CONFIG the name is the local Postfix's myhostname
+    (postconf), re-read by the router's reload; a postconf that gives nothing keeps the
+    names in force."""
+    myhostname: list[str | None] = ["old.example.net"]
+    monkeypatch.setattr(assembly, "postfix_myhostname", lambda: myhostname[0])
+    config = load_config(
+        {"CALLAHEAD_ROUTES": "example.com=relay", "CALLAHEAD_HELO_NAME": "helo.example.net"}
+    )
+    host = LiveThisHost(
+        assembly.host_identity(config, None), read=Interfaces("127.0.0.1"), clock=Clock()
+    )
+    router = assembly.build_router(config, ProbeLoop(), DnsPython(("127.0.0.1", 53)), host)
+    assert host.current().names == {"old.example.net", "helo.example.net"}
+
+    myhostname[0] = "new.example.net"
+    router.reload()
+    assert host.current().names == {"new.example.net", "helo.example.net"}
+    assert host.identity.all_interfaces
+
+    myhostname[0] = None
+    router.reload()
+    assert host.current().names == {"new.example.net", "helo.example.net"}
 
 
 FIB_TRIE = """\
