@@ -19,9 +19,9 @@ from .guard import ClientGuard
 from .loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from .metrics import Metrics
 from .policy import Policy
-from .postfixmaps import PostfixRoutes
+from .postfixmaps import PostfixRoutes, PostfixSettings
 from .refresh import LoopRefresher, refresh_limit
-from .resolve import DnsPython, MxResolver, ThisHost
+from .resolve import DnsPython, HostIdentity, LiveThisHost, MxResolver
 from .router import LOOKUP_WAIT, Router
 from .sharedcache import RedisStore, SharedGate
 
@@ -45,25 +45,51 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
     )
 
 
-def this_host(config: Config) -> ThisHost:
-    """This host among MX hosts (resolve.py): Postfix's myhostname and the EHLO name;
-    the Postfix configuration's inet_interfaces and proxy_interfaces (else every
-    address of this host, as Postfix's default ``inet_interfaces = all``)."""
-    postfix = config.postfix
+def host_identity(
+    config: Config, postfix: PostfixSettings | None, previous: HostIdentity | None = None
+) -> HostIdentity:
+    """What this host is among MX hosts (resolve.py): ``postfix``'s myhostname, its
+    inet_interfaces and proxy_interfaces, and the EHLO name; without ``postfix``, the
+    local Postfix's myhostname (``postconf``), the EHLO name and every address of this
+    host (Postfix's default ``inet_interfaces = all``). When that ``postconf`` gives no
+    name, the names of ``previous`` (the identity in force) stay."""
     if postfix is not None:
-        return ThisHost.from_postfix([postfix.myhostname, config.helo_name], postfix.interfaces)
-    return ThisHost.from_postfix([postfix_myhostname() or "", config.helo_name], ["all"])
+        return HostIdentity.from_postfix([postfix.myhostname, config.helo_name], postfix.interfaces)
+    myhostname = postfix_myhostname()
+    if myhostname is None and previous is not None:
+        return HostIdentity(previous.names, frozenset(), all_interfaces=True)
+    return HostIdentity.from_postfix([myhostname or "", config.helo_name], ["all"])
 
 
-def build_resolver(config: Config) -> tuple[MxResolver, DnsPython]:
-    """The MX resolver of the engine, and its DNS client (whose cache SIGHUP flushes)."""
+def this_host(config: Config) -> LiveThisHost:
+    """This host as it is now: ``host_identity``, with the interfaces' addresses
+    re-read every ``resolve.INTERFACE_REFRESH`` seconds at an MX lookup."""
+    return LiveThisHost(host_identity(config, config.postfix))
+
+
+def build_resolver(
+    config: Config, host: LiveThisHost | None = None
+) -> tuple[MxResolver, DnsPython]:
+    """The MX resolver of the engine (on ``host``, else a new ``this_host``), and its
+    DNS client (whose cache SIGHUP flushes)."""
     dns_client = DnsPython(config.resolver)
-    return MxResolver(dns_client, this_host(config)), dns_client
+    return MxResolver(dns_client, host or this_host(config)), dns_client
 
 
-def build_router(config: Config, loop: ProbeLoop, dns_client: DnsPython) -> Router:
+def build_router(
+    config: Config, loop: ProbeLoop, dns_client: DnsPython, host: LiveThisHost
+) -> Router:
+    """The routes; a reload (SIGHUP) that reads the new Postfix settings also empties
+    the DNS cache and puts this host as those settings say in force (``host``: the
+    resolver's), its interfaces re-read."""
     postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
-    return Router(config.routes, postfix, loop.run, on_reload=dns_client.flush)
+
+    def reloaded() -> None:
+        dns_client.flush()
+        host.replace(host_identity(config, router.postfix_settings, host.identity))
+
+    router = Router(config.routes, postfix, loop.run, on_reload=reloaded)
+    return router
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +143,9 @@ def answer_time(config: Config) -> float:
 
 
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
-    resolver, dns_client = build_resolver(config)
-    router = build_router(config, loop, dns_client)
+    host = this_host(config)
+    resolver, dns_client = build_resolver(config, host)
+    router = build_router(config, loop, dns_client, host)
     cache = PositiveCache(ttl=local_ttl(config), maxsize=config.cache_size)
     refresh_within = config.cache_ttl * config.cache_refresh
     shared: SharedGate | None = None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from .logfmt import escape
-from .postfixmaps import LOOKUP_TIMEOUT, PostfixRoutes, load_settings
+from .postfixmaps import LOOKUP_TIMEOUT, PostfixRoutes, PostfixSettings, load_settings
 from .routes import Nexthop, RouteTable, RouteUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,20 @@ class Router:
             log.warning("route of %s: %s", escape(domain), exc)
             raise
 
+    @property
+    def postfix_settings(self) -> PostfixSettings | None:
+        """The Postfix settings in force (the last ones read), None without Postfix."""
+        return None if self._postfix is None else self._postfix.settings
+
     def describe(self) -> str:
         """Where routes come from, for the log and ``callahead config``."""
         return describe_routes(self._table, self._postfix)
 
     def reload(self) -> str:
-        """Re-read the Postfix configuration; returns what is in force now. Raises
-        ``postfixmaps.PostfixConfigError`` (the old routes stay) when it cannot."""
+        """Re-read the Postfix configuration, then call ``on_reload`` (which may read
+        ``postfix_settings``); returns what is in force now. Raises
+        ``postfixmaps.PostfixConfigError`` (the old routes stay, ``on_reload`` is not
+        called) when it cannot."""
         if self._postfix is not None:
             settings = load_settings(self._postfix.settings.config_dir)
             self._postfix = PostfixRoutes(settings)

@@ -9,10 +9,15 @@ DNS server, and SIGHUP reloads, with callahead serving behind that backup.
   MX hosts listen on port 25 of their own loopback addresses (127.0.53.x); the backup's
   own MX entry (``backup.test``, its myhostname) is a decoy that rejects everyone, so a
   probe that reached it would show as a 550.
+* SIGHUP re-reads what this host is: after the backup's ``myhostname``,
+  ``inet_interfaces`` or ``proxy_interfaces`` names ``mover.test`` (the one MX host of
+  ``moving.test``, on 127.0.55.40), that host is this one and is never probed; changed
+  back, it is probed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,6 +52,9 @@ MX_PRIMARY = "127.0.53.10"
 MX_DEAD = "127.0.53.11"
 MX_SELF = "127.0.53.20"
 MX_LOW = "127.0.53.30"
+MX_MOVER = "127.0.55.40"
+"""Added to lo while inet_interfaces lists it (postmap refuses an address that is on no
+interface of this host)."""
 ZONE = f"""\
 $ORIGIN test.
 $TTL 60
@@ -63,6 +71,8 @@ prim     IN A   {MX_PRIMARY}
 dead     IN A   {MX_DEAD}
 backup   IN A   {MX_SELF}
 low      IN A   {MX_LOW}
+moving   IN MX  10 mover.test.
+mover    IN A   {MX_MOVER}
 """
 DECOY = Script(rcpt_default="550 5.1.1 decoy: this MX must never be probed")
 
@@ -81,6 +91,9 @@ class Routed:
     """The best MX of up.test, on 127.0.53.10:25."""
     decoys: list[ScriptedServer]
     """This host's own MX entry and the one after it: never to be probed."""
+    mover: Primary
+    """The one MX host of moving.test, on 127.0.55.40:25: this host once the backup's
+    myhostname, inet_interfaces or proxy_interfaces says so."""
     maps: Path
     policy_port: int
     """The backup's smtpd port that asks callahead's policy service instead."""
@@ -108,11 +121,12 @@ down.test        smtp:
 nxdomain.test    relay
 unserved.example relay
 later.test       smtp:[127.0.0.1]:{port}
+moving.test      relay
 """
 RELAY_DOMAINS = (
     # parent.test matches its subdomains too (Postfix's default parent_domain_matches_...)
     "hashed.test parent.test rx.test up.test down.test nxdomain.test new.test later.test "
-    "unserved.example"
+    "unserved.example moving.test"
 )
 
 
@@ -135,8 +149,9 @@ def routed() -> Iterator[Routed]:
             rx_primary = Primary([], hostname="rx-primary.test")
             mx_primary = Primary([], hostname="prim.test", host=MX_PRIMARY, port=25)
             decoys = [ScriptedServer(DECOY, host=h, port=25) for h in (MX_SELF, MX_LOW)]
+            mover = Primary([], hostname="mover.test", host=MX_MOVER, port=25)
             nsd = NsdServer(workdir / "nsd", {"test": ZONE})
-            for server in (primary, rx_primary, mx_primary, *decoys, nsd):
+            for server in (primary, rx_primary, mx_primary, *decoys, mover, nsd):
                 server.start()
                 servers.append(server)
             maps = workdir / "maps"
@@ -174,7 +189,16 @@ def routed() -> Iterator[Routed]:
             callahead.start()
             servers.append(callahead)
             yield Routed(
-                backup, callahead, port, primary, rx_primary, mx_primary, decoys, maps, policy_port
+                backup,
+                callahead,
+                port,
+                primary,
+                rx_primary,
+                mx_primary,
+                decoys,
+                mover,
+                maps,
+                policy_port,
             )
         finally:
             for server in reversed(servers):
@@ -303,6 +327,63 @@ def set_main_cf(backup: PostfixInstance, name: str, value: str) -> None:
     main_cf = backup.config_dir / "main.cf"
     past = main_cf.stat().st_mtime - 10
     os.utime(main_cf, (past, past))
+
+
+@contextlib.contextmanager
+def loopback_address(address: str) -> Iterator[None]:
+    """``address``/32 on lo while the block runs (left alone if it was there already)."""
+    added = subprocess.run(
+        ["ip", "addr", "add", f"{address}/32", "dev", "lo"], capture_output=True, check=False
+    )
+    try:
+        yield
+    finally:
+        if added.returncode == 0:
+            subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "now_this_host"),
+    [
+        ("myhostname", "mover.test"),
+        ("inet_interfaces", f"127.0.0.1, {MX_MOVER}"),
+        ("proxy_interfaces", MX_MOVER),
+    ],
+)
+def test_sighup_rereads_this_host_and_skips_the_mx_host_it_now_is(
+    routed: Routed, setting: str, now_this_host: str
+) -> None:
+    """mover.test is moving.test's only MX host: probed while it is another host; once
+    the backup's main.cf says it is this one (by name or by address) and callahead has
+    had SIGHUP, it is this host as the best MX: nothing to probe, the recipient is
+    accepted (route_failed); changed back and SIGHUP again, it is probed again."""
+    before = f"before-{setting}@moving.test"
+    assert rcpt(routed, before) == 550
+    assert routed.mover.probes_for(before) == 1
+
+    old = routed.backup.main_cf.get(setting, "")
+    with loopback_address(MX_MOVER) if setting == "inet_interfaces" else contextlib.nullcontext():
+        set_main_cf(routed.backup, setting, now_this_host)
+        try:
+            routed.sighup("SIGHUP: routes reloaded")
+            during = f"during-{setting}@moving.test"
+            assert rcpt(routed, during) == 250
+            assert routed.mover.probes_for(during) == 0
+            wait_for(
+                lambda: (
+                    f"rcpt=<{during}> decision=accept reason=route_failed" in routed.callahead.log()
+                ),
+                5,
+                what="the decision line",
+            )
+            assert "this host among MX hosts (never probed) is now:" in routed.callahead.log()
+        finally:
+            set_main_cf(routed.backup, setting, old)
+            routed.sighup("SIGHUP: routes reloaded")
+    after = f"after-{setting}@moving.test"
+    assert rcpt(routed, after) == 550
+    assert routed.mover.probes_for(after) == 1
+    assert all(decoy.connections == 0 for decoy in routed.decoys)
 
 
 def test_sighup_does_not_stop_the_milter_and_sigterm_still_does() -> None:

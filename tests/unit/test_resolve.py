@@ -3,18 +3,25 @@ entries and everything after them dropped, the most-preferred group as the prima
 (every other MX host secondary), a recipient domain that does not exist (NXDOMAIN, null
 MX) as ``NoSuchDomain``, and every other DNS failure undecided; then the engine with a
 fake resolver: a secondary's answer is undecided and never cached, a domain that does
-not exist is unknown."""
+not exist is unknown. This host kept current (``LiveThisHost``, with an injected
+interface reader and clock): an address that comes makes its MX host skipped, one that
+goes makes it probed again, a failed read keeps what was known, and SIGHUP's reload puts
+the new identity in force."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import dns.resolver
 import pytest
 
+from callahead import assembly, resolve
 from callahead.cache import PositiveCache
 from callahead.catchall import LoopCatchAll
+from callahead.config import load_config
 from callahead.engine import ProbeEngine
 from callahead.guard import ClientGuard
 from callahead.loop import ProbeLoop
@@ -23,11 +30,16 @@ from callahead.resolve import (
     MAX_ADDRESSES,
     DnsFailure,
     DnsPython,
+    HostIdentity,
+    HostView,
+    InterfaceReadError,
+    LiveThisHost,
     MxResolver,
     NameNotFound,
     NoRecords,
     ThisHost,
     parse_resolver,
+    read_interface_addresses,
 )
 from callahead.routes import (
     RECIPIENT_DOMAIN,
@@ -43,6 +55,7 @@ from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script
 from tests.harness.waiting import wait_for
+from tests.unit.clock import Clock
 from tests.unit.probers import SyncProber
 from tests.unit.settings import probe_settings
 
@@ -76,13 +89,17 @@ class FakeDns:
         return answer
 
 
-def expansion(dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com") -> Expansion:
-    resolver = MxResolver(dns, SELF, shuffle=False)
+def expansion(
+    dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com", host: HostView = SELF
+) -> Expansion:
+    resolver = MxResolver(dns, host, shuffle=False)
     return asyncio.run(resolver.expand(hops, domain))
 
 
-def expand(dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com") -> list[Nexthop]:
-    return list(expansion(dns, hops, domain).hops)
+def expand(
+    dns: FakeDns, hops: Sequence[Nexthop], domain: str = "example.com", host: HostView = SELF
+) -> list[Nexthop]:
+    return list(expansion(dns, hops, domain, host).hops)
 
 
 def addrs(*hosts: str, port: int = 25) -> list[Nexthop]:
@@ -316,6 +333,222 @@ def test_this_host_from_postfix_settings() -> None:
     assert host.is_self("gw.lan", [])
     assert host.is_self("x.example.com", ["2001:db8:0::5"])
     assert not host.is_self("x.example.com", ["127.0.0.2"])
+
+
+class Interfaces:
+    """An interface reader the test sets: the addresses, or an error; counts reads."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = set(addresses)
+        self.error: InterfaceReadError | None = None
+        self.reads = 0
+
+    def __call__(self) -> frozenset[str]:
+        self.reads += 1
+        if self.error is not None:
+            raise self.error
+        return frozenset(self.addresses)
+
+
+VRRP = "192.0.2.50"
+"""The address keepalived moves between the backups; mx2.example.com's."""
+EVERY_INTERFACE = HostIdentity.from_postfix(["backup.example.net"], ["all"])
+
+
+def vrrp_dns() -> FakeDns:
+    return FakeDns(
+        {"example.com": [(10, "mx1.example.com"), (20, "mx2.example.com")]},
+        {"mx1.example.com": ["192.0.2.1"], "mx2.example.com": [VRRP]},
+    )
+
+
+def live(interfaces: Interfaces, clock: Clock) -> LiveThisHost:
+    return LiveThisHost(EVERY_INTERFACE, read=interfaces, clock=clock, interval=30.0)
+
+
+def test_an_address_that_comes_skips_its_mx_host_and_one_that_goes_brings_it_back() -> None:
+    interfaces, clock = Interfaces("127.0.0.1"), Clock()
+    host = live(interfaces, clock)
+    dns = vrrp_dns()
+    assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1", VRRP)
+
+    interfaces.addresses.add(VRRP)  # keepalived makes this backup the master
+    clock.now += 29.0
+    assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1", VRRP)  # not yet
+    clock.now += 1.0
+    assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1")
+
+    interfaces.addresses.discard(VRRP)  # ... and takes the address away again
+    clock.now += 30.0
+    assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1", VRRP)
+
+
+def test_interfaces_are_read_at_most_once_an_interval_and_only_when_asked() -> None:
+    interfaces, clock = Interfaces("127.0.0.1"), Clock()
+    host = live(interfaces, clock)
+    assert interfaces.reads == 1  # at start
+    for _ in range(5):
+        host.current()
+        clock.now += 5.0
+    assert interfaces.reads == 1
+    clock.now += 1000.0  # idle: nothing read meanwhile
+    assert interfaces.reads == 1
+    host.current()
+    host.current()
+    assert interfaces.reads == 2
+
+
+def test_a_failed_read_keeps_the_addresses_known_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    interfaces, clock = Interfaces("127.0.0.1", VRRP), Clock()
+    host = live(interfaces, clock)
+    interfaces.error = InterfaceReadError("/proc/net/fib_trie: Permission denied")
+    interfaces.addresses.clear()
+    with caplog.at_level(logging.INFO, logger="callahead.resolve"):
+        for _ in range(3):
+            clock.now += 30.0
+            assert host.current().is_self("mx2.example.com", [VRRP])
+        assert interfaces.reads == 4
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "keeping the 2 known" in warnings[0].getMessage()
+        assert "Permission denied" in warnings[0].getMessage()
+
+        interfaces.error = None
+        clock.now += 30.0
+        assert not host.current().is_self("mx2.example.com", [VRRP])
+    messages = [r.getMessage() for r in caplog.records]
+    assert "this host's interface addresses can be read again" in messages
+    assert any("removed 127.0.0.1,192.0.2.50" in m for m in messages), messages
+
+
+def test_a_failed_first_read_leaves_names_and_listed_addresses_then_recovers() -> None:
+    interfaces, clock = Interfaces(VRRP), Clock()
+    interfaces.error = InterfaceReadError("no address found")
+    host = live(interfaces, clock)
+    assert host.current().is_self("backup.example.net", [])
+    assert not host.current().is_self("mx2.example.com", [VRRP])
+    interfaces.error = None
+    clock.now += 30.0
+    assert host.current().is_self("mx2.example.com", [VRRP])
+
+
+def test_listed_interfaces_are_never_read() -> None:
+    interfaces, clock = Interfaces(VRRP), Clock()
+    identity = HostIdentity.from_postfix(["backup.example.net"], ["127.0.0.1", "192.0.2.7"])
+    host = LiveThisHost(identity, read=interfaces, clock=clock)
+    clock.now += 3600.0
+    assert host.current() == ThisHost(
+        frozenset({"backup.example.net"}), frozenset({"127.0.0.1", "192.0.2.7"})
+    )
+    assert interfaces.reads == 0
+
+
+def test_replace_puts_the_new_identity_in_force_and_rereads_the_interfaces_now(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    interfaces, clock = Interfaces("127.0.0.1"), Clock()
+    host = live(interfaces, clock)
+    dns = vrrp_dns()
+    interfaces.addresses.add(VRRP)
+    with caplog.at_level(logging.INFO, logger="callahead.resolve"):
+        # Renamed mx1 (by name), within the interval: VRRP is read at once too.
+        now = host.replace(HostIdentity.from_postfix(["mx1.example.com"], ["all"]))
+    assert now.is_self("mx1.example.com", []) and now.is_self("x", [VRRP])
+    assert interfaces.reads == 2
+    with pytest.raises(RouteUnavailable, match="this host is the best MX"):
+        expand(dns, [RECIPIENT_DOMAIN], host=host)
+    assert any("is now: names mx1.example.com;" in r.getMessage() for r in caplog.records)
+
+    host.replace(HostIdentity.from_postfix(["backup.example.net"], ["127.0.0.1"]))
+    assert expand(dns, [RECIPIENT_DOMAIN], host=host) == addrs("192.0.2.1", VRRP)
+
+
+def test_sighup_reload_rebuilds_this_host_and_keeps_the_names_when_postconf_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without CALLAHEAD_POSTFIX_CONFIG the name is the local Postfix's myhostname
+    (postconf), re-read by the router's reload; a postconf that gives nothing keeps the
+    names in force."""
+    myhostname: list[str | None] = ["old.example.net"]
+    monkeypatch.setattr(assembly, "postfix_myhostname", lambda: myhostname[0])
+    config = load_config(
+        {"CALLAHEAD_ROUTES": "example.com=relay", "CALLAHEAD_HELO_NAME": "helo.example.net"}
+    )
+    host = LiveThisHost(
+        assembly.host_identity(config, None), read=Interfaces("127.0.0.1"), clock=Clock()
+    )
+    router = assembly.build_router(config, ProbeLoop(), DnsPython(("127.0.0.1", 53)), host)
+    assert host.current().names == {"old.example.net", "helo.example.net"}
+
+    myhostname[0] = "new.example.net"
+    router.reload()
+    assert host.current().names == {"new.example.net", "helo.example.net"}
+    assert host.identity.all_interfaces
+
+    myhostname[0] = None
+    router.reload()
+    assert host.current().names == {"new.example.net", "helo.example.net"}
+
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 192.0.2.50
+        /32 host LOCAL
+"""
+IF_INET6 = """\
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000000000000000000000005 02 40 00 80     eth0
+"""
+
+
+def proc(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fib: str | None, inet6: str | None
+) -> None:
+    for name, text in (("FIB_TRIE", fib), ("IF_INET6", inet6)):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        monkeypatch.setattr(resolve, name, str(path))
+
+
+def test_read_interface_addresses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    proc(monkeypatch, tmp_path, FIB_TRIE, IF_INET6)
+    assert read_interface_addresses() == {"127.0.0.1", "192.0.2.50", "::1", "2001:db8::5"}
+
+
+def test_read_interface_addresses_without_ipv6(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    proc(monkeypatch, tmp_path, FIB_TRIE, None)
+    assert read_interface_addresses() == {"127.0.0.1", "192.0.2.50"}
+
+
+@pytest.mark.parametrize(
+    ("fib", "inet6", "reason"),
+    [
+        (None, IF_INET6, "FIB_TRIE: No such file"),
+        ("", "", "no address found"),
+        (FIB_TRIE, "zz 01\n", "unreadable line"),
+    ],
+)
+def test_read_interface_addresses_failures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fib: str | None, inet6: str, reason: str
+) -> None:
+    proc(monkeypatch, tmp_path, fib, inet6)
+    with pytest.raises(InterfaceReadError, match=reason):
+        read_interface_addresses()
+    assert resolve.interface_addresses() == set()
 
 
 @pytest.mark.parametrize(
