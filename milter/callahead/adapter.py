@@ -14,6 +14,7 @@ import threading
 
 import Milter
 
+from .address import external_form, internal_form
 from .judge import Judge
 from .metrics import Metrics
 
@@ -44,20 +45,29 @@ def milter_recipient(to: str) -> str:
     reject). A quoted local part starts with ``"``, so nothing of it is taken off.
     Blanks and RFC 822 comments outside a quoted string go as well: Postfix reads
     ``<a @x>`` and ``<a(note)@x>`` as ``a@x`` (judged as written: unsendable, the
-    tempfail action without a probe)."""
+    tempfail action without a probe). Last, the local part is written as Postfix writes
+    it when it relays (and as the policy service quotes back what it is told): quoted
+    only where it is not a dot-atom. ``<@x>`` is ``<""@x>``, ``<a:b@x>`` is
+    ``<"a:b"@x>``, ``<"ab"@x>`` is ``<ab@x>``; judged as written, the primary was asked
+    about another spelling than the one mail goes to (``a:b@x`` drew a syntax error: a
+    tempfail, the unknown user accepted)."""
     match = _PATH.fullmatch(to)
-    address = _without_blanks_and_comments(match.group(1) if match else to)
+    written = match.group(1) if match else to
+    address = _without_blanks_and_comments(written)
+    if address is None:
+        return f"<{written}>"  # refused by Postfix before a milter hears of it
     route = _SOURCE_ROUTE.match(address)
     if route is not None:
         address = address[route.end() :]
-    return f"<{address}>"
+    return f"<{external_form(internal_form(address))}>"
 
 
-def _without_blanks_and_comments(address: str) -> str:
+def _without_blanks_and_comments(address: str) -> str | None:
     """``address`` as Postfix's RFC 822 tokenizer reads it outside quoted strings: no
     blanks, no ``(comments)``, and a backslash-escaped character as itself (``a\\b``
-    is ``ab``); as it is if a quote, a comment or an escape is left open (Postfix
-    refuses those)."""
+    is ``ab``), and a tab inside a quoted string as a space (``"a<TAB>b"`` reaches the
+    policy service and the primary as ``"a b"``); None if a quote, a comment or an
+    escape is left open (Postfix refuses those)."""
     out: list[str] = []
     quoted = False
     depth = 0
@@ -73,7 +83,7 @@ def _without_blanks_and_comments(address: str) -> str:
                 out.append(char)
         elif quoted:
             quoted = char != '"'
-            out.append(char)
+            out.append(" " if char == "\t" else char)
         elif char == "(":
             depth += 1
         elif depth:
@@ -84,7 +94,7 @@ def _without_blanks_and_comments(address: str) -> str:
         elif char not in " \t":
             out.append(char)
     if quoted or depth or escaped:
-        return address
+        return None
     return "".join(out)
 
 

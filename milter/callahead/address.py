@@ -46,6 +46,52 @@ def normalize_recipient(text: str) -> Recipient | None:
     return Recipient(f"{local}@{domain}", domain)
 
 
+_NOT_IN_ATOMS = frozenset('()<>@,;:\\"[] ')
+
+
+def external_form(address: str) -> str:
+    """``address`` as an SMTP client writes it, from Postfix's internal form: the local
+    part quoted where it is not a dot-atom (``a b@x`` is ``"a b"@x``, ``@x`` is
+    ``""@x``), as Postfix's own ``quote_822_local`` does (8-bit clean: UTF-8 is left
+    alone). A policy service is handed the internal form, the milter the client's own
+    words; both must judge the same mailbox."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    if _dot_atom(local):
+        return address
+    quoted = "".join("\\" + c if c in '"\\\r' else c for c in local)
+    return f'"{quoted}"@{domain}'
+
+
+def internal_form(address: str) -> str:
+    """``address`` as Postfix keeps it inside: quoted strings unquoted and their
+    backslash escapes resolved (``"a b"@x`` is ``a b@x``, ``"ab"@x`` is ``ab@x``); as it
+    is when a quote or an escape is left open."""
+    out: list[str] = []
+    quoted = False
+    escaped = False
+    for char in address:
+        if escaped:
+            escaped = False
+            out.append(char)
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        else:
+            out.append(char)
+    if quoted or escaped:
+        return address
+    return "".join(out)
+
+
+def _dot_atom(local: str) -> bool:
+    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        return False
+    return not any(c in _NOT_IN_ATOMS or ord(c) < 32 or ord(c) == 127 for c in local)
+
+
 def normalize_domain(domain: str) -> str:
     """Lower-case a domain and drop a trailing dot; IDNs are kept in their A-label form.
 

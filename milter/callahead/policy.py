@@ -119,9 +119,14 @@ class Reply:
         return self.code.startswith("5")
 
 
+RECIPIENT_REJECTED = "Recipient address rejected: "
+"""How Postfix's own recipient restrictions begin their text. A milter's reply goes out
+as it is; Postfix puts ``<rcpt>: Recipient address rejected: `` in front of a policy
+service's action text itself, so the policy service leaves it out."""
+
 # No reply names the primary or repeats its words: the sender learns only the verdict.
-REJECT_REPLY = Reply("550", "5.1.1", "Recipient address rejected: User unknown")
-NO_DOMAIN_REPLY = Reply("550", "5.1.2", "Recipient address rejected: Domain not found")
+REJECT_REPLY = Reply("550", "5.1.1", RECIPIENT_REJECTED + "User unknown")
+NO_DOMAIN_REPLY = Reply("550", "5.1.2", RECIPIENT_REJECTED + "Domain not found")
 DEFER_REPLY = Reply(
     "451", "4.4.3", "Recipient address verification temporarily unavailable, try again later"
 )

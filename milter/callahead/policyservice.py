@@ -34,11 +34,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .address import external_form
 from .errors import CallaheadError
 from .judge import Judge
 from .logfmt import escape
 from .metrics import Metrics
-from .policy import Decision
+from .policy import RECIPIENT_REJECTED, Decision
 from .unixsocket import BoundSocket, bind_unix
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,7 +92,8 @@ def action_for(decision: Decision) -> str:
     reply = decision.reply
     if reply is None:
         return DUNNO
-    return f"{reply.code} {reply.xcode} {reply.text}"
+    # Postfix writes "<rcpt>: Recipient address rejected: " before the text itself.
+    return f"{reply.code} {reply.xcode} {reply.text.removeprefix(RECIPIENT_REJECTED)}"
 
 
 async def read_request(
@@ -298,7 +300,11 @@ class PolicyService:
             return DUNNO
         client = request.get("client_address") or None
         queue_id = request.get("queue_id") or "NOQUEUE"
-        decision = await self._judge.judge_async(request.get("recipient"), client, queue_id)
+        # Postfix hands a policy service the recipient in its internal form, a quoted
+        # local part unquoted ("a b"@x as a b@x); quoted back, it is the mailbox the
+        # client named, the one the milter sees and the primary is asked about.
+        recipient = external_form(request.get("recipient"))
+        decision = await self._judge.judge_async(recipient, client, queue_id)
         return action_for(decision)
 
 

@@ -560,7 +560,7 @@ def test_a_source_route_is_dropped_as_postfix_drops_it(
 
 @pytest.mark.parametrize(
     "recipient",
-    ['<"@relay.example:alice"@example.com>', "<a:b@example.com>", '"@x:"@example.com'],
+    ['<"@relay.example:alice"@example.com>', '"@x:"@example.com'],
 )
 def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
     monkeypatch: pytest.MonkeyPatch, recipient: str
@@ -570,6 +570,54 @@ def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
     h.connect()
     h.rcpt(recipient)
     assert prober.calls == [recipient.strip("<>")]
+
+
+@pytest.mark.parametrize(
+    ("written", "asked"),
+    [
+        ("<a:b@example.com>", '"a:b"@example.com'),
+        ('<"ab"@example.com>', "ab@example.com"),
+        ('<"a"."b"@example.com>', "a.b@example.com"),
+        ('<"a\\"b"@example.com>', '"a\\"b"@example.com'),
+        ('<"a\\b"@example.com>', "ab@example.com"),
+    ],
+)
+def test_the_local_part_is_asked_about_as_postfix_relays_it(
+    monkeypatch: pytest.MonkeyPatch, written: str, asked: str
+) -> None:
+    """Postfix quotes a local part when it relays only where it is not a dot-atom,
+    and tells its policy service the unquoted form (quoted back there the same way).
+    ``a:b@x`` probed unquoted drew a syntax error from the primary (a tempfail: the
+    unknown user accepted) while mail went to ``"a:b"@x`` (found by fuzzing)."""
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(written)
+    assert prober.calls == [asked]
+
+
+def test_an_empty_local_part_is_judged_as_the_empty_quoted_string(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Postfix takes ``RCPT TO:<@example.com>`` and relays it to ``<""@example.com>``
+    (its policy service is told ``@example.com``, quoted back the same). Skipped as
+    no address, it was accepted unprobed (found by fuzzing both front ends)."""
+    h = Harness(monkeypatch, FakeProber({'""@example.com': UNKNOWN}))
+    h.connect()
+    assert h.rcpt("<@example.com>") == Milter.REJECT
+    assert h.prober.calls == ['""@example.com']
+
+
+def test_a_tab_in_a_quoted_local_part_is_the_space_postfix_makes_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Postfix 3.7 turns ``"a<TAB>b"@x`` into ``"a b"@x`` (seen through a real
+    Postfix): that is the mailbox it relays to and tells its policy service. Judged
+    with the tab, the address was unsendable and accepted unprobed."""
+    h = Harness(monkeypatch, FakeProber({'"a b"@example.com': UNKNOWN}))
+    h.connect()
+    assert h.rcpt('<"a\tb"@example.com>') == Milter.REJECT
+    assert h.prober.calls == ['"a b"@example.com']
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,11 @@ ACTION = re.compile(rb"action=(DUNNO|[45]\d\d [45]\.\d{1,3}\.\d{1,3} [^\n]+)\n\n
 
 
 class Prober(SyncProber):
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
     def probe(self, address: str, hops: object) -> ProbeResult:
+        self.asked.append(address)
         verdict = Verdict.VALID if address.startswith("known") else Verdict.UNKNOWN
         if address.startswith("busy"):
             verdict = Verdict.TEMPFAIL
@@ -69,10 +73,11 @@ class Served:
         **options: Any,
     ) -> None:
         self.metrics = Metrics()
+        self.prober = Prober()
         policy = Policy(
             routes=ROUTES,
             cache=PositiveCache(ttl=60, maxsize=100),
-            prober=Prober(),
+            prober=self.prober,
             tempfail_action=action,
         )
         self.service = PolicyService(Judge(policy, self.metrics), self.metrics, **options)
@@ -141,7 +146,7 @@ def test_rcpt_requests_get_the_decision_on_one_kept_connection(served: Served) -
     with served.connect() as conn:
         assert served.ask(conn, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
         assert served.ask(conn, request(recipient="ghost@example.com")) == (
-            b"action=550 5.1.1 Recipient address rejected: User unknown\n\n"
+            b"action=550 5.1.1 User unknown\n\n"
         )
         assert served.ask(conn, request(recipient="busy@example.com")) == (
             b"action=451 4.4.3 Recipient address verification temporarily unavailable, "
@@ -153,7 +158,34 @@ def test_rcpt_requests_get_the_decision_on_one_kept_connection(served: Served) -
 
 def test_a_recipient_domain_that_does_not_exist_gets_550_512() -> None:
     decision = Decision(Action.REJECT, Reason.NO_DOMAIN, "anyone@zq7x.example.com")
-    assert action_for(decision) == "550 5.1.2 Recipient address rejected: Domain not found"
+    assert action_for(decision) == "550 5.1.2 Domain not found"
+
+
+def test_the_action_text_leaves_postfixs_own_prefix_to_postfix() -> None:
+    # Postfix answers "550 5.1.1 <rcpt>: Recipient address rejected: " + the action's text.
+    decision = Decision(Action.REJECT, Reason.PROBE_UNKNOWN, "ghost@example.com")
+    assert decision.reply is not None
+    assert decision.reply.text == "Recipient address rejected: User unknown"
+    assert action_for(decision) == "550 5.1.1 User unknown"
+
+
+@pytest.mark.parametrize(
+    ("internal", "asked"),
+    [
+        ("a b@example.com", '"a b"@example.com'),
+        ("@example.com", '""@example.com'),
+        ('x"y@example.com', '"x\\"y"@example.com'),
+        ("a@b@example.com", '"a@b"@example.com'),
+        ("known.user@example.com", "known.user@example.com"),
+    ],
+)
+def test_a_quoted_local_part_is_quoted_again_before_it_is_judged(
+    served: Served, internal: str, asked: str
+) -> None:
+    # Postfix hands a policy service the internal form (the quotes taken off).
+    with served.connect() as conn:
+        served.ask(conn, request(recipient=internal))
+    assert served.prober.asked == [asked]
 
 
 def test_other_states_get_dunno_without_a_probe(served: Served) -> None:
