@@ -84,13 +84,13 @@ def address(i: int) -> str:
 
 def measure(n: int) -> dict[str, Any]:
     imported = []
-    for module in ("callahead.server", "callahead.cache"):
+    for module in ("callahead.process.server", "callahead.caching.cache"):
         try:
             importlib.import_module(module)
             imported.append(module)
         except ImportError as exc:  # the package may be mid-change; the cache is enough
             print(f"bench.memory: cannot import {module}: {exc}", file=sys.stderr)
-    from callahead.cache import PositiveCache
+    from callahead.caching.cache import PositiveCache
 
     gc.collect()
     before = rss_bytes()
@@ -119,8 +119,8 @@ def measure_guard(n: int, unknowns: int) -> dict[str, Any]:
     """The client guard (``callahead.guard.ClientGuard``) tracking ``n`` clients, each
     with ``unknowns`` unknown recipients in the window (the default limit is 20: a
     client at the limit holds 20 timestamps, the most any client holds)."""
-    importlib.import_module("callahead.server")
-    from callahead.guard import ClientGuard
+    importlib.import_module("callahead.process.server")
+    from callahead.core.guard import ClientGuard
 
     gc.collect()
     before = rss_bytes()

@@ -31,15 +31,15 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
 
-from callahead.assembly import engine_settings, local_ttl
-from callahead.cache import PositiveCache
-from callahead.config import load_config
-from callahead.engine import ProbeEngine
-from callahead.metrics import Metrics
-from callahead.policy import Policy, Reason
-from callahead.routes import Nexthop
-from callahead.sharedcache import RedisStore, SharedGate
-from callahead.verdict import ProbeResult
+from callahead.caching.cache import PositiveCache
+from callahead.caching.sharedcache import RedisStore, SharedGate
+from callahead.core.policy import Policy, Reason
+from callahead.frontends.metrics import Metrics
+from callahead.probing.engine import ProbeEngine
+from callahead.probing.verdict import ProbeResult
+from callahead.process.assembly import engine_settings, local_ttl
+from callahead.process.config import load_config
+from callahead.routing.routes import Nexthop
 
 DOMAIN = "bench.test"
 

@@ -64,13 +64,13 @@ from tests.harness.postfix import (
 )
 from tests.harness.waiting import wait_for
 
-from callahead.assembly import engine_settings
-from callahead.cache import PositiveCache
-from callahead.config import load_config
-from callahead.controls import Controls
-from callahead.engine import EngineSettings, ProbeEngine
-from callahead.routes import Nexthop
-from callahead.verdict import ProbeResult
+from callahead.caching.cache import PositiveCache
+from callahead.caching.controls import Controls
+from callahead.probing.engine import EngineSettings, ProbeEngine
+from callahead.probing.verdict import ProbeResult
+from callahead.process.assembly import engine_settings
+from callahead.process.config import load_config
+from callahead.routing.routes import Nexthop
 
 from .report import percentile
 from .tools import LogCursor

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from callahead.config import VARIABLES
-from callahead.metrics import Metrics
+from callahead.frontends.metrics import Metrics
+from callahead.process.config import VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = (REPO / "docs" / "reference.md").read_text()

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from callahead.engine import PrimaryState
-from callahead.metrics import Metrics
-from callahead.policy import Action, Decision, Reason
-from callahead.verdict import Basis, ProbeResult, Stage, Verdict
+from callahead.core.policy import Action, Decision, Reason
+from callahead.frontends.metrics import Metrics
+from callahead.probing.engine import PrimaryState
+from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.fixtures import make_workdir
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from callahead.catchall import CHECK_PREFIX
+from callahead.caching.catchall import CHECK_PREFIX
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import Transaction, send
 from tests.harness.fixtures import make_workdir

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from callahead.loop import ProbeLoop
+from callahead.probing.loop import ProbeLoop
 from tests.harness.fixtures import scripted
 
 __all__ = ["probe_loop", "scripted"]

@@ -9,11 +9,11 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from callahead.cache import PositiveCache
-from callahead.engine import EngineSettings, ProbeEngine
-from callahead.loop import ProbeLoop
-from callahead.routes import Nexthop
-from callahead.verdict import ProbeResult, Stage, Verdict
+from callahead.caching.cache import PositiveCache
+from callahead.probing.engine import EngineSettings, ProbeEngine
+from callahead.probing.loop import ProbeLoop
+from callahead.probing.verdict import ProbeResult, Stage, Verdict
+from callahead.routing.routes import Nexthop
 from tests.harness.waiting import wait_for
 
 from .settings import probe_settings

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from callahead.routes import Nexthop
-from callahead.verdict import Basis, ProbeResult, Stage, Verdict
+from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
+from callahead.routing.routes import Nexthop
 
 
 class SyncProber:

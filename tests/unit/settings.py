@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from callahead.assembly import engine_settings
-from callahead.config import load_config
-from callahead.engine import EngineSettings
+from callahead.probing.engine import EngineSettings
+from callahead.process.assembly import engine_settings
+from callahead.process.config import load_config
 
 HELO = "backup.example.net"
 

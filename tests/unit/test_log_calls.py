@@ -66,12 +66,14 @@ def _raw_names(node: ast.expr) -> list[str]:
 
 def _findings() -> list[str]:
     out = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 30, "the package was not found"
+    for path in paths:
         tree = ast.parse(path.read_text(), str(path))
         for call in _log_calls(tree):
             for arg in call.args[1:]:
                 for name in _raw_names(arg):
-                    out.append(f"{path.name}:{call.lineno}: {name}")
+                    out.append(f"{path.relative_to(PACKAGE)}:{call.lineno}: {name}")
     return out
 
 

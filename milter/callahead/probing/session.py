@@ -1,0 +1,573 @@
+"""One SMTP session with one primary: the probe dialogue.
+
+A session connects, reads the banner, says EHLO (HELO if EHLO is refused), upgrades with
+STARTTLS when asked to, then opens one transaction with ``MAIL FROM:<sender>`` and asks
+``RCPT TO:<address>`` for each probe. Several probes share the transaction: a Postfix
+primary takes an inflow token only for a transaction's first accepted recipient, and no
+RSET (a "junk" command Postfix limits) is needed, unless the primary refuses
+multi-recipient bounces (``TransactionShape``).
+
+Replies are classified by ``verdict.classify`` (stage, enhanced status code, text), then
+the evidence rules apply (docs/verdicts.md):
+
+* **explicit**: an enhanced code about the recipient is *unknown* on its own;
+* **bare**: a bare 5xx with an unknown-user text is *unknown* only once the same session
+  has accepted a **control** address of the domain: one verified valid recently (from
+  the ``ControlSource``: the local cache or Redis), else ``postmaster@domain``;
+* **drift**: when a recently verified control is itself rejected as unknown and no
+  other control is accepted, the primary may have stopped judging recipients (a broken
+  directory lookup, the wrong host): that session's rejections of the domain are
+  undecided. If another control is accepted instead, the refused one was a user since
+  removed: it is no longer offered as a control.
+
+Controls are asked once per session and domain, right after the first rejection that
+needs them, in the same transaction (no RSET; a Postfix primary counts a rejected
+RCPT as an error, an accepted one as nothing). A probe of the domain accepted earlier
+on the same session vouches as a control would: no control is asked then.
+
+**Transaction shape.** A primary with Postfix's ``reject_multi_recipient_bounce``
+answers every RCPT after the first accepted one of a ``MAIL FROM:<>`` transaction with
+``550 5.5.3 ... Multi-recipient bounce``. Such a reply on a later RCPT is never judged:
+the RCPT is asked again in a transaction of its own (RSET, MAIL FROM), and the
+primary's ``TransactionShape`` switches to one recipient per transaction for every
+session after (the engine may switch to the fallback sender instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiosmtplib
+from aiosmtplib.typing import SMTPStatus
+
+from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
+from ..base.errors import CallaheadError
+from ..routing.routes import Nexthop
+from .tls import TlsMode, unverified_tls_context
+from .verdict import (
+    Basis,
+    Classification,
+    ProbeResult,
+    Stage,
+    Verdict,
+    classify,
+    drifted,
+    refuses_multi_recipient_bounce,
+    unproven,
+)
+
+log = logging.getLogger("callahead.session")
+
+ERROR_BUDGET = 9
+"""4xx/5xx replies a session may collect. A Postfix primary counts every one as an
+error, sleeps 1 s before each reply after the 10th and hangs up at the 20th; only a
+delivered message resets the count. A session is retired after this many, without
+sending it another command."""
+MAX_RCPTS_PER_SESSION = 500
+"""RCPTs in one session (and transaction); Postfix's smtpd_recipient_limit is 1000."""
+QUIT_TIMEOUT = 2.0
+"""Seconds a courtesy QUIT may take when a session is retired."""
+MAX_RSETS_PER_SESSION = 50
+"""RSETs one session may send (one recipient per transaction). Postfix counts each RSET
+after the 100th (``smtpd_junk_command_limit``) as an error."""
+VERIFIED_CONTROLS = 2
+"""Recently verified addresses asked as controls per session and domain at most."""
+
+
+POSTMASTER = "postmaster"
+"""RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
+
+
+class ControlSource(Protocol):
+    """Recently verified addresses of a domain, to ask as controls (controls.Controls)."""
+
+    async def controls(self, domain: str) -> tuple[str, ...]:
+        """Newest first; may be empty."""
+        ...
+
+    def stale(self, address: str) -> None:
+        """``address`` was refused as unknown while another control of its domain was
+        accepted: it is a user since removed, not a control any more."""
+
+
+class _NoControls:
+    async def controls(self, domain: str) -> tuple[str, ...]:
+        return ()
+
+    def stale(self, address: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class TransactionShape:
+    """How one primary wants its probe transactions: learnt by its sessions, shared by
+    them (the engine keeps one per primary)."""
+
+    single_rcpt: bool = False
+    """One recipient per transaction: the primary refused a later RCPT of a
+    transaction (``5.5.3``, Postfix's ``reject_multi_recipient_bounce``)."""
+
+
+@dataclass(slots=True)
+class _Evidence:
+    """What a session learnt about one domain's controls."""
+
+    vouched_by: str = ""
+    """The control accepted on this session."""
+    suspect: str = ""
+    """A recently verified control refused as unknown on this session."""
+    suspect_reply: str = ""
+    postmaster_tried: bool = False
+    tried: set[str] = field(default_factory=set)
+    """The verified controls asked."""
+    replies: list[str] = field(default_factory=list)
+    """What the refused controls got, for the explanation."""
+
+
+class SessionLost(CallaheadError):
+    """The session died before the primary answered RCPT TO (closed, 421, reset): the
+    probe may be retried on a fresh session."""
+
+
+class SessionFailed(CallaheadError):
+    """Opening the session failed; carries the result to report."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    helo_name: str
+    sender: str
+    tls: TlsMode
+    tls_context: ssl.SSLContext | None
+    transcript: bool = False
+    """Record the dialogue (``callahead probe --explain``); off on the hot path."""
+
+
+class Session:
+    """One SMTP connection to one primary, carrying probes one at a time."""
+
+    def __init__(
+        self,
+        hop: Nexthop,
+        settings: SessionSettings,
+        *,
+        sender: str | None = None,
+        shape: TransactionShape | None = None,
+        controls: ControlSource | None = None,
+    ) -> None:
+        self.hop = hop
+        self._settings = settings
+        self.sender = settings.sender if sender is None else sender
+        """MAIL FROM of this session's transaction."""
+        self.shape = shape if shape is not None else TransactionShape()
+        self._controls: ControlSource = controls if controls is not None else _NoControls()
+        self.refused_multi_recipient = False
+        """A later RCPT of a transaction of this session got ``5.5.3``."""
+        self.rsets = 0
+        self._txn_rcpts = 0
+        """RCPTs sent in the open transaction."""
+        self._smtp = aiosmtplib.SMTP(
+            hostname=hop.host,
+            port=hop.port,
+            local_hostname=settings.helo_name,
+            start_tls=False,
+            use_tls=False,
+            timeout=None,
+        )
+        self.created = time.monotonic()
+        """Before the connection: the primary's view of its tables is at least this new."""
+        self.opened = False
+        self.probes = 0
+        self.rcpts = 0
+        self.errors = 0
+        self.last_used = self.created
+        self.stage = Stage.CONNECT
+        """Where the dialogue is, for reporting a timeout."""
+        self._evidence: dict[str, _Evidence] = {}
+        """Per domain: the controls this session asked, and what they got."""
+        self._transcript: list[str] | None = [] if settings.transcript else None
+        self._in_transaction = False
+        self._retired = False
+
+    @property
+    def alive(self) -> bool:
+        return self.opened and self._smtp.is_connected and not self._retired
+
+    @property
+    def waiting_at(self) -> Stage:
+        """The stage a probe on this session is stuck at, for reporting a timeout."""
+        if self.stage is Stage.CONNECT and self._smtp.protocol is not None:
+            return Stage.BANNER
+        return self.stage
+
+    @property
+    def transcript(self) -> tuple[str, ...]:
+        return () if self._transcript is None else tuple(self._transcript)
+
+    def _said(self, line: str) -> None:
+        if self._transcript is not None:
+            self._transcript.append(f"C: {line}")
+
+    def _heard(self, code: int, message: str) -> None:
+        if self._transcript is not None:
+            lines = message.split("\n") or [""]
+            for i, text in enumerate(lines):
+                sep = " " if i == len(lines) - 1 else "-"
+                self._transcript.append(f"S: {code}{sep}{text}")
+
+    def _note(self, text: str) -> None:
+        if self._transcript is not None:
+            self._transcript.append(f"-- {text}")
+
+    def timed_out(self, budget: float, started: float) -> ProbeResult:
+        """The result of a probe that ran out of time on this session, which is closed."""
+        self.close()
+        self._note(f"no reply within {budget:.3g}s")
+        return ProbeResult(
+            Verdict.TEMPFAIL,
+            self.waiting_at,
+            None,
+            f"timed out after {budget:.3g}s",
+            time.monotonic() - started,
+            str(self.hop),
+            reached=False,
+            why="no reply in time",
+            transcript=self.transcript,
+        )
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.alive
+            and self.errors < ERROR_BUDGET
+            and self.rcpts < MAX_RCPTS_PER_SESSION
+            and self.rsets < MAX_RSETS_PER_SESSION
+        )
+
+    def _fail(self, stage: Stage, code: int | None, detail: str, started: float) -> SessionFailed:
+        reached = code is not None and code != SMTPStatus.domain_unavailable
+        if code is None:
+            self._note(detail)
+        found = classify(stage, code, detail)
+        return SessionFailed(
+            ProbeResult(
+                Verdict.TEMPFAIL,
+                stage,
+                code,
+                detail,
+                time.monotonic() - started,
+                str(self.hop),
+                reached=reached,
+                basis=found.basis,
+                why=found.why,
+                transcript=self.transcript,
+            )
+        )
+
+    async def open(self) -> None:
+        """Connect, banner, EHLO/HELO, STARTTLS per the TLS mode. Raises SessionFailed."""
+        started = time.monotonic()
+        smtp = self._smtp
+        stage = Stage.CONNECT
+        try:
+            try:
+                self.stage = Stage.CONNECT
+                banner = await smtp.connect()
+                self._heard(banner.code, banner.message)
+            except aiosmtplib.SMTPConnectResponseError as exc:
+                self._heard(exc.code, exc.message)
+                raise self._fail(Stage.BANNER, exc.code, exc.message, started) from None
+            except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
+                stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
+                raise self._fail(stage, None, str(exc), started) from None
+            stage = self.stage = Stage.EHLO
+            await self._greet(started)
+            if self._settings.tls is not TlsMode.NONE:
+                stage = self.stage = Stage.STARTTLS
+                await self._starttls(started)
+        except SessionFailed:
+            self.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            self.close()
+            raise self._fail(stage, None, str(exc) or type(exc).__name__, started) from None
+        self.opened = True
+
+    async def _greet(self, started: float) -> None:
+        helo = self._settings.helo_name
+        self._said(f"EHLO {helo}")
+        try:
+            reply = await self._smtp.ehlo()
+            self._heard(reply.code, reply.message)
+        except aiosmtplib.SMTPHeloError as exc:
+            self._heard(exc.code, exc.message)
+            if exc.code == SMTPStatus.domain_unavailable or not self._smtp.is_connected:
+                raise self._fail(Stage.EHLO, exc.code, exc.message, started) from None
+            reply = await self._command(b"HELO", helo.encode("ascii"))
+            if not 200 <= reply.code < 300:
+                raise self._fail(Stage.EHLO, reply.code, reply.message, started) from None
+
+    async def _starttls(self, started: float) -> None:
+        smtp = self._smtp
+        offered = smtp.supports_extension("starttls")
+        if not offered:
+            if self._settings.tls is TlsMode.ENCRYPT:
+                raise self._fail(Stage.STARTTLS, None, "STARTTLS not offered", started)
+            return
+        self._said("STARTTLS")
+        try:
+            reply = await smtp.starttls(
+                tls_context=self._settings.tls_context or unverified_tls_context(),
+                server_hostname=self.hop.host,
+            )
+            self._heard(reply.code, reply.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._heard(exc.code, exc.message)
+            if (
+                self._settings.tls is TlsMode.ENCRYPT
+                or exc.code == SMTPStatus.domain_unavailable
+                or not smtp.is_connected
+            ):
+                raise self._fail(Stage.STARTTLS, exc.code, exc.message, started) from None
+            return  # "may": carry on in plaintext, as Postfix does
+        except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
+            # A failed handshake is a connection-level failure of this primary.
+            raise self._fail(
+                Stage.STARTTLS, None, f"TLS handshake failed: {exc}", started
+            ) from None
+        self._note("TLS handshake done")
+        await self._greet(started)
+
+    async def _command(self, verb: bytes, argument: bytes = b"") -> aiosmtplib.SMTPResponse:
+        words = (verb, argument) if argument else (verb,)
+        if self._transcript is not None:
+            self._said(b" ".join(words).decode("utf-8", "replace"))
+        reply = await self._smtp.execute_command(*words)
+        self._heard(reply.code, reply.message)
+        return reply
+
+    async def rcpt(self, address: str, started: float) -> ProbeResult:
+        """Probe one address on this (open) session. Raises SessionLost when the session
+        died before the primary answered."""
+        smtp = self._smtp
+        self.probes += 1
+        utf8 = needs_smtputf8(address)
+        offers_utf8 = smtp.supports_extension("smtputf8")
+        if utf8 and not offers_utf8:
+            return self._result(Stage.RCPT, None, "primary does not offer SMTPUTF8", started)
+        try:
+            rcpt = wire_address(address, allow_utf8=True)
+        except UnsendableAddress as exc:
+            # Never on the wire; and no reason to throw away a healthy session.
+            return self._result(Stage.RCPT, None, f"address cannot be sent: {exc}", started)
+        try:
+            stage, reply = await self._ask(rcpt)
+            if stage is Stage.MAIL:
+                return self._result(Stage.MAIL, reply.code, reply.message, started)
+            found = classify(Stage.RCPT, reply.code, reply.message)
+            if found.verdict is Verdict.VALID:
+                # An address of the domain accepted on this session vouches for its
+                # rejections as well as any control would (the same view of the tables).
+                evidence = self._evidence.setdefault(address.rpartition("@")[2], _Evidence())
+                evidence.vouched_by = evidence.vouched_by or address
+            elif found.verdict is Verdict.UNKNOWN:
+                found = await self._judge_unknown(address, found)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self._retired = True
+            raise SessionLost(str(exc) or type(exc).__name__) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            # An oversized or malformed reply: a fault of the primary, not a verdict.
+            self._retired = True
+            self.close()
+            self._note(f"unreadable reply: {exc.message}")
+            return self._result(Stage.RCPT, None, f"unreadable reply: {exc.message}", started)
+        if found.basis in (Basis.THROTTLE, Basis.SENDER):
+            # Throttled: a fresh session may fare better. Sender refused (delayed to RCPT
+            # TO): every RCPT of this transaction would be refused the same way.
+            self._retired = True
+        return self._result(Stage.RCPT, reply.code, reply.message, started, found)
+
+    async def _ask(self, path: bytes) -> tuple[Stage, aiosmtplib.SMTPResponse]:
+        """One RCPT TO in a transaction shaped as the primary wants it: (RCPT, its
+        reply), or (MAIL, the refusal of MAIL FROM). A ``5.5.3`` on a later RCPT of the
+        transaction is never the answer: the RCPT is asked again in a new one."""
+        if self._in_transaction and self.shape.single_rcpt and self._txn_rcpts > 0:
+            await self._reset()
+        if not self._in_transaction:
+            mail = await self._begin()
+            if not 200 <= mail.code < 300:
+                return Stage.MAIL, mail
+        self.stage = Stage.RCPT
+        later = self._txn_rcpts > 0
+        reply = await self._rcpt_command(path)
+        if later and refuses_multi_recipient_bounce(reply.code, reply.message):
+            self.refused_multi_recipient = True
+            self.shape.single_rcpt = True
+            self._note(
+                "a later RCPT of the transaction was refused (5.5.3: multi-recipient "
+                "bounce): asked again in a transaction of its own"
+            )
+            await self._reset()
+            mail = await self._begin()
+            if not 200 <= mail.code < 300:
+                return Stage.MAIL, mail
+            self.stage = Stage.RCPT
+            reply = await self._rcpt_command(path)
+        return Stage.RCPT, reply
+
+    async def _begin(self) -> aiosmtplib.SMTPResponse:
+        """``MAIL FROM``; raises SessionLost for 421. A refusal retires the session."""
+        self.stage = Stage.MAIL
+        command = b"FROM:<" + self.sender.encode("ascii") + b">"
+        if self._smtp.supports_extension("smtputf8"):
+            command += b" SMTPUTF8"
+        reply = await self._command(b"MAIL", command)
+        if reply.code == SMTPStatus.domain_unavailable:
+            self._retired = True
+            raise SessionLost(f"{reply.code} {reply.message}")
+        if not 200 <= reply.code < 300:
+            self.errors += 1
+            self._retired = True
+            return reply
+        self._in_transaction = True
+        self._txn_rcpts = 0
+        return reply
+
+    async def _reset(self) -> None:
+        """``RSET``: the open transaction ends. Raises SessionLost unless it is 2xx."""
+        self.rsets += 1
+        self._in_transaction = False
+        reply = await self._command(b"RSET")
+        if not 200 <= reply.code < 300:
+            self._retired = True
+            raise SessionLost(f"RSET: {reply.code} {reply.message}")
+
+    async def _rcpt_command(self, path: bytes) -> aiosmtplib.SMTPResponse:
+        """One RCPT TO; raises SessionLost for 421 and for a full transaction."""
+        reply = await self._command(b"RCPT", b"TO:<" + path + b">")
+        if reply.code == SMTPStatus.domain_unavailable:
+            self._retired = True
+            raise SessionLost(f"{reply.code} {reply.message}")
+        self.rcpts += 1
+        self._txn_rcpts += 1
+        if not 200 <= reply.code < 300:
+            self.errors += 1
+            if reply.code == SMTPStatus.insufficient_storage and self._txn_rcpts > 1:
+                # "too many recipients": this transaction is full, not the address.
+                self._retired = True
+                raise SessionLost(f"{reply.code} {reply.message}")
+        return reply
+
+    async def _judge_unknown(self, address: str, found: Classification) -> Classification:
+        """Apply the evidence rules to ``found``, a rejection of the recipient."""
+        local, _, domain = address.rpartition("@")
+        evidence = await self._evidence_for(domain, address, need_postmaster=found.bare)
+        if evidence.suspect and not evidence.vouched_by:
+            return drifted(evidence.suspect, evidence.suspect_reply)
+        if evidence.vouched_by:
+            return dataclasses.replace(
+                found,
+                why=f"{found.why}; the control {evidence.vouched_by} was accepted on the "
+                "same session, so the primary is judging recipients",
+            )
+        if found.bare:
+            if local.lower() == POSTMASTER:
+                return unproven("postmaster@ cannot vouch for itself")
+            return unproven("; ".join(evidence.replies) or "no control address known")
+        return dataclasses.replace(found, why=f"{found.why}: unknown on its own")
+
+    async def _evidence_for(self, domain: str, address: str, *, need_postmaster: bool) -> _Evidence:
+        """The controls of ``domain`` on this session, asked now if need be: recently
+        verified addresses first (they can reveal drift), then postmaster@ when a bare
+        rejection needs a control or a verified one was refused."""
+        evidence = self._evidence.setdefault(domain, _Evidence())
+        if not evidence.vouched_by and len(evidence.tried) < VERIFIED_CONTROLS:
+            # Addresses verified since the last look are asked too (up to the limit).
+            for control in await self._controls.controls(domain):
+                if len(evidence.tried) >= VERIFIED_CONTROLS or evidence.vouched_by:
+                    break
+                if control != address and control not in evidence.tried:
+                    evidence.tried.add(control)
+                    await self._ask_control(control, evidence, verified=True)
+        if (
+            not evidence.vouched_by
+            and (need_postmaster or evidence.suspect)
+            and not evidence.postmaster_tried
+        ):
+            evidence.postmaster_tried = True
+            postmaster = f"{POSTMASTER}@{domain}"
+            if address.lower() != postmaster:
+                await self._ask_control(postmaster, evidence, verified=False)
+        return evidence
+
+    async def _ask_control(self, control: str, evidence: _Evidence, *, verified: bool) -> None:
+        if needs_smtputf8(control) and not self._smtp.supports_extension("smtputf8"):
+            return
+        try:
+            path = wire_address(control, allow_utf8=True)
+        except UnsendableAddress:
+            return
+        stage, reply = await self._ask(path)
+        text = f"{control}: {reply.code} {reply.message}"
+        if stage is Stage.RCPT and 200 <= reply.code < 300:
+            evidence.vouched_by = control
+            if evidence.suspect:
+                # Another control vouches: the suspect is a user removed since.
+                self._note(f"control {evidence.suspect} is refused: no longer a control")
+                self._controls.stale(evidence.suspect)
+            return
+        evidence.replies.append(text)
+        if (
+            verified
+            and stage is Stage.RCPT
+            and not evidence.suspect
+            and classify(Stage.RCPT, reply.code, reply.message).verdict is Verdict.UNKNOWN
+        ):
+            evidence.suspect = control
+            evidence.suspect_reply = f"{reply.code} {reply.message}"
+
+    def _result(
+        self,
+        stage: Stage,
+        code: int | None,
+        detail: str,
+        started: float,
+        found: Classification | None = None,
+    ) -> ProbeResult:
+        if found is None:
+            found = classify(stage, code, detail)
+        return ProbeResult(
+            found.verdict,
+            stage,
+            code,
+            detail,
+            time.monotonic() - started,
+            str(self.hop),
+            basis=found.basis,
+            why=found.why,
+            transcript=self.transcript,
+        )
+
+    async def quit(self) -> None:
+        """Retire politely: QUIT, unless the error budget is spent (then just hang up,
+        since a Postfix primary would make even QUIT wait)."""
+        try:
+            if self._smtp.is_connected and self.errors < ERROR_BUDGET:
+                await self._smtp.quit(timeout=QUIT_TIMEOUT)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            log.debug("QUIT to %s failed: %s", self.hop, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._retired = True
+        self._smtp.close()

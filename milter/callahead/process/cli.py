@@ -1,0 +1,399 @@
+"""The command line: ``callahead serve``, ``probe ADDRESS``, ``config``, ``cache ...`` and
+``status`` (the last two ask a running ``serve`` over the admin socket, admin.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from .. import __version__
+from ..base.address import UnsendableAddress, normalize_recipient, wire_address
+from ..frontends.admin import AdminUnavailable, ask, status_lines
+from ..probing.engine import ProbeEngine
+from ..probing.loop import HANDOFF_MARGIN
+from ..probing.verdict import ProbeResult, Verdict
+from ..routing.postfixmaps import PostfixRoutes
+from ..routing.router import describe_routes
+from ..routing.routes import Nexthop, RouteUnavailable
+from .assembly import answer_time, build_resolver, engine_settings, route_wait, shared_delay
+from .config import (
+    EX_CONFIG,
+    VARIABLES,
+    Config,
+    ConfigError,
+    is_fully_qualified,
+    load_config,
+    loopback_host,
+    parse_listen,
+    postfix_milter_command_timeout,
+)
+
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_NOPERM = 77
+PROBE_EXIT = {Verdict.VALID: 0, Verdict.UNKNOWN: 1, Verdict.TEMPFAIL: 2}
+
+log = logging.getLogger("callahead")
+
+
+def variables_help() -> str:
+    width = max(len(v.name) for v in VARIABLES)
+    lines = ["environment variables (default in brackets):"]
+    for v in VARIABLES:
+        default = v.shown_default or "empty"
+        lines.append(f"  {v.name:<{width}}  {v.meaning} [{default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = {
+        "epilog": variables_help(),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+    parser = argparse.ArgumentParser(
+        prog="callahead",
+        description="Recipient-verification milter for a Postfix backup MX: probes the "
+        "primary for every RCPT TO and rejects unknown recipients with 550.",
+        **common,  # type: ignore[arg-type]
+    )
+    parser.add_argument("--version", action="version", version=f"callahead {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        help="run the milter in the foreground",
+        description="Run the milter in the foreground until SIGTERM or SIGINT.",
+        **common,  # type: ignore[arg-type]
+    )
+    probe = sub.add_parser(
+        "probe",
+        help="probe the primary for one address",
+        description="Probe the primary for one address, with the same configuration and "
+        "no cache. Exit 0 valid, 1 unknown, 2 tempfail, 64 usage error, 78 bad config.",
+        **common,  # type: ignore[arg-type]
+    )
+    probe.add_argument("address", metavar="ADDRESS", help="recipient, e.g. user@example.com")
+    probe.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the SMTP transcript, the line that decided and why it was classified so",
+    )
+    sub.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the effective configuration; exit 78 if a value is bad.",
+        **common,  # type: ignore[arg-type]
+    )
+    cache = sub.add_parser(
+        "cache",
+        help="show or flush entries of a running serve's positive cache",
+        description="Talk to the running serve over CALLAHEAD_ADMIN_SOCKET. Exit 69 when "
+        "no serve answers there.",
+        **common,  # type: ignore[arg-type]
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    show = cache_sub.add_parser(
+        "show",
+        help="is ADDRESS cached, and for how long (exit 0 cached, 1 not)",
+        description="Exit 0 when ADDRESS is cached (with the seconds it has left), 1 when not.",
+    )
+    show.add_argument("address", metavar="ADDRESS")
+    flush = cache_sub.add_parser(
+        "flush",
+        help="forget ADDRESS, every address @DOMAIN, or --all; prints how many went",
+        description="Forget cached entries: the next recipient is probed again.",
+    )
+    what = flush.add_mutually_exclusive_group(required=True)
+    what.add_argument("target", nargs="?", metavar="ADDRESS|@DOMAIN")
+    what.add_argument("--all", action="store_true", help="forget every entry")
+    cache_sub.add_parser("stats", help="entries, size, TTL, hits, misses and refreshes")
+    sub.add_parser(
+        "status",
+        help="is the running serve healthy (exit 0 healthy, 1 degraded, 69 not running)",
+        description="The probe loop and, per primary, breaker, pool sessions and last probe. "
+        "Exit 0 healthy, 1 degraded, 69 not running.",
+        **common,  # type: ignore[arg-type]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(os.environ if env is None else env)
+    except ConfigError as exc:
+        print(f"callahead: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    command: str = args.command
+    if command == "config":
+        for name, value in config.describe():
+            print(f"{name}={value}")
+        print(f"# routes from: {routes_source(config)}")
+        return 0
+    if command == "probe":
+        return run_probe(config, args.address, explain=args.explain)
+    if command == "cache":
+        return run_cache(config, args)
+    if command == "status":
+        return run_status(config)
+    return run_serve(config)
+
+
+def _ask(config: Config, request: dict[str, object]) -> dict[str, object] | int:
+    """The answer of the running serve, or the exit status when there is none."""
+    if not config.admin_socket:
+        print("callahead: CALLAHEAD_ADMIN_SOCKET is empty: no admin socket", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        answer = ask(config.admin_socket, request)
+    except AdminUnavailable as exc:
+        print(f"callahead: {exc}", file=sys.stderr)
+        return EX_NOPERM if exc.permission else EX_UNAVAILABLE
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else answer
+        print(f"callahead: serve refused the request: {error}", file=sys.stderr)
+        return EX_USAGE
+    return answer
+
+
+def run_cache(config: Config, args: argparse.Namespace) -> int:
+    action: str = args.cache_command
+    request: dict[str, object]
+    if action == "show":
+        request = {"op": "cache-show", "address": args.address}
+    elif action == "flush":
+        target: str | None = args.target
+        if args.all:
+            request = {"op": "cache-flush", "all": True}
+        elif target is not None and target.startswith("@"):
+            request = {"op": "cache-flush", "domain": target[1:]}
+        else:
+            request = {"op": "cache-flush", "address": target}
+    else:
+        request = {"op": "cache-stats"}
+    answer = _ask(config, request)
+    if isinstance(answer, int):
+        return answer
+    if action == "show":
+        if not answer["cached"]:
+            print(f"{answer['address']}: not cached")
+            return 1
+        print(f"{answer['address']}: cached, {answer['remaining']:.0f} s left{_where(answer)}")
+        return 0
+    if action == "flush":
+        flushed = answer["flushed"]
+        print(f"flushed {flushed} entr{'y' if flushed == 1 else 'ies'}{_where(answer)}")
+        if answer.get("saved") is False:
+            print(
+                "callahead: warning: the cache file could not be saved (see serve's log): "
+                "a restart before its next save brings the flushed entries back",
+                file=sys.stderr,
+            )
+        return 0
+    for key, value in answer.items():
+        if key != "ok":
+            print(f"{key}: {_plain(value)}")
+    return 0
+
+
+def _where(answer: dict[str, object]) -> str:
+    """Which cache a show or flush answer is about, when Redis is configured."""
+    if "shared" not in answer:
+        return ""
+    if answer["shared"]:
+        return " (shared: every backup)"
+    return " (this backup only: redis did not answer)"
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _fmt(value)
+    return str(value)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.3f}"
+
+
+def run_status(config: Config) -> int:
+    answer = _ask(config, {"op": "status"})
+    if isinstance(answer, int):
+        return answer
+    for line in status_lines(answer):
+        print(line)
+    return 0 if answer["healthy"] else 1
+
+
+def routes_source(config: Config) -> str:
+    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
+    return describe_routes(config.routes, postfix)
+
+
+def _no_routes(config: Config) -> bool:
+    return not config.routes and config.postfix is None
+
+
+def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int:
+    if _no_routes(config):
+        print(
+            "callahead: CALLAHEAD_ROUTES and CALLAHEAD_POSTFIX_CONFIG are empty: "
+            "no primary to probe",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    normalized = normalize_recipient(address_arg)
+    if normalized is None:
+        print(
+            f"callahead: {address_arg!r} is not an address (expected user@domain)", file=sys.stderr
+        )
+        return EX_USAGE
+    address = normalized.address
+    try:
+        wire_address(address, allow_utf8=True)
+    except UnsendableAddress as exc:
+        print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
+        return EX_USAGE
+    warning = helo_warning(config.helo_name)
+    if warning:
+        print(f"callahead: warning: {warning}", file=sys.stderr)
+
+    async def routes() -> tuple[Nexthop, ...]:
+        hops = config.routes.lookup(normalized.domain)
+        if hops or config.postfix is None:
+            return hops
+        return await PostfixRoutes(config.postfix).lookup(normalized.domain, address)
+
+    async def once() -> int:
+        try:
+            hops = await routes()
+        except RouteUnavailable as exc:
+            print(f"callahead: the route of {normalized.domain!r} is unknown: {exc}")
+            return PROBE_EXIT[Verdict.TEMPFAIL]
+        if not hops:
+            print(
+                f"callahead: no route for {normalized.domain!r} in {routes_source(config)}",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        resolver, _ = build_resolver(config)
+        engine = ProbeEngine(engine_settings(config, transcript=explain), resolver=resolver)
+        result = await engine.probe(address, hops)
+        code = "no reply" if result.code is None else str(result.code)
+        print(
+            f"{result.verdict.value}: {address} at {result.primary}: {code} at "
+            f"{result.stage.value.upper()} ({result.duration * 1000:.1f} ms): {result.detail}"
+        )
+        if explain:
+            print(explanation(result))
+        await engine.aclose()
+        return PROBE_EXIT[result.verdict]
+
+    return asyncio.run(once())
+
+
+def explanation(result: ProbeResult) -> str:
+    """What ``probe --explain`` prints after the verdict line."""
+    lines = ["transcript:"]
+    lines += [f"  {line}" for line in result.transcript] or ["  (nothing was said)"]
+    if result.code is None:
+        lines.append(f"decided by: no reply at {result.stage.value.upper()} ({result.detail})")
+    else:
+        first, *_ = result.detail.split("\n")
+        lines.append(f"decided by: {result.code} {first} (at {result.stage.value.upper()})")
+    lines.append(f"classified: {result.verdict.value} ({result.basis.value}): {result.why}")
+    return "\n".join(lines)
+
+
+def answer_time_problem(config: Config) -> str | None:
+    """Why Postfix would give up on callahead's answers, if it would: the longest answer
+    (the route lookup in the Postfix maps, a wait for a probe slot, the probe, the thread
+    handoff) must stay below the local Postfix's milter_command_timeout. None when it
+    does, or when there is no Postfix to ask (then serve warns against Postfix's
+    default)."""
+    timeout = postfix_milter_command_timeout()
+    longest = answer_time(config)
+    if timeout is None or longest < timeout:
+        return None
+    engine_longest = engine_settings(config).longest_answer + shared_delay(config)
+    redis = (
+        " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)" if config.redis_url else ""
+    )
+    lookup = route_wait(config)
+    lookups = (
+        f" the {lookup:g}s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps and" if lookup else ""
+    )
+    return (
+        f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT{redis} = "
+        f"{engine_longest:g}s: with{lookups} the {HANDOFF_MARGIN:g}s "
+        f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
+        f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "
+        "of the session); lower them or raise milter_command_timeout"
+    )
+
+
+def helo_warning(helo: str) -> str | None:
+    """A warning for an EHLO name that primaries with reject_non_fqdn_helo_hostname
+    refuse; None when it is fully qualified."""
+    if is_fully_qualified(helo):
+        return None
+    return (
+        f"the probes' EHLO name {helo!r} is not fully qualified: primaries with "
+        "reject_non_fqdn_helo_hostname refuse it and callahead can then reject nobody; "
+        "set CALLAHEAD_HELO_NAME (or Postfix's myhostname) to this host's public name"
+    )
+
+
+def milter_exposure_warning(config: Config) -> str | None:
+    """A warning for an ``inet:`` milter socket reachable from other hosts: libmilter
+    takes any client, and ``{client_addr}`` (the dictionary guard's key) is the
+    requester's word there too; None on loopback, a unix socket, or no milter."""
+    if not config.socket:
+        return None
+    listen = parse_listen("CALLAHEAD_SOCKET", config.socket)
+    if listen.kind != "inet" or loopback_host(listen.host):
+        return None
+    return (
+        f"CALLAHEAD_SOCKET={config.socket} listens off loopback: anyone who reaches it can "
+        "ask which addresses exist, and name the client address the dictionary guard "
+        "counts; listen on 127.0.0.1 or a unix socket, or firewall the port to the "
+        "Postfix hosts"
+    )
+
+
+def run_serve(config: Config) -> int:
+    if _no_routes(config):
+        print(
+            "callahead: CALLAHEAD_ROUTES='' is invalid: serve needs at least one "
+            "domain=nexthop route, or CALLAHEAD_POSTFIX_CONFIG",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    if not config.socket and config.policy_listen is None:
+        print(
+            "callahead: CALLAHEAD_SOCKET and CALLAHEAD_POLICY_LISTEN are both empty: serve "
+            "needs a milter, a policy service, or both",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for warning in (helo_warning(config.helo_name), milter_exposure_warning(config)):
+        if warning:
+            log.warning("%s", warning)
+    problem = answer_time_problem(config) if config.socket else None
+    if problem:
+        print(f"callahead: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
+    from .server import serve
+
+    return serve(config)

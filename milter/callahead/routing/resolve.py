@@ -1,0 +1,470 @@
+"""From a route's nexthops to the addresses to probe, through the DNS, as Postfix's
+smtp(8) does it.
+
+* ``[host]:port`` (literal): no lookup; the session connects to ``host``.
+* ``host`` / ``host:port``: the MX hosts of ``host``; with no MX records, ``host`` itself
+  (RFC 5321 5.1 implicit MX); then the addresses (A, then AAAA) of each.
+* ``smtp:`` or ``relay`` with no host: the same for the recipient domain.
+
+MX hosts are tried by preference (equal ones shuffled, as RFC 5321 asks). **This host
+is never probed**: an MX host whose name is this host's name (Postfix's ``myhostname``)
+or one of whose addresses is this host's (``inet_interfaces`` and ``proxy_interfaces``
+of the Postfix configuration; with ``all``, the addresses of this host's interfaces) is
+dropped with every MX host of equal or lower preference, as smtp(8) does (it looks at
+the addresses; RFC 5321 also names the host name, which catches a backup behind NAT).
+When none is left (this host is the best MX), or on any DNS failure (SERVFAIL, REFUSED,
+a timeout, no server answering), the recipient is undecided (``RouteUnavailable``).
+
+**Only the primary's word counts.** Of one MX lookup, the hosts of the most-preferred
+group (the lowest preference among *all* its MX records, whether they resolve or not;
+an implicit MX is its own primary) are primaries; every other MX host is another
+backup MX of the site, which accepts every address while the primary is down, so its
+hops are returned in ``Expansion.secondary`` and the engine never takes their valid or
+unknown answers as final. Literal hops are never secondary.
+
+**No such domain.** When the recipient domain itself (a hostless hop: ``relay``,
+``smtp:``) does not exist (dnspython's ``NXDOMAIN``) or has an RFC 7505 null MX (a lone
+``MX 0 .``) and no other hop of the route is left to probe, ``NoSuchDomain`` is raised:
+the recipient is unknown (``550 5.1.2``). An NXDOMAIN or a null MX of a *named* nexthop
+host (``smtp:mx.example.com``) is the configuration's problem, not the recipient's:
+undecided. A null MX among other MX records breaks RFC 7505: undecided too.
+
+At most ``MAX_ADDRESSES`` addresses are returned (smtp_mx_address_limit). Answers are
+cached for their TTL by dnspython's cache (bounded); ``flush`` empties it (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from ..base.address import normalize_domain
+from ..base.errors import CallaheadError
+from ..base.logfmt import escape
+from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
+
+log = logging.getLogger("callahead.resolve")
+
+MAX_ADDRESSES = 5
+"""Addresses tried per recipient at most (Postfix's smtp_mx_address_limit)."""
+DNS_CACHE_SIZE = 10_000
+DNS_TIMEOUT = 5.0
+"""Seconds for one name's lookups at most (within the probe's own deadline)."""
+INTERFACE_REFRESH = 30.0
+"""Seconds this host's interface addresses are used before an MX lookup re-reads them."""
+FIB_TRIE = "/proc/net/fib_trie"
+IF_INET6 = "/proc/net/if_inet6"
+
+
+class NoRecords(CallaheadError):
+    """The name exists and has no records of the type asked (NOERROR/NODATA)."""
+
+
+class DnsFailure(CallaheadError):
+    """NXDOMAIN, SERVFAIL, a timeout, no server answering: the reason in the message."""
+
+
+class NameNotFound(DnsFailure):
+    """An NXDOMAIN answer (dnspython's ``NXDOMAIN``): the name does not exist."""
+
+
+class InterfaceReadError(CallaheadError):
+    """This host's interface addresses cannot be read: the reason in the message."""
+
+
+class Dns(Protocol):
+    """The lookups MX selection needs (``DnsPython`` is the real one)."""
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        """(preference, exchange) pairs; raises NoRecords, NameNotFound (NXDOMAIN) or
+        DnsFailure."""
+        ...
+
+    async def addresses(self, name: str) -> list[str]:
+        """A then AAAA addresses; raises NoRecords or DnsFailure."""
+        ...
+
+
+def parse_resolver(text: str) -> tuple[str, int] | None:
+    """``HOST[:PORT]`` or ``[IPV6]:PORT`` (HOST an address); None when empty; raises
+    ValueError when malformed."""
+    text = text.strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?|([0-9A-Fa-f:.]+)", text)
+    if not match:
+        raise ValueError(text)
+    host = match.group(1) or match.group(3) or match.group(5)
+    port_text = match.group(2) or match.group(4)
+    ipaddress.ip_address(host)  # raises ValueError
+    port = int(port_text) if port_text else 53
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return host, port
+
+
+class DnsPython:
+    """``Dns`` through dnspython's asyncio resolver: the system's servers, or one given."""
+
+    def __init__(self, server: tuple[str, int] | None = None, timeout: float = DNS_TIMEOUT):
+        self._resolver = dns.asyncresolver.Resolver(configure=server is None)
+        if server is not None:
+            self._resolver.nameservers = [server[0]]
+            self._resolver.port = server[1]
+        self._resolver.lifetime = timeout
+        self._resolver.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
+
+    def flush(self) -> None:
+        cache = self._resolver.cache
+        if cache is not None:
+            cache.flush()
+
+    async def _query(self, name: str, rdtype: str) -> list[str]:
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            raise NoRecords(f"{name} has no {rdtype} records") from None
+        except dns.resolver.NXDOMAIN:
+            raise NameNotFound(f"{name} does not exist (NXDOMAIN)") from None
+        except dns.exception.DNSException as exc:
+            raise DnsFailure(f"{rdtype} lookup of {name} failed: {exc}") from None
+        return [rdata.to_text() for rdata in answer]
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        out = []
+        for text in await self._query(name, "MX"):
+            preference, _, exchange = text.partition(" ")
+            out.append((int(preference), exchange))
+        return out
+
+    async def addresses(self, name: str) -> list[str]:
+        found: list[str] = []
+        failure: DnsFailure | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found += await self._query(name, rdtype)
+            except NoRecords:
+                pass
+            except DnsFailure as exc:
+                failure = failure or exc
+        if found:
+            return found
+        if failure is not None:
+            raise failure
+        raise NoRecords(f"{name} has no address records")
+
+
+@dataclass(frozen=True, slots=True)
+class ThisHost:
+    """What counts as this host among MX hosts: its names and its addresses."""
+
+    names: frozenset[str]
+    addresses: frozenset[str]
+
+    @classmethod
+    def from_postfix(cls, names: Iterable[str], interfaces: Iterable[str]) -> ThisHost:
+        """``interfaces``: Postfix's ``inet_interfaces`` and ``proxy_interfaces``
+        entries; ``all`` means every address of this host's interfaces (read now)."""
+        identity = HostIdentity.from_postfix(names, interfaces)
+        return identity.with_interfaces(
+            frozenset(interface_addresses()) if identity.all_interfaces else frozenset()
+        )
+
+    def current(self) -> ThisHost:
+        """This host as it is now (``HostView``): a fixed one never changes."""
+        return self
+
+    def is_self(self, name: str, addresses: Sequence[str]) -> bool:
+        return normalize_domain(name) in self.names or any(
+            _canonical(a) in self.addresses for a in addresses
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HostIdentity:
+    """What the configuration says this host is: its names, the addresses it lists, and
+    whether it listens on all of them (``all``: every interface address counts too)."""
+
+    names: frozenset[str]
+    addresses: frozenset[str]
+    all_interfaces: bool
+
+    @classmethod
+    def from_postfix(cls, names: Iterable[str], interfaces: Iterable[str]) -> HostIdentity:
+        """``interfaces``: Postfix's ``inet_interfaces`` and ``proxy_interfaces``
+        entries; a name among them counts as one of this host's names."""
+        addresses: set[str] = set()
+        all_names = list(names)
+        every = False
+        for item in interfaces:
+            item = item.strip("[]").lower()
+            if item == "all":
+                every = True
+            elif item in ("loopback-only", "localhost"):
+                addresses |= {"127.0.0.1", "::1"}
+            else:
+                try:
+                    addresses.add(str(ipaddress.ip_address(item)))
+                except ValueError:
+                    all_names.append(item)
+        return cls(
+            frozenset(normalize_domain(n) for n in all_names if n),
+            frozenset(addresses),
+            every,
+        )
+
+    def with_interfaces(self, found: frozenset[str]) -> ThisHost:
+        """This host with ``found`` as its interfaces' addresses (counted with ``all``
+        only)."""
+        return ThisHost(
+            self.names, self.addresses | found if self.all_interfaces else self.addresses
+        )
+
+
+class HostView(Protocol):
+    """This host as it is at the moment of asking (``ThisHost``, ``LiveThisHost``)."""
+
+    def current(self) -> ThisHost: ...
+
+
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def read_interface_addresses() -> frozenset[str]:
+    """Every address of this host's interfaces (Linux: the kernel's local routes in
+    ``/proc/net/fib_trie``, and ``/proc/net/if_inet6``, absent without IPv6). Raises
+    ``InterfaceReadError`` when they cannot be read, or when no address is found at all
+    (every Linux host has 127.0.0.1: an empty answer is a misread)."""
+    found: set[str] = set()
+    try:
+        fib = Path(FIB_TRIE).read_text()
+    except OSError as exc:
+        raise InterfaceReadError(f"{FIB_TRIE}: {exc.strerror or exc}") from None
+    last = ""
+    for line in fib.splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text[3:].strip().split("/")[0]
+        elif text.startswith("/32 host LOCAL") and last:
+            found.add(last)
+    try:
+        inet6 = Path(IF_INET6).read_text()
+    except FileNotFoundError:
+        inet6 = ""  # IPv6 is off on this host
+    except OSError as exc:
+        raise InterfaceReadError(f"{IF_INET6}: {exc.strerror or exc}") from None
+    for line in inet6.splitlines():
+        try:
+            found.add(str(ipaddress.ip_address(bytes.fromhex(line.split()[0]))))
+        except (ValueError, IndexError):
+            raise InterfaceReadError(f"{IF_INET6}: unreadable line {line.strip()!r}") from None
+    if not found:
+        raise InterfaceReadError(f"no address found in {FIB_TRIE} or {IF_INET6}")
+    return frozenset(found)
+
+
+def interface_addresses() -> set[str]:
+    """``read_interface_addresses``, or none when they cannot be read."""
+    try:
+        return set(read_interface_addresses())
+    except InterfaceReadError:
+        return set()
+
+
+class LiveThisHost:
+    """This host as it is now (``HostView``), for ``MxResolver``.
+
+    ``current`` re-reads the interfaces' addresses (with ``all`` only) when the last
+    read is ``interval`` seconds old: at most one read per interval, and none while no
+    MX route is looked up. ``replace`` (SIGHUP) puts a new identity in force and reads
+    the interfaces at once. A read that fails keeps the addresses read before; the
+    first failure of a run is logged, and so is the read that works again. ``current``
+    runs on the probe loop and ``replace`` in the main thread: a lock keeps a read that
+    began before ``replace`` from putting back the old identity."""
+
+    def __init__(
+        self,
+        identity: HostIdentity,
+        *,
+        read: Callable[[], frozenset[str]] = read_interface_addresses,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = INTERFACE_REFRESH,
+    ) -> None:
+        self._read = read
+        self._clock = clock
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._identity = identity
+        self._found: frozenset[str] | None = None
+        """The interfaces' addresses last read; None before one read worked."""
+        self._failing = False
+        self._due = clock()
+        self._view = identity.with_interfaces(frozenset())
+        with self._lock:
+            self._update(self._due)
+
+    @property
+    def identity(self) -> HostIdentity:
+        return self._identity
+
+    def current(self) -> ThisHost:
+        if self._identity.all_interfaces and self._clock() >= self._due:
+            with self._lock:
+                now = self._clock()
+                if now >= self._due:
+                    self._update(now)
+        return self._view
+
+    def replace(self, identity: HostIdentity) -> ThisHost:
+        """Put ``identity`` in force (the interfaces re-read now); returns this host."""
+        with self._lock:
+            before = self._view
+            self._identity = identity
+            self._update(self._clock())
+            view = self._view
+        if view != before:
+            log.info(
+                "this host among MX hosts (never probed) is now: names %s; addresses %s",
+                escape(",".join(sorted(view.names)) or "none"),
+                escape(",".join(sorted(view.addresses)) or "none"),
+            )
+        return view
+
+    def _update(self, now: float) -> None:
+        """Re-read the interfaces (with ``all``) and rebuild the view; under the lock."""
+        if self._identity.all_interfaces:
+            self._due = now + self._interval
+            try:
+                found = self._read()
+            except InterfaceReadError as exc:
+                if not self._failing:
+                    self._failing = True
+                    log.warning(
+                        "cannot read this host's interface addresses, keeping the %d "
+                        "known (their MX entries stay skipped): %s",
+                        len(self._found or ()),
+                        exc,
+                    )
+            else:
+                if self._failing:
+                    self._failing = False
+                    log.info("this host's interface addresses can be read again")
+                if self._found is not None and found != self._found:
+                    log.info(
+                        "this host's interface addresses changed: added %s; removed %s",
+                        escape(",".join(sorted(found - self._found)) or "none"),
+                        escape(",".join(sorted(self._found - found)) or "none"),
+                    )
+                self._found = found
+        self._view = self._identity.with_interfaces(self._found or frozenset())
+
+
+class MxResolver:
+    """Expands a route's nexthops into literal ones (engine.HopResolver)."""
+
+    def __init__(self, dns_: Dns, this_host: HostView, *, shuffle: bool = True) -> None:
+        self._dns = dns_
+        self._this_host = this_host
+        self._shuffle = shuffle
+
+    async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
+        """Literal nexthops for ``hops`` (the recipient ``domain`` for a hostless one),
+        in order, at most ``MAX_ADDRESSES``, with the ones outside the most-preferred
+        group of their MX lookup marked secondary. Raises ``NoSuchDomain`` when none is
+        left and the recipient domain's own lookup found it does not exist or takes no
+        mail, else ``RouteUnavailable`` when none is left."""
+        out: list[Nexthop] = []
+        primaries: set[Nexthop] = set()
+        secondaries: set[Nexthop] = set()
+        problems: list[str] = []
+        no_domain: str | None = None
+        for hop in hops:
+            if not hop.mx:
+                out.append(hop)
+                primaries.add(hop)
+                continue
+            try:
+                first, rest = await self._mx_hops(hop.host or domain, hop.port)
+            except NoSuchDomain as exc:
+                # Only the recipient domain's own answer says the recipient is unknown;
+                # a named nexthop host that does not exist is a configuration problem.
+                if not hop.host and no_domain is None:
+                    no_domain = str(exc)
+                problems.append(str(exc))
+                continue
+            except RouteUnavailable as exc:
+                problems.append(str(exc))
+                continue
+            out += first + rest
+            primaries.update(first)
+            secondaries.update(rest)
+        unique = list(dict.fromkeys(out))[:MAX_ADDRESSES]
+        if not unique:
+            if no_domain is not None:
+                raise NoSuchDomain(no_domain)
+            raise RouteUnavailable("; ".join(problems) or "no host to probe")
+        # A hop that is a primary of any lookup (or literal) is a primary.
+        secondary = frozenset(h for h in unique if h in secondaries and h not in primaries)
+        return Expansion(tuple(unique), secondary)
+
+    async def _mx_hops(self, name: str, port: int) -> tuple[list[Nexthop], list[Nexthop]]:
+        """The hops of ``name``'s MX hosts in order: (the most-preferred group's, the
+        others'). Raises ``NoSuchDomain`` (NXDOMAIN, a lone null MX) or
+        ``RouteUnavailable``."""
+        name = normalize_domain(name)
+        try:
+            records = await self._dns.mx(name)
+        except NoRecords:
+            records = [(0, name)]  # implicit MX: the name is its own primary
+        except NameNotFound:
+            raise NoSuchDomain(f"{name} does not exist (NXDOMAIN)") from None
+        except DnsFailure as exc:
+            raise RouteUnavailable(str(exc)) from None
+        exchanges = [(pref, normalize_domain(host)) for pref, host in records]
+        if any(not host for _, host in exchanges):
+            if len(exchanges) == 1:
+                raise NoSuchDomain(f"{name} has a null MX (RFC 7505): it accepts no mail")
+            raise RouteUnavailable(f"{name} has a null MX among other MX records (RFC 7505)")
+        if not exchanges:
+            raise RouteUnavailable(f"no MX host for {name}")
+        best = min(pref for pref, _ in exchanges)
+        exchanges.sort(key=lambda mx: (mx[0], random.random() if self._shuffle else 0))
+        resolved: list[tuple[int, str, list[str]]] = []
+        problems: list[str] = []
+        for pref, host in exchanges:
+            try:
+                addresses = await self._dns.addresses(host)
+            except (NoRecords, DnsFailure) as exc:
+                problems.append(str(exc))
+                addresses = []
+            resolved.append((pref, host, addresses))
+        this_host = self._this_host.current()
+        cut = min(
+            (pref for pref, host, addrs in resolved if this_host.is_self(host, addrs)),
+            default=None,
+        )
+        kept = [r for r in resolved if cut is None or r[0] < cut]
+        first = [Nexthop(a, port) for pref, _, addrs in kept if pref == best for a in addrs]
+        rest = [Nexthop(a, port) for pref, _, addrs in kept if pref != best for a in addrs]
+        if not first and not rest:
+            if cut is not None and not kept:
+                raise RouteUnavailable(f"this host is the best MX host of {name}")
+            raise RouteUnavailable("; ".join(problems) or f"no address for the MX hosts of {name}")
+        return first, rest

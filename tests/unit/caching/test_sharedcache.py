@@ -1,0 +1,478 @@
+"""The shared cache (sharedcache.py) against a real redis-server on loopback: two gates
+stand for two backup MXes, each with its own local cache; ``run`` stands for each
+one's own probe, and the test counts how often it is called."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from callahead.base.logfmt import redact_url
+from callahead.caching.cache import PositiveCache
+from callahead.caching.controls import Controls
+from callahead.caching.sharedcache import (
+    CHANNEL,
+    LOCK_PREFIX,
+    VALID_PREFIX,
+    RedisStore,
+    SharedGate,
+    control_key,
+    domain_pattern,
+    lock_key,
+    valid_key,
+)
+from callahead.core.policy import Action, Policy, Reason, TempfailAction
+from callahead.frontends.metrics import Metrics
+from callahead.probing.breaker import Breaker
+from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
+from callahead.process.config import ConfigError, load_config
+from callahead.routing.routes import Nexthop, parse_routes
+from tests.harness.fixtures import make_workdir
+from tests.harness.ports import free_port
+from tests.harness.primary import SilentServer
+from tests.harness.redis import RedisServer
+from tests.harness.waiting import wait_until
+
+HOPS = (Nexthop("127.0.0.1", 2525),)
+TTL = 3600.0
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with make_workdir() as workdir, RedisServer(workdir) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    assert redis_server.command("FLUSHALL") == "+OK"
+    return redis_server
+
+
+def new_address(domain: str = "example.test") -> str:
+    return f"u{uuid.uuid4().hex[:10]}@{domain}"
+
+
+@dataclass
+class Backup:
+    """One backup MX as the gate sees it: its own local cache and probe counter."""
+
+    gate: SharedGate
+    metrics: Metrics
+    probes: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> PositiveCache:
+        return self.gate.local
+
+    def counted(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def ask(
+        self,
+        address: str,
+        verdict: Verdict = Verdict.VALID,
+        *,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> ProbeResult:
+        async def run() -> ProbeResult:
+            self.probes.append(address)
+            if before is not None:
+                await before()
+            code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
+            return ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.001, str(HOPS[0]))
+
+        return await self.gate.probe(address, HOPS, False, run)
+
+
+def backup(
+    url: str,
+    *,
+    lock_wait: float = 2.0,
+    timeout: float = 0.5,
+    refresh_within: float = 0.0,
+    breaker: Breaker | None = None,
+    local_ttl: float = 60.0,
+) -> Backup:
+    metrics = Metrics()
+    store = RedisStore(url, timeout=timeout, observer=metrics, breaker=breaker)
+    gate = SharedGate(
+        store,
+        PositiveCache(ttl=local_ttl, maxsize=1000),
+        ttl=TTL,
+        lock_wait=lock_wait,
+        probe_timeout=5.0,
+        refresh_within=refresh_within,
+        refresh_limit=4,
+        observer=metrics,
+    )
+    return Backup(gate, metrics)
+
+
+async def settle(*backups: Backup) -> None:
+    """Let the background writes (store, release) finish."""
+    for b in backups:
+        await wait_until(lambda b=b: not b.gate._tasks, what="background writes")  # type: ignore[misc]
+
+
+async def closed(*backups: Backup) -> None:
+    for b in backups:
+        await b.gate.aclose()
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_keys_are_namespaced_hashes_that_no_address_can_steer() -> None:
+    crafted = "a*b:c@example.test"
+    key = valid_key(crafted)
+    assert key.startswith(VALID_PREFIX)
+    domain_hash, address_hash = key[len(VALID_PREFIX) :].split(":")
+    assert len(domain_hash) == len(address_hash) == 64
+    assert all(c in "0123456789abcdef" for c in domain_hash + address_hash)
+    assert valid_key("a@example.test") != valid_key("b@example.test")
+    assert valid_key("a@b.example.test") != valid_key("a@example.test")
+    # "a@b" at c and "a" at "b@c" are different addresses: the whole address is hashed.
+    assert valid_key("a@b@c.test") != valid_key("a@c.test")
+    assert lock_key(crafted).startswith(LOCK_PREFIX)
+    assert domain_pattern("example.test") == f"{VALID_PREFIX}{domain_hash}:*"
+
+
+def test_redis_url_is_validated_and_its_password_never_shown() -> None:
+    config = load_config({"CALLAHEAD_REDIS_URL": "redis://cache:s3cret@10.0.0.7:6379/2"})
+    shown = dict(config.describe())["CALLAHEAD_REDIS_URL"]
+    assert "s3cret" not in shown
+    assert shown == "redis://cache:***@10.0.0.7:6379/2"
+    assert redact_url("unix:///run/redis/redis.sock") == "unix:///run/redis/redis.sock"
+    for good in ("rediss://h.example:6380", "unix:///run/redis.sock", ""):
+        load_config({"CALLAHEAD_REDIS_URL": good})
+    for bad in ("http://h", "redis://", "unix://relative", "redis://h:99999", "h:6379"):
+        with pytest.raises(ConfigError, match="CALLAHEAD_REDIS_URL"):
+            load_config({"CALLAHEAD_REDIS_URL": bad})
+
+
+# -- sharing ------------------------------------------------------------------------------
+
+
+def test_a_valid_answer_of_one_backup_is_a_hit_for_the_other(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        address = new_address()
+        first = await a.ask(address)
+        assert first.verdict is Verdict.VALID and first.basis is not Basis.SHARED
+        await settle(a)
+        ttl = int(redis.command("PTTL", valid_key(address))[1:])
+        assert TTL * 1000 - 5000 < ttl <= TTL * 1000
+        assert redis.command("EXISTS", lock_key(address)) == ":0"  # released
+        second = await b.ask(address)
+        assert second.verdict is Verdict.VALID and second.basis is Basis.SHARED
+        assert b.probes == []
+        # B keeps it locally, for at most its local TTL.
+        left = b.local.remaining(address)
+        assert left is not None and 55 < left <= 60
+        assert b.counted("callahead_redis_hits_total") == 1
+        assert a.counted("callahead_redis_misses_total") == 1
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("verdict", [Verdict.UNKNOWN, Verdict.TEMPFAIL])
+def test_unknown_and_undecided_are_never_stored(redis: RedisServer, verdict: Verdict) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        address = new_address()
+        assert (await a.ask(address, verdict)).verdict is verdict
+        await settle(a)
+        assert redis.keys("callahead:*") == 0  # no entry, and the lock is released
+        assert (await b.ask(address, verdict)).verdict is verdict
+        assert b.probes == [address]
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_in_flight_at_one_backup_answers_the_other(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        address = new_address()
+        go = asyncio.Event()
+
+        async def held() -> None:
+            await go.wait()
+
+        probing = asyncio.create_task(a.ask(address, before=held))
+        await wait_until(lambda: a.probes, what="A's probe")
+        waiting = asyncio.create_task(b.ask(address))
+        await asyncio.sleep(0.1)  # B polls meanwhile
+        assert not waiting.done()
+        go.set()
+        assert (await probing).basis is not Basis.SHARED
+        result = await waiting
+        assert result.verdict is Verdict.VALID and result.basis is Basis.SHARED
+        assert b.probes == []
+        assert b.counted("callahead_redis_lock_waits_total", outcome="shared") == 1
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_when_the_other_backup_finds_no_valid_answer_this_one_probes(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        address = new_address()
+        go = asyncio.Event()
+
+        async def held() -> None:
+            await go.wait()
+
+        probing = asyncio.create_task(a.ask(address, Verdict.UNKNOWN, before=held))
+        await wait_until(lambda: a.probes, what="A's probe")
+        waiting = asyncio.create_task(b.ask(address, Verdict.UNKNOWN))
+        await asyncio.sleep(0.05)
+        go.set()
+        assert (await probing).verdict is Verdict.UNKNOWN
+        assert (await waiting).verdict is Verdict.UNKNOWN
+        assert b.probes == [address]
+        assert b.counted("callahead_redis_lock_waits_total", outcome="released") == 1
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_the_wait_for_another_backup_is_bounded(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url, lock_wait=0.3)
+        address = new_address()
+        go = asyncio.Event()
+
+        async def held() -> None:
+            await go.wait()
+
+        probing = asyncio.create_task(a.ask(address, before=held))
+        await wait_until(lambda: a.probes, what="A's probe")
+        started = time.monotonic()
+        result = await b.ask(address)
+        took = time.monotonic() - started
+        assert result.verdict is Verdict.VALID and b.probes == [address]
+        assert 0.3 <= took < 1.0
+        assert b.counted("callahead_redis_lock_waits_total", outcome="timeout") == 1
+        go.set()
+        await probing
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+# -- Redis in trouble ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_redis_refusing_costs_nothing_but_a_probe_and_opens_the_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def scenario() -> None:
+        b = backup(url, breaker=Breaker(failures=3, cooldown=5.0, clock=clock))
+        for _ in range(10):
+            result = await b.ask(new_address())
+            assert result.verdict is Verdict.VALID and result.basis is not Basis.SHARED
+        assert len(b.probes) == 10
+        # Three failures opened the breaker: no more calls until the cooldown ends.
+        assert b.counted("callahead_redis_errors_total") == 3
+        assert b.counted("callahead_redis_round_trips_total") == 3
+        assert b.counted("callahead_redis_breaker_open") == 1
+        await closed(b)
+
+    with caplog.at_level(logging.INFO, logger="callahead.sharedcache"):
+        asyncio.run(scenario())
+    down = [r for r in caplog.records if "is not answering" in r.getMessage()]
+    assert len(down) == 1
+
+
+def test_a_silent_redis_is_bounded_by_the_timeout() -> None:
+    with SilentServer() as silent:
+
+        async def scenario() -> None:
+            b = backup(f"redis://127.0.0.1:{silent.port}/0", timeout=0.2)
+            started = time.monotonic()
+            for _ in range(5):
+                assert (await b.ask(new_address())).verdict is Verdict.VALID
+            # Three timeouts, then the breaker: not a timeout per recipient.
+            assert time.monotonic() - started < 3 * 0.2 + 0.5
+            assert b.counted("callahead_redis_errors_total") == 3
+            await closed(b)
+
+        asyncio.run(scenario())
+
+
+def test_redis_back_after_the_cooldown_is_used_again(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    port = free_port()
+
+    async def scenario(workdir: Path) -> None:
+        b = backup(
+            f"redis://127.0.0.1:{port}/0", breaker=Breaker(failures=3, cooldown=5.0, clock=clock)
+        )
+        for _ in range(3):
+            await b.ask(new_address())
+        assert b.counted("callahead_redis_breaker_open") == 1
+        with RedisServer(workdir, port=port) as server:
+            address = new_address()
+            await b.ask(address)  # breaker still open: not written
+            assert server.keys("callahead:*") == 0
+            clock.now += 5.0
+            await b.ask(address)  # the trial call: Redis answers, the breaker closes
+            await settle(b)
+            assert server.command("EXISTS", valid_key(address)) == ":1"
+            assert b.counted("callahead_redis_breaker_open") == 0
+            await closed(b)
+
+    with caplog.at_level(logging.INFO, logger="callahead.sharedcache"), make_workdir() as wd:
+        asyncio.run(scenario(wd))
+    assert [r for r in caplog.records if "answers again" in r.getMessage()]
+
+
+# -- flushes ------------------------------------------------------------------------------
+
+
+def test_a_flush_on_one_backup_reaches_every_backup(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        a.gate.start()
+        b.gate.start()
+        kept, gone = new_address("keep.test"), new_address("example.test")
+        other = new_address("example.test")
+        for address in (kept, gone, other):
+            await a.ask(address)
+        await settle(a)
+        for address in (kept, gone, other):
+            assert (await b.ask(address)).basis is Basis.SHARED
+        await wait_until(lambda: redis.command("PUBSUB", "NUMSUB", CHANNEL) != "", what="subs")
+        assert await a.gate.flush_address(gone) == 1
+        await wait_until(lambda: b.local.remaining(gone) is None, what="B drops it")
+        assert await a.gate.remaining(gone) is None
+        assert b.local.remaining(other) is not None
+        assert await a.gate.flush_domain("example.test") == 1  # other
+        await wait_until(lambda: b.local.remaining(other) is None, what="B drops the domain")
+        assert b.local.remaining(kept) is not None
+        assert redis.command("EXISTS", valid_key(kept)) == ":1"
+        assert await b.gate.flush_all() == 1
+        await wait_until(lambda: a.local.remaining(kept) is None, what="A drops everything")
+        assert redis.keys("callahead:*") == 0
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_valid_answer_is_every_backups_control_until_flushed(redis: RedisServer) -> None:
+    """A backup that verified no user of a domain gets one from Redis as its control
+    (sessions ask it when the primary rejects a recipient); flushes take it away."""
+
+    async def scenario() -> None:
+        a, b = backup(redis.url), backup(redis.url)
+        first, second = new_address(), new_address()
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await b.gate.recent_valid("example.test") == first
+        await a.ask(second)
+        await settle(a)
+        assert await b.gate.recent_valid("example.test") == second  # the newest
+        assert await b.gate.recent_valid("other.test") is None
+        assert await a.gate.flush_address(first) == 1
+        assert await b.gate.recent_valid("example.test") == second  # not the flushed one
+        assert await a.gate.flush_address(second) == 1
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await a.gate.flush_domain("example.test") == 1  # the control is no entry
+        assert await b.gate.recent_valid("example.test") is None
+        await a.ask(first)
+        await settle(a)
+        assert await a.gate.flush_all() == 1
+        assert redis.keys("callahead:*") == 0
+        # What Redis holds is checked: a value of another domain is no control.
+        redis.command("SET", control_key("example.test"), "x@evil.test")
+        assert await b.gate.recent_valid("example.test") is None
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_backup_without_redis_has_only_its_own_controls() -> None:
+    async def scenario() -> None:
+        cache = PositiveCache(ttl=60, maxsize=10)
+        down = backup("redis://127.0.0.1:9", timeout=0.2)
+        controls = Controls(cache, down.gate)
+        assert await controls.controls("example.test") == ()  # Redis down: none, at once
+        cache.add("u1@example.test")
+        assert await controls.controls("example.test") == ("u1@example.test",)
+        await closed(down)
+
+    asyncio.run(scenario())
+
+
+def test_refresh_ahead_is_done_by_one_backup(redis: RedisServer) -> None:
+    async def scenario() -> None:
+        a = backup(redis.url, refresh_within=TTL / 2)
+        address = new_address()
+        # An entry in the last half of its TTL.
+        assert redis.command("SET", valid_key(address), "1", "PX", str(int(TTL * 400))) == "+OK"
+        result = await a.ask(address)
+        assert result.basis is Basis.SHARED  # answered at once from Redis
+        await wait_until(lambda: a.probes == [address], what="the background refresh")
+        await settle(a)
+        left = int(redis.command("PTTL", valid_key(address))[1:])
+        assert left > TTL * 1000 - 5000  # a new whole TTL
+        assert a.counted("callahead_cache_refreshes_total", outcome="valid") == 1
+        await closed(a)
+
+    asyncio.run(scenario())
+
+
+# -- the decision core --------------------------------------------------------------------
+
+
+class SharedHitProber:
+    """Answers every probe as a hit in the shared cache."""
+
+    def probe(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        return ProbeResult(
+            Verdict.VALID, Stage.RCPT, None, "shared", 0.001, str(hops[0]), basis=Basis.SHARED
+        )
+
+    async def probe_async(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        return self.probe(address, hops)
+
+
+def test_a_shared_hit_is_accepted_with_its_own_reason_and_its_own_time_left() -> None:
+    cache = PositiveCache(ttl=60, maxsize=10)
+    policy = Policy(
+        routes=parse_routes("example.test=[127.0.0.1]:2525"),
+        cache=cache,
+        prober=SharedHitProber(),
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    cache.restore([("other@example.test", 5.0)])
+    decision = policy.decide("<u1@example.test>")
+    assert decision.action is Action.ACCEPT and decision.reason is Reason.SHARED_CACHE_HIT
+    # The gate caches a hit itself, for the time it has left in Redis: the core does not
+    # add it for a whole local TTL.
+    assert cache.remaining("u1@example.test") is None
