@@ -30,7 +30,6 @@ from tests.harness.waiting import wait_for
 from tests.unit.clock import Clock
 from tests.unit.engines import AnsweredEngine, Asked, answer_of
 from tests.unit.probers import SyncProber
-
 from tests.unit.settings import probe_settings
 
 HOPS = (Nexthop("127.0.0.1", 2525),)

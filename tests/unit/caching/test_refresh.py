@@ -8,7 +8,6 @@ from callahead.probing.loop import ProbeLoop
 from callahead.probing.verdict import ProbeResult, Skip, Verdict
 from callahead.routing.routes import Nexthop
 from tests.harness.waiting import wait_for
-
 from tests.unit.engines import AnsweredEngine
 
 HOPS = (Nexthop("127.0.0.1", 2525),)

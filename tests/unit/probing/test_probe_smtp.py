@@ -22,8 +22,8 @@ from tests.harness.ports import free_port
 from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_for
 from tests.unit.engines import AnsweredEngine
-from tests.unit.settings import probe_settings
 from tests.unit.probing.test_engine import NO_SMTPUTF8, hop, run
+from tests.unit.settings import probe_settings
 
 HELO = "backup.example.net"
 OK = "250 2.1.5 Ok"
