@@ -657,7 +657,9 @@ class ProbeEngine:
                             ), session
                         # The primary closed an idle session (timeout, restart): the
                         # other idle ones are likely stale too; retry on a fresh one.
-                        log.debug("pooled session to %s lost (%s); retrying", primary.name, exc)
+                        log.debug(
+                            "pooled session to %s lost (%s); retrying", escape(primary.name), exc
+                        )
                         lost_retry = True
                         pool.reap(drop_all=True)
                         continue
@@ -697,7 +699,7 @@ class ProbeEngine:
         log.warning(
             'primary %s refuses the probe sender <%s> (%s "%s" at %s): probing it with the '
             "fallback sender <%s> from now on",
-            primary.name,
+            escape(primary.name),
             escape(primary.sender),
             result.code,
             escape(result.detail, spaces=True),
@@ -726,7 +728,7 @@ class ProbeEngine:
         log.warning(
             "primary %s refuses a later RCPT of a transaction (5.5.3, as Postfix's "
             "reject_multi_recipient_bounce does with MAIL FROM:<>): %s",
-            primary.name,
+            escape(primary.name),
             how,
         )
 
@@ -741,7 +743,7 @@ class ProbeEngine:
             "may have stopped judging recipients (a broken directory lookup, the wrong "
             "host), so its rejections on that session were answered as undecided; if "
             "that user was removed, run callahead cache flush for it",
-            primary.name,
+            escape(primary.name),
             escape(domain),
             escape(result.why, spaces=True),
         )
@@ -764,7 +766,7 @@ class ProbeEngine:
             log.warning(
                 'primary %s refuses callahead\'s probes, not the recipients: %s "%s" at %s '
                 '("%s"); recipients of %s are accepted unverified while it does. %s',
-                primary.name,
+                escape(primary.name),
                 result.code,
                 escape(result.detail, spaces=True),
                 result.stage.value.upper(),
@@ -776,7 +778,7 @@ class ProbeEngine:
             primary.refusing = False
             if primary.warned:
                 primary.warned.clear()
-                log.info("primary %s judges callahead's probes again", primary.name)
+                log.info("primary %s judges callahead's probes again", escape(primary.name))
 
     # -- housekeeping -------------------------------------------------------------------
 
