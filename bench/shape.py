@@ -225,6 +225,9 @@ class Counting:
     def drift_seen(self, primary: str) -> None:
         pass
 
+    def primary_dropped(self, primary: str) -> None:
+        pass
+
 
 @dataclass
 class Phase:

@@ -269,6 +269,16 @@ class Metrics:
     def drift_seen(self, primary: str) -> None:
         self.drift.labels(primary).inc()
 
+    def primary_dropped(self, primary: str) -> None:
+        """The engine forgot ``primary``: its counters go with its gauges (read from the
+        engine), so the series stay as many as the primaries the engine keeps. One that
+        comes back starts its counters at zero, which rate() reads as a reset."""
+        self.connections.remove(primary)
+        self.drift.remove(primary)
+        for basis in Basis:
+            if basis.refuses_prober:
+                self.prober_refused.remove(primary, basis.value)
+
     # -- the shared cache's observer (sharedcache.SharedObserver) ----------------------
 
     def watch_redis(self, breaker_open: Callable[[], bool]) -> None:

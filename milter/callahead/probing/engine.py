@@ -3,12 +3,30 @@
 * **Coalescing**: concurrent requests for the same address share one probe.
 * **Bounds**: at most ``max_probes`` probes in flight over all primaries; a request that
   cannot get a slot within ``probe_wait`` seconds is answered at once (``overload``).
+* **A primary** is a literal nexthop (``[host]:port``) or an MX host with its port
+  (``mx.example.com:25``), never one of the addresses it resolved to: large MX pools
+  (Microsoft 365's) hand out other addresses at every lookup, and state kept per
+  address would grow without bound, never see a primary go down and multiply its
+  budget by its addresses. The breaker, the budget, the pool, what was learnt of the
+  primary (sender, transaction shape, refusals) and the metric labels are per primary.
 * **Breaker** per primary (see breaker.py): a primary that keeps failing at the
-  connection level is skipped for a cooldown (``primary_down``).
+  connection level is skipped for a cooldown (``primary_down``). A probe counts once
+  for a primary, however many of its addresses it tried: a failure when none of them
+  answered, a success when one did; so one dead address of an MX host whose other
+  addresses answer never marks the host down.
 * **Failover**: a domain's nexthops are tried in order within one probe deadline; a
-  tempfail tries the next, a definite answer ends the search.
-* **Pooled sessions** per primary (see pool.py and session.py); a reused session that the
-  primary has closed is detected and the probe retried once on a fresh session.
+  tempfail tries the next, a definite answer ends the search. Among the addresses of one
+  primary, those that failed at the connection level within ``breaker_cooldown`` come
+  last (at most ``FAILING_LIMIT`` remembered per primary), so a dead or black-holed
+  address costs one probe its timeout, not every probe.
+* **Pooled sessions** per primary (see pool.py and session.py), to any of its addresses;
+  a reused session that the primary has closed is detected and the probe retried once
+  on a fresh session.
+* **Bounded state**: a primary with no probe for ``PRIMARY_IDLE`` seconds (at least
+  the breaker's cooldown, the pool's idle time and a budget token's refill) is
+  forgotten, and at most ``PRIMARY_LIMIT`` are kept (the least recently probed one
+  without a probe in flight goes first; its idle sessions are closed with QUIT), its
+  metric series with it.
 * **A current view** (see freshness.py): a probe runs on a session opened after its
   address was last judged, and sessions live at most ``pool_max_age`` seconds.
 * **Fallback sender**: a primary that refuses the probe's sender (at MAIL FROM, or at
@@ -16,7 +34,8 @@
   ``fallback_sender``, which its later sessions keep using.
 * **A probe budget** per primary (see budget.py, ``primary_rate``): a probe waits for a
   token within what is left of ``probe_wait``, or is skipped (``primary_budget``);
-  background probes (refresh, catch-all checks) take a token only if one is there.
+  background probes (refresh, catch-all checks) take a token only if one is there. A
+  probe takes one token of a primary however many of its addresses it tries.
 * **Refusals of the prober** are counted per primary and logged once, so the operator
   learns that callahead cannot protect a domain (and why).
 * **MX routes**: nexthops that need a DNS lookup are expanded by the injected
@@ -35,6 +54,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -42,8 +62,8 @@ from typing import Protocol
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape
 from ..routing.routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
-from .breaker import Breaker, State
-from .budget import TokenBucket
+from .breaker import Admission, Breaker, State
+from .budget import TokenBucket, burst_for
 from .freshness import LastJudged
 from .pool import SessionPool
 from .session import (
@@ -61,6 +81,17 @@ from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 WARNED_LIMIT = 1000
 """Refusals remembered per primary for logging them once (bounded: subdomain routes let
 senders pick domains)."""
+PRIMARY_LIMIT = 2000
+"""Primaries whose state the engine keeps at most. Each costs about a kilobyte and four
+metric series; a backup for many domains hosted by one provider (each domain with an MX
+host of its own) has as many primaries as active domains. Past the limit the least
+recently probed primary without a probe in flight is forgotten: its breaker, budget and
+what was learnt of it start afresh at its next probe."""
+PRIMARY_IDLE = 3600.0
+"""Seconds a primary without a probe keeps its state (made longer by the breaker's
+cooldown, the pool's idle time or a budget token's refill when one is longer)."""
+FAILING_LIMIT = 16
+"""Addresses of one primary remembered as failing at most (the most recent ones)."""
 
 log = logging.getLogger("callahead.engine")
 
@@ -129,6 +160,10 @@ class EngineObserver(Protocol):
     def drift_seen(self, primary: str) -> None:
         """A verified control was refused on a session of ``primary`` (Basis.DRIFT)."""
 
+    def primary_dropped(self, primary: str) -> None:
+        """The engine forgot ``primary`` (idle, or over ``PRIMARY_LIMIT``): its series
+        may go."""
+
 
 class ClusterGate(Protocol):
     """Other backup MXes in front of a probe (sharedcache.SharedGate, with Redis): their
@@ -167,6 +202,9 @@ class _Unobserved:
     def drift_seen(self, primary: str) -> None:
         pass
 
+    def primary_dropped(self, primary: str) -> None:
+        pass
+
 
 class HopResolver(Protocol):
     """Turns a route's nexthops into literal ones (resolve.MxResolver is the real one)."""
@@ -187,9 +225,13 @@ class ProbeEngine:
         resolver: HopResolver | None = None,
         cluster: ClusterGate | None = None,
         controls: ControlSource | None = None,
+        *,
+        primary_limit: int = PRIMARY_LIMIT,
+        primary_idle: float = PRIMARY_IDLE,
     ) -> None:
         """``controls``: recently verified addresses per domain, asked as controls when
-        a primary rejects a recipient (session.py); None: postmaster@ only."""
+        a primary rejects a recipient (session.py); None: postmaster@ only.
+        ``primary_limit``, ``primary_idle``: see ``PRIMARY_LIMIT``, ``PRIMARY_IDLE``."""
         self.settings = settings
         self._controls = controls
         self._resolver = resolver
@@ -203,16 +245,33 @@ class ProbeEngine:
         self._judged = LastJudged(settings.pool_max_age)
         self._slots = asyncio.Semaphore(settings.max_probes)
         self._inflight: dict[str, asyncio.Future[ProbeResult]] = {}
-        self._primaries: dict[Nexthop, _Primary] = {}
+        # Least recently probed first.
+        self._primaries: OrderedDict[str, _Primary] = OrderedDict()
+        self._primary_limit = max(1, primary_limit)
+        # Forgetting a primary must not cut its breaker's cooldown short, close its
+        # sessions before the pool would, or give back budget tokens before their time.
+        rate = settings.primary_rate
+        self._primary_idle = max(
+            primary_idle,
+            settings.breaker_cooldown,
+            settings.pool_idle,
+            burst_for(rate) / rate if rate > 0 else 0.0,
+        )
+        self._closing: set[asyncio.Task[None]] = set()
         self._janitor: asyncio.Task[None] | None = None
         self._observer.watch_primaries(self.primary_states)
 
     # -- per primary --------------------------------------------------------------------
 
-    def _primary(self, hop: Nexthop) -> _Primary:
-        primary = self._primaries.get(hop)
-        if primary is None:
-            name = str(hop)
+    def _primary(self, name: str) -> _Primary:
+        """The state of the primary ``name`` (``Expansion.primary_of``), made the most
+        recently used and counted as in use (``active``) until the caller's ``_Visit``
+        settles."""
+        now = time.monotonic()
+        primary = self._primaries.get(name)
+        if primary is not None:
+            self._primaries.move_to_end(name)
+        else:
             breaker = Breaker(
                 failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown
             )
@@ -222,12 +281,13 @@ class ProbeEngine:
                 breaker=breaker,
                 sender=self.settings.sender,
                 budget=TokenBucket(rate) if rate > 0 else None,
+                used_at=now,
             )
             settings = self._session_settings
             observer = self._observer
             controls = self._controls
             primary.pool = SessionPool(
-                lambda: Session(
+                lambda hop: Session(
                     hop, settings, sender=primary.sender, shape=primary.shape, controls=controls
                 ),
                 size=self.settings.pool_size,
@@ -235,8 +295,48 @@ class ProbeEngine:
                 max_age=self.settings.pool_max_age,
                 on_open=lambda: observer.connection_opened(name),
             )
-            self._primaries[hop] = primary
+            self._primaries[name] = primary
+        primary.used_at = now
+        primary.active += 1
+        # After the count: the primary asked for is never the one forgotten. Primaries
+        # kept over the limit while in use go at a later call.
+        self._make_room(self._primary_limit)
         return primary
+
+    def _make_room(self, limit: int) -> None:
+        """Forget the least recently probed primaries without a probe in flight until
+        at most ``limit`` are left."""
+        excess = len(self._primaries) - limit
+        if excess <= 0:
+            return
+        victims: list[str] = []
+        for name, primary in self._primaries.items():
+            if len(victims) >= excess:
+                break
+            if not primary.active:
+                victims.append(name)
+        for name in victims:
+            self._drop(name)
+
+    def _prune(self, now: float) -> None:
+        """Forget the primaries without a probe for ``primary_idle`` seconds."""
+        victims: list[str] = []
+        for name, primary in self._primaries.items():
+            if now - primary.used_at < self._primary_idle:
+                break  # least recently probed first: the rest are younger
+            if not primary.active:
+                victims.append(name)
+        for name in victims:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        primary = self._primaries.pop(name)
+        self._observer.primary_dropped(name)
+        if primary.pool.open_sessions:
+            # Only idle sessions (no probe in flight): QUIT them, as aclose() would.
+            task = asyncio.get_running_loop().create_task(primary.pool.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def primary_states(self) -> list[PrimaryState]:
         """Every primary probed so far, as it is now."""
@@ -259,9 +359,10 @@ class ProbeEngine:
         """A probe started now would not wait for a slot."""
         return not self._slots.locked()
 
-    def breaker_state(self, hop: Nexthop) -> State:
-        primary = self._primaries.get(hop)
-        return State.CLOSED if primary is None else primary.breaker.state
+    def breaker_state(self, primary: Nexthop | str) -> State:
+        """The breaker of a primary: a literal nexthop, or a name (``mx.example.com:25``)."""
+        state = self._primaries.get(str(primary))
+        return State.CLOSED if state is None else state.breaker.state
 
     # -- probing --------------------------------------------------------------------
 
@@ -368,7 +469,7 @@ class ProbeEngine:
         budget (no token by ``wait_until``) is skipped like one marked down."""
         started = time.monotonic()
         deadline = started + self.settings.timeout
-        secondary: frozenset[Nexthop] = frozenset()
+        expansion = Expansion(hops)
         if any(hop.mx for hop in hops):
             try:
                 expansion = await self._expand(hops, address.rpartition("@")[2], deadline)
@@ -382,62 +483,114 @@ class ProbeEngine:
                     "no host to probe for %s: %s", escape(address), escape(str(exc), spaces=True)
                 )
                 return ProbeResult.not_probed(Skip.ROUTE_FAILED, hops, f"route: {exc}")
-            hops, secondary = expansion.hops, expansion.secondary
+        hops, secondary = expansion.hops, expansion.secondary
         result: ProbeResult | None = None
-        for hop in hops:
-            primary = self._primary(hop)
-            breaker = primary.breaker
-            admission = breaker.allow()
-            if admission is None:
-                continue
-            if primary.budget is not None:
-                try:
-                    spent = await primary.budget.take(min(wait_until, deadline) - time.monotonic())
-                except BaseException:
-                    breaker.release(admission)
-                    raise
-                if not spent:
-                    breaker.release(admission)
-                    result = ProbeResult.not_probed(
-                        Skip.PRIMARY_BUDGET,
-                        (hop,),
-                        f"over the probe budget of {primary.name} "
-                        f"({primary.budget.rate:g} probes per second)",
-                    )
+        visits: dict[str, _Visit] = {}
+        try:
+            for hop in self._in_order(expansion):
+                name = expansion.primary_of(hop)
+                visit = visits.get(name)
+                if visit is None:
+                    # The first address of a primary in this probe: its breaker and its
+                    # budget are asked once for all of its addresses.
+                    visit = visits[name] = _Visit(self._primary(name))
+                    visit.admission = visit.primary.breaker.allow()
+                    if visit.admission is not None:
+                        skipped = await self._spend(visit, hop, wait_until, deadline)
+                        if skipped is not None:
+                            result = skipped
+                if visit.admission is None or visit.over_budget:
                     continue
-            budget = deadline - time.monotonic()
-            if budget <= 0:
-                breaker.release(admission)
-                break
-            try:
-                result = await self._at_primary(primary, address, started, budget)
-            except _Queued as queued:
-                # Every session to this primary was busy for the whole budget: that
-                # says nothing about whether it is down, so the breaker is not moved.
-                breaker.release(admission)
-                result = queued.result
-                continue
-            except BaseException:
-                breaker.release(admission)
-                raise
-            breaker.record(result.reached, admission)
-            primary.reached = result.reached
-            if hop in secondary and result.verdict is not Verdict.TEMPFAIL:
-                result = _secondary(result)
-            primary.last_verdict = result.verdict
-            primary.last_detail = result.detail
-            primary.last_at = time.monotonic()
-            self._note_refusal(primary, address, result)
-            if result.basis is Basis.SECONDARY:
-                # Another backup MX answered: only the primary's word counts, and the
-                # hops after it are no better. Not judged: undecided.
-                return result
-            if result.verdict is not Verdict.TEMPFAIL:
-                self._judged.record(address)
-                return result
+                primary = visit.primary
+                # A reused session may be to another address of the primary: a tempfail
+                # there still leaves this address to try.
+                while hop not in visit.tried:
+                    budget = deadline - time.monotonic()
+                    if budget <= 0:
+                        if result is None:
+                            return ProbeResult.not_probed(
+                                Skip.PRIMARY_DOWN, hops, "every primary is marked down"
+                            )
+                        return result
+                    try:
+                        result, used = await self._at_primary(
+                            primary, hop, visit.tried, address, started, budget
+                        )
+                    except _Queued as queued:
+                        # Every session to this primary was busy for the whole budget:
+                        # that says nothing about whether it is down, so the breaker is
+                        # not moved.
+                        result = queued.result
+                        break
+                    visit.tried.add(used)
+                    if result.reached:
+                        visit.reached = True
+                        primary.failing.pop(used, None)
+                    else:
+                        visit.failed = True
+                        primary.note_failing(used)
+                    primary.reached = result.reached
+                    if hop in secondary and result.verdict is not Verdict.TEMPFAIL:
+                        result = _secondary(result)
+                    primary.last_verdict = result.verdict
+                    primary.last_detail = result.detail
+                    primary.last_at = time.monotonic()
+                    self._note_refusal(primary, address, result)
+                    if result.basis is Basis.SECONDARY:
+                        # Another backup MX answered: only the primary's word counts, and
+                        # the hops after it are no better. Not judged: undecided.
+                        return result
+                    if result.verdict is not Verdict.TEMPFAIL:
+                        self._judged.record(address)
+                        return result
+        finally:
+            for visit in visits.values():
+                visit.settle()
         if result is None:
             return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
         return result
+
+    async def _spend(
+        self, visit: _Visit, hop: Nexthop, wait_until: float, deadline: float
+    ) -> ProbeResult | None:
+        """Take a token of the visited primary's budget; the skipped result when there is
+        none by ``wait_until`` (the primary's addresses are then all skipped)."""
+        primary = visit.primary
+        if primary.budget is None:
+            return None
+        spent = await primary.budget.take(min(wait_until, deadline) - time.monotonic())
+        if spent:
+            return None
+        visit.over_budget = True
+        return ProbeResult.not_probed(
+            Skip.PRIMARY_BUDGET,
+            (hop,),
+            f"over the probe budget of {primary.name} ({primary.budget.rate:g} probes per second)",
+        )
+
+    def _in_order(self, expansion: Expansion) -> list[Nexthop]:
+        """The hops in failover order: as given (the MX preference, the operator's
+        order), except that among the addresses of one primary those that failed at the
+        connection level recently come after the others, in the places of that
+        primary's addresses (never before another primary's)."""
+        hops = list(expansion.hops)
+        places: dict[str, list[int]] = {}
+        for index, hop in enumerate(hops):
+            places.setdefault(expansion.primary_of(hop), []).append(index)
+        now = time.monotonic()
+        recent = self.settings.breaker_cooldown
+        for name, indexes in places.items():
+            primary = self._primaries.get(name)
+            if len(indexes) < 2 or primary is None or not primary.failing:
+                continue
+            mine = [hops[i] for i in indexes]
+            late = [h for h in mine if now - primary.failing.get(h, float("-inf")) < recent]
+            if not late:
+                continue
+            mine = [h for h in mine if h not in late] + late
+            for index, hop in zip(indexes, mine, strict=True):
+                hops[index] = hop
+        return hops
 
     async def _expand(self, hops: tuple[Nexthop, ...], domain: str, deadline: float) -> Expansion:
         if self._resolver is None:
@@ -449,11 +602,31 @@ class ProbeEngine:
             raise RouteUnavailable("the DNS did not answer within the probe timeout") from None
 
     async def _at_primary(
-        self, primary: _Primary, address: str, started: float, budget: float
-    ) -> ProbeResult:
-        """One primary: a pooled session opened after ``address`` was last judged;
+        self,
+        primary: _Primary,
+        hop: Nexthop,
+        tried: set[Nexthop],
+        address: str,
+        started: float,
+        budget: float,
+    ) -> tuple[ProbeResult, Nexthop]:
+        """One primary: a pooled session opened after ``address`` was last judged, to an
+        address of the primary not ``tried`` in this probe (a new one to ``hop``);
         retried once on a fresh session if a reused one was lost, and once with the
-        fallback sender if the primary refused the sender."""
+        fallback sender if the primary refused the sender. Returns the result and the
+        address that gave it."""
+        result, session = await self._on_session(primary, hop, tried, address, started, budget)
+        return result, hop if session is None else session.hop
+
+    async def _on_session(
+        self,
+        primary: _Primary,
+        hop: Nexthop,
+        tried: set[Nexthop],
+        address: str,
+        started: float,
+        budget: float,
+    ) -> tuple[ProbeResult, Session | None]:
         pool = primary.pool
         session: Session | None = None
         lost_retry = sender_retry = False
@@ -461,7 +634,9 @@ class ProbeEngine:
             async with asyncio.timeout(budget):
                 while True:
                     session = None
-                    session = await pool.acquire(opened_after=self._judged.since(address))
+                    session = await pool.acquire(
+                        hop, opened_after=self._judged.since(address), avoid=tried
+                    )
                     try:
                         reused = session.opened
                         if not reused:
@@ -475,14 +650,16 @@ class ProbeEngine:
                                 None,
                                 f"session lost: {exc}",
                                 time.monotonic() - started,
-                                primary.name,
+                                str(session.hop),
                                 reached=False,
                                 why="the primary closed the session before it answered",
                                 transcript=session.transcript,
-                            )
+                            ), session
                         # The primary closed an idle session (timeout, restart): the
                         # other idle ones are likely stale too; retry on a fresh one.
-                        log.debug("pooled session to %s lost (%s); retrying", primary.name, exc)
+                        log.debug(
+                            "pooled session to %s lost (%s); retrying", escape(primary.name), exc
+                        )
                         lost_retry = True
                         pool.reap(drop_all=True)
                         continue
@@ -497,9 +674,9 @@ class ProbeEngine:
                         sender_retry = self._fall_back(primary, result)
                         if sender_retry:
                             continue
-                    return result
+                    return result, session
         except SessionFailed as exc:
-            return exc.result
+            return exc.result, session
         except TimeoutError:
             if session is None:  # waited for a free session the whole time
                 raise _Queued(
@@ -509,10 +686,10 @@ class ProbeEngine:
                         None,
                         "no free session in time",
                         time.monotonic() - started,
-                        primary.name,
+                        str(hop),
                     )
                 ) from None
-            return session.timed_out(budget, started)
+            return session.timed_out(budget, started), session
 
     def _fall_back(self, primary: _Primary, result: ProbeResult) -> bool:
         """Switch ``primary`` to the fallback sender; False if there is none to switch to."""
@@ -522,7 +699,7 @@ class ProbeEngine:
         log.warning(
             'primary %s refuses the probe sender <%s> (%s "%s" at %s): probing it with the '
             "fallback sender <%s> from now on",
-            primary.name,
+            escape(primary.name),
             escape(primary.sender),
             result.code,
             escape(result.detail, spaces=True),
@@ -551,7 +728,7 @@ class ProbeEngine:
         log.warning(
             "primary %s refuses a later RCPT of a transaction (5.5.3, as Postfix's "
             "reject_multi_recipient_bounce does with MAIL FROM:<>): %s",
-            primary.name,
+            escape(primary.name),
             how,
         )
 
@@ -566,7 +743,7 @@ class ProbeEngine:
             "may have stopped judging recipients (a broken directory lookup, the wrong "
             "host), so its rejections on that session were answered as undecided; if "
             "that user was removed, run callahead cache flush for it",
-            primary.name,
+            escape(primary.name),
             escape(domain),
             escape(result.why, spaces=True),
         )
@@ -589,7 +766,7 @@ class ProbeEngine:
             log.warning(
                 'primary %s refuses callahead\'s probes, not the recipients: %s "%s" at %s '
                 '("%s"); recipients of %s are accepted unverified while it does. %s',
-                primary.name,
+                escape(primary.name),
                 result.code,
                 escape(result.detail, spaces=True),
                 result.stage.value.upper(),
@@ -601,7 +778,7 @@ class ProbeEngine:
             primary.refusing = False
             if primary.warned:
                 primary.warned.clear()
-                log.info("primary %s judges callahead's probes again", primary.name)
+                log.info("primary %s judges callahead's probes again", escape(primary.name))
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -615,6 +792,7 @@ class ProbeEngine:
             await asyncio.sleep(interval)
             for primary in self._primaries.values():
                 primary.pool.reap()
+            self._prune(time.monotonic())
 
     async def aclose(self) -> None:
         """Close every pooled session (QUIT where polite)."""
@@ -625,6 +803,8 @@ class ProbeEngine:
             self._janitor = None
         for primary in self._primaries.values():
             await primary.pool.aclose()
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=3)
 
 
 def _secondary(result: ProbeResult) -> ProbeResult:
@@ -695,7 +875,46 @@ class _Primary:
     last_verdict: Verdict | None = None
     last_detail: str = ""
     last_at: float | None = None
+    used_at: float
+    """When a probe last asked for this primary (monotonic): forgotten when idle."""
+    active: int = 0
+    """Probes using this primary now: never forgotten meanwhile."""
+    failing: OrderedDict[Nexthop, float] = field(default_factory=OrderedDict)
+    """Addresses of this primary that failed at the connection level, and when (the
+    last ``FAILING_LIMIT``): tried after the others until ``breaker_cooldown`` passed."""
     pool: SessionPool = field(init=False)
+
+    def note_failing(self, hop: Nexthop) -> None:
+        self.failing[hop] = time.monotonic()
+        self.failing.move_to_end(hop)
+        while len(self.failing) > FAILING_LIMIT:
+            self.failing.popitem(last=False)
+
+
+@dataclass(slots=True)
+class _Visit:
+    """One probe at one primary, over every address of it the probe tries."""
+
+    primary: _Primary
+    admission: Admission | None = None
+    """What the primary's breaker let through; None: it is marked down (skipped)."""
+    over_budget: bool = False
+    tried: set[Nexthop] = field(default_factory=set)
+    """The addresses that gave an answer (or failed) in this probe."""
+    reached: bool = False
+    failed: bool = False
+
+    def settle(self) -> None:
+        """Tell the breaker what this probe found: reached when any address answered at
+        the SMTP level, a failure when every one tried failed at the connection level,
+        nothing when none was tried (over budget, a busy pool, out of time, cancelled)."""
+        self.primary.active -= 1
+        if self.admission is None:
+            return
+        if self.reached or self.failed:
+            self.primary.breaker.record(self.reached, self.admission)
+        else:
+            self.primary.breaker.release(self.admission)
 
 
 class _Queued(CallaheadError):

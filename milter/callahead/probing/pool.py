@@ -4,6 +4,15 @@ At most ``size`` sessions exist at once; a probe takes an idle one (the most rec
 used first) or opens a new one, and waits when all are busy. Sessions idle for
 ``idle`` seconds are closed before a typical server's idle timeout closes them.
 
+**One pool per primary, not per address.** A primary named by its MX host (a large MX
+pool such as Microsoft 365's hands out other addresses at every lookup) has sessions to
+several of its addresses in one pool: a probe takes an idle session to any of them, as
+Postfix's smtp(8) looks its connection cache up by destination first and by address
+second, and opens a new one to the address it was given. ``avoid`` keeps a failover to
+another address of the same primary off the sessions to addresses already tried. When
+the pool is full of idle sessions none of which may be used, the oldest is closed to
+make room, so at most ``size`` sessions exist however many addresses come and go.
+
 **A current view.** A primary reads its lookup tables when a connection begins (Postfix's
 smtpd keeps the tables it opened for the whole session), so an old session answers for
 an old primary. Sessions live at most ``max_age`` seconds, and a probe can ask for a
@@ -17,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from ..routing.routes import Nexthop
 from .session import Session
 
 
 class SessionPool:
     def __init__(
         self,
-        factory: Callable[[], Session],
+        factory: Callable[[Nexthop], Session],
         *,
         size: int,
         idle: float,
@@ -53,27 +63,42 @@ class SessionPool:
             and now - session.created < self._max_age
         )
 
-    async def acquire(self, *, opened_after: float = float("-inf")) -> Session:
-        """An open session opened after ``opened_after`` (monotonic time), or a new
-        unopened one (the caller opens it). Waits for a free slot; cancel the wait to
-        give up."""
+    async def acquire(
+        self,
+        hop: Nexthop,
+        *,
+        opened_after: float = float("-inf"),
+        avoid: Collection[Nexthop] = (),
+    ) -> Session:
+        """An open session opened after ``opened_after`` (monotonic time) to an address
+        not in ``avoid`` (one to ``hop`` first), or a new unopened one to ``hop`` (the
+        caller opens it). Waits for a free slot; cancel the wait to give up."""
         await self._slots.acquire()
         self._busy += 1
         try:
             now = time.monotonic()
+            chosen: int | None = None
             for index in range(len(self._idle) - 1, -1, -1):
                 session = self._idle[index]
                 if not self._usable(session, now):
                     del self._idle[index]
                     self._retire_session(session)
-                elif session.created > opened_after:
-                    del self._idle[index]
-                    return session
+                    if chosen is not None:
+                        chosen -= 1
+                elif (
+                    session.created > opened_after
+                    and session.hop not in avoid
+                    and (chosen is None or (session.hop == hop != self._idle[chosen].hop))
+                ):
+                    chosen = index
+            if chosen is not None:
+                return self._idle.pop(chosen)
             if self._idle and self._busy + len(self._idle) > self._size:
-                # Only sessions too old for this address are idle: make room.
+                # Only sessions too old for this address, or to addresses already
+                # tried, are idle: make room.
                 self._retire_session(self._idle.pop(0))
             self._on_open()
-            return self._factory()
+            return self._factory(hop)
         except BaseException:
             self._busy -= 1
             self._slots.release()

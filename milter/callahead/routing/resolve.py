@@ -54,7 +54,7 @@ import dns.resolver
 from ..base.address import normalize_domain
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape
-from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
+from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable, primary_name
 
 log = logging.getLogger("callahead.resolve")
 
@@ -393,15 +393,18 @@ class MxResolver:
         out: list[Nexthop] = []
         primaries: set[Nexthop] = set()
         secondaries: set[Nexthop] = set()
+        hosts: dict[Nexthop, str] = {}
+        literal: set[Nexthop] = set()
         problems: list[str] = []
         no_domain: str | None = None
         for hop in hops:
             if not hop.mx:
                 out.append(hop)
                 primaries.add(hop)
+                literal.add(hop)
                 continue
             try:
-                first, rest = await self._mx_hops(hop.host or domain, hop.port)
+                first, rest = await self._mx_hops(hop.host or domain, hop.port, hosts)
             except NoSuchDomain as exc:
                 # Only the recipient domain's own answer says the recipient is unknown;
                 # a named nexthop host that does not exist is a configuration problem.
@@ -422,12 +425,17 @@ class MxResolver:
             raise RouteUnavailable("; ".join(problems) or "no host to probe")
         # A hop that is a primary of any lookup (or literal) is a primary.
         secondary = frozenset(h for h in unique if h in secondaries and h not in primaries)
-        return Expansion(tuple(unique), secondary)
+        # A literal hop is its own primary, even where an MX host has the same address.
+        names = {h: hosts[h] for h in unique if h in hosts and h not in literal}
+        return Expansion(tuple(unique), secondary, names)
 
-    async def _mx_hops(self, name: str, port: int) -> tuple[list[Nexthop], list[Nexthop]]:
+    async def _mx_hops(
+        self, name: str, port: int, hosts: dict[Nexthop, str]
+    ) -> tuple[list[Nexthop], list[Nexthop]]:
         """The hops of ``name``'s MX hosts in order: (the most-preferred group's, the
-        others'). Raises ``NoSuchDomain`` (NXDOMAIN, a lone null MX) or
-        ``RouteUnavailable``."""
+        others'); the MX host of each hop goes into ``hosts`` (the first one's, for an
+        address two MX hosts share). Raises ``NoSuchDomain`` (NXDOMAIN, a lone null MX)
+        or ``RouteUnavailable``."""
         name = normalize_domain(name)
         try:
             records = await self._dns.mx(name)
@@ -461,6 +469,9 @@ class MxResolver:
             default=None,
         )
         kept = [r for r in resolved if cut is None or r[0] < cut]
+        for _, host, addrs in kept:
+            for a in addrs:
+                hosts.setdefault(Nexthop(a, port), primary_name(host, port))
         first = [Nexthop(a, port) for pref, _, addrs in kept if pref == best for a in addrs]
         rest = [Nexthop(a, port) for pref, _, addrs in kept if pref != best for a in addrs]
         if not first and not rest:

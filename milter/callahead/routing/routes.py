@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..base.address import normalize_domain
@@ -76,6 +76,20 @@ class Expansion:
     """The hops that come from an MX host outside the most-preferred group of their MX
     lookup (another backup MX of the site): their valid or unknown answers are never
     final. Literal hops (``[host]``) are never secondary: the operator named them."""
+    hosts: Mapping[Nexthop, str] = field(default_factory=dict)
+    """The primary each hop is an address of: its MX host and port (``mx.example.com:25``,
+    as ``primary_name`` writes it). The engine keeps its per-primary state (breaker,
+    budget, pool, metric labels) under that name, which stays the same while a large MX
+    pool hands out other addresses at every lookup. A hop not listed (a literal one) is
+    its own primary."""
+
+    def primary_of(self, hop: Nexthop) -> str:
+        return self.hosts.get(hop) or str(hop)
+
+
+def primary_name(host: str, port: int) -> str:
+    """The name of an MX host's primary state: ``host:port``, as a route writes it."""
+    return str(Nexthop(host, port, mx=True))
 
 
 RECIPIENT_DOMAIN = Nexthop("", DEFAULT_SMTP_PORT, mx=True)

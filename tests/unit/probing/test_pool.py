@@ -22,8 +22,8 @@ SETTINGS = SessionSettings("backup.example.net", "", TlsMode.NONE, None)
 class FakeSession(Session):
     """A session whose liveness the test decides; records QUIT and close."""
 
-    def __init__(self, number: int) -> None:
-        super().__init__(HOP, SETTINGS)
+    def __init__(self, number: int, hop: Nexthop = HOP) -> None:
+        super().__init__(hop, SETTINGS)
         self.number = number
         self.opened = True
         self.connected = True
@@ -52,8 +52,8 @@ class Factory:
         self.made: list[FakeSession] = []
         self.opened = 0
 
-    def __call__(self) -> Session:
-        session = FakeSession(len(self.made) + 1)
+    def __call__(self, hop: Nexthop) -> Session:
+        session = FakeSession(len(self.made) + 1, hop)
         self.made.append(session)
         return session
 
@@ -69,7 +69,7 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def take(pool: SessionPool) -> FakeSession:
-    session = await pool.acquire()
+    session = await pool.acquire(HOP)
     assert isinstance(session, FakeSession)
     return session
 
@@ -120,7 +120,7 @@ def test_size_bounds_the_sessions_and_acquire_waits() -> None:
         a = await take(pool)
         b = await take(pool)
         assert pool.open_sessions == 2
-        waiter = asyncio.ensure_future(pool.acquire())
+        waiter = asyncio.ensure_future(pool.acquire(HOP))
         await asyncio.sleep(0.05)
         assert not waiter.done()
         assert len(factory.made) == 2
@@ -129,7 +129,7 @@ def test_size_bounds_the_sessions_and_acquire_waits() -> None:
         assert got is a  # the released one, not a third connection
         assert len(factory.made) == 2
         # A cancelled wait gives nothing up.
-        other = asyncio.ensure_future(pool.acquire())
+        other = asyncio.ensure_future(pool.acquire(HOP))
         await asyncio.sleep(0.01)
         other.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -248,12 +248,12 @@ def test_opened_after_skips_older_sessions_and_keeps_them_for_others() -> None:
         old = await take(pool)
         pool.release(old)
         judged = time.monotonic()
-        newer = await pool.acquire(opened_after=judged)
+        newer = await pool.acquire(HOP, opened_after=judged)
         assert newer is not old
         assert newer.created > judged
         assert factory.opened == 2
         pool.release(newer)
-        assert await pool.acquire(opened_after=judged) is newer
+        assert await pool.acquire(HOP, opened_after=judged) is newer
         pool.release(newer)
         assert await take(pool) is newer  # most recently used first
         assert await take(pool) is old  # still fine for an address never judged
@@ -267,7 +267,7 @@ def test_opened_after_makes_room_at_the_size_limit() -> None:
         pool, _ = make(size=1)
         old = await take(pool)
         pool.release(old)
-        fresh = await pool.acquire(opened_after=time.monotonic())
+        fresh = await pool.acquire(HOP, opened_after=time.monotonic())
         assert fresh is not old
         await asyncio.sleep(0)
         assert old.quits == 1  # retired to stay within the size
@@ -280,13 +280,43 @@ def test_opened_after_makes_room_at_the_size_limit() -> None:
 
 def test_a_factory_that_raises_gives_the_slot_back() -> None:
     async def go() -> None:
-        def broken() -> Session:
+        def broken(hop: Nexthop) -> Session:
             raise ValueError("cannot build a session")
 
         pool = SessionPool(broken, size=1, idle=30)
         for _ in range(3):
             with pytest.raises(ValueError):
-                await asyncio.wait_for(pool.acquire(), 1.0)
+                await asyncio.wait_for(pool.acquire(HOP), 1.0)
         assert pool.open_sessions == 0
+
+    run(go)
+
+
+def test_sessions_to_any_address_of_the_primary_are_reused_unless_avoided() -> None:
+    other = Nexthop("127.0.0.2", 2525)
+
+    async def go() -> None:
+        pool, factory = make(size=2)
+        first = await pool.acquire(HOP)
+        pool.release(first)
+        # Another address of the same primary: the idle session to the first is reused.
+        assert await pool.acquire(other) is first
+        pool.release(first)
+        # A failover from the first address: a new session, to the address asked for.
+        fresh = await pool.acquire(other, avoid={HOP})
+        assert (fresh is not first, fresh.hop) == (True, other)
+        pool.release(fresh)
+        # Both idle: the one to the address asked for comes first.
+        assert await pool.acquire(HOP) is first
+        assert await pool.acquire(other) is fresh
+        pool.release(first)
+        pool.release(fresh)
+        # Full of sessions that may not be used: the oldest idle one makes room.
+        third = await pool.acquire(Nexthop("127.0.0.3", 2525), avoid={HOP, other})
+        assert len(factory.made) == 3 and pool.open_sessions == 2
+        await asyncio.sleep(0)  # the retired session's QUIT task runs
+        assert [s.quits for s in factory.made[:2]] == [1, 0]
+        pool.release(third)
+        await pool.aclose()
 
     run(go)

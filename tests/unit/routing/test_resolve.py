@@ -212,6 +212,32 @@ def test_a_single_mx_and_an_implicit_mx_are_primaries() -> None:
     assert (out.hops, out.secondary) == (tuple(addrs("192.0.2.7")), frozenset())
 
 
+def test_each_address_is_named_by_its_mx_host_for_the_engines_state() -> None:
+    """The engine keys a primary's state by the MX host, not by the addresses it
+    resolved to this time; a literal hop is its own primary, even at an MX host's
+    address; an implicit MX is named by the domain itself."""
+    dns = FakeDns(
+        {
+            "example.com": [(10, "MX1.example.com."), (20, "mx2.example.com")],
+            "example.net": NoRecords("no MX"),
+        },
+        {
+            "mx1.example.com": ["192.0.2.1", "2001:db8::1"],
+            "mx2.example.com": ["192.0.2.2"],
+            "example.net": ["192.0.2.9"],
+        },
+    )
+    literal = Nexthop("192.0.2.2", 25)
+    out = expansion(dns, [RECIPIENT_DOMAIN, literal])
+    assert [out.primary_of(h) for h in out.hops] == [
+        "mx1.example.com:25",
+        "mx1.example.com:25",
+        "[192.0.2.2]:25",
+    ]
+    implicit = expansion(dns, [Nexthop("example.net", 2525, mx=True)], domain="example.net")
+    assert [implicit.primary_of(h) for h in implicit.hops] == ["example.net:2525"]
+
+
 def test_literal_hops_are_never_secondary_nor_a_named_hosts_primary() -> None:
     """A literal hop is a primary even when an MX lookup lists the same address lower; a
     named nexthop's most-preferred group is primary too (its own lookup)."""
