@@ -1,0 +1,288 @@
+"""Failover: one probe over a domain's nexthops, in order, within one deadline.
+
+MX routes are expanded first (a recipient domain that does not exist is unknown without
+a probe). For each primary met on the way its breaker admits the probe once and its
+budget gives one token, however many of its addresses are tried; each address is asked
+on a pooled session opened after the recipient was last judged (a current view), again
+on a fresh session when a reused one was lost, and once with the fallback sender when
+the sender is refused. A tempfail tries the next address, a definite answer ends the
+search, and the answer of a secondary MX host is undecided (see engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from ..base.errors import CallaheadError
+from ..base.logfmt import escape
+from ..routing.routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
+from .enginetypes import EngineSettings, HopResolver
+from .freshness import LastJudged
+from .primaries import Primaries, Primary, Visit
+from .session import Session, SessionFailed, SessionLost
+from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
+
+log = logging.getLogger("callahead.engine")
+
+
+class Failover:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        primaries: Primaries,
+        judged: LastJudged,
+        resolver: HopResolver | None,
+    ) -> None:
+        self._settings = settings
+        self._primaries = primaries
+        self._judged = judged
+        self._resolver = resolver
+
+    async def run(self, address: str, hops: tuple[Nexthop, ...], wait_until: float) -> ProbeResult:
+        """Failover: each nexthop in order, all within one deadline. A nexthop over its
+        budget (no token by ``wait_until``) is skipped like one marked down."""
+        started = time.monotonic()
+        deadline = started + self._settings.timeout
+        expansion = Expansion(hops)
+        if any(hop.mx for hop in hops):
+            try:
+                expansion = await self._expand(hops, address.rpartition("@")[2], deadline)
+            except NoSuchDomain as exc:
+                log.info(
+                    "no such domain for %s: %s", escape(address), escape(str(exc), spaces=True)
+                )
+                return _no_domain(hops, exc, time.monotonic() - started)
+            except RouteUnavailable as exc:
+                log.info(
+                    "no host to probe for %s: %s", escape(address), escape(str(exc), spaces=True)
+                )
+                return ProbeResult.not_probed(Skip.ROUTE_FAILED, hops, f"route: {exc}")
+        hops, secondary = expansion.hops, expansion.secondary
+        result: ProbeResult | None = None
+        visits: dict[str, Visit] = {}
+        try:
+            for hop in self._primaries.in_order(expansion):
+                name = expansion.primary_of(hop)
+                visit = visits.get(name)
+                if visit is None:
+                    # The first address of a primary in this probe: its breaker and its
+                    # budget are asked once for all of its addresses.
+                    visit = visits[name] = Visit(self._primaries.get(name))
+                    visit.admission = visit.primary.breaker.allow()
+                    if visit.admission is not None:
+                        skipped = await self._spend(visit, hop, wait_until, deadline)
+                        if skipped is not None:
+                            result = skipped
+                if visit.admission is None or visit.over_budget:
+                    continue
+                primary = visit.primary
+                # A reused session may be to another address of the primary: a tempfail
+                # there still leaves this address to try.
+                while hop not in visit.tried:
+                    budget = deadline - time.monotonic()
+                    if budget <= 0:
+                        if result is None:
+                            return ProbeResult.not_probed(
+                                Skip.PRIMARY_DOWN, hops, "every primary is marked down"
+                            )
+                        return result
+                    try:
+                        result, used = await self._at_primary(
+                            primary, hop, visit.tried, address, started, budget
+                        )
+                    except Queued as queued:
+                        # Every session to this primary was busy for the whole budget:
+                        # that says nothing about whether it is down, so the breaker is
+                        # not moved.
+                        result = queued.result
+                        break
+                    visit.tried.add(used)
+                    if result.reached:
+                        visit.reached = True
+                        primary.failing.pop(used, None)
+                    else:
+                        visit.failed = True
+                        primary.note_failing(used)
+                    primary.reached = result.reached
+                    if hop in secondary and result.verdict is not Verdict.TEMPFAIL:
+                        result = _secondary(result)
+                    primary.last_verdict = result.verdict
+                    primary.last_detail = result.detail
+                    primary.last_at = time.monotonic()
+                    self._primaries.note_refusal(primary, address, result)
+                    if result.basis is Basis.SECONDARY:
+                        # Another backup MX answered: only the primary's word counts, and
+                        # the hops after it are no better. Not judged: undecided.
+                        return result
+                    if result.verdict is not Verdict.TEMPFAIL:
+                        self._judged.record(address)
+                        return result
+        finally:
+            for visit in visits.values():
+                visit.settle()
+        if result is None:
+            return ProbeResult.not_probed(Skip.PRIMARY_DOWN, hops, "every primary is marked down")
+        return result
+
+    async def _spend(
+        self, visit: Visit, hop: Nexthop, wait_until: float, deadline: float
+    ) -> ProbeResult | None:
+        """Take a token of the visited primary's budget; the skipped result when there is
+        none by ``wait_until`` (the primary's addresses are then all skipped)."""
+        primary = visit.primary
+        if primary.budget is None:
+            return None
+        spent = await primary.budget.take(min(wait_until, deadline) - time.monotonic())
+        if spent:
+            return None
+        visit.over_budget = True
+        return ProbeResult.not_probed(
+            Skip.PRIMARY_BUDGET,
+            (hop,),
+            f"over the probe budget of {primary.name} ({primary.budget.rate:g} probes per second)",
+        )
+
+    async def _expand(self, hops: tuple[Nexthop, ...], domain: str, deadline: float) -> Expansion:
+        if self._resolver is None:
+            raise RouteUnavailable("MX routes need a resolver")
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self._resolver.expand(hops, domain)
+        except TimeoutError:
+            raise RouteUnavailable("the DNS did not answer within the probe timeout") from None
+
+    async def _at_primary(
+        self,
+        primary: Primary,
+        hop: Nexthop,
+        tried: set[Nexthop],
+        address: str,
+        started: float,
+        budget: float,
+    ) -> tuple[ProbeResult, Nexthop]:
+        """One primary: a pooled session opened after ``address`` was last judged, to an
+        address of the primary not ``tried`` in this probe (a new one to ``hop``);
+        retried once on a fresh session if a reused one was lost, and once with the
+        fallback sender if the primary refused the sender. Returns the result and the
+        address that gave it."""
+        result, session = await self._on_session(primary, hop, tried, address, started, budget)
+        return result, hop if session is None else session.hop
+
+    async def _on_session(
+        self,
+        primary: Primary,
+        hop: Nexthop,
+        tried: set[Nexthop],
+        address: str,
+        started: float,
+        budget: float,
+    ) -> tuple[ProbeResult, Session | None]:
+        pool = primary.pool
+        session: Session | None = None
+        lost_retry = sender_retry = False
+        try:
+            async with asyncio.timeout(budget):
+                while True:
+                    session = None
+                    session = await pool.acquire(
+                        hop, opened_after=self._judged.since(address), avoid=tried
+                    )
+                    try:
+                        reused = session.opened
+                        if not reused:
+                            await session.open()
+                        result = await session.rcpt(address, started)
+                    except SessionLost as exc:
+                        if not reused or lost_retry:
+                            return ProbeResult(
+                                Verdict.TEMPFAIL,
+                                session.stage,
+                                None,
+                                f"session lost: {exc}",
+                                time.monotonic() - started,
+                                str(session.hop),
+                                reached=False,
+                                why="the primary closed the session before it answered",
+                                transcript=session.transcript,
+                            ), session
+                        # The primary closed an idle session (timeout, restart): the
+                        # other idle ones are likely stale too; retry on a fresh one.
+                        log.debug(
+                            "pooled session to %s lost (%s); retrying", escape(primary.name), exc
+                        )
+                        lost_retry = True
+                        pool.reap(drop_all=True)
+                        continue
+                    except BaseException:
+                        session.close()
+                        raise
+                    finally:
+                        pool.release(session)
+                    if session.refused_multi_recipient:
+                        self._primaries.note_shape(primary)
+                    if result.basis is Basis.SENDER and not sender_retry:
+                        sender_retry = self._primaries.fall_back(primary, result)
+                        if sender_retry:
+                            continue
+                    return result, session
+        except SessionFailed as exc:
+            return exc.result, session
+        except TimeoutError:
+            if session is None:  # waited for a free session the whole time
+                raise Queued(
+                    ProbeResult(
+                        Verdict.TEMPFAIL,
+                        Stage.CONNECT,
+                        None,
+                        "no free session in time",
+                        time.monotonic() - started,
+                        str(hop),
+                    )
+                ) from None
+            return session.timed_out(budget, started), session
+
+
+def _secondary(result: ProbeResult) -> ProbeResult:
+    """A valid or unknown answer of a secondary hop, made undecided."""
+    return replace(
+        result,
+        verdict=Verdict.TEMPFAIL,
+        basis=Basis.SECONDARY,
+        why=(
+            f"{result.primary} is not in the most-preferred MX group of the domain: it is "
+            "another backup MX, which accepts every address while the primary is down, so "
+            f"its {result.verdict.value} answer ({result.why or result.basis.value}) is "
+            "not the primary's word: undecided, not cached, not shared"
+        ),
+    )
+
+
+def _no_domain(hops: Sequence[Nexthop], exc: NoSuchDomain, duration: float) -> ProbeResult:
+    """The recipient domain of an MX route does not exist or accepts no mail."""
+    return ProbeResult(
+        Verdict.UNKNOWN,
+        Stage.CONNECT,
+        None,
+        f"route: {exc}",
+        duration,
+        str(hops[0]) if hops else "",
+        reached=False,
+        basis=Basis.NO_DOMAIN,
+        why=(
+            "the DNS says the recipient domain does not exist (NXDOMAIN) or accepts no "
+            "mail (RFC 7505 null MX): unknown (550 5.1.2), as Postfix's "
+            "reject_unknown_recipient_domain answers"
+        ),
+    )
+
+
+class Queued(CallaheadError):
+    """Internal: a probe timed out waiting for a free session of a busy primary."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
