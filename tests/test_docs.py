@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from callahead.frontends.metrics import Metrics
-from callahead.process.config import VARIABLES
+from callahead.process.variables import VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = (REPO / "docs" / "reference.md").read_text()

@@ -1,5 +1,5 @@
 """Engine settings for tests: the configuration's own defaults (one table of them,
-config.VARIABLES), with what a test changes."""
+variables.VARIABLES), with what a test changes."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from ..probing.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from ..routing.postfixmaps import PostfixRoutes, PostfixSettings
 from ..routing.resolve import DnsPython, HostIdentity, LiveThisHost, MxResolver
 from ..routing.router import LOOKUP_WAIT, Router
-from .config import Config, postfix_myhostname
+from .config import Config
+from .postfixconf import postfix_myhostname
 
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:

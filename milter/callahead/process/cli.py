@@ -20,17 +20,10 @@ from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
 from ..routing.routes import Nexthop, RouteUnavailable
 from .assembly import answer_time, build_resolver, engine_settings, route_wait, shared_delay
-from .config import (
-    EX_CONFIG,
-    VARIABLES,
-    Config,
-    ConfigError,
-    is_fully_qualified,
-    load_config,
-    loopback_host,
-    parse_listen,
-    postfix_milter_command_timeout,
-)
+from .config import EX_CONFIG, Config, ConfigError, load_config
+from .endpoints import loopback_host, parse_listen
+from .postfixconf import is_fully_qualified, postfix_milter_command_timeout
+from .variables import VARIABLES
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69

@@ -18,19 +18,10 @@ from callahead.probing.loop import HANDOFF_MARGIN
 from callahead.probing.tls import TlsMode
 from callahead.process.assembly import answer_time, engine_settings
 from callahead.process.cli import answer_time_problem, main, milter_exposure_warning
-from callahead.process.config import (
-    DEFAULT_METRICS_LISTEN,
-    DEFAULT_SOCKET,
-    EX_CONFIG,
-    VARIABLES,
-    Config,
-    ConfigError,
-    default_helo_name,
-    is_fully_qualified,
-    load_config,
-    loopback_host,
-    postfix_seconds,
-)
+from callahead.process.config import EX_CONFIG, Config, ConfigError, load_config
+from callahead.process.endpoints import loopback_host
+from callahead.process.postfixconf import default_helo_name, is_fully_qualified, postfix_seconds
+from callahead.process.variables import DEFAULT_METRICS_LISTEN, DEFAULT_SOCKET, VARIABLES
 from callahead.routing.postfixmaps import PostfixSettings
 from callahead.routing.router import LOOKUP_WAIT
 from callahead.routing.routes import Nexthop
