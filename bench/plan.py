@@ -4,6 +4,7 @@ and run uses, how many messages, in which order the cases run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,18 +111,13 @@ def parse_args(argv: Sequence[str]) -> Settings:
         parser.error("counts must be positive")
     if args.verify_latency_sessions > 45:
         parser.error("--verify-latency-sessions: Postfix allows 50 sessions per client")
+    same_names = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(Settings)
+        if field.name not in ("output", "callahead_env")
+    }
     return Settings(
-        runs=args.runs,
-        messages=args.messages,
-        slow_messages=args.slow_messages,
-        slow_attack_messages=args.slow_attack_messages,
-        sessions=args.sessions,
-        run_deadline=args.run_deadline,
-        latency_samples=args.latency_samples,
-        latency_sessions=args.latency_sessions,
-        verify_latency_samples=args.verify_latency_samples,
-        verify_latency_sessions=args.verify_latency_sessions,
-        budget=args.budget,
+        **same_names,
         output=None if args.no_write else args.output,
         callahead_env=callahead_env,
     )

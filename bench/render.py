@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tests.harness.postfix import POSTCONF
 
@@ -29,9 +29,10 @@ from .stack import (
     REPO,
     TRIVIAL,
     VERIFY,
-    Case,
-    PrimarySpec,
 )
+
+if TYPE_CHECKING:
+    from .stack import Case, PrimarySpec
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -45,6 +46,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
 
     return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def section(
+    title: str, text: str, header: Sequence[str], rows: Iterable[Sequence[str]]
+) -> list[str]:
+    """A section of the report: its heading, the paragraph that says what its figures
+    are, and their table."""
+    return [f"## {title}", "", text, "", *table(header, rows)]
 
 
 def fmt_rate(value: float | None) -> str:
@@ -126,9 +135,7 @@ def spread(item: Throughput) -> str:
 
 def render_throughput(report: Report) -> list[str]:
     s = report.settings
-    out = [
-        "## Messages per second",
-        "",
+    text = (
         f"Median of {s.runs} runs, [lowest-highest run]; in round brackets the ratio of the "
         "medians to case 1 (plain Postfix) measured in this same benchmark, whose runs "
         "alternate the cases (in a rotating order), and for callahead's front ends the "
@@ -136,9 +143,8 @@ def render_throughput(report: Report) -> list[str]:
         "One message per SMTP "
         f"session, {MESSAGE_SIZE} bytes, one recipient, {s.sessions} concurrent sessions; "
         f"each run stops after its message count or {s.run_deadline:g} s (marked †: then "
-        "the rate is the messages done over the deadline).",
-        "",
-    ]
+        "the rate is the messages done over the deadline)."
+    )
     columns: tuple[Case, ...] = CASES + tuple(
         extra
         for extra in (GUARD, TRIVIAL, NULL_POLICY)
@@ -181,7 +187,7 @@ def render_throughput(report: Report) -> list[str]:
             cells.append(text)
         primary = "- (no probes)" if workload == "warm" else spec.label
         rows.append([workload, primary, load, " / ".join(planned), *cells])
-    out += table(header, rows)
+    out = section("Messages per second", text, header, rows)
     out += ["", "Every run (msg/s):", ""]
     for item in report.throughput:
         if item.runs:
@@ -201,13 +207,7 @@ def render_throughput(report: Report) -> list[str]:
 
 
 def render_latency(report: Report) -> list[str]:
-    out = [
-        "## First-contact decision time",
-        "",
-        "Time from writing `RCPT TO` to the whole reply, for addresses the backup has never "
-        "seen, one RCPT per SMTP session, valid and unknown addresses interleaved.",
-        "",
-    ]
+    header = ["case", "primary `in_flow_delay`", "address", "sessions", "samples"]
     rows: list[list[str]] = []
     for item in report.latency:
         first = [item.case.name, item.spec.label, item.kind, str(item.sessions)]
@@ -227,8 +227,13 @@ def render_latency(report: Report) -> list[str]:
                 replies,
             ]
         )
-    header = ["case", "primary `in_flow_delay`", "address", "sessions", "samples"]
-    return out + table([*header, "p50", "p99", "max", "replies"], rows)
+    return section(
+        "First-contact decision time",
+        "Time from writing `RCPT TO` to the whole reply, for addresses the backup has never "
+        "seen, one RCPT per SMTP session, valid and unknown addresses interleaved.",
+        [*header, "p50", "p99", "max", "replies"],
+        rows,
+    )
 
 
 @dataclass
@@ -276,15 +281,6 @@ def connection_rows(report: Report) -> list[ConnRow]:
 
 
 def render_connections(report: Report) -> list[str]:
-    out = [
-        "## New connections to the primary per 100 probes",
-        "",
-        "Connections counted at the primary (`connect from` in its maillog); probes counted "
-        "by callahead (`callahead_probes_total`) for case 2 and as the backup's delivery "
-        "attempts to the primary for case 3 (Postfix probes an unknown address three times "
-        "per RCPT).",
-        "",
-    ]
     header = ["case", "primary `in_flow_delay`", "workload", "probes", "new connections"]
     rows = [
         [
@@ -297,17 +293,19 @@ def render_connections(report: Report) -> list[str]:
         ]
         for row in connection_rows(report)
     ]
-    return out + table([*header, "per 100 probes"], rows)
+    return section(
+        "New connections to the primary per 100 probes",
+        "Connections counted at the primary (`connect from` in its maillog); probes counted "
+        "by callahead (`callahead_probes_total`) for case 2 and as the backup's delivery "
+        "attempts to the primary for case 3 (Postfix probes an unknown address three times "
+        "per RCPT).",
+        [*header, "per 100 probes"],
+        rows,
+    )
 
 
 def render_cpu(report: Report) -> list[str]:
-    out = [
-        "## callahead CPU time per message",
-        "",
-        "utime + stime of the callahead process (all threads, from /proc/PID/stat) over the "
-        "case-2 runs, divided by the messages (sessions for attack) completed in them.",
-        "",
-    ]
+    header = ["case", "workload", "primary `in_flow_delay`", "messages", "CPU seconds"]
     rows: list[list[str]] = []
     for item in report.throughput:
         if item.case in (CALLAHEAD, GUARD) and item.messages:
@@ -323,19 +321,17 @@ def render_cpu(report: Report) -> list[str]:
                     f"{per * 1e6:.0f} µs",
                 ]
             )
-    header = ["case", "workload", "primary `in_flow_delay`", "messages", "CPU seconds"]
-    return out + table([*header, "CPU per message"], rows)
+    return section(
+        "callahead CPU time per message",
+        "utime + stime of the callahead process (all threads, from /proc/PID/stat) over the "
+        "case-2 runs, divided by the messages (sessions for attack) completed in them.",
+        [*header, "CPU per message"],
+        rows,
+    )
 
 
 def render_memory(report: Report) -> list[str]:
-    out = [
-        "## Resident memory of the positive cache",
-        "",
-        "`python -m bench.memory N` in a fresh interpreter: imports callahead's serving "
-        "modules, reads VmRSS, fills `callahead.cache.PositiveCache(ttl=86400, maxsize=N)` "
-        "with N distinct addresses of typical length, reads VmRSS again.",
-        "",
-    ]
+    header = ["cached addresses", "mean address length", "RSS before", "RSS after"]
     rows: list[list[str]] = []
     for m in report.memory:
         per = m["bytes_per_address"]
@@ -349,8 +345,14 @@ def render_memory(report: Report) -> list[str]:
                 f"{float(str(m['fill_seconds'])):.1f} s",
             ]
         )
-    header = ["cached addresses", "mean address length", "RSS before", "RSS after"]
-    out += table([*header, "bytes per cached address", "fill time"], rows)
+    out = section(
+        "Resident memory of the positive cache",
+        "`python -m bench.memory N` in a fresh interpreter: imports callahead's serving "
+        "modules, reads VmRSS, fills `callahead.cache.PositiveCache(ttl=86400, maxsize=N)` "
+        "with N distinct addresses of typical length, reads VmRSS again.",
+        [*header, "bytes per cached address", "fill time"],
+        rows,
+    )
     if report.live_memory:
         live = report.live_memory
         out += [

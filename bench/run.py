@@ -12,14 +12,11 @@ when it ends, fails or is interrupted.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 from tests.harness.fixtures import make_workdir
-from tests.harness.postfix import postfix_available
 
 from .phases import PHASES, drain, log, phase_memory
 from .plan import parse_args, primary_users
@@ -29,20 +26,13 @@ from .stack import (
     PRIMARIES,
     build_stack,
 )
-from .tools import rss_bytes
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+from .tools import ready_to_run, rss_bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
-    ok, why = postfix_available()
-    if not ok:
-        print(f"bench: cannot run Postfix here: {why}", file=sys.stderr)
+    if not ready_to_run("bench"):
         return 69
-    signal.signal(signal.SIGTERM, _terminate)
     report = Report(settings)
     env = environment()
     users = {spec.domain: primary_users(settings, spec) for spec in PRIMARIES}

@@ -43,7 +43,6 @@ import fcntl
 import os
 import platform
 import re
-import signal
 import struct
 import sys
 import termios
@@ -51,7 +50,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
@@ -59,7 +57,6 @@ from tests.harness.postfix import (
     POSTCONF,
     Listener,
     PostfixInstance,
-    postfix_available,
     primary_main_cf,
 )
 from tests.harness.waiting import wait_for
@@ -67,13 +64,13 @@ from tests.harness.waiting import wait_for
 from callahead.caching.cache import PositiveCache
 from callahead.caching.controls import Controls
 from callahead.probing.engine import EngineSettings, ProbeEngine
-from callahead.probing.verdict import ProbeResult
+from callahead.probing.enginetypes import Unobserved
 from callahead.process.assembly import engine_settings
 from callahead.process.config import load_config
 from callahead.routing.routes import Nexthop
 
 from .report import percentile
-from .tools import LogCursor
+from .tools import LogCursor, ready_to_run
 
 DOMAIN = "shape.test"
 HELO = "backup.shape.test"
@@ -198,35 +195,15 @@ def inflow_tokens(instance: PostfixInstance) -> int | None:
 # --------------------------------------------------------------------------------------
 
 
-class Counting:
-    """The engine's observer: only the connections it opens."""
+class Counting(Unobserved):
+    """The engine's observer: only the connections it opens (the rest it ignores, as
+    the engine's own observer of nobody does)."""
 
     def __init__(self) -> None:
         self.opened = 0
 
-    def watch_primaries(self, states: object) -> None:
-        pass
-
-    def probe_started(self) -> None:
-        pass
-
-    def probe_ended(self, result: ProbeResult | None) -> None:
-        pass
-
-    def coalesced_wait(self) -> None:
-        pass
-
     def connection_opened(self, primary: str) -> None:
         self.opened += 1
-
-    def prober_refused_by(self, primary: str, basis: object) -> None:
-        pass
-
-    def drift_seen(self, primary: str) -> None:
-        pass
-
-    def primary_dropped(self, primary: str) -> None:
-        pass
 
 
 @dataclass
@@ -524,10 +501,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def all_valid(count: int, runs: int) -> list[str]:
     users = []
     for target, target_runs in (("A", runs), ("B", runs), ("B0", 1)):
@@ -539,11 +512,8 @@ def all_valid(count: int, runs: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    ok, why = postfix_available()
-    if not ok:
-        print(f"bench.shape: cannot run Postfix here: {why}", file=sys.stderr)
+    if not ready_to_run("bench.shape"):
         return 69
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
     phases: list[Phase] = []
     order = [(t, r) for r in range(1, args.runs + 1) for t in ("A", "B")] + [("B0", 1)]

@@ -39,12 +39,10 @@ from pathlib import Path
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
-    POLICY_SNIPPET,
-    SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
-    policy_overrides,
+    policy_listener,
     primary_main_cf,
     smtp_nexthop,
 )
@@ -214,7 +212,6 @@ def build_stack(
         )
         ports = {key: free_port() for key in keys}
         main_cf = backup_mx_main_cf(
-            SNIPPET,
             workdir=workdir / "backup",
             relay_domains=list(primaries),
             transports={domain: f"[127.0.0.1]:{sink.port}" for domain in primaries},
@@ -250,8 +247,8 @@ def build_stack(
             ),
             Listener(ports["guard"], {"smtpd_milters": guard.socket}),
             Listener(ports["trivial"], {"smtpd_milters": trivial.socket}),
-            Listener(ports["policy"], policy_overrides(POLICY_SNIPPET, callahead.policy_service)),
-            Listener(ports["nullpolicy"], policy_overrides(POLICY_SNIPPET, null_policy.service)),
+            policy_listener(ports["policy"], callahead.policy_service),
+            policy_listener(ports["nullpolicy"], null_policy.service),
         ]
         backup = stack.enter_context(PostfixInstance(workdir / "backup", main_cf, listeners))
         yield Stack(

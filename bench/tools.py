@@ -1,4 +1,5 @@
-"""smtp-source and smtp-sink as bounded subprocesses, and small /proc readers."""
+"""smtp-source and smtp-sink as bounded subprocesses, small /proc readers, and how a
+benchmark's ``main`` starts."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from tests.harness.ports import accepts, free_port, listen_inode, listening
+from tests.harness.postfix import postfix_available
 from tests.harness.process import ManagedProcess, stop_process
 
 
@@ -242,3 +246,23 @@ class LogCursor:
         end = data.rfind(b"\n") + 1
         self._offset += end
         return data[:end].decode(errors="replace")
+
+
+# --------------------------------------------------------------------------------------
+# a benchmark's start
+# --------------------------------------------------------------------------------------
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def ready_to_run(prog: str) -> bool:
+    """Whether Postfix can run here (if not, ``prog`` says why on stderr); if it can, a
+    SIGTERM from now on interrupts like Ctrl-C, so that everything started is stopped."""
+    ok, why = postfix_available()
+    if not ok:
+        print(f"{prog}: cannot run Postfix here: {why}", file=sys.stderr)
+        return False
+    signal.signal(signal.SIGTERM, _terminate)
+    return True

@@ -10,7 +10,7 @@ Modules:
 - :mod:`tests.harness.waiting` -- ``wait_for`` / ``wait_until``: poll a condition instead
   of sleeping (in a thread / in a coroutine).
 - :mod:`tests.harness.ports` -- ``free_port``: a TCP port on 127.0.0.1 never handed out
-  twice in one process.
+  twice in one process; ``read_until``: a server's answer on a plain socket.
 - :mod:`tests.harness.threaded` -- ``ThreadedServer``: the thread-and-loop base of the
   servers below (and why it is not aiosmtpd's ``Controller``).
 - :mod:`tests.harness.primary` -- ``Primary`` (an aiosmtpd primary MX that knows its

@@ -54,7 +54,7 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, ClassVar, Literal
+from typing import IO, ClassVar, Literal, NotRequired, TypedDict, Unpack
 
 from tests.harness.lifecycle import (
     StartStop,
@@ -333,6 +333,16 @@ def _kill_all(sid: int, marker: str, what: str) -> None:
 # --------------------------------------------------------------------------------------
 # primaries
 # --------------------------------------------------------------------------------------
+
+
+class PrimaryOptions(TypedDict):
+    """The keyword arguments every ``PeerPrimary`` takes (see there); a subclass with
+    options of its own passes these on as they are."""
+
+    domain: str
+    users: Iterable[str]
+    port: NotRequired[int | None]
+    postmaster: NotRequired[bool]
 
 
 class PeerPrimary(StartStop):
@@ -662,16 +672,9 @@ class EximPrimary(PeerPrimary):
     peer: ClassVar[PeerName] = "exim"
 
     def __init__(
-        self,
-        workdir: Path,
-        *,
-        domain: str,
-        users: Iterable[str],
-        port: int | None = None,
-        postmaster: bool = False,
-        rcpt_acl_extra: str = "",
+        self, workdir: Path, *, rcpt_acl_extra: str = "", **options: Unpack[PrimaryOptions]
     ) -> None:
-        super().__init__(workdir, domain=domain, users=users, port=port, postmaster=postmaster)
+        super().__init__(workdir, **options)
         self._rcpt_acl_extra = rcpt_acl_extra
 
     @property
@@ -810,16 +813,8 @@ class OpenSmtpdPrimary(PeerPrimary):
 
     peer: ClassVar[PeerName] = "opensmtpd"
 
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        domain: str,
-        users: Iterable[str],
-        port: int | None = None,
-        postmaster: bool = False,
-    ) -> None:
-        super().__init__(workdir, domain=domain, users=users, port=port, postmaster=postmaster)
+    def __init__(self, workdir: Path, **options: Unpack[PrimaryOptions]) -> None:
+        super().__init__(workdir, **options)
         self._lock_file: IO[str] | None = None
         self._linked_libexec = False
 

@@ -1,9 +1,10 @@
-"""Free TCP ports on the loopback interface."""
+"""Free TCP ports on the loopback interface, and reading a server's answer on one."""
 
 from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _handed_out: set[int] = set()
@@ -58,3 +59,15 @@ def accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def read_until(conn: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    """What ``conn`` receives until ``done`` says the answer is whole (it is handed all
+    received so far), or until the server closes: then what came before."""
+    received = b""
+    while not done(received):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received

@@ -67,6 +67,7 @@ __all__ = [
     "backup_mx_main_cf",
     "instance_paths",
     "maildir_for",
+    "policy_listener",
     "policy_overrides",
     "postfix_available",
     "primary_main_cf",
@@ -317,7 +318,7 @@ def _inline_table(entries: Mapping[str, str]) -> str:
 
 
 def backup_mx_main_cf(
-    snippet: Path,
+    snippet: Path = SNIPPET,
     *,
     workdir: Path,
     relay_domains: list[str],
@@ -326,7 +327,8 @@ def backup_mx_main_cf(
     hostname: str = "backup.test",
     in_flow_delay: str = "0s",
 ) -> dict[str, str]:
-    """main.cf for a throwaway backup MX built from the production ``snippet``.
+    """main.cf for a throwaway backup MX built from the production ``snippet``
+    (deploy/postfix-main.cf unless another is given).
 
     Exactly three snippet settings are replaced: ``relay_domains`` (``relay_domains``
     joined with commas), ``transport_maps`` (an ``inline:`` table built from
@@ -365,6 +367,15 @@ def policy_overrides(snippet: Path, service: str) -> dict[str, str]:
     )
     settings["smtpd_milters"] = ""
     return settings
+
+
+def policy_listener(
+    port: int, service: str, overrides: Mapping[str, str] | None = None
+) -> Listener:
+    """One smtpd of a backup MX on ``port`` attached to the policy service ``service``
+    as the production policy snippet (``POLICY_SNIPPET``) attaches it, no milter:
+    ``overrides`` of its own first, then ``policy_overrides``, which win."""
+    return Listener(port, {**(overrides or {}), **policy_overrides(POLICY_SNIPPET, service)})
 
 
 def maildir_for(mailbox_base: Path, addr: str) -> Path:

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from tests.harness.lifecycle import forget_at_exit, stop_at_exit
-from tests.harness.ports import accepts, free_port
+from tests.harness.ports import accepts, free_port, read_until
 from tests.harness.process import ManagedProcess
 from tests.harness.waiting import wait_for
 
@@ -67,33 +67,24 @@ class RedisServer(ManagedProcess):
         # Every client connection is gone with the process: wait for the port to be free.
         wait_for(lambda: not accepts(self.port), 10.0, what=f"port {self.port} to close")
 
-    def command(self, *args: str) -> str:
+    def _first_line(self, *args: str) -> str:
         """One command in RESP over a plain socket (no client library): the first reply
-        line, e.g. ``+PONG``, ``:3``; empty when the server cannot be reached."""
+        line. Raises ``OSError`` when the server cannot be reached."""
         request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as conn:
+            conn.sendall(request.encode())
+            reply = read_until(conn, lambda received: b"\r\n" in received)
+        return reply.decode(errors="replace").split("\r\n", 1)[0]
+
+    def command(self, *args: str) -> str:
+        """One command: the first reply line, e.g. ``+PONG``, ``:3``; empty when the
+        server cannot be reached."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as conn:
-                conn.sendall(request.encode())
-                reply = b""
-                while not reply.endswith(b"\r\n"):
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    reply += chunk
+            return self._first_line(*args)
         except OSError:
             return ""
-        return reply.decode(errors="replace").split("\r\n", 1)[0]
 
     def keys(self, pattern: str = "*") -> int:
         """How many keys match ``pattern`` (a test-sized key space: ``KEYS`` is fine)."""
-        request = f"*2\r\n$4\r\nKEYS\r\n${len(pattern)}\r\n{pattern}\r\n"
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as conn:
-            conn.sendall(request.encode())
-            head = b""
-            while b"\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-        first = head.split(b"\r\n", 1)[0]
-        return int(first[1:]) if first.startswith(b"*") else 0
+        first = self._first_line("KEYS", pattern)
+        return int(first[1:]) if first.startswith("*") else 0

@@ -118,27 +118,27 @@ def test_banner_delay() -> None:
         client.close()
 
 
-def test_banner_421_closes() -> None:
-    with ScriptedServer(Script(banner="421 4.3.2 scripted.test busy")) as server:
+@pytest.mark.parametrize(
+    ("banner", "afterwards"),
+    [
+        pytest.param("421 4.3.2 scripted.test busy", [], id="421-closes"),
+        pytest.param(
+            "554 5.7.1 go away",
+            [("EHLO client.test", "503 "), ("MAIL FROM:<>", "503 "), ("QUIT", "221 ")],
+            id="554-then-only-quit",
+        ),
+    ],
+)
+def test_refusing_banner(banner: str, afterwards: list[tuple[str, str]]) -> None:
+    """A 421 banner closes at once; after a 554 one, every command but QUIT gets 503."""
+    with ScriptedServer(Script(banner=banner)) as server:
         with pytest.raises(smtplib.SMTPConnectError) as info:
             smtp(server)
-        assert info.value.smtp_code == 421
+        assert info.value.smtp_code == int(banner[:3])
         client = Raw(server)
-        assert client.line() == "421 4.3.2 scripted.test busy"
-        assert client.at_eof()
-        client.close()
-
-
-def test_banner_554_then_only_quit() -> None:
-    with ScriptedServer(Script(banner="554 5.7.1 go away")) as server:
-        with pytest.raises(smtplib.SMTPConnectError) as info:
-            smtp(server)
-        assert info.value.smtp_code == 554
-        client = Raw(server)
-        assert client.line() == "554 5.7.1 go away"
-        assert client.cmd("EHLO client.test").startswith("503 ")
-        assert client.cmd("MAIL FROM:<>").startswith("503 ")
-        assert client.cmd("QUIT").startswith("221 ")
+        assert client.line() == banner
+        for command, reply in afterwards:
+            assert client.cmd(command).startswith(reply)
         assert client.at_eof()
         client.close()
 

@@ -41,12 +41,10 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.peers import EXIM_RATE_LIMIT_ACL, PRIMARIES, EximPrimary, PeerPrimary
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
-    POLICY_SNIPPET,
-    SNIPPET,
     Listener,
     PostfixInstance,
     backup_mx_main_cf,
-    policy_overrides,
+    policy_listener,
     primary_main_cf,
 )
 from tests.harness.primary import Primary, SilentServer
@@ -480,7 +478,6 @@ def stack() -> Iterator[Stack]:
             transports["eximrl.test"] = hop(primary.port)
             no_policy_port = free_port()
             main_cf = backup_mx_main_cf(
-                SNIPPET,
                 workdir=workdir / "backup",
                 relay_domains=list(transports),
                 transports=transports,
@@ -497,17 +494,10 @@ def stack() -> Iterator[Stack]:
                         )
                         for name, profile in profiles.items()
                     ),
-                    Listener(
-                        no_policy_port,
-                        policy_overrides(POLICY_SNIPPET, f"inet:127.0.0.1:{refused_port}"),
-                    ),
+                    policy_listener(no_policy_port, f"inet:127.0.0.1:{refused_port}"),
                     *(
-                        Listener(
-                            profile.policy_port,
-                            {
-                                **settings[name][1],
-                                **policy_overrides(POLICY_SNIPPET, profile.process.policy_service),
-                            },
+                        policy_listener(
+                            profile.policy_port, profile.process.policy_service, settings[name][1]
                         )
                         for name, profile in profiles.items()
                     ),

@@ -1,6 +1,6 @@
 """End to end: a sender talks SMTP to a real Postfix backup MX with callahead attached
 through ``smtpd_milters`` or through ``check_policy_service`` (the tests taking
-``front_end`` run through both); callahead probes a real SMTP primary; accepted mail is
+``front_end`` or ``port`` run through both); callahead probes a real SMTP primary; accepted mail is
 relayed on to the primary's mailbox."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import time
 from functools import partial
+
+import pytest
 
 from tests.harness.client import make_message, send
 from tests.harness.waiting import wait_for
@@ -17,15 +19,19 @@ from .conftest import PROBE_TIMEOUT, SENDER, MetricsDelta, Stack
 DELIVERY_TIMEOUT = 30.0
 
 
+@pytest.fixture
+def port(stack: Stack, front_end: str) -> int:
+    """The main profile's port for the front end under test (each test taking it runs
+    through both)."""
+    return stack.profiles["main"].port_for(front_end)
+
+
 def delivered(stack: Stack, addr: str, token: str, primary: str = "primary") -> bool:
     box = getattr(stack, primary).mailbox(addr)
     return any(token.encode() in message for message in box)
 
 
-def test_known_user_is_accepted_and_delivered(
-    stack: Stack, delta: MetricsDelta, front_end: str
-) -> None:
-    port = stack.profiles["main"].port_for(front_end)
+def test_known_user_is_accepted_and_delivered(stack: Stack, delta: MetricsDelta, port: int) -> None:
     addr = stack.new_user()
     token, body = make_message(SENDER, [addr])
 
@@ -44,9 +50,8 @@ def test_known_user_is_accepted_and_delivered(
 
 
 def test_unknown_user_is_rejected_at_rcpt(
-    stack: Stack, delta: MetricsDelta, front_end: str
+    stack: Stack, delta: MetricsDelta, front_end: str, port: int
 ) -> None:
-    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_address()
 
     tx = send(port, SENDER, [addr])
@@ -72,9 +77,8 @@ def test_unknown_user_is_rejected_at_rcpt(
 
 
 def test_primary_down_mail_is_queued_then_delivered(
-    stack: Stack, delta: MetricsDelta, front_end: str
+    stack: Stack, delta: MetricsDelta, port: int
 ) -> None:
-    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user()
     token, body = make_message(SENDER, [addr])
     stack.primary.stop()
@@ -134,9 +138,8 @@ def test_primary_that_never_greets_is_accepted_within_the_probe_timeout(
 
 
 def test_primary_refusing_the_null_sender_never_causes_a_reject(
-    stack: Stack, delta: MetricsDelta, front_end: str
+    stack: Stack, delta: MetricsDelta, port: int
 ) -> None:
-    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user("nullsender.test", stack.null_primary)
     token, body = make_message(SENDER, [addr])
     null_senders = stack.null_primary.mail_froms.count("")
@@ -153,8 +156,7 @@ def test_primary_refusing_the_null_sender_never_causes_a_reject(
     assert delta("callahead_rcpt_decisions_total", decision="accept", reason="prober_refused") == 1
 
 
-def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta, front_end: str) -> None:
-    port = stack.profiles["main"].port_for(front_end)
+def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta, port: int) -> None:
     first, second = stack.new_user(), stack.new_user()
     unknown = stack.new_address()
     token, body = make_message(SENDER, [first, unknown, second])
@@ -180,8 +182,7 @@ def test_each_recipient_is_judged_alone(stack: Stack, delta: MetricsDelta, front
     assert any(re.search(pattern, line) for line in lines), lines
 
 
-def test_no_negative_cache(stack: Stack, delta: MetricsDelta, front_end: str) -> None:
-    port = stack.profiles["main"].port_for(front_end)
+def test_no_negative_cache(stack: Stack, delta: MetricsDelta, port: int) -> None:
     addr = stack.new_address()
 
     assert send(port, SENDER, [addr]).code(addr) == 550
@@ -194,9 +195,8 @@ def test_no_negative_cache(stack: Stack, delta: MetricsDelta, front_end: str) ->
 
 
 def test_positive_cache_answers_without_probing(
-    stack: Stack, delta: MetricsDelta, front_end: str
+    stack: Stack, delta: MetricsDelta, port: int
 ) -> None:
-    port = stack.profiles["main"].port_for(front_end)
     addr = stack.new_user()
     token1, body1 = make_message(SENDER, [addr])
     token2, body2 = make_message(SENDER, [addr])
@@ -247,10 +247,7 @@ def test_metrics_endpoint_parses_and_has_the_spec_names(stack: Stack) -> None:
     assert samples[("callahead_errors_total", ())] == 0
 
 
-def test_domain_without_route_gets_no_opinion(
-    stack: Stack, delta: MetricsDelta, front_end: str
-) -> None:
-    port = stack.profiles["main"].port_for(front_end)
+def test_domain_without_route_gets_no_opinion(stack: Stack, delta: MetricsDelta, port: int) -> None:
     addr = stack.new_user("unrouted.test")
     token, body = make_message(SENDER, [addr])
     rcpts_seen = len(stack.primary.rcpts)

@@ -49,14 +49,7 @@ from hypothesis import strategies as st
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
-from tests.harness.postfix import (
-    POLICY_SNIPPET,
-    SNIPPET,
-    Listener,
-    PostfixInstance,
-    backup_mx_main_cf,
-    policy_overrides,
-)
+from tests.harness.postfix import Listener, PostfixInstance, backup_mx_main_cf, policy_listener
 from tests.harness.primary import Primary
 
 DOMAIN = "fuzz.test"
@@ -148,7 +141,6 @@ def rig() -> Iterator[Rig]:
             PostfixInstance(
                 backup_dir,
                 backup_mx_main_cf(
-                    SNIPPET,
                     workdir=backup_dir,
                     relay_domains=[DOMAIN],
                     transports={DOMAIN: f"[127.0.0.1]:{primary.port}"},
@@ -156,10 +148,7 @@ def rig() -> Iterator[Rig]:
                 ),
                 [
                     Listener(ports["milter"], {"smtpd_milters": callahead.socket}),
-                    Listener(
-                        ports["policy"],
-                        policy_overrides(POLICY_SNIPPET, callahead.policy_service),
-                    ),
+                    policy_listener(ports["policy"], callahead.policy_service),
                 ],
             )
         )

@@ -40,14 +40,7 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.lifecycle import StartStop
 from tests.harness.nsd import NsdServer, nsd_available
 from tests.harness.ports import free_port
-from tests.harness.postfix import (
-    POLICY_SNIPPET,
-    SNIPPET,
-    Listener,
-    PostfixInstance,
-    backup_mx_main_cf,
-    policy_overrides,
-)
+from tests.harness.postfix import Listener, PostfixInstance, backup_mx_main_cf, policy_listener
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer, redis_server_binary
 from tests.harness.waiting import wait_for
@@ -125,7 +118,6 @@ def site() -> Iterator[Site]:
             other_dir = workdir / "other"
             other_dir.mkdir(mode=0o755)
             other_cf = backup_mx_main_cf(
-                SNIPPET,
                 workdir=other_dir,
                 relay_domains=[DOMAIN],
                 transports={DOMAIN: f"[{PRIMARY}]:25"},
@@ -158,7 +150,6 @@ def site() -> Iterator[Site]:
                 name="callahead-mx-authority",
             )
             main_cf = backup_mx_main_cf(
-                SNIPPET,
                 workdir=backup_dir,
                 relay_domains=[DOMAIN],
                 transports={},
@@ -168,10 +159,8 @@ def site() -> Iterator[Site]:
             # No transport entry: the domain and its subdomains go by relay_transport.
             main_cf["transport_maps"] = ""
             port, policy_port = free_port(), free_port()
-            policy = policy_overrides(POLICY_SNIPPET, callahead.policy_service)
-            backup = PostfixInstance(
-                backup_dir, main_cf, [Listener(port), Listener(policy_port, policy)]
-            )
+            policy = policy_listener(policy_port, callahead.policy_service)
+            backup = PostfixInstance(backup_dir, main_cf, [Listener(port), policy])
             backup.start()
             started.append(backup)
             callahead.start()

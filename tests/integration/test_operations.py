@@ -47,6 +47,12 @@ def ops(stack: Stack) -> Iterator[CallaheadProcess]:
         process.start()
 
 
+@pytest.fixture
+def port(stack: Stack) -> int:
+    """The port of the ops profile's listener."""
+    return stack.profiles["ops"].port
+
+
 def test_dry_run_lets_an_unknown_user_through_and_logs_the_would_be_reject(
     stack: Stack,
 ) -> None:
@@ -68,9 +74,8 @@ def test_dry_run_lets_an_unknown_user_through_and_logs_the_would_be_reject(
 
 
 def test_cache_show_and_flush_make_the_next_recipient_probe_again(
-    stack: Stack, ops: CallaheadProcess
+    stack: Stack, ops: CallaheadProcess, port: int
 ) -> None:
-    port = stack.profiles["ops"].port
     user = stack.new_user("ops.test", stack.ops_primary)
     other = stack.new_user("ops.test", stack.ops_primary)
     assert seconds_left(ops, user) is None
@@ -100,9 +105,8 @@ def test_cache_show_and_flush_make_the_next_recipient_probe_again(
 
 
 def test_status_is_healthy_then_degraded_with_the_primary_stopped(
-    stack: Stack, ops: CallaheadProcess
+    stack: Stack, ops: CallaheadProcess, port: int
 ) -> None:
-    port = stack.profiles["ops"].port
     user = stack.new_user("ops.test", stack.ops_primary)
     assert send(port, SENDER, [user]).code(user) == 250
     healthy = ops.cli("status")
@@ -122,9 +126,8 @@ def test_status_is_healthy_then_degraded_with_the_primary_stopped(
 
 
 def test_a_restart_with_the_cache_file_answers_a_cached_address_without_a_probe(
-    stack: Stack, ops: CallaheadProcess
+    stack: Stack, ops: CallaheadProcess, port: int
 ) -> None:
-    port = stack.profiles["ops"].port
     user = stack.new_user("ops.test", stack.ops_primary)
     assert send(port, SENDER, [user]).code(user) == 250
     assert stack.ops_primary.probes_for(user) == 1
@@ -143,11 +146,12 @@ def test_a_restart_with_the_cache_file_answers_a_cached_address_without_a_probe(
     assert left is not None and left <= 86400
 
 
-def test_a_flush_stays_flushed_after_serve_is_killed(stack: Stack, ops: CallaheadProcess) -> None:
+def test_a_flush_stays_flushed_after_serve_is_killed(
+    stack: Stack, ops: CallaheadProcess, port: int
+) -> None:
     """kill -9 right after `callahead cache flush` (a crash, or systemd's watchdog
     abort): the flushed entry must not come back from the cache file at the next start,
     which it did until the next periodic save (CALLAHEAD_CACHE_SAVE_INTERVAL, 300 s)."""
-    port = stack.profiles["ops"].port
     flushed_user = stack.new_user("ops.test", stack.ops_primary)
     kept = stack.new_user("ops.test", stack.ops_primary)
     tx = send(port, SENDER, [flushed_user, kept])
@@ -175,9 +179,8 @@ def test_a_flush_stays_flushed_after_serve_is_killed(stack: Stack, ops: Callahea
 
 
 def test_a_corrupt_cache_file_is_logged_and_the_service_runs(
-    stack: Stack, ops: CallaheadProcess
+    stack: Stack, ops: CallaheadProcess, port: int
 ) -> None:
-    port = stack.profiles["ops"].port
     ops.stop()
     path = ops.env["CALLAHEAD_CACHE_FILE"]
     Path(path).write_text('{"format": "callahead-cache", "version": 1, "entries": [["u1@ops.te')

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from callahead.caching.cache import PositiveCache
 from callahead.probing.engine import EngineSettings, ProbeEngine
@@ -30,6 +31,13 @@ def answer_of(verdict: Verdict, primary: str = "[127.0.0.1]:2525") -> ProbeResul
 class Asked:
     address: str
     hops: tuple[Nexthop, ...]
+    recheck: bool
+    background: bool
+
+
+class ProbeFlags(TypedDict, total=False):
+    """The keyword arguments of ``ProbeEngine.probe`` (both False unless given)."""
+
     recheck: bool
     background: bool
 
@@ -57,13 +65,9 @@ class AnsweredEngine(ProbeEngine):
         return self.free
 
     async def probe(
-        self,
-        address: str,
-        hops: Sequence[Nexthop],
-        *,
-        recheck: bool = False,
-        background: bool = False,
+        self, address: str, hops: Sequence[Nexthop], **flags: Unpack[ProbeFlags]
     ) -> ProbeResult:
+        recheck, background = flags.get("recheck", False), flags.get("background", False)
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
         with self._lock:
             self.asked.append(Asked(address, tuple(hops), recheck, background))

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..base.address import UnsendableAddress, is_utf8, normalize_recipient, wire_address
+from ..base.address import (
+    Recipient,
+    UnsendableAddress,
+    is_utf8,
+    normalize_recipient,
+    wire_address,
+)
 from ..probing.validcache import ValidCache
 from ..probing.verdict import Basis, ProbeResult, Skip, Verdict
 from ..routing.routes import Nexthop, Routes, RouteUnavailable
@@ -206,38 +212,42 @@ class Policy:
         """Judge one recipient; ``client`` is the SMTP client's address, if known.
         From a thread other than the probe loop's: a route lookup or a probe on the
         loop is waited for."""
-        normalized = normalize_recipient(recipient)
-        if normalized is None:
-            return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
-        if not is_utf8(normalized.address):
-            return self._final(self._not_utf8(normalized.address))
+        normalized = self._screen(recipient)
+        if isinstance(normalized, Decision):
+            return self._final(normalized)
         try:
             hops = self._routes.lookup(normalized.domain, normalized.address)
         except RouteUnavailable:
             hops = None
-        route = self._routes.route_key(normalized.domain)
-        step = self._before_probe(normalized.address, route, hops, client)
+        step = self._before_probe(normalized, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         return self._final(self._after_probe(step, self._prober.probe(step.address, step.hops)))
 
     async def decide_async(self, recipient: str, client: str | None = None) -> Decision:
         """``decide`` for a front end running on the probe loop itself."""
-        normalized = normalize_recipient(recipient)
-        if normalized is None:
-            return self._final(Decision(Action.SKIP, Reason.UNROUTED, recipient))
-        if not is_utf8(normalized.address):
-            return self._final(self._not_utf8(normalized.address))
+        normalized = self._screen(recipient)
+        if isinstance(normalized, Decision):
+            return self._final(normalized)
         try:
             hops = await self._routes.lookup_async(normalized.domain, normalized.address)
         except RouteUnavailable:
             hops = None
-        route = self._routes.route_key(normalized.domain)
-        step = self._before_probe(normalized.address, route, hops, client)
+        step = self._before_probe(normalized, hops, client)
         if isinstance(step, Decision):
             return self._final(step)
         result = await self._prober.probe_async(step.address, step.hops)
         return self._final(self._after_probe(step, result))
+
+    def _screen(self, recipient: str) -> Recipient | Decision:
+        """The recipient normalized, or the decision when it cannot be routed at all
+        (no local part or domain: skipped; not UTF-8: the tempfail action)."""
+        normalized = normalize_recipient(recipient)
+        if normalized is None:
+            return Decision(Action.SKIP, Reason.UNROUTED, recipient)
+        if not is_utf8(normalized.address):
+            return self._not_utf8(normalized.address)
+        return normalized
 
     def _not_utf8(self, address: str) -> Decision:
         """Bytes that are not UTF-8 (a real Postfix refuses them itself, 500 5.5.2 or
@@ -252,11 +262,13 @@ class Policy:
         return decision
 
     def _before_probe(
-        self, address: str, route: str, hops: tuple[Nexthop, ...] | None, client: str | None
+        self, normalized: Recipient, hops: tuple[Nexthop, ...] | None, client: str | None
     ) -> Decision | _ToProbe:
         """Everything decided without a probe, or what to probe. ``hops`` None: the
-        route could not be looked up now; ``route``: the route entry that routes the
+        route could not be looked up now. ``route``: the route entry that routes the
         domain (for catch-all detection), empty when none is checked."""
+        address = normalized.address
+        route = self._routes.route_key(normalized.domain)
         if hops is None:
             return Decision(self._undecided, Reason.ROUTE_FAILED, address)
         if not hops:

@@ -127,11 +127,16 @@ class Made:
         )
 
 
+@pytest.fixture
+def made(loop: ProbeLoop) -> Made:
+    """A catch-all checker on the shared loop, with an engine the test answers."""
+    return Made(loop)
+
+
 def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
-    loop: ProbeLoop, caplog: pytest.LogCaptureFixture
+    made: Made, loop: ProbeLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="callahead.catchall")
-    made = Made(loop)
     made.catchall.check_if_due(".example.com", HOPS)
     made.catchall.check_if_due(".example.com", HOPS)  # already running: nothing more
     address = made.engine.give_next(loop, answer_of(Verdict.VALID))
@@ -168,10 +173,9 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
 
 
 def test_a_normal_primary_is_not_flagged_and_a_tempfail_changes_nothing(
-    loop: ProbeLoop, caplog: pytest.LogCaptureFixture
+    made: Made, loop: ProbeLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="callahead.catchall")
-    made = Made(loop)
     made.catchall.check_if_due("a.test", HOPS)
     made.engine.give_next(loop, answer_of(Verdict.UNKNOWN))
     wait_for(lambda: made.outcomes == ["unknown"], 5.0)
@@ -185,8 +189,9 @@ def test_a_normal_primary_is_not_flagged_and_a_tempfail_changes_nothing(
     assert caplog.records == []
 
 
-def test_a_check_is_skipped_without_a_free_slot_or_a_budget_token(loop: ProbeLoop) -> None:
-    made = Made(loop)
+def test_a_check_is_skipped_without_a_free_slot_or_a_budget_token(
+    made: Made, loop: ProbeLoop
+) -> None:
     made.engine.free = False
     made.catchall.check_if_due("a.test", HOPS)
     wait_for(lambda: made.outcomes == [SKIPPED], 5.0)
@@ -199,8 +204,7 @@ def test_a_check_is_skipped_without_a_free_slot_or_a_budget_token(loop: ProbeLoo
     assert made.states == []
 
 
-def test_the_checks_in_flight_are_cancelled_at_shutdown(loop: ProbeLoop) -> None:
-    made = Made(loop)
+def test_the_checks_in_flight_are_cancelled_at_shutdown(made: Made, loop: ProbeLoop) -> None:
     made.catchall.check_if_due("a.test", HOPS)
     wait_for(made.engine.waiting, 5.0)
     loop.run(made.catchall.aclose(), timeout=5.0)

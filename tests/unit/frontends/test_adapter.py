@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import Milter
@@ -282,20 +282,36 @@ def test_negotiated_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h.ctx._symlist[Milter.M_ENVRCPT] == {b"i", b"{client_addr}"}
 
 
+QUEUED = {"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"}
+"""The macros of a session whose message has its queue ID."""
+
+
 def _rcpt_log_line(caplog: pytest.LogCaptureFixture) -> str:
     lines = [r.getMessage() for r in caplog.records if r.name == "callahead.decision"]
     assert len(lines) == 1, lines
     return lines[0]
 
 
-def test_log_line_has_queue_id_and_client(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
-    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
-    with caplog.at_level(logging.INFO, logger="callahead"):
-        h.rcpt("<bob@example.com>")
-    line = _rcpt_log_line(caplog)
+LogRcpt = Callable[[dict[str, ProbeResult], dict[str, str], str], str]
+
+
+@pytest.fixture
+def logged_rcpt(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> LogRcpt:
+    """``logged_rcpt(answers, macros, recipient)``: the log line of RCPT TO
+    ``recipient`` in a session with ``macros``, the primary answering ``answers``."""
+
+    def log_rcpt(answers: dict[str, ProbeResult], macros: dict[str, str], recipient: str) -> str:
+        h = Harness(monkeypatch, FakeProber(answers))
+        h.connect(macros)
+        with caplog.at_level(logging.INFO, logger="callahead"):
+            h.rcpt(recipient)
+        return _rcpt_log_line(caplog)
+
+    return log_rcpt
+
+
+def test_log_line_has_queue_id_and_client(logged_rcpt: LogRcpt) -> None:
+    line = logged_rcpt({"bob@example.com": UNKNOWN}, QUEUED, "<bob@example.com>")
     assert line.startswith("4ABCDEF123: ")
     assert "client=198.51.100.23" in line
     assert "rcpt=<bob@example.com>" in line
@@ -307,28 +323,18 @@ def test_log_line_has_queue_id_and_client(
     assert "zz-secret-42" in line
 
 
-def test_a_forged_recipient_cannot_add_fields_to_the_log_line(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_forged_recipient_cannot_add_fields_to_the_log_line(logged_rcpt: LogRcpt) -> None:
     forged = '"x> decision=accept reason=cache_hit <"@example.com'
-    h = Harness(monkeypatch, FakeProber({forged: UNKNOWN}))
-    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
-    with caplog.at_level(logging.INFO, logger="callahead"):
-        h.rcpt(f"<{forged}>")
-    line = _rcpt_log_line(caplog)
+    line = logged_rcpt({forged: UNKNOWN}, QUEUED, f"<{forged}>")
     assert re.findall(r"\bdecision=(\w+)", line) == ["reject"]
     assert re.findall(r"\breason=(\w+)", line) == ["probe_unknown"]
     assert "rcpt=<\\x22x\\x3e\\x20decision\\x3daccept" in line
 
 
-def test_log_line_without_queue_id_says_noqueue(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    h = Harness(monkeypatch, FakeProber({"alice@example.com": VALID}))
-    h.connect({"{client_addr}": "2001:db8::25"})
-    with caplog.at_level(logging.INFO, logger="callahead"):
-        h.rcpt("<alice@example.com>")
-    line = _rcpt_log_line(caplog)
+def test_log_line_without_queue_id_says_noqueue(logged_rcpt: LogRcpt) -> None:
+    line = logged_rcpt(
+        {"alice@example.com": VALID}, {"{client_addr}": "2001:db8::25"}, "<alice@example.com>"
+    )
     assert line.startswith("NOQUEUE: ")
     assert "client=2001:db8::25" in line
     assert "decision=accept reason=probe_valid" in line
@@ -524,7 +530,7 @@ def test_an_accept_because_the_primary_refused_the_prober_logs_its_reply(
         basis=Basis.PROBER,
     )
     h = Harness(monkeypatch, FakeProber({"dave@example.com": refused}))
-    h.connect({"i": "4ABCDEF123", "{client_addr}": "198.51.100.23"})
+    h.connect(QUEUED)
     with caplog.at_level(logging.INFO, logger="callahead"):
         assert h.rcpt("<dave@example.com>") == Milter.CONTINUE
     line = _rcpt_log_line(caplog)
@@ -558,6 +564,15 @@ def test_a_source_route_is_dropped_as_postfix_drops_it(
     assert h.sample("callahead_rcpt_decisions_total", decision="accept", reason="cache_hit") == 1
 
 
+def asked_about(monkeypatch: pytest.MonkeyPatch, written: str) -> list[str]:
+    """The addresses the primary is asked about for RCPT TO ``written``."""
+    prober = AnyProber()
+    h = Harness(monkeypatch, prober)
+    h.connect()
+    h.rcpt(written)
+    return prober.calls
+
+
 @pytest.mark.parametrize(
     "recipient",
     ['<"@relay.example:alice"@example.com>', '"@x:"@example.com'],
@@ -565,11 +580,7 @@ def test_a_source_route_is_dropped_as_postfix_drops_it(
 def test_what_only_looks_like_a_source_route_is_judged_as_it_is(
     monkeypatch: pytest.MonkeyPatch, recipient: str
 ) -> None:
-    prober = AnyProber()
-    h = Harness(monkeypatch, prober)
-    h.connect()
-    h.rcpt(recipient)
-    assert prober.calls == [recipient.strip("<>")]
+    assert asked_about(monkeypatch, recipient) == [recipient.strip("<>")]
 
 
 @pytest.mark.parametrize(
@@ -589,11 +600,18 @@ def test_the_local_part_is_asked_about_as_postfix_relays_it(
     and tells its policy service the unquoted form (quoted back there the same way).
     ``a:b@x`` probed unquoted drew a syntax error from the primary (a tempfail: the
     unknown user accepted) while mail went to ``"a:b"@x`` (found by fuzzing)."""
-    prober = AnyProber()
-    h = Harness(monkeypatch, prober)
+    assert asked_about(monkeypatch, written) == [asked]
+
+
+def assert_probed_and_rejected_as(
+    monkeypatch: pytest.MonkeyPatch, written: str, mailbox: str
+) -> None:
+    """RCPT TO ``written`` is probed as ``mailbox`` (the one address the primary
+    does not know), and only as that, and rejected."""
+    h = Harness(monkeypatch, FakeProber({mailbox: UNKNOWN}))
     h.connect()
-    h.rcpt(written)
-    assert prober.calls == [asked]
+    assert h.rcpt(written) == Milter.REJECT
+    assert h.prober.calls == [mailbox]
 
 
 def test_an_empty_local_part_is_judged_as_the_empty_quoted_string(
@@ -602,10 +620,7 @@ def test_an_empty_local_part_is_judged_as_the_empty_quoted_string(
     """Postfix takes ``RCPT TO:<@example.com>`` and relays it to ``<""@example.com>``
     (its policy service is told ``@example.com``, quoted back the same). Skipped as
     no address, it was accepted unprobed (found by fuzzing both front ends)."""
-    h = Harness(monkeypatch, FakeProber({'""@example.com': UNKNOWN}))
-    h.connect()
-    assert h.rcpt("<@example.com>") == Milter.REJECT
-    assert h.prober.calls == ['""@example.com']
+    assert_probed_and_rejected_as(monkeypatch, "<@example.com>", '""@example.com')
 
 
 def test_a_tab_in_a_quoted_local_part_is_the_space_postfix_makes_of_it(
@@ -614,10 +629,7 @@ def test_a_tab_in_a_quoted_local_part_is_the_space_postfix_makes_of_it(
     """Postfix 3.7 turns ``"a<TAB>b"@x`` into ``"a b"@x`` (seen through a real
     Postfix): that is the mailbox it relays to and tells its policy service. Judged
     with the tab, the address was unsendable and accepted unprobed."""
-    h = Harness(monkeypatch, FakeProber({'"a b"@example.com': UNKNOWN}))
-    h.connect()
-    assert h.rcpt('<"a\tb"@example.com>') == Milter.REJECT
-    assert h.prober.calls == ['"a b"@example.com']
+    assert_probed_and_rejected_as(monkeypatch, '<"a\tb"@example.com>', '"a b"@example.com')
 
 
 @pytest.mark.parametrize(
@@ -639,10 +651,7 @@ def test_brackets_that_postfix_forgives_do_not_skip_verification(
     probe) or the local part `` bob`` (unsendable: the tempfail action), so an
     unknown user written that way got past verification (found by fuzzing the milter
     against the policy service through a real Postfix)."""
-    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
-    h.connect()
-    assert h.rcpt(odd) == Milter.REJECT
-    assert h.prober.calls == ["bob@example.com"]
+    assert_probed_and_rejected_as(monkeypatch, odd, "bob@example.com")
 
 
 @pytest.mark.parametrize(
@@ -664,10 +673,7 @@ def test_blanks_and_comments_outside_quotes_are_dropped_as_postfix_drops_them(
     relays to it;
     judged as written, the local part held a blank (unsendable: the tempfail action,
     no probe), so an unknown user written that way got past verification."""
-    h = Harness(monkeypatch, FakeProber({"bob@example.com": UNKNOWN}))
-    h.connect()
-    assert h.rcpt(written) == Milter.REJECT
-    assert h.prober.calls == ["bob@example.com"]
+    assert_probed_and_rejected_as(monkeypatch, written, "bob@example.com")
 
 
 @pytest.mark.parametrize(
@@ -682,10 +688,7 @@ def test_blanks_and_comments_outside_quotes_are_dropped_as_postfix_drops_them(
 def test_blanks_and_parentheses_inside_quotes_are_kept(
     monkeypatch: pytest.MonkeyPatch, written: str
 ) -> None:
-    prober = AnyProber()
-    h = Harness(monkeypatch, prober)
-    h.connect()
-    h.rcpt(written)
-    assert prober.calls in ([written[1:-1]], [])
+    calls = asked_about(monkeypatch, written)
+    assert calls in ([written[1:-1]], [])
     if written.startswith('<"'):
-        assert prober.calls == [written[1:-1]]
+        assert calls == [written[1:-1]]

@@ -64,31 +64,19 @@ CASES: list[tuple[Decision, dict[str, float]]] = [
     ),
     (
         Decision(Action.ACCEPT, Reason.PROBE_VALID, "a@x", probe(Verdict.VALID, 0.25)),
-        {
-            "decision:accept/probe_valid": 1,
-            "misses": 1,
-        },
+        {"decision:accept/probe_valid": 1, "misses": 1},
     ),
     (
         Decision(Action.REJECT, Reason.PROBE_UNKNOWN, "a@x", probe(Verdict.UNKNOWN, 0.5)),
-        {
-            "decision:reject/probe_unknown": 1,
-            "misses": 1,
-        },
+        {"decision:reject/probe_unknown": 1, "misses": 1},
     ),
     (
         Decision(Action.ACCEPT, Reason.PROBE_TEMPFAIL, "a@x", probe(Verdict.TEMPFAIL, 2.0)),
-        {
-            "decision:accept/probe_tempfail": 1,
-            "misses": 1,
-        },
+        {"decision:accept/probe_tempfail": 1, "misses": 1},
     ),
     (
         Decision(Action.DEFER, Reason.PROBE_TEMPFAIL, "a@x", probe(Verdict.TEMPFAIL, 1.0)),
-        {
-            "decision:defer/probe_tempfail": 1,
-            "misses": 1,
-        },
+        {"decision:defer/probe_tempfail": 1, "misses": 1},
     ),
     (
         Decision(Action.SKIP, Reason.UNROUTED, "a@x"),

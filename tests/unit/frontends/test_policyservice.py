@@ -36,6 +36,7 @@ from callahead.frontends.unixsocket import UnixSocketError
 from callahead.probing.loop import ProbeLoop
 from callahead.probing.verdict import ProbeResult, Stage, Verdict
 from callahead.routing.routes import parse_routes
+from tests.harness.ports import read_until
 from tests.unit.probers import SyncProber
 
 ROUTES = parse_routes("example.com=[192.0.2.10]:25")
@@ -108,13 +109,7 @@ class Served:
 
     def ask(self, conn: socket.socket, data: bytes) -> bytes:
         conn.sendall(data)
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+        return read_until(conn, lambda answer: answer.endswith(b"\n\n"))
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
