@@ -30,6 +30,7 @@ from .loop import HANDOFF_MARGIN
 from .postfixmaps import PostfixRoutes
 from .router import describe_routes
 from .routes import Nexthop, RouteUnavailable
+from .socketaccess import postfix_socket_problems
 from .verdict import ProbeResult, Verdict
 
 EX_USAGE = 64
@@ -392,6 +393,12 @@ def run_serve(config: Config) -> int:
     problem = answer_time_problem(config) if config.socket else None
     if problem:
         print(f"callahead: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    # A unix socket Postfix cannot connect to would let mail through unverified.
+    unreachable = postfix_socket_problems(config)
+    for problem in unreachable:
+        print(f"callahead: {problem}", file=sys.stderr)
+    if unreachable:
         return EX_CONFIG
     # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
     from .server import serve
