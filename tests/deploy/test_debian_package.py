@@ -20,6 +20,7 @@ from .tools import run, tool
 
 DEBIAN_DEPENDS = {
     "postfix",
+    "procps",
     "python3-aiosmtplib",
     "python3-cachetools",
     "python3-dnspython",
@@ -29,7 +30,8 @@ DEBIAN_DEPENDS = {
     "python3-redis",
     "python3:any",
 }
-"""Every package callahead depends on: Debian's postfix and Python libraries."""
+"""Every package callahead depends on: Debian's postfix, procps (the unit's ExecReload runs
+/bin/kill) and Python libraries."""
 EXAMPLES = (
     "alerts.test.yml",
     "alerts.yml",
