@@ -253,8 +253,11 @@ class RedisStore:
         if admission is None:
             raise SharedUnavailable("redis is treated as down")
         try:
-            async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                value = await make()
+            # wait_for, not asyncio.timeout: redis-py 4.3 (Debian 12) cancels the task it
+            # runs in a second time when a command is cancelled, and Python 3.11's timeout
+            # then leaves a CancelledError (forever after, in that task) where a
+            # TimeoutError was due. wait_for runs the round trip in a task of its own.
+            value = await asyncio.wait_for(make(), self.timeout if timeout is None else timeout)
         except asyncio.CancelledError:
             self._breaker.release(admission)
             raise

@@ -10,9 +10,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Metric,
-    disable_created_metrics,
     start_http_server,
 )
+from prometheus_client import metrics as _client_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,8 +20,19 @@ from ..core.policy import Action, Decision, Reason
 from ..probing.engine import PrimaryState
 from ..probing.verdict import Basis, ProbeResult, Verdict
 
-# The *_created series double the size of a scrape and tell an operator nothing here.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+
+def _disable_created_series() -> None:
+    """The *_created series double the size of a scrape and tell an operator nothing
+    here. prometheus-client 0.17 has ``disable_created_metrics()``; 0.16 (Debian 12's)
+    reads only a module flag, set from the environment at import."""
+    disable: Callable[[], None] | None = getattr(_client_metrics, "disable_created_metrics", None)
+    if disable is not None:
+        disable()
+    else:
+        setattr(_client_metrics, "_use_created", False)  # noqa: B010 (0.16's own flag)
+
+
+_disable_created_series()
 
 REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
 CATCHALL_OUTCOMES = REFRESH_OUTCOMES

@@ -48,6 +48,7 @@ from aiosmtplib.typing import SMTPStatus
 from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
 from ..base.errors import CallaheadError
 from ..routing.routes import Nexthop
+from .smtpcompat import banner_reply
 from .tls import TlsMode, unverified_tls_context
 from .verdict import (
     Basis,
@@ -283,10 +284,12 @@ class Session:
                 self.stage = Stage.CONNECT
                 banner = await smtp.connect()
                 self._heard(banner.code, banner.message)
-            except aiosmtplib.SMTPConnectResponseError as exc:
-                self._heard(exc.code, exc.message)
-                raise self._fail(Stage.BANNER, exc.code, exc.message, started) from None
             except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
+                refused = banner_reply(exc)  # a banner but 220, in either aiosmtplib
+                if refused is not None:
+                    code, message = refused
+                    self._heard(code, message)
+                    raise self._fail(Stage.BANNER, code, message, started) from None
                 stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
                 raise self._fail(stage, None, str(exc), started) from None
             stage = self.stage = Stage.EHLO

@@ -23,6 +23,7 @@ from .assembly import answer_time, build_resolver, engine_settings, route_wait, 
 from .config import EX_CONFIG, Config, ConfigError, load_config
 from .endpoints import loopback_host, parse_listen
 from .postfixconf import is_fully_qualified, postfix_milter_command_timeout
+from .socketaccess import postfix_socket_problems
 from .variables import VARIABLES
 
 EX_USAGE = 64
@@ -385,6 +386,12 @@ def run_serve(config: Config) -> int:
     problem = answer_time_problem(config) if config.socket else None
     if problem:
         print(f"callahead: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    # A unix socket Postfix cannot connect to would let mail through unverified.
+    unreachable = postfix_socket_problems(config)
+    for problem in unreachable:
+        print(f"callahead: {problem}", file=sys.stderr)
+    if unreachable:
         return EX_CONFIG
     # Imported here: pymilter loads libmilter, which `config` and `probe` do not need.
     from .server import serve

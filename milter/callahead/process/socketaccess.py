@@ -1,0 +1,146 @@
+"""Whether Postfix will be able to connect to callahead's unix sockets, told at start.
+
+A unix socket gets its owner and group from the process that binds it (its effective
+uid and *primary* gid, or the directory's group when the directory is set-group-ID) and
+its mode from the umask: ``SupplementaryGroups=postfix`` does not make a socket the
+postfix group's. smtpd (user ``postfix``) then gets "Permission denied" at connect, and
+with ``milter_default_action = accept`` mail flows unverified without a word. So before
+anything listens, ``serve`` works out what the socket will be (libmilter binds the milter
+socket itself, with no chmod) and whether the ``postfix`` user can reach it: search
+permission on every directory above it and write permission on the socket, by the owner,
+group or other bits that apply to that user and its groups, as the kernel decides. A
+socket Postfix cannot use is a configuration error (exit 78), not a log line nobody
+reads while mail goes through unverified.
+
+On a host without a ``postfix`` user there is nothing to check. ACLs are not read: a
+socket they would open to Postfix is reported all the same (give the directory the
+postfix group instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from .config import Config
+
+POSTFIX_USER = "postfix"
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as permission checks see it."""
+
+    name: str
+    uid: int
+    gids: frozenset[int]
+
+
+def account(name: str = POSTFIX_USER) -> Account | None:
+    """``name`` with its primary and supplementary groups; None if there is no such user."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    gids = {entry.pw_gid}
+    with contextlib.suppress(OSError):
+        gids.update(os.getgrouplist(name, entry.pw_gid))
+    return Account(name, entry.pw_uid, frozenset(gids))
+
+
+def _allowed(mode: int, uid: int, gid: int, who: Account, want: int) -> bool:
+    """Whether ``who`` has the ``want`` bits (4 read, 2 write, 1 search) on a file of
+    ``mode`` owned by ``uid``:``gid``: the owner's bits if it owns it, else the group's
+    if it is in the group, else the others' (only one class applies)."""
+    if who.uid == 0:
+        return True
+    if who.uid == uid:
+        bits = (mode >> 6) & 7
+    elif gid in who.gids:
+        bits = (mode >> 3) & 7
+    else:
+        bits = mode & 7
+    return bits & want == want
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def reach_problem(path: str, who: Account, umask: int | None = None) -> str | None:
+    """Why ``who`` could not connect to a unix socket that this process binds at
+    ``path`` (an existing socket there is replaced), or None when it could."""
+    socket_path = PurePosixPath(path)
+    directories = [*reversed(socket_path.parents)]
+    for directory in directories:
+        try:
+            info = os.stat(directory)
+        except FileNotFoundError:
+            return f"{directory} does not exist"
+        except OSError as exc:
+            return f"cannot check {directory}: {exc.strerror or exc}"
+        if not _allowed(info.st_mode, info.st_uid, info.st_gid, who, 1):
+            return (
+                f"{who.name} cannot enter {directory} (mode {stat.filemode(info.st_mode)}, "
+                f"group {_group_name(info.st_gid)})"
+            )
+    parent = os.stat(socket_path.parent)
+    gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
+    mode = 0o777 & ~(current_umask() if umask is None else umask)
+    if not _allowed(mode, os.geteuid(), gid, who, 2):
+        return (
+            f"the socket would be {stat.filemode(stat.S_IFSOCK | mode)} group "
+            f"{_group_name(gid)}, which {who.name} cannot write to: run callahead with "
+            f"the postfix group as its primary group (the unit's Group=postfix) and "
+            f"UMask=0007"
+        )
+    return None
+
+
+def socket_paths(config: Config) -> list[tuple[str, str]]:
+    """(variable, path) of each unix socket Postfix connects to."""
+    paths: list[tuple[str, str]] = []
+    if config.socket:
+        milter = config.milter_socket
+        if milter.startswith(("unix:", "local:")):
+            paths.append(("CALLAHEAD_SOCKET", milter.split(":", 1)[1]))
+    listen = config.policy_listen
+    if listen is not None and listen.kind == "unix":
+        paths.append(("CALLAHEAD_POLICY_LISTEN", listen.path))
+    return paths
+
+
+def postfix_socket_problems(config: Config, who: Account | None = None) -> list[str]:
+    """One line per unix socket of ``config`` that Postfix's ``postfix`` user (or
+    ``who``) could not connect to; none on a host without that user."""
+    user = account() if who is None else who
+    if user is None:
+        return []
+    problems = []
+    for variable, path in socket_paths(config):
+        problem = reach_problem(path, user)
+        if problem is not None:
+            problems.append(f"{variable}=unix:{path}: Postfix could not connect: {problem}")
+    return problems

@@ -1,0 +1,131 @@
+"""Build callahead's Debian package (debian/) the way CI does, without writing anything
+outside a temporary directory and the output directory.
+
+``dpkg-buildpackage`` writes its artefacts into the parent of the source tree and
+leaves ``.pybuild`` and ``debian/callahead`` in it, so the build runs on a copy of this
+checkout's files (tracked ones and new ones not ignored, as ``git ls-files`` lists them)
+in a temporary directory, and only the ``.deb`` is moved out. It runs with a plain
+PATH: the build must use Debian's /usr/bin/python3 and its dh-python, not whichever
+python3 comes first on the caller's PATH.
+
+``python -m tests.harness.debpkg [OUTDIR]`` (``./dev deb``) builds into ``build/deb``,
+runs lintian on it and prints the path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "build" / "deb"
+BUILD_TIMEOUT = 300.0
+LINTIAN_FAIL_ON = "error,warning"
+PLAIN_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "DEB_BUILD_OPTIONS": "nocheck",
+}
+
+
+class DebBuildError(Exception):
+    """The package did not build, or lintian found errors or warnings."""
+
+
+def version() -> str:
+    """The package version, from debian/changelog."""
+    done = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "debian" / "changelog"), "-S", "Version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+def _source_files() -> list[str]:
+    done = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    names = [name.decode() for name in done.stdout.split(b"\0") if name]
+    return [name for name in names if (REPO / name).is_file()]
+
+
+def build(out: Path = OUT) -> Path:
+    """Build callahead_<version>_all.deb into ``out`` and return its path; raises
+    ``DebBuildError`` with the build's output."""
+    name = f"callahead_{version()}_all.deb"
+    with tempfile.TemporaryDirectory(prefix="callahead-deb-") as tmp:
+        tree = Path(tmp) / f"callahead-{version()}"
+        for relative in _source_files():
+            target = tree / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / relative, target)
+        env = {**PLAIN_ENV, "HOME": tmp}
+        done = subprocess.run(
+            ["dpkg-buildpackage", "-us", "-uc", "-b"],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+            check=False,
+        )
+        built = Path(tmp) / name
+        if done.returncode != 0 or not built.is_file():
+            raise DebBuildError(f"dpkg-buildpackage failed:\n{done.stdout}\n{done.stderr}")
+        out.mkdir(parents=True, exist_ok=True)
+        final = out / name
+        shutil.move(built, final)
+    return final
+
+
+@functools.cache
+def built() -> Path:
+    """The package, built once per test process (into ``build/deb``)."""
+    return build()
+
+
+def lintian(deb: Path) -> str:
+    """lintian's report on ``deb``; raises ``DebBuildError`` when it has errors or
+    warnings (the ``I:`` lines of -I are kept in the report, and allowed)."""
+    done = subprocess.run(
+        ["lintian", "--fail-on", LINTIAN_FAIL_ON, "-I", str(deb)],
+        env={**PLAIN_ENV, "HOME": str(deb.parent)},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    report = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise DebBuildError(f"lintian:\n{report}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0]) if args else OUT
+    try:
+        deb = build(out)
+        report = lintian(deb)
+    except DebBuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.stdout.write(report)
+    print(os.fspath(deb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
