@@ -7,7 +7,7 @@ primary takes an inflow token only for a transaction's first accepted recipient,
 RSET (a "junk" command Postfix limits) is needed, unless the primary refuses
 multi-recipient bounces (``TransactionShape``).
 
-Replies are classified by ``verdict.classify`` (stage, enhanced status code, text), then
+Replies are classified by ``classify.classify`` (stage, enhanced status code, text), then
 the evidence rules apply (docs/verdicts.md):
 
 * **explicit**: an enhanced code about the recipient is *unknown* on its own;
@@ -48,19 +48,10 @@ from aiosmtplib.typing import SMTPStatus
 from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
 from ..base.errors import CallaheadError
 from ..routing.routes import Nexthop
+from .classify import Classification, classify, drifted, refuses_multi_recipient_bounce, unproven
 from .smtpcompat import banner_reply
 from .tls import TlsMode, unverified_tls_context
-from .verdict import (
-    Basis,
-    Classification,
-    ProbeResult,
-    Stage,
-    Verdict,
-    classify,
-    drifted,
-    refuses_multi_recipient_bounce,
-    unproven,
-)
+from .verdict import Basis, ProbeResult, Stage, Verdict
 
 log = logging.getLogger("callahead.session")
 

@@ -10,17 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callahead.probing.verdict import (
-    Basis,
+from callahead.probing.classify import (
     EnhancedCode,
-    Stage,
-    Verdict,
     classify,
     drifted,
     enhanced_code,
     refuses_multi_recipient_bounce,
     unproven,
 )
+from callahead.probing.verdict import Basis, Stage, Verdict
 
 UNKNOWN, VALID, TEMPFAIL = Verdict.UNKNOWN, Verdict.VALID, Verdict.TEMPFAIL
 
