@@ -65,10 +65,11 @@ from .enginetypes import (
     PrimaryState,
     Unobserved,
 )
+from .evidence import ControlSource
 from .failover import Failover
 from .freshness import LastJudged
 from .primaries import PRIMARY_IDLE, PRIMARY_LIMIT, Primaries
-from .session import ControlSource, SessionSettings
+from .session import SessionSettings
 from .tls import TlsMode, unverified_tls_context
 from .validcache import ValidCache
 from .verdict import Basis, ProbeResult, Skip, Stage, Verdict

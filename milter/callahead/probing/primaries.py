@@ -22,8 +22,9 @@ from ..routing.routes import Expansion, Nexthop
 from .breaker import Admission, Breaker, State
 from .budget import TokenBucket, burst_for
 from .enginetypes import EngineObserver, EngineSettings, PrimaryState
+from .evidence import ControlSource
 from .pool import SessionPool
-from .session import ControlSource, Session, SessionSettings, TransactionShape
+from .session import Session, SessionSettings, TransactionShape
 from .verdict import Basis, ProbeResult, Verdict
 
 WARNED_LIMIT = 1000

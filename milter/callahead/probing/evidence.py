@@ -1,0 +1,172 @@
+"""The evidence a session gathers before a rejection counts as *unknown*: the controls
+of the recipient's domain asked on the same session (recently verified addresses,
+then postmaster@), the address of the domain it accepted already, and a verified
+control refused (drift). The rules are docs/verdicts.md's; the session asks, this
+decides what its answers prove.
+
+The rules:
+
+* **explicit**: an enhanced code about the recipient is *unknown* on its own;
+* **bare**: a bare 5xx with an unknown-user text is *unknown* only once the same session
+  has accepted a **control** address of the domain: one verified valid recently (from
+  the ``ControlSource``: the local cache or Redis), else ``postmaster@domain``;
+* **drift**: when a recently verified control is itself rejected as unknown and no
+  other control is accepted, the primary may have stopped judging recipients (a broken
+  directory lookup, the wrong host): that session's rejections of the domain are
+  undecided. If another control is accepted instead, the refused one was a user since
+  removed: it is no longer offered as a control.
+
+Controls are asked once per session and domain, right after the first rejection that
+needs them, in the same transaction (no RSET; a Postfix primary counts a rejected
+RCPT as an error, an accepted one as nothing). A probe of the domain accepted earlier
+on the same session vouches as a control would: no control is asked then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiosmtplib
+
+from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
+from .classify import Classification, classify, drifted, unproven
+from .verdict import Stage, Verdict
+
+VERIFIED_CONTROLS = 2
+"""Recently verified addresses asked as controls per session and domain at most."""
+
+
+POSTMASTER = "postmaster"
+"""RFC 5321 4.5.1: every domain must accept mail for postmaster@domain."""
+
+
+class ControlSource(Protocol):
+    """Recently verified addresses of a domain, to ask as controls (controls.Controls)."""
+
+    async def controls(self, domain: str) -> tuple[str, ...]:
+        """Newest first; may be empty."""
+        ...
+
+    def stale(self, address: str) -> None:
+        """``address`` was refused as unknown while another control of its domain was
+        accepted: it is a user since removed, not a control any more."""
+
+
+class _NoControls:
+    async def controls(self, domain: str) -> tuple[str, ...]:
+        return ()
+
+    def stale(self, address: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Evidence:
+    """What a session learnt about one domain's controls."""
+
+    vouched_by: str = ""
+    """The control accepted on this session."""
+    suspect: str = ""
+    """A recently verified control refused as unknown on this session."""
+    suspect_reply: str = ""
+    postmaster_tried: bool = False
+    tried: set[str] = field(default_factory=set)
+    """The verified controls asked."""
+    replies: list[str] = field(default_factory=list)
+    """What the refused controls got, for the explanation."""
+
+
+class EvidenceBook:
+    """Per session: what its controls proved, per domain."""
+
+    def __init__(
+        self,
+        controls: ControlSource | None,
+        ask: Callable[[bytes], Awaitable[tuple[Stage, aiosmtplib.SMTPResponse]]],
+        utf8: Callable[[], bool],
+        note: Callable[[str], None],
+    ) -> None:
+        """``ask``: RCPT TO one path on the session; ``utf8``: the session offers
+        SMTPUTF8; ``note``: a line for the transcript."""
+        self._controls: ControlSource = controls if controls is not None else _NoControls()
+        self._ask = ask
+        self._utf8 = utf8
+        self._note = note
+        self._by_domain: dict[str, _Evidence] = {}
+
+    def accepted(self, address: str) -> None:
+        """An address of the domain accepted on this session vouches for its rejections
+        as well as any control would (the same view of the tables)."""
+        evidence = self._by_domain.setdefault(address.rpartition("@")[2], _Evidence())
+        evidence.vouched_by = evidence.vouched_by or address
+
+    async def judge_unknown(self, address: str, found: Classification) -> Classification:
+        """Apply the evidence rules to ``found``, a rejection of the recipient."""
+        local, _, domain = address.rpartition("@")
+        evidence = await self._evidence_for(domain, address, need_postmaster=found.bare)
+        if evidence.suspect and not evidence.vouched_by:
+            return drifted(evidence.suspect, evidence.suspect_reply)
+        if evidence.vouched_by:
+            return dataclasses.replace(
+                found,
+                why=f"{found.why}; the control {evidence.vouched_by} was accepted on the "
+                "same session, so the primary is judging recipients",
+            )
+        if found.bare:
+            if local.lower() == POSTMASTER:
+                return unproven("postmaster@ cannot vouch for itself")
+            return unproven("; ".join(evidence.replies) or "no control address known")
+        return dataclasses.replace(found, why=f"{found.why}: unknown on its own")
+
+    async def _evidence_for(self, domain: str, address: str, *, need_postmaster: bool) -> _Evidence:
+        """The controls of ``domain`` on this session, asked now if need be: recently
+        verified addresses first (they can reveal drift), then postmaster@ when a bare
+        rejection needs a control or a verified one was refused."""
+        evidence = self._by_domain.setdefault(domain, _Evidence())
+        if not evidence.vouched_by and len(evidence.tried) < VERIFIED_CONTROLS:
+            # Addresses verified since the last look are asked too (up to the limit).
+            for control in await self._controls.controls(domain):
+                if len(evidence.tried) >= VERIFIED_CONTROLS or evidence.vouched_by:
+                    break
+                if control != address and control not in evidence.tried:
+                    evidence.tried.add(control)
+                    await self._ask_control(control, evidence, verified=True)
+        if (
+            not evidence.vouched_by
+            and (need_postmaster or evidence.suspect)
+            and not evidence.postmaster_tried
+        ):
+            evidence.postmaster_tried = True
+            postmaster = f"{POSTMASTER}@{domain}"
+            if address.lower() != postmaster:
+                await self._ask_control(postmaster, evidence, verified=False)
+        return evidence
+
+    async def _ask_control(self, control: str, evidence: _Evidence, *, verified: bool) -> None:
+        if needs_smtputf8(control) and not self._utf8():
+            return
+        try:
+            path = wire_address(control, allow_utf8=True)
+        except UnsendableAddress:
+            return
+        stage, reply = await self._ask(path)
+        text = f"{control}: {reply.code} {reply.message}"
+        if stage is Stage.RCPT and 200 <= reply.code < 300:
+            evidence.vouched_by = control
+            if evidence.suspect:
+                # Another control vouches: the suspect is a user removed since.
+                self._note(f"control {evidence.suspect} is refused: no longer a control")
+                self._controls.stale(evidence.suspect)
+            return
+        evidence.replies.append(text)
+        if (
+            verified
+            and stage is Stage.RCPT
+            and not evidence.suspect
+            and classify(Stage.RCPT, reply.code, reply.message).verdict is Verdict.UNKNOWN
+        ):
+            evidence.suspect = control
+            evidence.suspect_reply = f"{reply.code} {reply.message}"
