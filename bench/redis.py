@@ -32,7 +32,8 @@ from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
 
 from callahead.caching.cache import PositiveCache
-from callahead.caching.sharedcache import RedisStore, SharedGate
+from callahead.caching.redisstore import RedisStore
+from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Policy, Reason
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import ProbeEngine

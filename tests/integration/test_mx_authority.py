@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from callahead.caching.sharedcache import CONTROL_PREFIX, VALID_PREFIX, valid_key
+from callahead.caching.redisstore import CONTROL_PREFIX, VALID_PREFIX, valid_key
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import send
 from tests.harness.fixtures import make_workdir

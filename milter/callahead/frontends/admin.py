@@ -31,7 +31,8 @@ from ..base.address import normalize_domain, normalize_recipient
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape
 from ..caching.cache import PositiveCache
-from ..caching.sharedcache import SharedGate, SharedUnavailable
+from ..caching.redisstore import SharedUnavailable
+from ..caching.sharedcache import SharedGate
 from ..probing.engine import PrimaryState
 from .unixsocket import BoundSocket, UnixSocketError, bind_unix
 

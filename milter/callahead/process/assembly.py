@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from ..caching.cache import PositiveCache
 from ..caching.catchall import LoopCatchAll
 from ..caching.controls import Controls
+from ..caching.redisstore import RedisStore
 from ..caching.refresh import LoopRefresher, refresh_limit
-from ..caching.sharedcache import RedisStore, SharedGate
+from ..caching.sharedcache import SharedGate
 from ..core.guard import ClientGuard
 from ..core.policy import Policy
 from ..frontends.metrics import Metrics

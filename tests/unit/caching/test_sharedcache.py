@@ -17,17 +17,17 @@ import pytest
 from callahead.base.logfmt import redact_url
 from callahead.caching.cache import PositiveCache
 from callahead.caching.controls import Controls
-from callahead.caching.sharedcache import (
+from callahead.caching.redisstore import (
     CHANNEL,
     LOCK_PREFIX,
     VALID_PREFIX,
     RedisStore,
-    SharedGate,
     control_key,
     domain_pattern,
     lock_key,
     valid_key,
 )
+from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Action, Policy, Reason, TempfailAction
 from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import Breaker

@@ -1,0 +1,323 @@
+"""The shared cache's store: Redis through redis-py with every call bounded and behind a
+breaker, the key names (hashed addresses and domains) and the Lua scripts that claim,
+poll, publish and release, and the flush channel. What the gate (sharedcache.py) and the
+admin socket build on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..base.errors import CallaheadError
+from ..base.logfmt import escape, redact_url
+from ..probing.breaker import Breaker, State
+
+log = logging.getLogger("callahead.sharedcache")
+
+
+T = TypeVar("T")
+
+PREFIX = "callahead:v1:"
+VALID_PREFIX = PREFIX + "valid:"
+LOCK_PREFIX = PREFIX + "lock:"
+CONTROL_PREFIX = PREFIX + "control:"
+MAX_CONTROL_LENGTH = 600
+"""Bytes of a control address read from Redis at most (anything longer is ignored)."""
+CHANNEL = PREFIX + "flush"
+
+BREAKER_FAILURES = 3
+"""Redis errors in a row after which it is left alone for ``BREAKER_COOLDOWN``."""
+BREAKER_COOLDOWN = 5.0
+"""Seconds without Redis calls after it failed; then one trial call."""
+LOCK_MARGIN = 1.0
+"""Seconds a cluster lock outlives the probe timeout (if its holder dies)."""
+POLL_FIRST = 0.01
+POLL_MAX = 0.1
+"""Seconds between two looks at another backup's probe: from the first, doubling."""
+RESUBSCRIBE_AFTER = 1.0
+"""Seconds before the flush subscription is tried again after it failed."""
+ADMIN_TIMEOUT = 5.0
+"""Seconds for one step (a SCAN page and its deletion) of an admin command."""
+SCAN_COUNT = 1000
+
+# Look up KEYS[1] (valid); when it is missing, or has less than ARGV[3] ms left (refresh
+# ahead), take KEYS[2] (lock) with token ARGV[1] for ARGV[2] ms. Returns {ms left (-2:
+# missing), 1 if the lock was taken}.
+_CLAIM = """
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 and left >= tonumber(ARGV[3]) then return {left, 0} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {left, 1} end
+return {left, 0}
+"""
+# Another backup's probe: {ms left of KEYS[1] (valid), 1 if KEYS[2] (lock) is held}.
+_POLL = """
+return {redis.call('PTTL', KEYS[1]), redis.call('EXISTS', KEYS[2])}
+"""
+# Store KEYS[1] (valid) for ARGV[1] ms and the address ARGV[3] as its domain's control
+# KEYS[3], then release KEYS[2] (lock) if it holds ARGV[2]: in this order, so that
+# whoever takes the lock next finds the entry.
+_PUBLISH_VALID = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1])
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+# Release KEYS[1] (lock) if it still holds ARGV[1] (not a later holder's).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def valid_key(address: str) -> str:
+    """The key of a valid ``address`` (normalized: domain lower-case, A-labels)."""
+    domain = address.rpartition("@")[2]
+    return f"{VALID_PREFIX}{_digest(domain)}:{_digest(address)}"
+
+
+def domain_pattern(domain: str) -> str:
+    """A ``SCAN MATCH`` pattern for every valid key of ``domain`` (normalized)."""
+    return f"{VALID_PREFIX}{_digest(domain)}:*"
+
+
+def control_key(domain: str) -> str:
+    """The key holding a recently verified address of ``domain`` (normalized)."""
+    return f"{CONTROL_PREFIX}{_digest(domain)}"
+
+
+def lock_key(address: str) -> str:
+    return f"{LOCK_PREFIX}{_digest(address)}"
+
+
+class SharedUnavailable(CallaheadError):
+    """Redis did not answer (error, timeout, or the breaker is open)."""
+
+
+class SharedObserver(Protocol):
+    """What the shared cache reports (metrics.Metrics is the real one)."""
+
+    def watch_redis(self, breaker_open: Callable[[], bool]) -> None: ...
+
+    def redis_round_trip(self, ok: bool) -> None:
+        """One Redis command or script ran (``ok``) or failed."""
+
+    def redis_lookup(self, hit: bool) -> None:
+        """A local miss was looked up in Redis: found valid there, or not."""
+
+    def redis_lock_wait(self, outcome: str) -> None:
+        """A wait for another backup's probe ended: ``shared`` (it found the address
+        valid), ``released`` (it did not), ``timeout`` or ``error``."""
+
+    def refreshed(self, outcome: str) -> None: ...
+
+
+class _Unobserved:
+    def watch_redis(self, breaker_open: Callable[[], bool]) -> None:
+        pass
+
+    def redis_round_trip(self, ok: bool) -> None:
+        pass
+
+    def redis_lookup(self, hit: bool) -> None:
+        pass
+
+    def redis_lock_wait(self, outcome: str) -> None:
+        pass
+
+    def refreshed(self, outcome: str) -> None:
+        pass
+
+
+class RedisStore:
+    """The Redis side: every call bounded, counted, and behind a breaker. Lives on the
+    probe loop (the breaker is not thread-safe)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        observer: SharedObserver | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._observer: SharedObserver = observer if observer is not None else _Unobserved()
+        self._breaker = (
+            breaker
+            if breaker is not None
+            else Breaker(failures=BREAKER_FAILURES, cooldown=BREAKER_COOLDOWN)
+        )
+        self._down = False
+        self._client = self._connect()
+        self._claim = self._client.register_script(_CLAIM)
+        self._poll = self._client.register_script(_POLL)
+        self._publish_valid = self._client.register_script(_PUBLISH_VALID)
+        self._release = self._client.register_script(_RELEASE)
+        self._observer.watch_redis(lambda: not self.up)
+
+    def _connect(self, *, blocking: bool = False) -> aioredis.Redis:
+        """A client with no retries of its own (the breaker decides) and every socket
+        operation bounded; ``blocking``: for the subscription, which waits for messages
+        as long as it takes."""
+        return aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=None if blocking else self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=30 if blocking else 0,
+        )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    @property
+    def up(self) -> bool:
+        """Redis is being used (the breaker is closed)."""
+        return self._breaker.state is State.CLOSED
+
+    async def call(
+        self, what: str, make: Callable[[], Awaitable[T]], *, timeout: float | None = None
+    ) -> T:
+        """One bounded round trip; raises ``SharedUnavailable`` instead of any error."""
+        admission = self._breaker.allow()
+        if admission is None:
+            raise SharedUnavailable("redis is treated as down")
+        try:
+            # wait_for, not asyncio.timeout: redis-py 4.3 (Debian 12) cancels the task it
+            # runs in a second time when a command is cancelled, and Python 3.11's timeout
+            # then leaves a CancelledError (forever after, in that task) where a
+            # TimeoutError was due. wait_for runs the round trip in a task of its own.
+            value = await asyncio.wait_for(make(), self.timeout if timeout is None else timeout)
+        except asyncio.CancelledError:
+            self._breaker.release(admission)
+            raise
+        except Exception as exc:  # noqa: BLE001 -- whatever Redis does, callahead goes on without it
+            self._observer.redis_round_trip(False)
+            self._breaker.record(False, admission)
+            if not self._down and not self.up:
+                self._down = True
+                log.warning(
+                    "redis %s is not answering (%s: %s): local cache only, probing as "
+                    "without it; trying again every %g s",
+                    redact_url(self.url),
+                    what,
+                    escape(str(exc) or type(exc).__name__, spaces=True),
+                    BREAKER_COOLDOWN,
+                )
+            raise SharedUnavailable(f"{what}: {exc!r}") from None
+        self._observer.redis_round_trip(True)
+        self._breaker.record(True, admission)
+        if self._down:
+            self._down = False
+            log.info("redis %s answers again: the cache is shared again", redact_url(self.url))
+        return value
+
+    # -- the probe path ---------------------------------------------------------------
+
+    async def claim(self, address: str, token: str, lock_ms: int, refresh_ms: int) -> list[int]:
+        """[ms left of the valid entry (<= 0: none), 1 if this token took the lock]."""
+        keys = [valid_key(address), lock_key(address)]
+        answer = await self.call(
+            "lookup", lambda: self._claim(keys=keys, args=[token, lock_ms, refresh_ms])
+        )
+        return [int(answer[0]), int(answer[1])]
+
+    async def poll(self, address: str) -> list[int]:
+        """[ms left of the valid entry (<= 0: none), 1 if the lock is held]."""
+        keys = [valid_key(address), lock_key(address)]
+        answer = await self.call("poll", lambda: self._poll(keys=keys, args=[]))
+        return [int(answer[0]), int(answer[1])]
+
+    async def store_valid(self, address: str, ttl_ms: int, token: str = "") -> None:
+        """Write ``address`` as valid for ``ttl_ms`` and release its lock if ``token``
+        holds it."""
+        keys = [valid_key(address), lock_key(address), control_key(address.rpartition("@")[2])]
+        await self.call(
+            "store", lambda: self._publish_valid(keys=keys, args=[ttl_ms, token, address])
+        )
+
+    async def control(self, domain: str) -> str | None:
+        """The address of ``domain`` verified most recently by any backup, if any."""
+        value = await self.call("control", lambda: self._client.get(control_key(domain)))
+        if not isinstance(value, bytes) or len(value) > MAX_CONTROL_LENGTH:
+            return None
+        address = value.decode("utf-8", "replace")
+        return address if address.endswith("@" + domain) else None
+
+    async def release(self, address: str, token: str) -> None:
+        keys = [lock_key(address)]
+        await self.call("release", lambda: self._release(keys=keys, args=[token]))
+
+    # -- the admin commands -----------------------------------------------------------
+
+    async def remaining(self, address: str) -> float | None:
+        """Seconds ``address`` has left in Redis; None when it is not there."""
+        left = int(await self.call("show", lambda: self._client.pttl(valid_key(address))))
+        return left / 1000 if left > 0 else None
+
+    async def forget(self, address: str) -> int:
+        """Remove ``address`` and tell every backup; how many keys went (0 or 1)."""
+        removed = int(await self.call("flush", lambda: self._client.delete(valid_key(address))))
+        control = [control_key(address.rpartition("@")[2])]
+        await self.call("flush", lambda: self._release(keys=control, args=[address]))
+        await self.announce({"address": address})
+        return removed
+
+    async def forget_matching(self, pattern: str, announcement: dict[str, Any]) -> int:
+        """Remove every key matching ``pattern`` (SCAN pages, each bounded by
+        ``ADMIN_TIMEOUT``) and tell every backup; how many went."""
+        removed = 0
+        cursor = 0
+        while True:
+            step = functools.partial(self._scan_and_unlink, cursor, pattern)
+            cursor, removed_now = await self.call("flush", step, timeout=ADMIN_TIMEOUT)
+            removed += removed_now
+            if cursor == 0:
+                break
+        if announcement:
+            await self.announce(announcement)
+        return removed
+
+    async def _scan_and_unlink(self, cursor: int, pattern: str) -> tuple[int, int]:
+        """One SCAN page and the removal of its keys: (the next cursor, keys removed)."""
+        following, keys = await self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
+        removed = int(await self._client.unlink(*keys)) if keys else 0
+        return int(following), removed
+
+    async def announce(self, message: dict[str, Any]) -> None:
+        await self.call("flush", lambda: self._client.publish(CHANNEL, json.dumps(message)))
+
+    async def invalidations(self) -> aioredis.client.PubSub:
+        """A subscription to the flush channel, on a connection of its own."""
+        client = self._connect(blocking=True)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            async with asyncio.timeout(self.timeout * 5):
+                await pubsub.subscribe(CHANNEL)
+        except BaseException:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await client.aclose()
+            raise
+        return pubsub
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
