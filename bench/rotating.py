@@ -42,8 +42,9 @@ from tests.harness.scripted import Script, ScriptedServer
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import EngineSettings, ProbeEngine
 from callahead.probing.verdict import Skip
-from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords, ThisHost
+from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords
 from callahead.routing.routes import RECIPIENT_DOMAIN
+from callahead.routing.thishost import ThisHost
 
 from .tools import rss_bytes
 

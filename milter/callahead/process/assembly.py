@@ -22,8 +22,9 @@ from ..frontends.metrics import Metrics
 from ..probing.engine import EngineSettings, ProbeEngine
 from ..probing.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
 from ..routing.postfixmaps import PostfixRoutes, PostfixSettings
-from ..routing.resolve import DnsPython, HostIdentity, LiveThisHost, MxResolver
+from ..routing.resolve import DnsPython, MxResolver
 from ..routing.router import LOOKUP_WAIT, Router
+from ..routing.thishost import HostIdentity, LiveThisHost
 from .config import Config
 from .postfixconf import postfix_myhostname
 
@@ -65,7 +66,7 @@ def host_identity(
 
 def this_host(config: Config) -> LiveThisHost:
     """This host as it is now: ``host_identity``, with the interfaces' addresses
-    re-read every ``resolve.INTERFACE_REFRESH`` seconds at an MX lookup."""
+    re-read every ``thishost.INTERFACE_REFRESH`` seconds at an MX lookup."""
     return LiveThisHost(host_identity(config, config.postfix))
 
 

@@ -15,8 +15,9 @@ from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import State
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.verdict import Skip, Verdict
-from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords, ThisHost
+from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords
 from callahead.routing.routes import RECIPIENT_DOMAIN, Nexthop
+from callahead.routing.thishost import ThisHost
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_until

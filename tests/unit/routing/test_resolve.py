@@ -27,21 +27,15 @@ from callahead.probing.loop import ProbeLoop
 from callahead.probing.verdict import Basis, ProbeResult, Skip, Verdict
 from callahead.process import assembly
 from callahead.process.config import load_config
-from callahead.routing import resolve
+from callahead.routing import thishost
 from callahead.routing.resolve import (
     MAX_ADDRESSES,
     DnsFailure,
     DnsPython,
-    HostIdentity,
-    HostView,
-    InterfaceReadError,
-    LiveThisHost,
     MxResolver,
     NameNotFound,
     NoRecords,
-    ThisHost,
     parse_resolver,
-    read_interface_addresses,
 )
 from callahead.routing.routes import (
     RECIPIENT_DOMAIN,
@@ -51,6 +45,14 @@ from callahead.routing.routes import (
     RouteUnavailable,
     parse_nexthop,
     parse_routes,
+)
+from callahead.routing.thishost import (
+    HostIdentity,
+    HostView,
+    InterfaceReadError,
+    LiveThisHost,
+    ThisHost,
+    read_interface_addresses,
 )
 from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
@@ -546,7 +548,7 @@ def proc(
         path = tmp_path / name
         if text is not None:
             path.write_text(text)
-        monkeypatch.setattr(resolve, name, str(path))
+        monkeypatch.setattr(thishost, name, str(path))
 
 
 def test_read_interface_addresses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -575,7 +577,7 @@ def test_read_interface_addresses_failures(
     proc(monkeypatch, tmp_path, fib, inet6)
     with pytest.raises(InterfaceReadError, match=reason):
         read_interface_addresses()
-    assert resolve.interface_addresses() == set()
+    assert thishost.interface_addresses() == set()
 
 
 @pytest.mark.parametrize(
