@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,21 +41,11 @@ MAX_REQUEST = 64 * 1024
 """Bytes of one request line, at most."""
 REQUEST_TIMEOUT = 5.0
 """Seconds a client has to send its request."""
-CLIENT_TIMEOUT = 10.0
-"""Seconds the command line waits for an answer."""
 SOCKET_MODE = 0o660
 
 
 class AdminError(CallaheadError):
     """The admin socket cannot be set up; the message says why."""
-
-
-class AdminUnavailable(CallaheadError):
-    """No ``serve`` answers on the admin socket (not running, or not reachable)."""
-
-    def __init__(self, message: str, *, permission: bool = False) -> None:
-        super().__init__(message)
-        self.permission = permission
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,75 +318,3 @@ def _error(message: str) -> dict[str, Any]:
 
 def _ies(count: int) -> str:
     return "y" if count == 1 else "ies"
-
-
-def ask(path: str, request: Mapping[str, Any], *, timeout: float = CLIENT_TIMEOUT) -> Any:
-    """Send one request to the ``serve`` listening on ``path``; its answer.
-
-    Raises ``AdminUnavailable`` when nothing answers there."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-        except PermissionError as exc:
-            raise AdminUnavailable(
-                f"no permission to use {path} ({exc.strerror}): run as root or as a member "
-                "of the service's group",
-                permission=True,
-            ) from None
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise AdminUnavailable(
-                f"callahead serve is not running (nothing at {path}: {exc.strerror})"
-            ) from None
-        except OSError as exc:
-            raise AdminUnavailable(f"cannot reach {path}: {exc.strerror or exc}") from None
-        try:
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            answer = _read_line(conn)
-        except OSError as exc:
-            raise AdminUnavailable(f"no answer on {path}: {exc.strerror or exc}") from None
-    try:
-        return json.loads(answer)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdminUnavailable(f"the answer on {path} is not callahead's") from None
-
-
-def _read_line(conn: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        if chunk.endswith(b"\n"):
-            break
-    return b"".join(chunks)
-
-
-def status_lines(answer: Mapping[str, Any]) -> Iterable[str]:
-    """``callahead status`` as text."""
-    yield f"callahead: {'healthy' if answer['healthy'] else 'degraded'}"
-    loop = answer["loop"]
-    if loop["alive"]:
-        yield f"probe loop: alive (last beat {loop['silent_for']:.1f} s ago)"
-    else:
-        yield f"probe loop: STALLED (no beat for {loop['silent_for']:.1f} s)"
-    if answer.get("dry_run"):
-        yield "dry run: yes (nothing is rejected or deferred)"
-    primaries = answer["primaries"]
-    if not primaries:
-        yield "primaries: none probed yet"
-    for p in primaries:
-        breaker = "open" if p["breaker_open"] else "closed"
-        if p["last_verdict"] is None:
-            last = "none yet"
-        else:
-            detail = escape(str(p["last_detail"]), spaces=True)
-            last = f"{p['last_verdict']} {p['last_age']:.1f} s ago: {detail}"
-        line = (
-            f"primary {p['name']}: breaker {breaker}, {p['sessions']} pool session"
-            f"{'' if p['sessions'] == 1 else 's'}, last probe {last}"
-        )
-        if p["problem"]:
-            line += f" -- DEGRADED: {p['problem']}"
-        yield line

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from .. import __version__
 from ..base.address import UnsendableAddress, normalize_recipient, wire_address
-from ..frontends.admin import AdminUnavailable, ask, status_lines
+from ..frontends.adminclient import AdminUnavailable, ask, status_lines
 from ..probing.engine import ProbeEngine
 from ..probing.loop import HANDOFF_MARGIN
 from ..probing.verdict import ProbeResult, Verdict

@@ -13,7 +13,8 @@ import pytest
 
 from callahead.caching import cachefile
 from callahead.caching.cache import PositiveCache
-from callahead.frontends.admin import AdminError, AdminServer, Health, ask, primary_problem
+from callahead.frontends.admin import AdminError, AdminServer, Health, primary_problem
+from callahead.frontends.adminclient import ask
 from callahead.probing.engine import PrimaryState
 from callahead.probing.loop import ProbeLoop
 from callahead.probing.verdict import Verdict
