@@ -21,7 +21,8 @@ from ..core.policy import Policy
 from ..frontends.metrics import Metrics
 from ..probing.engine import EngineSettings, ProbeEngine
 from ..probing.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
-from ..routing.postfixmaps import PostfixRoutes, PostfixSettings
+from ..routing.postfixmaps import PostfixRoutes
+from ..routing.postfixsettings import PostfixSettings
 from ..routing.resolve import DnsPython, MxResolver
 from ..routing.router import LOOKUP_WAIT, Router
 from ..routing.thishost import HostIdentity, LiveThisHost

@@ -15,7 +15,7 @@ from typing import Any
 from ..base.logfmt import HIDDEN, looks_like_credential
 from ..core.policy import TempfailAction
 from ..probing.tls import TlsMode
-from ..routing.postfixmaps import PostfixSettings
+from ..routing.postfixsettings import PostfixSettings
 from ..routing.routes import RouteTable
 from .endpoints import Listen, Network, loopback_host, loopback_network, parse_socket
 from .parsers import ConfigError

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 
-from ..routing.postfixmaps import PostfixConfigError, PostfixSettings, load_settings
+from ..routing.postfixsettings import PostfixConfigError, PostfixSettings, load_settings
 from .endpoints import valid_host
 from .parsers import ConfigError, Kind, as_is
 

@@ -30,7 +30,7 @@ from ..frontends.policyservice import IDLE_MARGIN, PolicyService
 from ..frontends.unixsocket import UnixSocketError
 from ..probing.engine import ProbeEngine
 from ..probing.loop import ProbeLoop
-from ..routing.postfixmaps import PostfixConfigError
+from ..routing.postfixsettings import PostfixConfigError
 from ..routing.router import Router
 from .assembly import answer_time, build_policy
 from .config import Config

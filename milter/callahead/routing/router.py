@@ -15,7 +15,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from ..base.logfmt import escape
-from .postfixmaps import LOOKUP_TIMEOUT, PostfixRoutes, PostfixSettings, load_settings
+from .postfixmaps import LOOKUP_TIMEOUT, PostfixRoutes
+from .postfixsettings import PostfixSettings, load_settings
 from .routes import Nexthop, RouteTable, RouteUnavailable
 
 log = logging.getLogger("callahead.router")

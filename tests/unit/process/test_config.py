@@ -22,7 +22,7 @@ from callahead.process.config import EX_CONFIG, Config, ConfigError, load_config
 from callahead.process.endpoints import loopback_host
 from callahead.process.postfixconf import default_helo_name, is_fully_qualified, postfix_seconds
 from callahead.process.variables import DEFAULT_METRICS_LISTEN, DEFAULT_SOCKET, VARIABLES
-from callahead.routing.postfixmaps import PostfixSettings
+from callahead.routing.postfixsettings import PostfixSettings
 from callahead.routing.router import LOOKUP_WAIT
 from callahead.routing.routes import Nexthop
 

@@ -13,13 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from callahead.routing.postfixmaps import (
-    PostfixConfigError,
-    PostfixRoutes,
-    load_settings,
-    parent_keys,
-    split_list,
-)
+from callahead.routing.postfixmaps import PostfixRoutes, parent_keys
+from callahead.routing.postfixsettings import PostfixConfigError, load_settings, split_list
 from callahead.routing.routes import RECIPIENT_DOMAIN, Nexthop, RouteUnavailable
 
 pytestmark = pytest.mark.skipif(
