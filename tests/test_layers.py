@@ -24,6 +24,11 @@ LAYERS = ("base", "routing", "probing", "caching", "core", "frontends", "process
 TOP_LEVEL = {"__init__", "__main__"}
 """Modules outside the folders: the version, and ``python -m callahead``."""
 MAX_LINES = 400
+OVER_THE_LIMIT = {"probing/session.py": 439}
+"""Modules still over ``MAX_LINES``, each with its length today: the split of the SMTP
+dialogue (its opening versus its transactions) is still to do (issue 18). Listed so that
+no other module grows past the limit meanwhile; a module that shrinks or grows fails
+here until this is updated."""
 
 
 def _layer_of(module: str) -> str | None:
@@ -111,6 +116,15 @@ def test_imports_run_down_the_layers() -> None:
     assert len(package_modules()) > 30, "the package was not found"
     found = [v for path in package_modules() for v in violations(path)]
     assert found == []
+
+
+def test_no_module_is_over_the_limit() -> None:
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in package_modules()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == OVER_THE_LIMIT
 
 
 def test_the_check_sees_an_import_against_the_plan() -> None:
