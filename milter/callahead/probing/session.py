@@ -20,6 +20,7 @@ session after (the engine may switch to the fallback sender instead).
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
@@ -32,9 +33,11 @@ from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
 from ..base.errors import CallaheadError
 from ..routing.routes import Nexthop
 from .classify import Classification, classify, refuses_multi_recipient_bounce
+from .dialogue import Dialogue
 from .evidence import ControlSource, EvidenceBook
+from .handshake import greet, starttls
 from .smtpcompat import banner_reply
-from .tls import TlsMode, unverified_tls_context
+from .tls import TlsMode
 from .verdict import Basis, ProbeResult, Stage, Verdict
 
 log = logging.getLogger("callahead.session")
@@ -125,11 +128,14 @@ class Session:
         self.last_used = self.created
         self.stage = Stage.CONNECT
         """Where the dialogue is, for reporting a timeout."""
+        self._dialogue = Dialogue(settings.transcript)
         self._evidence = EvidenceBook(
-            controls, self._ask, lambda: self._smtp.supports_extension("smtputf8"), self._note
+            controls,
+            self._ask,
+            lambda: self._smtp.supports_extension("smtputf8"),
+            self._dialogue.note,
         )
         """Per domain: the controls this session asked, and what they got."""
-        self._transcript: list[str] | None = [] if settings.transcript else None
         self._in_transaction = False
         self._retired = False
 
@@ -146,27 +152,12 @@ class Session:
 
     @property
     def transcript(self) -> tuple[str, ...]:
-        return () if self._transcript is None else tuple(self._transcript)
-
-    def _said(self, line: str) -> None:
-        if self._transcript is not None:
-            self._transcript.append(f"C: {line}")
-
-    def _heard(self, code: int, message: str) -> None:
-        if self._transcript is not None:
-            lines = message.split("\n") or [""]
-            for i, text in enumerate(lines):
-                sep = " " if i == len(lines) - 1 else "-"
-                self._transcript.append(f"S: {code}{sep}{text}")
-
-    def _note(self, text: str) -> None:
-        if self._transcript is not None:
-            self._transcript.append(f"-- {text}")
+        return self._dialogue.lines
 
     def timed_out(self, budget: float, started: float) -> ProbeResult:
         """The result of a probe that ran out of time on this session, which is closed."""
         self.close()
-        self._note(f"no reply within {budget:.3g}s")
+        self._dialogue.note(f"no reply within {budget:.3g}s")
         return ProbeResult(
             Verdict.TEMPFAIL,
             self.waiting_at,
@@ -191,7 +182,7 @@ class Session:
     def _fail(self, stage: Stage, code: int | None, detail: str, started: float) -> SessionFailed:
         reached = code is not None and code != SMTPStatus.domain_unavailable
         if code is None:
-            self._note(detail)
+            self._dialogue.note(detail)
         found = classify(stage, code, detail)
         return SessionFailed(
             ProbeResult(
@@ -217,20 +208,21 @@ class Session:
             try:
                 self.stage = Stage.CONNECT
                 banner = await smtp.connect()
-                self._heard(banner.code, banner.message)
+                self._dialogue.heard(banner.code, banner.message)
             except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
                 refused = banner_reply(exc)  # a banner but 220, in either aiosmtplib
                 if refused is not None:
                     code, message = refused
-                    self._heard(code, message)
+                    self._dialogue.heard(code, message)
                     raise self._fail(Stage.BANNER, code, message, started) from None
                 stage = Stage.BANNER if smtp.protocol is not None else Stage.CONNECT
                 raise self._fail(stage, None, str(exc), started) from None
+            fail = functools.partial(self._fail, started=started)
             stage = self.stage = Stage.EHLO
-            await self._greet(started)
+            await greet(self._smtp, self._settings.helo_name, self._dialogue, fail)
             if self._settings.tls is not TlsMode.NONE:
                 stage = self.stage = Stage.STARTTLS
-                await self._starttls(started)
+                await starttls(self._smtp, self._settings, self.hop.host, self._dialogue, fail)
         except SessionFailed:
             self.close()
             raise
@@ -238,59 +230,6 @@ class Session:
             self.close()
             raise self._fail(stage, None, str(exc) or type(exc).__name__, started) from None
         self.opened = True
-
-    async def _greet(self, started: float) -> None:
-        helo = self._settings.helo_name
-        self._said(f"EHLO {helo}")
-        try:
-            reply = await self._smtp.ehlo()
-            self._heard(reply.code, reply.message)
-        except aiosmtplib.SMTPHeloError as exc:
-            self._heard(exc.code, exc.message)
-            if exc.code == SMTPStatus.domain_unavailable or not self._smtp.is_connected:
-                raise self._fail(Stage.EHLO, exc.code, exc.message, started) from None
-            reply = await self._command(b"HELO", helo.encode("ascii"))
-            if not 200 <= reply.code < 300:
-                raise self._fail(Stage.EHLO, reply.code, reply.message, started) from None
-
-    async def _starttls(self, started: float) -> None:
-        smtp = self._smtp
-        offered = smtp.supports_extension("starttls")
-        if not offered:
-            if self._settings.tls is TlsMode.ENCRYPT:
-                raise self._fail(Stage.STARTTLS, None, "STARTTLS not offered", started)
-            return
-        self._said("STARTTLS")
-        try:
-            reply = await smtp.starttls(
-                tls_context=self._settings.tls_context or unverified_tls_context(),
-                server_hostname=self.hop.host,
-            )
-            self._heard(reply.code, reply.message)
-        except aiosmtplib.SMTPResponseException as exc:
-            self._heard(exc.code, exc.message)
-            if (
-                self._settings.tls is TlsMode.ENCRYPT
-                or exc.code == SMTPStatus.domain_unavailable
-                or not smtp.is_connected
-            ):
-                raise self._fail(Stage.STARTTLS, exc.code, exc.message, started) from None
-            return  # "may": carry on in plaintext, as Postfix does
-        except (ssl.SSLError, OSError, aiosmtplib.SMTPException) as exc:
-            # A failed handshake is a connection-level failure of this primary.
-            raise self._fail(
-                Stage.STARTTLS, None, f"TLS handshake failed: {exc}", started
-            ) from None
-        self._note("TLS handshake done")
-        await self._greet(started)
-
-    async def _command(self, verb: bytes, argument: bytes = b"") -> aiosmtplib.SMTPResponse:
-        words = (verb, argument) if argument else (verb,)
-        if self._transcript is not None:
-            self._said(b" ".join(words).decode("utf-8", "replace"))
-        reply = await self._smtp.execute_command(*words)
-        self._heard(reply.code, reply.message)
-        return reply
 
     async def rcpt(self, address: str, started: float) -> ProbeResult:
         """Probe one address on this (open) session. Raises SessionLost when the session
@@ -322,7 +261,7 @@ class Session:
             # An oversized or malformed reply: a fault of the primary, not a verdict.
             self._retired = True
             self.close()
-            self._note(f"unreadable reply: {exc.message}")
+            self._dialogue.note(f"unreadable reply: {exc.message}")
             return self._result(Stage.RCPT, None, f"unreadable reply: {exc.message}", started)
         if found.basis in (Basis.THROTTLE, Basis.SENDER):
             # Throttled: a fresh session may fare better. Sender refused (delayed to RCPT
@@ -346,7 +285,7 @@ class Session:
         if later and refuses_multi_recipient_bounce(reply.code, reply.message):
             self.refused_multi_recipient = True
             self.shape.single_rcpt = True
-            self._note(
+            self._dialogue.note(
                 "a later RCPT of the transaction was refused (5.5.3: multi-recipient "
                 "bounce): asked again in a transaction of its own"
             )
@@ -364,7 +303,7 @@ class Session:
         command = b"FROM:<" + self.sender.encode("ascii") + b">"
         if self._smtp.supports_extension("smtputf8"):
             command += b" SMTPUTF8"
-        reply = await self._command(b"MAIL", command)
+        reply = await self._dialogue.command(self._smtp, b"MAIL", command)
         if reply.code == SMTPStatus.domain_unavailable:
             self._retired = True
             raise SessionLost(f"{reply.code} {reply.message}")
@@ -380,14 +319,14 @@ class Session:
         """``RSET``: the open transaction ends. Raises SessionLost unless it is 2xx."""
         self.rsets += 1
         self._in_transaction = False
-        reply = await self._command(b"RSET")
+        reply = await self._dialogue.command(self._smtp, b"RSET")
         if not 200 <= reply.code < 300:
             self._retired = True
             raise SessionLost(f"RSET: {reply.code} {reply.message}")
 
     async def _rcpt_command(self, path: bytes) -> aiosmtplib.SMTPResponse:
         """One RCPT TO; raises SessionLost for 421 and for a full transaction."""
-        reply = await self._command(b"RCPT", b"TO:<" + path + b">")
+        reply = await self._dialogue.command(self._smtp, b"RCPT", b"TO:<" + path + b">")
         if reply.code == SMTPStatus.domain_unavailable:
             self._retired = True
             raise SessionLost(f"{reply.code} {reply.message}")
