@@ -37,12 +37,13 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from tests.harness.ports import free_port
+from tests.harness.rotatingdns import RotatingDns
 from tests.harness.scripted import Script, ScriptedServer
 
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import EngineSettings, ProbeEngine
 from callahead.probing.verdict import Skip
-from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords
+from callahead.routing.resolve import MxResolver
 from callahead.routing.routes import RECIPIENT_DOMAIN
 from callahead.routing.thishost import ThisHost
 
@@ -52,30 +53,14 @@ MX_HOST = "mx.rotating.example"
 DOMAIN = "rotating.example"
 
 
+def rotating(addresses: list[str]) -> MxResolver:
+    """MX resolution over a ``RotatingDns`` of ``addresses``, nothing being this host."""
+    return MxResolver(RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset()))
+
+
 def loopback(count: int) -> list[str]:
     """``count`` distinct loopback addresses, 127.0.1.1 onwards."""
     return [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(count)]
-
-
-class RotatingDns:
-    """One domain with one MX host whose address is the next of ``addresses`` at every
-    lookup (round robin)."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        self._addresses = addresses
-        self.lookups = 0
-
-    async def mx(self, name: str) -> list[tuple[int, str]]:
-        if name == DOMAIN:
-            return [(10, MX_HOST)]
-        raise NoRecords(name)
-
-    async def addresses(self, name: str) -> list[str]:
-        if name != MX_HOST:
-            raise DnsFailure(name)
-        address = self._addresses[self.lookups % len(self._addresses)]
-        self.lookups += 1
-        return [address]
 
 
 def engine_settings(**changes: Any) -> EngineSettings:
@@ -144,7 +129,9 @@ async def state_case(probes: int) -> dict[str, Any]:
         warm = ProbeEngine(
             engine_settings(),
             Metrics(),
-            resolver=MxResolver(RotatingDns(addresses), ThisHost(frozenset(), frozenset())),
+            resolver=MxResolver(
+                RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+            ),
         )
         await warm.probe(f"warm@{DOMAIN}", route)
         await warm.aclose()
@@ -152,7 +139,9 @@ async def state_case(probes: int) -> dict[str, Any]:
         gc.collect()
         before = rss_bytes()
         metrics = Metrics()
-        resolver = MxResolver(RotatingDns(addresses), ThisHost(frozenset(), frozenset()))
+        resolver = MxResolver(
+            RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+        )
         engine = ProbeEngine(engine_settings(), metrics, resolver=resolver)
         verdicts: dict[str, int] = {}
         try:
@@ -220,7 +209,9 @@ async def hosts_case(count: int) -> dict[str, Any]:
 async def down_case(probes: int) -> dict[str, Any]:
     port = free_port()
     metrics = Metrics()
-    resolver = MxResolver(RotatingDns(loopback(probes)), ThisHost(frozenset(), frozenset()))
+    resolver = MxResolver(
+        RotatingDns(loopback(probes), DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+    )
     engine = ProbeEngine(engine_settings(), metrics, resolver=resolver)
     route = [dataclasses.replace(RECIPIENT_DOMAIN, port=port)]
     skipped = 0
@@ -245,7 +236,9 @@ async def budget_case(burst: int, rate: float) -> dict[str, Any]:
     port = free_port()
     addresses = loopback(burst)
     with server_process(burst, port):
-        resolver = MxResolver(RotatingDns(addresses), ThisHost(frozenset(), frozenset()))
+        resolver = MxResolver(
+            RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+        )
         engine = ProbeEngine(
             engine_settings(primary_rate=rate, probe_wait=1.0, max_probes=burst),
             resolver=resolver,

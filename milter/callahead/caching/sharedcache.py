@@ -85,12 +85,11 @@ log = logging.getLogger("callahead.sharedcache")
 
 
 def _shared_hit(hops: tuple[Nexthop, ...], left: float, started: float) -> ProbeResult:
-    return ProbeResult(
+    return ProbeResult.no_reply(
         Verdict.VALID,
         Stage.RCPT,
-        None,
         f"valid: in the shared cache, {left:.0f} s left",
-        time.monotonic() - started,
+        started,
         str(hops[0]) if hops else "",
         basis=Basis.SHARED,
         why="a backup MX of this site found it valid (shared through Redis)",

@@ -91,7 +91,7 @@ class Failover:
                             )
                         return result
                     try:
-                        result, used = await self._at_primary(
+                        result, session = await self._on_session(
                             primary, hop, visit.tried, address, started, budget
                         )
                     except Queued as queued:
@@ -100,6 +100,7 @@ class Failover:
                         # not moved.
                         result = queued.result
                         break
+                    used = hop if session is None else session.hop
                     visit.tried.add(used)
                     if result.reached:
                         visit.reached = True
@@ -155,23 +156,6 @@ class Failover:
         except TimeoutError:
             raise RouteUnavailable("the DNS did not answer within the probe timeout") from None
 
-    async def _at_primary(
-        self,
-        primary: Primary,
-        hop: Nexthop,
-        tried: set[Nexthop],
-        address: str,
-        started: float,
-        budget: float,
-    ) -> tuple[ProbeResult, Nexthop]:
-        """One primary: a pooled session opened after ``address`` was last judged, to an
-        address of the primary not ``tried`` in this probe (a new one to ``hop``);
-        retried once on a fresh session if a reused one was lost, and once with the
-        fallback sender if the primary refused the sender. Returns the result and the
-        address that gave it."""
-        result, session = await self._on_session(primary, hop, tried, address, started, budget)
-        return result, hop if session is None else session.hop
-
     async def _on_session(
         self,
         primary: Primary,
@@ -181,6 +165,11 @@ class Failover:
         started: float,
         budget: float,
     ) -> tuple[ProbeResult, Session | None]:
+        """One primary: a pooled session opened after ``address`` was last judged, to an
+        address of the primary not ``tried`` in this probe (a new one to ``hop``);
+        retried once on a fresh session if a reused one was lost, and once with the
+        fallback sender if the primary refused the sender. Returns the result and the
+        session that gave it (None: no session was had)."""
         pool = primary.pool
         session: Session | None = None
         lost_retry = sender_retry = False
@@ -198,14 +187,12 @@ class Failover:
                         result = await session.rcpt(address, started)
                     except SessionLost as exc:
                         if not reused or lost_retry:
-                            return ProbeResult(
+                            return ProbeResult.no_reply(
                                 Verdict.TEMPFAIL,
                                 session.stage,
-                                None,
                                 f"session lost: {exc}",
-                                time.monotonic() - started,
+                                started,
                                 str(session.hop),
-                                reached=False,
                                 why="the primary closed the session before it answered",
                                 transcript=session.transcript,
                             ), session

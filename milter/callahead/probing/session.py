@@ -158,14 +158,12 @@ class Session:
         """The result of a probe that ran out of time on this session, which is closed."""
         self.close()
         self._dialogue.note(f"no reply within {budget:.3g}s")
-        return ProbeResult(
+        return ProbeResult.no_reply(
             Verdict.TEMPFAIL,
             self.waiting_at,
-            None,
             f"timed out after {budget:.3g}s",
-            time.monotonic() - started,
+            started,
             str(self.hop),
-            reached=False,
             why="no reply in time",
             transcript=self.transcript,
         )

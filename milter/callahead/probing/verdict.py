@@ -7,6 +7,7 @@ classify.py (and docs/verdicts.md).
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -109,6 +110,35 @@ class ProbeResult:
     """The classification in one sentence, for ``--explain`` and the logs."""
     transcript: tuple[str, ...] = ()
     """The session's SMTP dialogue (``C: ...``/``S: ...``), when it was recorded."""
+
+    @classmethod
+    def no_reply(
+        cls,
+        verdict: Verdict,
+        stage: Stage,
+        detail: str,
+        started: float,
+        primary: str,
+        *,
+        why: str,
+        basis: Basis = Basis.NO_REPLY,
+        transcript: tuple[str, ...] = (),
+    ) -> ProbeResult:
+        """A result without a reply code of the primary, timed from ``started``
+        (monotonic): a lost or timed-out session, a shared hit. ``reached`` only for a
+        verdict that came from elsewhere (the shared cache)."""
+        return cls(
+            verdict,
+            stage,
+            None,
+            detail,
+            time.monotonic() - started,
+            primary,
+            reached=verdict is not Verdict.TEMPFAIL,
+            basis=basis,
+            why=why,
+            transcript=transcript,
+        )
 
     @classmethod
     def not_probed(cls, skip: Skip | None, hops: Sequence[Nexthop], detail: str) -> ProbeResult:

@@ -29,23 +29,30 @@ from ..routing.thishost import HostIdentity, LiveThisHost
 from .config import Config
 from .postfixconf import postfix_myhostname
 
+_SAME_NAMES = (
+    "helo_name",
+    "pool_size",
+    "pool_idle",
+    "max_probes",
+    "probe_wait",
+    "breaker_failures",
+    "breaker_cooldown",
+    "pool_max_age",
+    "primary_rate",
+)
+"""EngineSettings fields that Config names the same (tests/unit/process checks them)."""
+
 
 def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettings:
+    # The engine's settings named as the configuration names them, and the others.
+    same = {name: getattr(config, name) for name in _SAME_NAMES}
     return EngineSettings(
-        helo_name=config.helo_name,
+        **same,
         sender=config.probe_sender,
         timeout=config.probe_timeout,
         tls=config.probe_tls,
-        pool_size=config.pool_size,
-        pool_idle=config.pool_idle,
-        max_probes=config.max_probes,
-        probe_wait=config.probe_wait,
-        breaker_failures=config.breaker_failures,
-        breaker_cooldown=config.breaker_cooldown,
-        pool_max_age=config.pool_max_age,
         fallback_sender=config.probe_fallback_sender,
         transcript=transcript,
-        primary_rate=config.primary_rate,
     )
 
 

@@ -15,10 +15,11 @@ from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import State
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.verdict import Skip, Verdict
-from callahead.routing.resolve import DnsFailure, MxResolver, NoRecords
+from callahead.routing.resolve import MxResolver
 from callahead.routing.routes import RECIPIENT_DOMAIN, Nexthop
 from callahead.routing.thishost import ThisHost
 from tests.harness.ports import free_port
+from tests.harness.rotatingdns import RotatingDns as Rotating
 from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_until
 from tests.unit.settings import probe_settings
@@ -34,26 +35,8 @@ def addresses(count: int) -> list[str]:
     return [f"127.0.3.{n}" for n in range(1, count + 1)]
 
 
-class RotatingDns:
-    """``DOMAIN`` has one MX host, ``MX_HOST``; each lookup of its addresses gives the
-    next ``per_lookup`` of ``pool`` (round robin), as a large MX pool's DNS does."""
-
-    def __init__(self, pool: list[str], per_lookup: int = 1) -> None:
-        self._pool = pool
-        self._per_lookup = per_lookup
-        self._next = 0
-
-    async def mx(self, name: str) -> list[tuple[int, str]]:
-        if name == DOMAIN:
-            return [(10, MX_HOST)]
-        raise NoRecords(name)
-
-    async def addresses(self, name: str) -> list[str]:
-        if name != MX_HOST:
-            raise DnsFailure(name)
-        out = [self._pool[(self._next + i) % len(self._pool)] for i in range(self._per_lookup)]
-        self._next += self._per_lookup
-        return out
+def RotatingDns(pool: list[str], per_lookup: int = 1) -> Rotating:
+    return Rotating(pool, DOMAIN, MX_HOST, per_lookup=per_lookup)
 
 
 @contextlib.contextmanager
@@ -65,7 +48,7 @@ def servers(script: Script, hosts: list[str], port: int) -> Iterator[list[Script
 
 @contextlib.asynccontextmanager
 async def engine_for(
-    dns: RotatingDns, metrics: Metrics | None = None, **changes: Any
+    dns: Rotating, metrics: Metrics | None = None, **changes: Any
 ) -> AsyncIterator[ProbeEngine]:
     engine = ProbeEngine(probe_settings(**changes), metrics, resolver=MxResolver(dns, NOBODY))
     try:
