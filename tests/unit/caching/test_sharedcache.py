@@ -199,17 +199,25 @@ def test_unknown_and_undecided_are_never_stored(redis: RedisServer, verdict: Ver
     asyncio.run(scenario())
 
 
+async def held_at(
+    a: Backup, address: str, verdict: Verdict = Verdict.VALID
+) -> tuple[asyncio.Task[ProbeResult], asyncio.Event]:
+    """A's probe of ``address``, started and held until the event is set."""
+    go = asyncio.Event()
+
+    async def held() -> None:
+        await go.wait()
+
+    probing = asyncio.create_task(a.ask(address, verdict, before=held))
+    await wait_until(lambda: a.probes, what="A's probe")
+    return probing, go
+
+
 def test_a_probe_in_flight_at_one_backup_answers_the_other(redis: RedisServer) -> None:
     async def scenario() -> None:
         a, b = backup(redis.url), backup(redis.url)
         address = new_address()
-        go = asyncio.Event()
-
-        async def held() -> None:
-            await go.wait()
-
-        probing = asyncio.create_task(a.ask(address, before=held))
-        await wait_until(lambda: a.probes, what="A's probe")
+        probing, go = await held_at(a, address)
         waiting = asyncio.create_task(b.ask(address))
         await asyncio.sleep(0.1)  # B polls meanwhile
         assert not waiting.done()
@@ -228,13 +236,7 @@ def test_when_the_other_backup_finds_no_valid_answer_this_one_probes(redis: Redi
     async def scenario() -> None:
         a, b = backup(redis.url), backup(redis.url)
         address = new_address()
-        go = asyncio.Event()
-
-        async def held() -> None:
-            await go.wait()
-
-        probing = asyncio.create_task(a.ask(address, Verdict.UNKNOWN, before=held))
-        await wait_until(lambda: a.probes, what="A's probe")
+        probing, go = await held_at(a, address, Verdict.UNKNOWN)
         waiting = asyncio.create_task(b.ask(address, Verdict.UNKNOWN))
         await asyncio.sleep(0.05)
         go.set()
@@ -251,13 +253,7 @@ def test_the_wait_for_another_backup_is_bounded(redis: RedisServer) -> None:
     async def scenario() -> None:
         a, b = backup(redis.url), backup(redis.url, lock_wait=0.3)
         address = new_address()
-        go = asyncio.Event()
-
-        async def held() -> None:
-            await go.wait()
-
-        probing = asyncio.create_task(a.ask(address, before=held))
-        await wait_until(lambda: a.probes, what="A's probe")
+        probing, go = await held_at(a, address)
         started = time.monotonic()
         result = await b.ask(address)
         took = time.monotonic() - started
