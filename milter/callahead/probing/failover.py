@@ -187,14 +187,11 @@ class Failover:
                         result = await session.rcpt(address, started)
                     except SessionLost as exc:
                         if not reused or lost_retry:
-                            return ProbeResult.no_reply(
-                                Verdict.TEMPFAIL,
+                            return session.undecided(
                                 session.stage,
                                 f"session lost: {exc}",
                                 started,
-                                str(session.hop),
-                                why="the primary closed the session before it answered",
-                                transcript=session.transcript,
+                                "the primary closed the session before it answered",
                             ), session
                         # The primary closed an idle session (timeout, restart): the
                         # other idle ones are likely stale too; retry on a fresh one.

@@ -158,13 +158,19 @@ class Session:
         """The result of a probe that ran out of time on this session, which is closed."""
         self.close()
         self._dialogue.note(f"no reply within {budget:.3g}s")
+        return self.undecided(
+            self.waiting_at, f"timed out after {budget:.3g}s", started, "no reply in time"
+        )
+
+    def undecided(self, stage: Stage, detail: str, started: float, why: str) -> ProbeResult:
+        """Undecided without a reply, at ``stage`` of this session (lost, timed out)."""
         return ProbeResult.no_reply(
             Verdict.TEMPFAIL,
-            self.waiting_at,
-            f"timed out after {budget:.3g}s",
+            stage,
+            detail,
             started,
             str(self.hop),
-            why="no reply in time",
+            why=why,
             transcript=self.transcript,
         )
 
