@@ -37,10 +37,10 @@ from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Policy, Reason
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import ProbeEngine
-from callahead.probing.verdict import ProbeResult
 from callahead.process.assembly import engine_settings, local_ttl
 from callahead.process.config import load_config
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import ProbeResult
 
 DOMAIN = "bench.test"
 

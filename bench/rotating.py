@@ -42,10 +42,10 @@ from tests.harness.scripted import Script, ScriptedServer
 
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import EngineSettings, ProbeEngine
-from callahead.probing.verdict import Skip
 from callahead.routing.resolve import MxResolver
 from callahead.routing.routes import RECIPIENT_DOMAIN
 from callahead.routing.thishost import ThisHost
+from callahead.smtp.verdict import Skip
 
 from .tools import rss_bytes
 

@@ -5,7 +5,8 @@ imports only the layers below it (docs/design.md has the picture).
     frontends   milter, policy service, judge, admin socket, metrics
     core        the policy and the guard (no I/O)
     caching     local cache, snapshot file, shared cache, controls, refresh, catch-all
-    probing     verdicts, SMTP session, pool, engine, breaker, budget, the loop
+    probing     engine, failover, primaries, pool, breaker, budget, the loop
+    smtp        one SMTP session, its evidence rules, the verdicts
     routing     route table, Postfix maps, MX resolution
     base        errors, log escaping, address syntax
 
@@ -19,7 +20,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "milter" / "callahead"
-LAYERS = ("base", "routing", "probing", "caching", "core", "frontends", "process")
+LAYERS = ("base", "routing", "smtp", "probing", "caching", "core", "frontends", "process")
 """Bottom first: a module may import its own layer and those before it."""
 TOP_LEVEL = {"__init__", "__main__"}
 """Modules outside the folders: the version, and ``python -m callahead``."""

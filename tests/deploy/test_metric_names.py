@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from callahead.core.policy import Action, Decision, Reason
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import PrimaryState
-from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
+from callahead.smtp.verdict import Basis, ProbeResult, Stage, Verdict
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.fixtures import make_workdir
 

@@ -13,8 +13,8 @@ from typing import TypedDict, Unpack
 from callahead.caching.cache import PositiveCache
 from callahead.probing.engine import EngineSettings, ProbeEngine
 from callahead.probing.loop import ProbeLoop
-from callahead.probing.verdict import ProbeResult, Stage, Verdict
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import ProbeResult, Stage, Verdict
 from tests.harness.waiting import wait_for
 
 from .settings import probe_settings

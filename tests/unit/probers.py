@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import Basis, ProbeResult, Stage, Verdict
 
 
 class SyncProber:

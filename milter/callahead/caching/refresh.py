@@ -25,8 +25,8 @@ from ..base.logfmt import escape
 from ..probing.engine import ProbeEngine
 from ..probing.loop import ProbeLoop
 from ..probing.validcache import ValidCache
-from ..probing.verdict import ProbeResult, Skip, Verdict
 from ..routing.routes import Nexthop
+from ..smtp.verdict import ProbeResult, Skip, Verdict
 
 log = logging.getLogger("callahead.refresh")
 

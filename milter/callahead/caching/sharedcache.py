@@ -63,8 +63,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from ..base.logfmt import escape
-from ..probing.verdict import Basis, ProbeResult, Stage, Verdict
 from ..routing.routes import Nexthop
+from ..smtp.verdict import Basis, ProbeResult, Stage, Verdict
 from .cache import PositiveCache
 from .redisstore import (
     CONTROL_PREFIX,

@@ -21,8 +21,8 @@ from ..base.address import (
     wire_address,
 )
 from ..probing.validcache import ValidCache
-from ..probing.verdict import Basis, ProbeResult, Skip, Verdict
 from ..routing.routes import Nexthop, Routes, RouteUnavailable
+from ..smtp.verdict import Basis, ProbeResult, Skip, Verdict
 from .guard import ClientGuard
 
 

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from ..core.policy import Action, Decision, Reason
 from ..probing.engine import PrimaryState
-from ..probing.verdict import Basis, ProbeResult, Verdict
+from ..smtp.verdict import Basis, ProbeResult, Verdict
 
 
 def _disable_created_series() -> None:

@@ -56,6 +56,10 @@ import time
 from collections.abc import Sequence
 
 from ..routing.routes import Nexthop
+from ..smtp.evidence import ControlSource
+from ..smtp.session import SessionSettings
+from ..smtp.tls import TlsMode, unverified_tls_context
+from ..smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from .breaker import State
 from .enginetypes import (
     ClusterGate,
@@ -65,14 +69,10 @@ from .enginetypes import (
     PrimaryState,
     Unobserved,
 )
-from .evidence import ControlSource
 from .failover import Failover
 from .freshness import LastJudged
 from .primaries import PRIMARY_IDLE, PRIMARY_LIMIT, Primaries
-from .session import SessionSettings
-from .tls import TlsMode, unverified_tls_context
 from .validcache import ValidCache
-from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
 __all__ = [
     "ClusterGate",

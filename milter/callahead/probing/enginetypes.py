@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..routing.routes import Expansion, Nexthop
-from .tls import TlsMode
-from .verdict import Basis, ProbeResult, Verdict
+from ..smtp.tls import TlsMode
+from ..smtp.verdict import Basis, ProbeResult, Verdict
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,11 @@ from dataclasses import replace
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape
 from ..routing.routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
+from ..smtp.session import Session, SessionFailed, SessionLost
+from ..smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from .enginetypes import EngineSettings, HopResolver
 from .freshness import LastJudged
 from .primaries import Primaries, Primary, Visit
-from .session import Session, SessionFailed, SessionLost
-from .verdict import Basis, ProbeResult, Skip, Stage, Verdict
 
 log = logging.getLogger("callahead.engine")
 

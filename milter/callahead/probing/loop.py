@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from ..base.logfmt import escape
 from ..routing.routes import Nexthop
+from ..smtp.verdict import ProbeResult, Skip, Stage, Verdict
 from .engine import ProbeEngine
-from .verdict import ProbeResult, Skip, Stage, Verdict
 
 log = logging.getLogger("callahead.loop")
 

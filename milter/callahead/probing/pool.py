@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Collection
 
 from ..routing.routes import Nexthop
-from .session import Session
+from ..smtp.session import Session
 
 
 class SessionPool:

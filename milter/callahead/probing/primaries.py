@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 from ..base.logfmt import escape
 from ..routing.routes import Expansion, Nexthop
+from ..smtp.evidence import ControlSource
+from ..smtp.session import Session, SessionSettings, TransactionShape
+from ..smtp.verdict import Basis, ProbeResult, Verdict
 from .breaker import Admission, Breaker, State
 from .budget import TokenBucket, burst_for
 from .enginetypes import EngineObserver, EngineSettings, PrimaryState
-from .evidence import ControlSource
 from .pool import SessionPool
-from .session import Session, SessionSettings, TransactionShape
-from .verdict import Basis, ProbeResult, Verdict
 
 WARNED_LIMIT = 1000
 """Refusals remembered per primary for logging them once (bounded: subdomain routes let

@@ -15,10 +15,10 @@ from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..frontends.adminclient import AdminUnavailable, ask, status_lines
 from ..probing.engine import ProbeEngine
 from ..probing.loop import HANDOFF_MARGIN
-from ..probing.verdict import ProbeResult, Verdict
 from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
 from ..routing.routes import Nexthop, RouteUnavailable
+from ..smtp.verdict import ProbeResult, Verdict
 from .assembly import answer_time, build_resolver, engine_settings, route_wait, shared_delay
 from .config import EX_CONFIG, Config, ConfigError, load_config
 from .endpoints import loopback_host, parse_listen

@@ -14,9 +14,9 @@ from typing import Any
 
 from ..base.logfmt import HIDDEN, looks_like_credential
 from ..core.policy import TempfailAction
-from ..probing.tls import TlsMode
 from ..routing.postfixsettings import PostfixSettings
 from ..routing.routes import RouteTable
+from ..smtp.tls import TlsMode
 from .endpoints import Listen, Network, loopback_host, loopback_network, parse_socket
 from .parsers import ConfigError
 from .variables import DEFAULT_POLICY_CLIENTS, NAMES, VARIABLES, Variable

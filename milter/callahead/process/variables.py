@@ -11,7 +11,7 @@ from typing import Any
 
 from ..base.logfmt import redact_url
 from ..core.policy import TempfailAction
-from ..probing.tls import TlsMode
+from ..smtp.tls import TlsMode
 from .endpoints import METRICS, NETWORKS, OPTIONAL_LISTEN, RESOLVER, ROUTES, SOCKET
 from .parsers import (
     ADDRESS,

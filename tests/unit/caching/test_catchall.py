@@ -22,8 +22,8 @@ from callahead.core.policy import Action, Policy, Reason, TempfailAction
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.loop import LoopProber, ProbeLoop
-from callahead.probing.verdict import ProbeResult, Skip, Stage, Verdict
 from callahead.routing.routes import Nexthop, parse_routes
+from callahead.smtp.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.harness.fixtures import StartScripted
 from tests.harness.scripted import Script
 from tests.harness.waiting import wait_for

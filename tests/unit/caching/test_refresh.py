@@ -5,8 +5,8 @@ from __future__ import annotations
 from callahead.caching.cache import PositiveCache
 from callahead.caching.refresh import SKIPPED, LoopRefresher, refresh_limit
 from callahead.probing.loop import ProbeLoop
-from callahead.probing.verdict import ProbeResult, Skip, Verdict
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import ProbeResult, Skip, Verdict
 from tests.harness.waiting import wait_for
 from tests.unit.engines import AnsweredEngine
 

@@ -31,9 +31,9 @@ from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Action, Policy, Reason, TempfailAction
 from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import Breaker
-from callahead.probing.verdict import Basis, ProbeResult, Stage, Verdict
 from callahead.process.config import ConfigError, load_config
 from callahead.routing.routes import Nexthop, parse_routes
+from callahead.smtp.verdict import Basis, ProbeResult, Stage, Verdict
 from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
 from tests.harness.primary import SilentServer

@@ -19,8 +19,8 @@ from callahead.core.policy import (
     Reason,
     TempfailAction,
 )
-from callahead.probing.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from callahead.routing.routes import Nexthop, RouteUnavailable, parse_routes
+from callahead.smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from tests.unit.clock import Clock
 from tests.unit.probers import SyncProber, no_domain_result
 

@@ -28,8 +28,8 @@ from callahead.frontends import adapter as adapter_module
 from callahead.frontends.adapter import CallaheadMilter
 from callahead.frontends.judge import Judge
 from callahead.frontends.metrics import Metrics
-from callahead.probing.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from callahead.routing.routes import Nexthop, parse_routes
+from callahead.smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from tests.unit.probers import SyncProber, no_domain_result
 
 PRIMARY_HOST = "10.9.8.7"

@@ -17,8 +17,8 @@ from callahead.frontends.admin import AdminError, AdminServer, Health, primary_p
 from callahead.frontends.adminclient import ask
 from callahead.probing.engine import PrimaryState
 from callahead.probing.loop import ProbeLoop
-from callahead.probing.verdict import Verdict
 from callahead.process.cli import EX_UNAVAILABLE, main
+from callahead.smtp.verdict import Verdict
 
 UP = PrimaryState("[192.0.2.1]:25", 2, False, True, False, Verdict.VALID, "2.1.5 Ok", 1.5)
 DOWN = PrimaryState("[192.0.2.2]:25", 0, True, False, False, Verdict.TEMPFAIL, "refused", 0.5)

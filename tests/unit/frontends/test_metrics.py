@@ -10,7 +10,7 @@ from callahead.caching.cache import PositiveCache
 from callahead.core.policy import Action, Decision, Reason
 from callahead.frontends.metrics import PROBE_BUCKETS, Metrics
 from callahead.probing.engine import PrimaryState
-from callahead.probing.verdict import ProbeResult, Skip, Stage, Verdict
+from callahead.smtp.verdict import ProbeResult, Skip, Stage, Verdict
 
 FIXED_NAMES = (
     "callahead_rcpt_decisions_total",

@@ -34,8 +34,8 @@ from callahead.frontends.policyservice import (
 )
 from callahead.frontends.unixsocket import UnixSocketError
 from callahead.probing.loop import ProbeLoop
-from callahead.probing.verdict import ProbeResult, Stage, Verdict
 from callahead.routing.routes import parse_routes
+from callahead.smtp.verdict import ProbeResult, Stage, Verdict
 from tests.harness.ports import read_until
 from tests.unit.probers import SyncProber
 

@@ -21,14 +21,14 @@ from callahead.caching.cache import PositiveCache
 from callahead.caching.controls import Controls
 from callahead.core.policy import Action, Policy, Reason, TempfailAction
 from callahead.frontends.metrics import Metrics
-from callahead.probing import session as session_module
 from callahead.probing.breaker import State
 from callahead.probing.engine import EngineSettings, ProbeEngine
 from callahead.probing.loop import LoopProber, ProbeLoop
-from callahead.probing.session import ERROR_BUDGET
-from callahead.probing.tls import TlsMode
-from callahead.probing.verdict import ProbeResult, Skip, Stage, Verdict
 from callahead.routing.routes import Nexthop, parse_routes
+from callahead.smtp import session as session_module
+from callahead.smtp.session import ERROR_BUDGET
+from callahead.smtp.tls import TlsMode
+from callahead.smtp.verdict import ProbeResult, Skip, Stage, Verdict
 from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script, ScriptedServer, Session

@@ -14,10 +14,10 @@ from typing import Any
 from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import State
 from callahead.probing.engine import ProbeEngine
-from callahead.probing.verdict import Skip, Verdict
 from callahead.routing.resolve import MxResolver
 from callahead.routing.routes import RECIPIENT_DOMAIN, Nexthop
 from callahead.routing.thishost import ThisHost
+from callahead.smtp.verdict import Skip, Verdict
 from tests.harness.ports import free_port
 from tests.harness.rotatingdns import RotatingDns as Rotating
 from tests.harness.scripted import Script, ScriptedServer

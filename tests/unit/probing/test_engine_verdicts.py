@@ -10,7 +10,7 @@ import pytest
 
 from callahead.caching.cache import PositiveCache
 from callahead.frontends.metrics import Metrics
-from callahead.probing.verdict import Basis, Stage, Verdict
+from callahead.smtp.verdict import Basis, Stage, Verdict
 from tests.harness.fixtures import StartScripted
 from tests.harness.scripted import RcptHook, Script, Session
 from tests.unit.probing.test_engine import (

@@ -4,8 +4,8 @@ same deadline as the thread path, and answered with the tempfail result at shutd
 from __future__ import annotations
 
 from callahead.probing.loop import LoopProber, ProbeLoop
-from callahead.probing.verdict import Skip, Verdict
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import Skip, Verdict
 from tests.harness.waiting import wait_for
 from tests.unit.engines import AnsweredEngine
 

@@ -10,9 +10,9 @@ from typing import TypeVar
 import pytest
 
 from callahead.probing.pool import SessionPool
-from callahead.probing.session import Session, SessionSettings
-from callahead.probing.tls import TlsMode
 from callahead.routing.routes import Nexthop
+from callahead.smtp.session import Session, SessionSettings
+from callahead.smtp.tls import TlsMode
 
 T = TypeVar("T")
 HOP = Nexthop("127.0.0.1", 2525)

@@ -15,7 +15,6 @@ from callahead.core.policy import TempfailAction
 from callahead.frontends.policyservice import LOOPBACK
 from callahead.probing.engine import EngineSettings
 from callahead.probing.loop import HANDOFF_MARGIN
-from callahead.probing.tls import TlsMode
 from callahead.process.assembly import answer_time, engine_settings
 from callahead.process.cli import answer_time_problem, main, milter_exposure_warning
 from callahead.process.config import EX_CONFIG, Config, ConfigError, load_config
@@ -25,6 +24,7 @@ from callahead.process.variables import DEFAULT_METRICS_LISTEN, DEFAULT_SOCKET, 
 from callahead.routing.postfixsettings import PostfixSettings
 from callahead.routing.router import LOOKUP_WAIT
 from callahead.routing.routes import Nexthop
+from callahead.smtp.tls import TlsMode
 
 GOOD_ENV: dict[str, str] = {
     "CALLAHEAD_ROUTES": "example.com=[127.0.0.1]:2525",

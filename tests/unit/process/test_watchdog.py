@@ -15,9 +15,9 @@ import pytest
 
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.loop import LoopProber, ProbeLoop
-from callahead.probing.verdict import Skip, Verdict
 from callahead.process.watchdog import HealthMonitor, notify, watchdog_interval
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import Skip, Verdict
 from tests.harness.waiting import wait_for
 from tests.unit.settings import probe_settings
 

@@ -24,7 +24,6 @@ from callahead.core.guard import ClientGuard
 from callahead.core.policy import NO_DOMAIN_REPLY, Action, Policy, Reason, TempfailAction
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.loop import ProbeLoop
-from callahead.probing.verdict import Basis, ProbeResult, Skip, Verdict
 from callahead.process import assembly
 from callahead.process.config import load_config
 from callahead.routing import thishost
@@ -54,6 +53,7 @@ from callahead.routing.thishost import (
     ThisHost,
     read_interface_addresses,
 )
+from callahead.smtp.verdict import Basis, ProbeResult, Skip, Verdict
 from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callahead.probing.classify import (
+from callahead.smtp.classify import (
     EnhancedCode,
     classify,
     drifted,
@@ -18,7 +18,7 @@ from callahead.probing.classify import (
     refuses_multi_recipient_bounce,
     unproven,
 )
-from callahead.probing.verdict import Basis, Stage, Verdict
+from callahead.smtp.verdict import Basis, Stage, Verdict
 
 UNKNOWN, VALID, TEMPFAIL = Verdict.UNKNOWN, Verdict.VALID, Verdict.TEMPFAIL
 

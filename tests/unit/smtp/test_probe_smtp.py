@@ -14,9 +14,9 @@ from callahead.frontends.metrics import Metrics
 from callahead.probing import loop as loop_module
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
-from callahead.probing.verdict import ProbeResult, Stage, Verdict
 from callahead.process.cli import main
 from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import ProbeResult, Stage, Verdict
 from tests.harness.fixtures import StartScripted
 from tests.harness.ports import free_port
 from tests.harness.scripted import Script, ScriptedServer
