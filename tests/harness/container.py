@@ -50,20 +50,44 @@ class ContainerError(Exception):
     """The container could not be made, booted or run a command."""
 
 
-def _mirror() -> str:
-    """The Debian mirror of this machine's apt sources (deb822 or one-line form)."""
-    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+def _mirror(suite: str = "bookworm") -> str:
+    """The Debian mirror of this machine's apt sources (deb822 or one-line form): the
+    first entry apt reads (``*.list``, ``*.sources``; not a file disabled by renaming)
+    that carries ``suite`` with its ``main`` component, so a third party's repository
+    (nodesource, a cloud SDK) listed first is never taken for Debian's."""
+    sources = [
+        Path("/etc/apt/sources.list"),
+        *sorted(Path("/etc/apt/sources.list.d").glob("*.list")),
+        *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
+    ]
     for source in sources:
         with contextlib.suppress(OSError):
-            for line in source.read_text().splitlines():
-                words = line.split()
-                if words[:1] == ["URIs:"] and len(words) > 1 and "security" not in words[1]:
-                    return words[1]
-                if words[:1] == ["deb"]:
-                    uri = next((w for w in words[1:] if "://" in w), "")
-                    if uri and "security" not in uri:
-                        return uri
+            for uri, suites, components in _entries(source.read_text()):
+                if suite in suites and "main" in components:
+                    return uri
     return "http://deb.debian.org/debian"
+
+
+def _entries(text: str) -> list[tuple[str, list[str], list[str]]]:
+    """(URI, suites, components) of each ``deb`` entry of a sources file."""
+    entries: list[tuple[str, list[str], list[str]]] = []
+    for stanza in text.split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        for line in stanza.splitlines():
+            words = line.split()
+            if not words or line.lstrip().startswith("#"):
+                continue
+            if words[0] == "deb":
+                rest = [w for w in words[1:] if not (w.startswith("[") or w.endswith("]"))]
+                rest = [w for w in rest if "=" not in w]
+                if len(rest) >= 3:
+                    entries.append((rest[0], [rest[1]], rest[2:]))
+            elif words[0].endswith(":"):
+                fields[words[0][:-1].lower()] = words[1:]
+        if "deb" in fields.get("types", []) and fields.get("uris"):
+            for uri in fields["uris"]:
+                entries.append((uri, fields.get("suites", []), fields.get("components", [])))
+    return entries
 
 
 def rootfs(*, rebuild: bool = False) -> Path:

@@ -353,3 +353,18 @@ def test_failed_start_shows_the_maillog_and_leaves_nothing_running(tmp_workdir: 
         with pytest.raises(PostfixError, match="Address already in use"):
             instance.start()
         assert not instance.running
+
+
+def test_the_containers_mirror_is_debians_not_a_third_partys() -> None:
+    # The first source listed may be a third party's (nodesource, seen on a CI machine):
+    # debootstrap from it failed to find bookworm's Release file.
+    from tests.harness.container import _entries
+
+    text = (
+        "deb [arch=amd64 signed-by=/k.gpg] https://deb.nodesource.com/node_20.x nodistro main\n"
+        "\n"
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n"
+    )
+    usable = [u for u, suites, parts in _entries(text) if "bookworm" in suites and "main" in parts]
+    assert usable == ["http://deb.debian.org/debian"]
