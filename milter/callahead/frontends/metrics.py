@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
@@ -283,12 +284,19 @@ class Metrics:
     def primary_dropped(self, primary: str) -> None:
         """The engine forgot ``primary``: its counters go with its gauges (read from the
         engine), so the series stay as many as the primaries the engine keeps. One that
-        comes back starts its counters at zero, which rate() reads as a reset."""
-        self.connections.remove(primary)
-        self.drift.remove(primary)
+        comes back starts its counters at zero, which rate() reads as a reset.
+
+        A primary need not have every series (no drift seen, never refused): newer
+        prometheus-client ignores removing one that was never made, 0.16 (Debian 12)
+        raises KeyError, which means the same here."""
+        with contextlib.suppress(KeyError):
+            self.connections.remove(primary)
+        with contextlib.suppress(KeyError):
+            self.drift.remove(primary)
         for basis in Basis:
             if basis.refuses_prober:
-                self.prober_refused.remove(primary, basis.value)
+                with contextlib.suppress(KeyError):
+                    self.prober_refused.remove(primary, basis.value)
 
     # -- the shared cache's observer (sharedcache.SharedObserver) ----------------------
 
