@@ -313,7 +313,7 @@ class RedisStore:
             async with asyncio.timeout(self.timeout * 5):
                 await pubsub.subscribe(CHANNEL)
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 5.x
             await client.aclose()
             raise
         return pubsub

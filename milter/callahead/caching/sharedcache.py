@@ -304,7 +304,7 @@ class SharedGate:
                 lost = True
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 5.x
             await asyncio.sleep(RESUBSCRIBE_AFTER)
 
     def apply_flush(self, data: object) -> int:
