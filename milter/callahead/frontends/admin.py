@@ -219,6 +219,8 @@ class AdminServer:
             return self._flush(request)
         if op == "cache-stats":
             return self._stats()
+        if op == "cache-recent":
+            return self._recent(request)
         if op == "status":
             return self._status()
         return _error(f"unknown op {str(op)[:40]!r}")
@@ -229,6 +231,15 @@ class AdminServer:
             return _error("expected an address, user@domain")
         left = self._cache.remaining(address)
         return {"ok": True, "address": address, "cached": left is not None, "remaining": left}
+
+    def _recent(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Addresses of a domain verified recently, newest first (``callahead doctor``
+        probes one as a real user)."""
+        domain = request.get("domain")
+        if not isinstance(domain, str) or not domain or "@" in domain:
+            return _error("expected a domain")
+        domain = normalize_domain(domain)
+        return {"ok": True, "domain": domain, "addresses": list(self._cache.recent(domain))}
 
     def _flush(self, request: Mapping[str, Any]) -> dict[str, Any]:
         target = _flush_target(request)

@@ -14,16 +14,15 @@ from .. import __version__
 from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..frontends.adminclient import AdminUnavailable, ask, status_lines
 from ..probing.engine import ProbeEngine
-from ..probing.loop import HANDOFF_MARGIN
 from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
 from ..routing.routes import Nexthop, RouteUnavailable
 from ..smtp.verdict import ProbeResult, Verdict
-from .assembly import answer_time, build_resolver, engine_settings, route_wait, shared_delay
+from .assembly import build_resolver, engine_settings
 from .config import EX_CONFIG, Config, ConfigError, load_config
-from .endpoints import loopback_host, parse_listen
-from .postfixconf import is_fully_qualified, postfix_milter_command_timeout
+from .doctor import EnvFileError, doctor_environment, known_addresses, run_doctor
 from .socketaccess import postfix_socket_problems
+from .startchecks import answer_time_problem, helo_warning, milter_exposure_warning
 from .variables import VARIABLES
 
 EX_USAGE = 64
@@ -105,6 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("target", nargs="?", metavar="ADDRESS|@DOMAIN")
     what.add_argument("--all", action="store_true", help="forget every entry")
     cache_sub.add_parser("stats", help="entries, size, TTL, hits, misses and refreshes")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check a live installation item by item (exit 0 all pass, 1 one failed)",
+        description="Check the backup's Postfix, the sockets, the routes and every primary, "
+        "each failed item with its fix. Exit 0 when all pass, 1 when one fails, 78 bad "
+        "config. Reads the unit's /etc/default/callahead over the environment.",
+        **common,  # type: ignore[arg-type]
+    )
+    doctor.add_argument(
+        "--known",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a real user of a relay domain, probed as valid (default: one the running "
+        "serve verified, else postmaster@); repeat for more domains",
+    )
+    doctor.add_argument(
+        "--postfix",
+        metavar="DIR",
+        help="the backup's Postfix configuration directory (default: MAIL_CONFIG, else "
+        "/etc/postfix)",
+    )
+    doctor.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="callahead's environment file (default /etc/default/callahead when it "
+        "exists; empty: none)",
+    )
     sub.add_parser(
         "status",
         help="is the running serve healthy (exit 0 healthy, 1 degraded, 69 not running)",
@@ -117,12 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command: str = args.command
+    environment = os.environ if env is None else env
     try:
-        config = load_config(os.environ if env is None else env)
-    except ConfigError as exc:
+        if command == "doctor":
+            environment = doctor_environment(environment, args.env_file)
+            known = known_addresses(args.known)
+        config = load_config(environment)
+    except (ConfigError, EnvFileError) as exc:
         print(f"callahead: {exc}", file=sys.stderr)
         return EX_CONFIG
-    command: str = args.command
+    except ValueError as exc:
+        print(f"callahead: {exc}", file=sys.stderr)
+        return EX_USAGE
     if command == "config":
         for name, value in config.describe():
             print(f"{name}={value}")
@@ -134,6 +168,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return run_cache(config, args)
     if command == "status":
         return run_status(config)
+    if command == "doctor":
+        return run_doctor(config, args.postfix, known)
     return run_serve(config)
 
 
@@ -302,62 +338,6 @@ def explanation(result: ProbeResult) -> str:
         lines.append(f"decided by: {result.code} {first} (at {result.stage.value.upper()})")
     lines.append(f"classified: {result.verdict.value} ({result.basis.value}): {result.why}")
     return "\n".join(lines)
-
-
-def answer_time_problem(config: Config) -> str | None:
-    """Why Postfix would give up on callahead's answers, if it would: the longest answer
-    (the route lookup in the Postfix maps, a wait for a probe slot, the probe, the thread
-    handoff) must stay below the local Postfix's milter_command_timeout. None when it
-    does, or when there is no Postfix to ask (then serve warns against Postfix's
-    default)."""
-    timeout = postfix_milter_command_timeout()
-    longest = answer_time(config)
-    if timeout is None or longest < timeout:
-        return None
-    engine_longest = engine_settings(config).longest_answer + shared_delay(config)
-    redis = (
-        " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)" if config.redis_url else ""
-    )
-    lookup = route_wait(config)
-    lookups = (
-        f" the {lookup:g}s route lookups in CALLAHEAD_POSTFIX_CONFIG's maps and" if lookup else ""
-    )
-    return (
-        f"CALLAHEAD_PROBE_WAIT + CALLAHEAD_PROBE_TIMEOUT{redis} = "
-        f"{engine_longest:g}s: with{lookups} the {HANDOFF_MARGIN:g}s "
-        f"handoff an answer can take {longest:g}s, and this host's Postfix gives up after "
-        f"milter_command_timeout = {timeout:g}s (then it stops asking callahead for the rest "
-        "of the session); lower them or raise milter_command_timeout"
-    )
-
-
-def helo_warning(helo: str) -> str | None:
-    """A warning for an EHLO name that primaries with reject_non_fqdn_helo_hostname
-    refuse; None when it is fully qualified."""
-    if is_fully_qualified(helo):
-        return None
-    return (
-        f"the probes' EHLO name {helo!r} is not fully qualified: primaries with "
-        "reject_non_fqdn_helo_hostname refuse it and callahead can then reject nobody; "
-        "set CALLAHEAD_HELO_NAME (or Postfix's myhostname) to this host's public name"
-    )
-
-
-def milter_exposure_warning(config: Config) -> str | None:
-    """A warning for an ``inet:`` milter socket reachable from other hosts: libmilter
-    takes any client, and ``{client_addr}`` (the dictionary guard's key) is the
-    requester's word there too; None on loopback, a unix socket, or no milter."""
-    if not config.socket:
-        return None
-    listen = parse_listen("CALLAHEAD_SOCKET", config.socket)
-    if listen.kind != "inet" or loopback_host(listen.host):
-        return None
-    return (
-        f"CALLAHEAD_SOCKET={config.socket} listens off loopback: anyone who reaches it can "
-        "ask which addresses exist, and name the client address the dictionary guard "
-        "counts; listen on 127.0.0.1 or a unix socket, or firewall the port to the "
-        "Postfix hosts"
-    )
 
 
 def run_serve(config: Config) -> int:

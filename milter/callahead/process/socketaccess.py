@@ -23,13 +23,18 @@ import contextlib
 import grp
 import os
 import pwd
+import socket
 import stat
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .config import Config
 
 POSTFIX_USER = "postfix"
+CONNECT_TIMEOUT = 5.0
+"""Seconds ``callahead doctor`` gives a connect to callahead's own socket."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def account(name: str = POSTFIX_USER) -> Account | None:
     return Account(name, entry.pw_uid, frozenset(gids))
 
 
-def _allowed(mode: int, uid: int, gid: int, who: Account, want: int) -> bool:
+def permits(mode: int, uid: int, gid: int, who: Account, want: int) -> bool:
     """Whether ``who`` has the ``want`` bits (4 read, 2 write, 1 search) on a file of
     ``mode`` owned by ``uid``:``gid``: the owner's bits if it owns it, else the group's
     if it is in the group, else the others' (only one class applies)."""
@@ -101,7 +106,7 @@ def reach_problem(path: str, who: Account, umask: int | None = None) -> str | No
             return f"{directory} does not exist"
         except OSError as exc:
             return f"cannot check {directory}: {exc.strerror or exc}"
-        if not _allowed(info.st_mode, info.st_uid, info.st_gid, who, 1):
+        if not permits(info.st_mode, info.st_uid, info.st_gid, who, 1):
             return (
                 f"{who.name} cannot enter {directory} (mode {stat.filemode(info.st_mode)}, "
                 f"group {_group_name(info.st_gid)})"
@@ -109,7 +114,7 @@ def reach_problem(path: str, who: Account, umask: int | None = None) -> str | No
     parent = os.stat(socket_path.parent)
     gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
     mode = 0o777 & ~(current_umask() if umask is None else umask)
-    if not _allowed(mode, os.geteuid(), gid, who, 2):
+    if not permits(mode, os.geteuid(), gid, who, 2):
         return (
             f"the socket would be {stat.filemode(stat.S_IFSOCK | mode)} group "
             f"{_group_name(gid)}, which {who.name} cannot write to: run callahead with "
@@ -144,3 +149,76 @@ def postfix_socket_problems(config: Config, who: Account | None = None) -> list[
         if problem is not None:
             problems.append(f"{variable}=unix:{path}: Postfix could not connect: {problem}")
     return problems
+
+
+# -- an existing socket, as callahead doctor checks it ------------------------------
+
+
+def _connects(path: str, who: Account | None) -> str | None:
+    """Why ``who`` (this process when None or not root) cannot connect to the unix
+    socket ``path``; None when it can. As root, the connect runs as ``who``."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.settimeout({CONNECT_TIMEOUT})\n"
+        "try:\n    s.connect(sys.argv[1])\n"
+        "except OSError as e:\n    print(e.strerror or e); sys.exit(1)\n"
+    )
+    if who is not None and os.geteuid() == 0 and who.uid != 0:
+        gid = min(who.gids)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", code, path],
+                user=who.uid,
+                group=gid,
+                extra_groups=sorted(who.gids),
+                capture_output=True,
+                text=True,
+                timeout=CONNECT_TIMEOUT * 2,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"could not try as {who.name}: {exc}"
+        return None if done.returncode == 0 else (done.stdout.strip() or "refused")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None
+
+
+def unix_reach(path: str, who: Account | None) -> str | None:
+    """Why ``who`` could not use the socket at ``path`` now; None when it can."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"cannot check {path}: {exc.strerror or exc}"
+    if not stat.S_ISSOCK(info.st_mode):
+        return f"{path} is not a socket"
+    if who is not None:
+        parents = [path]
+        while parents[-1] != "/":
+            parents.append(os.path.dirname(parents[-1]))
+        for directory in reversed(parents[1:]):
+            dinfo = os.stat(directory)
+            if not permits(dinfo.st_mode, dinfo.st_uid, dinfo.st_gid, who, 1):
+                return f"{who.name} cannot enter {directory} (mode {stat.filemode(dinfo.st_mode)})"
+        if not permits(info.st_mode, info.st_uid, info.st_gid, who, 2):
+            return (
+                f"{who.name} cannot write to {path} "
+                f"({stat.filemode(info.st_mode)}, uid {info.st_uid}, gid {info.st_gid})"
+            )
+    refused = _connects(path, who)
+    return None if refused is None else f"connect to {path}: {refused}"
+
+
+def inet_reach(host: str, port: int) -> str | None:
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return None
+    except OSError as exc:
+        return f"connect to {host}:{port}: {exc.strerror or exc}"

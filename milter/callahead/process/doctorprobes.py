@@ -1,0 +1,276 @@
+"""``callahead doctor``, the primary side: every relay domain of the backup has a
+route, every primary answers and takes the probes' EHLO name, a real address there is
+valid, a made-up one is unknown (or the domain is reported as catch-all), and the
+prober is not refused.
+
+One domain per distinct route is probed (domains behind one primary tell the same
+thing), with the engine ``serve`` uses, without a cache. The real address is the one
+given with ``--known`` for that domain, else one the running ``serve`` verified
+recently (asked over the admin socket), else postmaster@.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+from ..base.address import normalize_domain
+from ..frontends.adminclient import AdminUnavailable, ask
+from ..probing.engine import ProbeEngine
+from ..routing.postfixmaps import PostfixRoutes
+from ..routing.postfixsettings import (
+    PostfixConfigError,
+    direct,
+    is_table,
+    load_settings,
+    relay_patterns,
+    run,
+    split_list,
+    tool,
+)
+from ..routing.routes import Nexthop, RouteUnavailable
+from ..smtp.verdict import Basis, ProbeResult, Stage, Verdict
+from .assembly import build_resolver, engine_settings
+from .config import Config
+from .doctorpostfix import Finding
+from .postfixview import PostfixView
+
+MAX_PRIMARIES = 50
+"""Distinct routes probed at most; the rest are named, not probed."""
+
+
+def relay_domains(view: PostfixView) -> tuple[list[str], list[Finding]]:
+    """The domains in the backup's ``relay_domains`` (tables listed with ``postmap
+    -s`` where their type allows), and a note for each table that cannot be listed."""
+    notes: list[Finding] = []
+    try:
+        patterns = relay_patterns(load_settings(view.config_dir))
+    except PostfixConfigError as exc:
+        return [], [
+            Finding(
+                "routes",
+                False,
+                f"cannot read relay_domains: {exc}",
+                "fix the Postfix configuration (postfix check)",
+            )
+        ]
+    domains: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("!"):
+            continue
+        if not is_table(pattern):
+            domains.append(pattern.lstrip("."))
+            continue
+        table = direct(pattern)
+        if table.startswith("inline:{"):
+            domains += [item.partition("=")[0] for item in split_list(table[len("inline:{") : -1])]
+            continue
+        listed = run([tool("postmap"), "-c", view.config_dir, "-s", table])
+        if listed.returncode != 0:
+            notes.append(
+                Finding(
+                    "routes", None, f"{pattern} cannot be listed: its domains are not checked here"
+                )
+            )
+            continue
+        domains += [line.split()[0] for line in listed.stdout.splitlines() if line.split()]
+    return list(dict.fromkeys(normalize_domain(d) for d in domains if d)), notes
+
+
+async def route_of(config: Config, domain: str) -> tuple[Nexthop, ...]:
+    """What ``serve`` would probe for ``domain``: CALLAHEAD_ROUTES, else the Postfix
+    maps of CALLAHEAD_POSTFIX_CONFIG."""
+    hops = config.routes.lookup(domain)
+    if hops or config.postfix is None:
+        return hops
+    return await PostfixRoutes(config.postfix).lookup(domain, f"postmaster@{domain}")
+
+
+async def check_routes(
+    config: Config, domains: Sequence[str]
+) -> tuple[list[Finding], dict[str, tuple[Nexthop, ...]]]:
+    findings: list[Finding] = []
+    routed: dict[str, tuple[Nexthop, ...]] = {}
+    for domain in domains:
+        try:
+            hops = await route_of(config, domain)
+        except RouteUnavailable as exc:
+            findings.append(
+                Finding(
+                    "routes",
+                    False,
+                    f"{domain}: the route lookup failed: {exc}",
+                    "fix the table CALLAHEAD_POSTFIX_CONFIG reads",
+                )
+            )
+            continue
+        if not hops:
+            findings.append(
+                Finding(
+                    "routes",
+                    False,
+                    f"{domain} is in relay_domains but callahead has no route for it: every "
+                    "recipient there is accepted unverified",
+                    f"add {domain}=[primary]:25 to CALLAHEAD_ROUTES, or set "
+                    "CALLAHEAD_POSTFIX_CONFIG=/etc/postfix",
+                )
+            )
+            continue
+        routed[domain] = hops
+        findings.append(Finding("routes", True, f"{domain} -> {', '.join(map(str, hops))}"))
+    if not domains:
+        findings.append(
+            Finding(
+                "routes",
+                False,
+                "relay_domains is empty: this host is a backup MX for no domain",
+                "relay_domains = example.com",
+            )
+        )
+    return findings, routed
+
+
+def verified_address(config: Config, domain: str) -> str | None:
+    """A recipient of ``domain`` the running ``serve`` verified recently, if it
+    answers on its admin socket and knows one."""
+    if not config.admin_socket:
+        return None
+    try:
+        answer = ask(config.admin_socket, {"op": "cache-recent", "domain": domain})
+    except AdminUnavailable:
+        return None
+    if isinstance(answer, dict) and answer.get("ok"):
+        addresses = answer.get("addresses")
+        if isinstance(addresses, list) and addresses and isinstance(addresses[0], str):
+            return addresses[0]
+    return None
+
+
+class _Known:
+    """The real address as the made-up probe's control."""
+
+    def __init__(self, known: Mapping[str, str]) -> None:
+        self._known = known
+
+    async def controls(self, domain: str) -> tuple[str, ...]:
+        address = self._known.get(domain)
+        return () if address is None else (address,)
+
+    def stale(self, address: str) -> None:
+        """A doctor run asks once: nothing to forget."""
+
+
+def _reply(result: ProbeResult) -> str:
+    code = "no reply" if result.code is None else str(result.code)
+    first = result.detail.split("\n", 1)[0]
+    return f"{code} {first} at {result.stage.value.upper()}"
+
+
+def _reached(result: ProbeResult) -> bool:
+    return result.reached and result.stage not in (Stage.CONNECT, Stage.BANNER)
+
+
+def _primary_finding(domain: str, result: ProbeResult, helo: str) -> Finding:
+    where = f"{result.primary or domain} ({domain})"
+    if not _reached(result):
+        return Finding(
+            "primary",
+            False,
+            f"{where} cannot be reached: {_reply(result)}",
+            "check the route, the primary and the firewall between them",
+        )
+    helo_refused = result.basis is Basis.PROBER and "helo" in result.detail.lower()
+    if (result.stage is Stage.EHLO and result.verdict is Verdict.TEMPFAIL) or helo_refused:
+        # smtpd_delay_reject (Postfix's default) gives a HELO reject at RCPT TO.
+        return Finding(
+            "primary",
+            False,
+            f"{where} refuses the EHLO name {helo!r}: {_reply(result)}",
+            "set CALLAHEAD_HELO_NAME to this host's public name (with A and PTR)",
+        )
+    return Finding("primary", True, f"{where} answers and takes EHLO {helo}")
+
+
+def _probe_findings(
+    domain: str, known: str, real: ProbeResult, made_up: str, fake: ProbeResult
+) -> list[Finding]:
+    findings: list[Finding] = []
+    for result in (real, fake):
+        if result.basis.refuses_prober and _reached(result):
+            findings.append(
+                Finding(
+                    "prober",
+                    False,
+                    f"{result.primary} refuses the prober ({result.basis.value}): {_reply(result)}",
+                    "let this host's probes in on the primary (its client and HELO checks, "
+                    "MAIL FROM:<>), or set CALLAHEAD_FALLBACK_SENDER",
+                )
+            )
+            return findings
+    findings.append(Finding("prober", True, f"{domain}: the primary judges recipients"))
+    if real.verdict is Verdict.VALID:
+        findings.append(Finding("probe", True, f"{known} is valid"))
+    else:
+        postmaster = known.startswith("postmaster@")
+        findings.append(
+            Finding(
+                "probe",
+                False,
+                f"{known} is {real.verdict.value} ({real.basis.value}): {_reply(real)}",
+                "name a real user: callahead doctor --known user@" + domain
+                if postmaster
+                else f"check that {known} exists at the primary",
+            )
+        )
+    if fake.verdict is Verdict.UNKNOWN:
+        findings.append(Finding("probe", True, f"a made-up {made_up} is unknown: refused with 550"))
+    elif fake.verdict is Verdict.VALID:
+        findings.append(
+            Finding(
+                "probe",
+                True,
+                f"{domain} accepts every address (catch-all): callahead can refuse nobody there",
+            )
+        )
+    else:
+        findings.append(
+            Finding(
+                "probe",
+                False,
+                f"a made-up {made_up} is undecided ({fake.basis.value}: {fake.why}): "
+                f"{_reply(fake)}",
+                "callahead cannot refuse unknown users there: see callahead probe --explain",
+            )
+        )
+    return findings
+
+
+async def check_primaries(
+    config: Config, routed: Mapping[str, tuple[Nexthop, ...]], known: Mapping[str, str]
+) -> list[Finding]:
+    """One domain per distinct route: its primary, its prober and its probes."""
+    by_route: dict[tuple[Nexthop, ...], str] = {}
+    for domain, hops in routed.items():
+        by_route.setdefault(hops, domain)
+    chosen = list(by_route.values())
+    findings: list[Finding] = []
+    if len(chosen) > MAX_PRIMARIES:
+        findings.append(
+            Finding("primary", None, f"{len(chosen) - MAX_PRIMARIES} more routes not probed")
+        )
+        chosen = chosen[:MAX_PRIMARIES]
+    reals = {d: known.get(d) or verified_address(config, d) or f"postmaster@{d}" for d in chosen}
+    resolver, _ = build_resolver(config)
+    engine = ProbeEngine(engine_settings(config), resolver=resolver, controls=_Known(reals))
+    try:
+        for domain in chosen:
+            real = await engine.probe(reals[domain], routed[domain])
+            made_up = f"callahead-doctor-{secrets.token_hex(6)}@{domain}"
+            fake = await engine.probe(made_up, routed[domain])
+            primary = _primary_finding(domain, real, config.helo_name)
+            findings.append(primary)
+            if primary.ok:
+                findings += _probe_findings(domain, reals[domain], real, made_up, fake)
+    finally:
+        await engine.aclose()
+    return findings
