@@ -261,10 +261,15 @@ async def check_primaries(
         chosen = chosen[:MAX_PRIMARIES]
     reals = {d: known.get(d) or verified_address(config, d) or f"postmaster@{d}" for d in chosen}
     resolver, _ = build_resolver(config)
-    engine = ProbeEngine(engine_settings(config), resolver=resolver, controls=_Known(reals))
+    valid: dict[str, str] = {}
+    """The real addresses found valid: controls of the made-up probes (one refused is
+    no control: it would read as drift)."""
+    engine = ProbeEngine(engine_settings(config), resolver=resolver, controls=_Known(valid))
     try:
         for domain in chosen:
             real = await engine.probe(reals[domain], routed[domain])
+            if real.verdict is Verdict.VALID:
+                valid[domain] = reals[domain]
             made_up = f"callahead-doctor-{secrets.token_hex(6)}@{domain}"
             fake = await engine.probe(made_up, routed[domain])
             primary = _primary_finding(domain, real, config.helo_name)

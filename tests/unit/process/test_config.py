@@ -16,10 +16,11 @@ from callahead.frontends.policyservice import LOOPBACK
 from callahead.probing.engine import EngineSettings
 from callahead.probing.loop import HANDOFF_MARGIN
 from callahead.process.assembly import answer_time, engine_settings
-from callahead.process.cli import answer_time_problem, main, milter_exposure_warning
+from callahead.process.cli import main
 from callahead.process.config import EX_CONFIG, Config, ConfigError, load_config
 from callahead.process.endpoints import loopback_host
 from callahead.process.postfixconf import default_helo_name, is_fully_qualified, postfix_seconds
+from callahead.process.startchecks import answer_time_problem, milter_exposure_warning
 from callahead.process.variables import DEFAULT_METRICS_LISTEN, DEFAULT_SOCKET, VARIABLES
 from callahead.routing.postfixsettings import PostfixSettings
 from callahead.routing.router import LOOKUP_WAIT

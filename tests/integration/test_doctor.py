@@ -1,0 +1,212 @@
+"""``callahead doctor`` against a real Postfix backup configuration (read by Postfix's
+own postconf), a running callahead and a real Postfix primary without postmaster@:
+the good setup passes every item; each configuration broken in one way fails with the
+item that names it, and exit status 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.callahead_process import CallaheadProcess
+from tests.harness.fixtures import make_workdir
+from tests.harness.ports import free_port
+from tests.harness.postfix import Listener, PostfixInstance, backup_mx_main_cf, primary_main_cf
+
+DOMAIN = "doc.test"
+USER = f"u1@{DOMAIN}"
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    callahead: CallaheadProcess
+    primary_port: int
+    helo_port: int
+    client_port: int
+
+    def backup(self, name: str, **overrides: str) -> Path:
+        """A backup configuration from the production snippet, with ``overrides``;
+        its directory (written, not started: doctor reads it with postconf)."""
+        workdir = self.workdir / name
+        settings = backup_mx_main_cf(
+            workdir=workdir,
+            relay_domains=[DOMAIN],
+            transports={DOMAIN: f"[127.0.0.1]:{self.primary_port}"},
+            milter=self.callahead.socket,
+        )
+        settings.update(overrides)
+        PostfixInstance(workdir, settings, [Listener(free_port())]).write_config()
+        return workdir / "etc"
+
+    def doctor(self, config_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "callahead",
+                "doctor",
+                "--env-file=",
+                "--postfix",
+                str(config_dir),
+                *args,
+            ],
+            env={**self.callahead.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    if os.geteuid() != 0:
+        pytest.skip("the integration tests run a real Postfix, whose master needs root")
+    with make_workdir() as workdir:
+        primary_dir = workdir / "primary"
+        primary_dir.mkdir(mode=0o755)
+        ports = {"plain": free_port(), "helo": free_port(), "client": free_port()}
+        primary = PostfixInstance(
+            primary_dir,
+            primary_main_cf(workdir=primary_dir, users=[USER], hostname="doc-primary.test"),
+            [
+                Listener(ports["plain"]),
+                Listener(
+                    ports["helo"], {"smtpd_helo_restrictions": "reject_non_fqdn_helo_hostname"}
+                ),
+                Listener(
+                    ports["client"],
+                    {"smtpd_client_restrictions": "check_client_access inline:{127.0.0.1=REJECT}"},
+                ),
+            ],
+        )
+        callahead = CallaheadProcess(
+            workdir,
+            {
+                "CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{ports['plain']}",
+                "CALLAHEAD_PROBE_TIMEOUT": "3",
+                "CALLAHEAD_CATCHALL_CHECK": "0",
+            },
+        )
+        primary.start()
+        try:
+            callahead.start()
+            try:
+                yield Rig(workdir, callahead, ports["plain"], ports["helo"], ports["client"])
+            finally:
+                callahead.stop()
+        finally:
+            primary.stop()
+
+
+def failed(done: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+
+
+def test_the_good_setup_passes_every_item(rig: Rig) -> None:
+    done = rig.doctor(rig.backup("good"), "--known", USER)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert failed(done) == []
+    out = done.stdout
+    assert "callahead answers there" in out
+    assert "ok   default-action:" in out
+    assert "ok   answer-time:" in out
+    assert "ok   rcpt-macros:" in out
+    assert f"ok   routes: {DOMAIN} -> [127.0.0.1]:{rig.primary_port}" in out
+    assert f"ok   probe: {USER} is valid" in out
+    assert "unknown: refused with 550" in out
+    assert out.rstrip().endswith("all items pass")
+
+
+def test_without_a_known_user_postmaster_is_asked_and_its_absence_named(rig: Rig) -> None:
+    done = rig.doctor(rig.backup("nopm"))
+
+    assert done.returncode == 1
+    lines = failed(done)
+    assert len(lines) == 1, done.stdout
+    assert lines[0].startswith(f"FAIL probe: postmaster@{DOMAIN} is unknown"), done.stdout
+    assert f"fix: name a real user: callahead doctor --known user@{DOMAIN}" in done.stdout
+
+
+def test_the_policy_service_after_the_relay_check_passes(rig: Rig) -> None:
+    config = rig.backup(
+        "policy",
+        smtpd_milters="",
+        smtpd_recipient_restrictions=(
+            f"permit_mynetworks, reject_unauth_destination, "
+            f"check_policy_service {rig.callahead.policy_service}"
+        ),
+        smtpd_policy_service_default_action="DUNNO",
+    )
+    done = rig.doctor(config, "--known", USER)
+
+    assert done.returncode == 0, done.stdout
+    assert "ok   policy-order:" in done.stdout
+
+
+BROKEN = {
+    # case: (main.cf overrides (callahead's env), the failed item, words of its line)
+    "tempfail": ({"milter_default_action": "tempfail"}, {}, "default-action", "tempfail"),
+    "timeout": ({"milter_command_timeout": "5s"}, {}, "answer-time", "= 5s"),
+    "macros": ({"milter_protocol": "2"}, {}, "rcpt-macros", "{client_addr}"),
+    "elsewhere": ({"smtpd_milters": "inet:127.0.0.1:9"}, {}, "hook", "attaches callahead"),
+    "unrouted": ({"relay_domains": f"{DOMAIN}, other.test"}, {}, "routes", "other.test"),
+    "order": (
+        {
+            "smtpd_milters": "",
+            "smtpd_relay_restrictions": "",
+            "smtpd_recipient_restrictions": "check_policy_service {policy}, "
+            "reject_unauth_destination",
+            "smtpd_policy_service_default_action": "DUNNO",
+        },
+        {},
+        "policy-order",
+        "before any reject_unauth_destination",
+    ),
+    "down": (
+        {},
+        {"CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{{dead}}"},
+        "primary",
+        "cannot be reached",
+    ),
+    "helo": (
+        {},
+        {"CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{{helo}}", "CALLAHEAD_HELO_NAME": "backup"},
+        "primary",
+        "refuses the EHLO name 'backup'",
+    ),
+    "client": (
+        {},
+        {"CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{{client}}"},
+        "prober",
+        "refuses the prober",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_configuration_broken_in_one_way_fails_that_item(rig: Rig, case: str) -> None:
+    postfix, env, item, words = BROKEN[case]
+    values = {
+        "policy": rig.callahead.policy_service,
+        "dead": str(free_port()),
+        "helo": str(rig.helo_port),
+        "client": str(rig.client_port),
+    }
+    config = rig.backup(case, **{k: v.format(**values) for k, v in postfix.items()})
+    done = rig.doctor(config, "--known", USER, **{k: v.format(**values) for k, v in env.items()})
+
+    assert done.returncode == 1, done.stdout
+    lines = failed(done)
+    assert lines, done.stdout
+    assert {line.split(":")[0] for line in lines} == {f"FAIL {item}"}, done.stdout
+    assert any(words in line for line in lines), done.stdout
+    assert "fix: " in done.stdout

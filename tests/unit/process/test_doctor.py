@@ -1,0 +1,80 @@
+"""The pieces of ``callahead doctor`` that need no Postfix: the environment file, the
+hook entries and where a chrooted smtpd finds a socket, the policy order. The whole
+command runs against real Postfix configurations in tests/integration/test_doctor.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callahead.process.doctor import EnvFileError, doctor_environment, read_env_file
+from callahead.process.doctorpostfix import Attached, check_policy_order
+from callahead.process.postfixview import PostfixView, Service
+
+
+def test_the_env_file_reads_as_systemd_does_and_wins_over_the_shell(tmp_path: Path) -> None:
+    env_file = tmp_path / "callahead"
+    env_file.write_text(
+        '# comment\n\nCALLAHEAD_ROUTES="a.test=[192.0.2.1]:25 b.test=[192.0.2.2]"\n'
+        "CALLAHEAD_HELO_NAME='mx.example.com'\nCALLAHEAD_SOCKET=inet:127.0.0.1:8895\n"
+    )
+    assert read_env_file(str(env_file)) == {
+        "CALLAHEAD_ROUTES": "a.test=[192.0.2.1]:25 b.test=[192.0.2.2]",
+        "CALLAHEAD_HELO_NAME": "mx.example.com",
+        "CALLAHEAD_SOCKET": "inet:127.0.0.1:8895",
+    }
+    merged = doctor_environment({"CALLAHEAD_SOCKET": "x", "PATH": "/bin"}, str(env_file))
+    assert merged["CALLAHEAD_SOCKET"] == "inet:127.0.0.1:8895"
+    assert merged["PATH"] == "/bin"
+    assert doctor_environment({"A": "1"}, "") == {"A": "1"}
+
+
+def test_an_env_file_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(EnvFileError, match="cannot read"):
+        read_env_file(str(tmp_path / "missing"))
+
+
+def view(main: dict[str, str], *services: Service) -> PostfixView:
+    return PostfixView("/etc/postfix", {"queue_directory": "/var/spool/postfix", **main}, services)
+
+
+SMTP = Service("smtp", "inet", chroot=True)
+PLAIN = Service("127.0.0.1:2525", "inet", chroot=False)
+
+
+def test_hook_entries_with_options_and_where_the_socket_is_found() -> None:
+    v = view(
+        {"smtpd_milters": "{ unix:callahead/milter.sock, default_action = accept }, inet:[::1]:9"},
+        SMTP,
+    )
+    first, second = v.milters(SMTP)
+    assert (first.endpoint, dict(first.options), first.family) == (
+        "unix:callahead/milter.sock",
+        {"default_action": "accept"},
+        "unix",
+    )
+    assert (second.family, second.address) == ("inet", "[::1]:9")
+    # Relative: the queue directory, chrooted or not; absolute: inside it when chrooted.
+    assert v.host_path(SMTP, "callahead/milter.sock") == "/var/spool/postfix/callahead/milter.sock"
+    assert v.host_path(PLAIN, "callahead/milter.sock") == "/var/spool/postfix/callahead/milter.sock"
+    assert v.host_path(SMTP, "/run/c.sock") == "/var/spool/postfix/run/c.sock"
+    assert v.host_path(PLAIN, "/run/c.sock") == "/run/c.sock"
+
+
+@pytest.mark.parametrize(
+    ("relay", "recipient", "ok"),
+    [
+        ("", "permit_mynetworks, reject_unauth_destination, check_policy_service inet:x:1", True),
+        ("", "check_policy_service inet:x:1, reject_unauth_destination", False),
+        ("defer_unauth_destination", "check_policy_service inet:x:1", True),
+        ("", "check_policy_service { inet:x:1, default_action=DUNNO }", False),
+    ],
+)
+def test_the_policy_check_must_follow_the_relay_check(relay: str, recipient: str, ok: bool) -> None:
+    v = view({"smtpd_relay_restrictions": relay, "smtpd_recipient_restrictions": recipient}, PLAIN)
+    (hook,) = v.policies(PLAIN)
+    assert hook.address == "x:1"
+    (finding,) = check_policy_order(v, [Attached(PLAIN, hook)])
+    assert finding.ok is ok
+    assert finding.item == "policy-order"
