@@ -94,12 +94,10 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def reach_problem(path: str, who: Account, umask: int | None = None) -> str | None:
-    """Why ``who`` could not connect to a unix socket that this process binds at
-    ``path`` (an existing socket there is replaced), or None when it could."""
-    socket_path = PurePosixPath(path)
-    directories = [*reversed(socket_path.parents)]
-    for directory in directories:
+def enter_problem(socket_path: PurePosixPath, who: Account) -> str | None:
+    """Why ``who`` could not enter every directory above ``socket_path``; None when
+    it can."""
+    for directory in reversed(socket_path.parents):
         try:
             info = os.stat(directory)
         except FileNotFoundError:
@@ -111,6 +109,16 @@ def reach_problem(path: str, who: Account, umask: int | None = None) -> str | No
                 f"{who.name} cannot enter {directory} (mode {stat.filemode(info.st_mode)}, "
                 f"group {_group_name(info.st_gid)})"
             )
+    return None
+
+
+def reach_problem(path: str, who: Account, umask: int | None = None) -> str | None:
+    """Why ``who`` could not connect to a unix socket that this process binds at
+    ``path`` (an existing socket there is replaced), or None when it could."""
+    socket_path = PurePosixPath(path)
+    entry = enter_problem(socket_path, who)
+    if entry is not None:
+        return entry
     parent = os.stat(socket_path.parent)
     gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
     mode = 0o777 & ~(current_umask() if umask is None else umask)
@@ -200,13 +208,9 @@ def unix_reach(path: str, who: Account | None) -> str | None:
     if not stat.S_ISSOCK(info.st_mode):
         return f"{path} is not a socket"
     if who is not None:
-        parents = [path]
-        while parents[-1] != "/":
-            parents.append(os.path.dirname(parents[-1]))
-        for directory in reversed(parents[1:]):
-            dinfo = os.stat(directory)
-            if not permits(dinfo.st_mode, dinfo.st_uid, dinfo.st_gid, who, 1):
-                return f"{who.name} cannot enter {directory} (mode {stat.filemode(dinfo.st_mode)})"
+        entry = enter_problem(PurePosixPath(path), who)
+        if entry is not None:
+            return entry
         if not permits(info.st_mode, info.st_uid, info.st_gid, who, 2):
             return (
                 f"{who.name} cannot write to {path} "
