@@ -94,16 +94,23 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _stat(path: str) -> os.stat_result | str:
+    """``path``'s status, or why it cannot be had."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"cannot check {path}: {exc.strerror or exc}"
+
+
 def enter_problem(socket_path: PurePosixPath, who: Account) -> str | None:
     """Why ``who`` could not enter every directory above ``socket_path``; None when
     it can."""
     for directory in reversed(socket_path.parents):
-        try:
-            info = os.stat(directory)
-        except FileNotFoundError:
-            return f"{directory} does not exist"
-        except OSError as exc:
-            return f"cannot check {directory}: {exc.strerror or exc}"
+        info = _stat(str(directory))
+        if isinstance(info, str):
+            return info
         if not permits(info.st_mode, info.st_uid, info.st_gid, who, 1):
             return (
                 f"{who.name} cannot enter {directory} (mode {stat.filemode(info.st_mode)}, "
@@ -199,12 +206,9 @@ def _connects(path: str, who: Account | None) -> str | None:
 
 def unix_reach(path: str, who: Account | None) -> str | None:
     """Why ``who`` could not use the socket at ``path`` now; None when it can."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return f"{path} does not exist"
-    except OSError as exc:
-        return f"cannot check {path}: {exc.strerror or exc}"
+    info = _stat(path)
+    if isinstance(info, str):
+        return info
     if not stat.S_ISSOCK(info.st_mode):
         return f"{path} is not a socket"
     if who is not None:
