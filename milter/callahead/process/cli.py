@@ -20,7 +20,13 @@ from ..routing.routes import Nexthop, RouteUnavailable
 from ..smtp.verdict import ProbeResult, Verdict
 from .assembly import build_resolver, engine_settings
 from .config import EX_CONFIG, Config, ConfigError, load_config
-from .doctor import EnvFileError, doctor_environment, known_addresses, run_doctor
+from .doctor import (
+    DoctorUsageError,
+    EnvFileError,
+    doctor_environment,
+    known_addresses,
+    run_doctor,
+)
 from .socketaccess import postfix_socket_problems
 from .startchecks import answer_time_problem, helo_warning, milter_exposure_warning
 from .variables import VARIABLES
@@ -154,7 +160,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except (ConfigError, EnvFileError) as exc:
         print(f"callahead: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except ValueError as exc:
+    except DoctorUsageError as exc:
         print(f"callahead: {exc}", file=sys.stderr)
         return EX_USAGE
     if command == "config":

@@ -25,6 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..base.address import normalize_recipient
+from ..base.errors import CallaheadError
 from ..routing.postfixsettings import PostfixConfigError
 from .config import Config
 from .doctorpostfix import Finding, postfix_findings, report
@@ -37,8 +38,12 @@ ENV_FILE = "/etc/default/callahead"
 EX_FAILED = 1
 
 
-class EnvFileError(ValueError):
+class EnvFileError(CallaheadError):
     """The environment file cannot be read."""
+
+
+class DoctorUsageError(CallaheadError):
+    """A ``--known`` that is not an address."""
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -75,12 +80,12 @@ def doctor_environment(env: Mapping[str, str], env_file: str | None) -> dict[str
 
 
 def known_addresses(addresses: Sequence[str]) -> dict[str, str]:
-    """``--known`` addresses by domain; raises ValueError for one that is not."""
+    """``--known`` addresses by domain; raises DoctorUsageError for one that is not."""
     known: dict[str, str] = {}
     for text in addresses:
         normalized = normalize_recipient(text)
         if normalized is None:
-            raise ValueError(f"--known {text!r} is not an address (expected user@domain)")
+            raise DoctorUsageError(f"--known {text!r} is not an address (expected user@domain)")
         known.setdefault(normalized.domain, normalized.address)
     return known
 

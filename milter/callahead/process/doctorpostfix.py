@@ -199,10 +199,9 @@ def _check_hook(
 
 def _option(view: PostfixView, attached: Attached, option: str, setting: str) -> tuple[str, str]:
     """(value, where it is set) of a per-entry option or its main.cf setting."""
-    if option in attached.hook.options:
-        return attached.hook.options[
-            option
-        ], f"{option} in {attached.hook.kind} entry {attached.hook}"
+    hook = attached.hook
+    if option in hook.options:
+        return hook.options[option], f"{option} in {hook.kind} entry {hook}"
     return view.setting(attached.service, setting), setting
 
 

@@ -77,23 +77,19 @@ def relay_domains(view: PostfixView) -> tuple[list[str], list[Finding]]:
     return list(dict.fromkeys(normalize_domain(d) for d in domains if d)), notes
 
 
-async def route_of(config: Config, domain: str) -> tuple[Nexthop, ...]:
-    """What ``serve`` would probe for ``domain``: CALLAHEAD_ROUTES, else the Postfix
-    maps of CALLAHEAD_POSTFIX_CONFIG."""
-    hops = config.routes.lookup(domain)
-    if hops or config.postfix is None:
-        return hops
-    return await PostfixRoutes(config.postfix).lookup(domain, f"postmaster@{domain}")
-
-
 async def check_routes(
     config: Config, domains: Sequence[str]
 ) -> tuple[list[Finding], dict[str, tuple[Nexthop, ...]]]:
+    """What ``serve`` would probe for each domain: CALLAHEAD_ROUTES, else the Postfix
+    maps of CALLAHEAD_POSTFIX_CONFIG (one reader for every domain)."""
     findings: list[Finding] = []
     routed: dict[str, tuple[Nexthop, ...]] = {}
+    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
     for domain in domains:
         try:
-            hops = await route_of(config, domain)
+            hops = config.routes.lookup(domain)
+            if not hops and postfix is not None:
+                hops = await postfix.lookup(domain, f"postmaster@{domain}")
         except RouteUnavailable as exc:
             findings.append(
                 Finding(

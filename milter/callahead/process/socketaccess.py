@@ -180,7 +180,7 @@ def _connects(path: str, who: Account | None) -> str | None:
         "except OSError as e:\n    print(e.strerror or e); sys.exit(1)\n"
     )
     if who is not None and os.geteuid() == 0 and who.uid != 0:
-        gid = min(who.gids)
+        gid = pwd.getpwuid(who.uid).pw_gid
         try:
             done = subprocess.run(
                 [sys.executable, "-c", code, path],

@@ -78,3 +78,12 @@ def test_the_policy_check_must_follow_the_relay_check(relay: str, recipient: str
     (finding,) = check_policy_order(v, [Attached(PLAIN, hook)])
     assert finding.ok is ok
     assert finding.item == "policy-order"
+
+
+def test_a_known_that_is_not_an_address_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from callahead.process.cli import EX_USAGE, main
+
+    assert main(["doctor", "--env-file=", "--known", "nobody"], env={}) == EX_USAGE
+    assert "--known 'nobody' is not an address" in capsys.readouterr().err
