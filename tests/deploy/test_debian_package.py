@@ -107,7 +107,10 @@ def test_the_unit_is_deploys_with_the_packaged_program(unpacked: Path) -> None:
     assert unit.splitlines() == expected
 
 
-def test_the_defaults_file_is_a_conffile(unpacked: Path) -> None:
+def test_the_defaults_file_is_a_conffile_for_root_alone(deb: Path, unpacked: Path) -> None:
+    # It may hold the Redis password; systemd reads it as root.
+    listing = run([tool("dpkg-deb"), "-c", str(deb)]).stdout
+    assert re.search(r"^-rw-r----- root/root .* \./etc/default/callahead$", listing, re.M), listing
     conffiles = (unpacked / "DEBIAN/conffiles").read_text().split()
     assert "/etc/default/callahead" in conffiles
     assert (unpacked / "etc/default/callahead").read_text() == (

@@ -137,6 +137,9 @@ def system() -> Iterator[System]:
     ):
         timings["rootfs"] = container.timings["rootfs"]
         root = container.root
+        # The README's install steps, in its order but for main.cf: the container shares
+        # the host's network, so its Postfix must have its 127.0.70.2 listener before it
+        # starts at boot (step 3 here, before steps 1 and 2; step 5, doctor, is a test).
         (root / "etc/postfix/main.cf").write_text(postfix_main_cf(primary.port))
         master = root / "etc/postfix/master.cf"
         master.write_text(master.read_text() + POLICY_LISTENER)

@@ -264,15 +264,20 @@ def check_rcpt_macros(view: PostfixView, attached: Sequence[Attached]) -> list[F
         protocol, where = _option(view, one, "protocol", "milter_protocol")
         if not missing:
             findings.append(
-                Finding("rcpt-macros", True, f"milter_rcpt_macros has {' '.join(RCPT_MACROS)}")
+                Finding(
+                    "rcpt-macros",
+                    True,
+                    f"{one.service} {one.hook}: milter_rcpt_macros has {' '.join(RCPT_MACROS)}",
+                )
             )
         elif protocol.strip().isdigit() and int(protocol) >= 6:
             findings.append(
                 Finding(
                     "rcpt-macros",
                     True,
-                    f"milter_rcpt_macros lacks {' '.join(missing)}, which callahead asks for at "
-                    f"negotiation ({where} = {protocol} lets a milter name its macros)",
+                    f"{one.service} {one.hook}: callahead asks for {' '.join(missing)} at "
+                    f"negotiation ({where} = {protocol} lets a milter name its macros; "
+                    "milter_rcpt_macros need not list them)",
                 )
             )
         else:
