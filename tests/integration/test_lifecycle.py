@@ -163,3 +163,57 @@ def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdi
         assert "callahead stopped" in process.log()
     finally:
         process.stop()
+
+
+def _policy_ask(port: int, recipient: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+            + f"recipient={recipient}\nclient_address=192.0.2.9\n\n".encode()
+        )
+        return conn.recv(4096)
+
+
+@pytest.mark.parametrize("stop", ["one signal", "two signals"])
+def test_at_info_the_decision_lines_come_in_batches_and_none_is_lost_at_exit(
+    stack: Stack, workdir: Path, stop: str
+) -> None:
+    """At the operator's level (INFO) lines are written in batches (logoutput.py): a
+    line shows within the flush delay while running, and the lines still waiting when
+    callahead stops, by the clean path or by the second signal's immediate exit, are
+    written before it exits."""
+    process = CallaheadProcess(
+        workdir,
+        {
+            "CALLAHEAD_LOG_LEVEL": "INFO",
+            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+            "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{stack.primary.port}",
+        },
+        name=f"info-{stop.replace(' ', '-')}",
+    )
+    process.start()
+    try:
+        first = stack.new_address()
+        assert _policy_ask(process.policy_port, first) == b"action=550 5.1.1 User unknown\n\n"
+        wait_for(lambda: f"rcpt=<{first}> decision=reject" in process.log(), 5, what="the line")
+        assert process.pid is not None
+        # The stop signal right after the answers: their lines are still waiting.
+        last = [stack.new_address() for _ in range(20)]
+        for address in last:
+            assert _policy_ask(process.policy_port, address).startswith(b"action=550 ")
+        pid = process.pid
+        os.kill(pid, signal.SIGTERM)  # libmilter takes up to 5 s to wind down
+        if stop == "two signals":
+            wait_for(lambda: not term_pending(pid), 5.0, what="libmilter to take SIGTERM")
+            os.kill(pid, signal.SIGTERM)
+        wait_for(process.exited, EXIT_BOUND, what="callahead to exit")
+        log = process.log()
+        for address in last:
+            assert f"rcpt=<{address}> decision=reject reason=probe_unknown" in log, address
+        if stop == "one signal":
+            assert process.returncode == 0
+            assert log.rstrip().endswith("callahead stopped")
+        else:
+            assert process.returncode == 128 + signal.SIGTERM
+    finally:
+        process.stop()

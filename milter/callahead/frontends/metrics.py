@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -90,6 +91,7 @@ class Metrics:
             ["decision", "reason"],
             registry=r,
         )
+        self._decision_counters: dict[tuple[Action, Reason], Any] = {}
         self.probes = Counter(
             "callahead_probes", "Probes of a primary, by outcome", ["outcome"], registry=r
         )
@@ -344,7 +346,13 @@ class Metrics:
     def observe(self, decision: Decision) -> None:
         """Count one decision. Probes are counted where they are made (the engine):
         with coalescing, one probe can serve several decisions."""
-        self.decisions.labels(decision.action.value, decision.reason.value).inc()
+        key = (decision.action, decision.reason)
+        counter = self._decision_counters.get(key)
+        if counter is None:  # one child per (action, reason), looked up once
+            counter = self._decision_counters[key] = self.decisions.labels(
+                decision.action.value, decision.reason.value
+            )
+        counter.inc()
         if decision.dry_run:
             self.dry_run_overrides.labels(decision.action.value).inc()
         if decision.reason is Reason.CACHE_HIT:

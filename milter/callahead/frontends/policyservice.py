@@ -96,54 +96,92 @@ def action_for(decision: Decision) -> str:
     return f"{reply.code} {reply.xcode} {reply.text.removeprefix(RECIPIENT_REJECTED)}"
 
 
-async def read_request(
-    reader: asyncio.StreamReader, idle_timeout: float = IDLE_TIMEOUT
-) -> PolicyRequest | None:
-    """The next request, or None when the client closed (or stayed silent for
-    ``idle_timeout``) between requests.
+class RequestReader:
+    """Reads the requests of one connection.
 
-    One deadline for the whole request (a timer per line cost a sixth of the warm path's
-    CPU): ``idle_timeout`` for its first line, then ``REQUEST_TIMEOUT`` for the rest."""
-    attributes: dict[str, str] = {}
-    malformed = 0
-    first = True
-    size = 0
-    try:
-        async with asyncio.timeout(idle_timeout) as deadline:
-            while True:
-                raw = await reader.readline()
-                size += len(raw)
-                if size > MAX_REQUEST:
-                    raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
-                if not raw:
-                    if first:
-                        return None
-                    raise RequestError("the connection closed inside a request")
-                if not raw.endswith(b"\n"):
-                    raise RequestError("the connection closed inside a line")
-                line = raw[:-1].removesuffix(b"\r")
-                if not line:
-                    if first:  # an empty line before any attribute: nothing was asked
-                        continue
-                    return PolicyRequest(attributes, malformed)
-                if first:
-                    first = False
-                    deadline.reschedule(asyncio.get_running_loop().time() + REQUEST_TIMEOUT)
-                name, sep, value = line.partition(b"=")
-                if not sep or not name:
-                    malformed += 1
-                elif len(attributes) >= MAX_ATTRIBUTES:
-                    raise RequestError(f"more than {MAX_ATTRIBUTES} attributes")
+    Postfix writes a whole request at once, so one ``read`` usually brings it all; the
+    request is then cut out of the buffer and split into lines by ``bytes`` methods (a
+    ``readline`` per attribute cost about a third of the warm path's CPU). A request
+    ends at its first empty line (``\\n\\n``, or ``\\n\\r\\n`` from a client that ends its
+    lines with CRLF); empty lines before it are skipped but count against
+    ``MAX_REQUEST``. Deadlines: ``idle_timeout`` while nothing of the next request has
+    come, then ``REQUEST_TIMEOUT`` for the rest of it."""
+
+    def __init__(self, reader: asyncio.StreamReader, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self._reader = reader
+        self._idle_timeout = idle_timeout
+        self._buffer = b""
+        self._skipped = 0
+        """Bytes of empty lines skipped before the next request."""
+
+    async def next(self) -> PolicyRequest | None:
+        """The next request, or None when the client closed (or stayed silent for the
+        idle timeout) between requests."""
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            request = self._take()
+            if request is not None:
+                return request
+            if self._buffer and deadline is None:
+                deadline = loop.time() + REQUEST_TIMEOUT
+            try:
+                if deadline is None:
+                    async with asyncio.timeout(self._idle_timeout):
+                        data = await self._reader.read(MAX_REQUEST)
                 else:
-                    attributes[name.decode("ascii", "replace")] = value.decode(
-                        "utf-8", "surrogateescape"
-                    )
-    except (ValueError, asyncio.LimitOverrunError):
-        raise RequestError(f"a request longer than {MAX_REQUEST} bytes") from None
-    except TimeoutError:
-        if first:
+                    async with asyncio.timeout_at(deadline):
+                        data = await self._reader.read(MAX_REQUEST)
+            except TimeoutError:
+                if not self._buffer:
+                    return None
+                raise RequestError("the request was not finished in time") from None
+            if not data:
+                if not self._buffer:
+                    return None
+                if not self._buffer.endswith(b"\n"):
+                    raise RequestError("the connection closed inside a line")
+                raise RequestError("the connection closed inside a request")
+            self._buffer += data
+
+    def _take(self) -> PolicyRequest | None:
+        """A complete request cut from the buffer, if there is one."""
+        buffer = self._buffer
+        while buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
+            cut = 1 if buffer[:1] == b"\n" else 2
+            self._skipped += cut
+            buffer = buffer[cut:]
+        self._buffer = buffer
+        end, size = buffer.find(b"\n\n"), 2
+        crlf = buffer.find(b"\n\r\n")
+        if crlf >= 0 and (end < 0 or crlf < end):
+            end, size = crlf, 3
+        size += end
+        if end < 0:
+            if self._skipped + len(buffer) > MAX_REQUEST:
+                raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
             return None
-        raise RequestError("the request was not finished in time") from None
+        if self._skipped + size > MAX_REQUEST:
+            raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
+        self._buffer = buffer[size:]
+        self._skipped = 0
+        # One decode for the whole request: bytes that are not UTF-8 stay as surrogates
+        # (a recipient is judged bad_address, not mistaken for another).
+        text = buffer[:end].decode("utf-8", "surrogateescape")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").removesuffix("\r")
+        lines = text.split("\n")
+        if len(lines) > MAX_ATTRIBUTES:
+            raise RequestError(f"more than {MAX_ATTRIBUTES} attributes")
+        attributes: dict[str, str] = {}
+        malformed = 0
+        for line in lines:
+            name, sep, value = line.partition("=")
+            if sep and name:
+                attributes[name] = value
+            else:
+                malformed += 1
+        return PolicyRequest(attributes, malformed)
 
 
 class PolicyService:
@@ -171,7 +209,13 @@ class PolicyService:
         self._connections: set[asyncio.StreamWriter] = set()
         self._busy = 0
         """Requests being answered now."""
-        self._answered = asyncio.Condition()
+        self._drained: asyncio.Event | None = None
+        """Set when the last request being answered is done, once ``aclose`` waits."""
+        self._state_counters = {
+            state: metrics.policy_requests.labels(label)
+            for state, label in [*_STATES.items(), ("", "other")]
+        }
+        self._other_state = self._state_counters[""]
         self._refusals: dict[str, tuple[float, int]] = {}
         """Reason -> (when its last log line was written, refusals since then)."""
 
@@ -205,9 +249,11 @@ class PolicyService:
         connection."""
         for server in self._servers:
             server.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace), self._answered:
-                await self._answered.wait_for(lambda: self._busy == 0)
+        if self._busy:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._drained.wait()
         for writer in list(self._connections):
             writer.close()
         for server in self._servers:
@@ -258,10 +304,11 @@ class PolicyService:
             return
         self._connections.add(writer)
         self._metrics.policy_connections.inc()
+        requests = RequestReader(reader, self._idle_timeout)
         try:
             while True:
                 try:
-                    request = await read_request(reader, self._idle_timeout)
+                    request = await requests.next()
                 except RequestError as exc:
                     self._metrics.policy_bad_requests.inc()
                     log.warning("policy client %s: %s: closing", _peer(writer), exc)
@@ -275,8 +322,8 @@ class PolicyService:
                     await writer.drain()
                 finally:
                     self._busy -= 1
-                    async with self._answered:
-                        self._answered.notify_all()
+                    if self._drained is not None and not self._busy:
+                        self._drained.set()
         except ConnectionError:
             pass
         finally:
@@ -295,7 +342,7 @@ class PolicyService:
             )
             return DUNNO
         state = request.get("protocol_state")
-        self._metrics.policy_requests.labels(_STATES.get(state, "other")).inc()
+        self._state_counters.get(state, self._other_state).inc()
         if state != "RCPT":
             return DUNNO
         client = request.get("client_address") or None

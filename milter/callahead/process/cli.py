@@ -18,6 +18,7 @@ from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
 from ..routing.routes import Nexthop, RouteUnavailable
 from ..smtp.verdict import ProbeResult, Verdict
+from . import logoutput
 from .assembly import build_resolver, engine_settings
 from .config import EX_CONFIG, Config, ConfigError, load_config
 from .doctor import (
@@ -361,11 +362,7 @@ def run_serve(config: Config) -> int:
             file=sys.stderr,
         )
         return EX_CONFIG
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logoutput.configure(config.log_level, sys.stderr)
     for warning in (helo_warning(config.helo_name), milter_exposure_warning(config)):
         if warning:
             log.warning("%s", warning)
