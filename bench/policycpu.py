@@ -126,15 +126,25 @@ def measure(pid: int, port: int, connections: int, per_connection: int) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.policycpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.policycpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=20000, help="per round")
+    parser.add_argument("--requests", type=int, default=20000, help="per round and server")
     parser.add_argument("--connections", type=int, default=10)
-    parser.add_argument("--profile", type=Path, help="py-spy collapsed stacks to this file")
-    parser.add_argument("--env", action="append", default=[], help="VAR=VALUE for callahead")
+    parser.add_argument("--profile", type=Path, help="py-spy raw stacks of the first callahead")
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="a callahead with these settings (repeatable; default: one with the defaults)",
+    )
     args = parser.parse_args(argv)
     per_connection = max(1, args.requests // args.connections)
-    extra = dict(item.split("=", 1) for item in args.env)
+    cases = dict(parse_case(text) for text in args.case) or {"callahead": {}}
     with make_workdir() as workdir:
         primary = Primary(USERS, port=free_port())
         primary.start()
@@ -145,82 +155,92 @@ def main(argv: Sequence[str] | None = None) -> int:
             what="trivial policy service",
             ready=lambda: accepts(trivial_port),
         )
-        callahead = CallaheadProcess(
-            workdir,
-            {
-                "CALLAHEAD_SOCKET": "",
-                "CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{primary.port}",
-                "CALLAHEAD_LOG_LEVEL": "INFO",
-                "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
-                **extra,
-            },
-        )
+        servers = {
+            name: CallaheadProcess(
+                workdir,
+                {
+                    "CALLAHEAD_SOCKET": "",
+                    "CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{primary.port}",
+                    "CALLAHEAD_LOG_LEVEL": "INFO",
+                    "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+                    **env,
+                },
+                name=name,
+            )
+            for name, env in cases.items()
+        }
+        results = {name: Rounds(name, [], []) for name in [*servers, "trivial"]}
         try:
             trivial.start()
-            callahead.start()
-            # Every user verified once: the measured requests are cache hits.
-            asyncio.run(drive(callahead.policy_port, 10, len(USERS) // 10))
+            for server in servers.values():
+                server.start()
+                # Every user verified once: the measured requests are cache hits.
+                asyncio.run(drive(server.policy_port, 10, len(USERS) // 10))
             wait_for(
-                lambda: set(USERS) <= {r.address for r in primary.rcpts},
+                lambda: len(primary.rcpts) >= len(USERS) * len(servers),
                 30.0,
                 what="every user probed",
             )
             probes = len(primary.rcpts)
-            results = {
-                "callahead": Rounds("callahead", [], []),
-                "trivial": Rounds("trivial", [], []),
-            }
-            servers = {
-                "callahead": (callahead.pid, callahead.policy_port),
-                "trivial": (trivial.pid, trivial_port),
-            }
+            ports = {name: (s.pid, s.policy_port) for name, s in servers.items()}
+            ports["trivial"] = (trivial.pid, trivial_port)
+            names = list(ports)
             for round_no in range(args.rounds):
-                order = ["callahead", "trivial"] if round_no % 2 == 0 else ["trivial", "callahead"]
-                for name in order:
-                    pid, port = servers[name]
+                # A rotating order: no server always runs first (or right after another).
+                shift = round_no % len(names)
+                for name in names[shift:] + names[:shift]:
+                    pid, port = ports[name]
                     assert pid is not None
                     cpu, rate = measure(pid, port, args.connections, per_connection)
                     results[name].cpu_per_request.append(cpu)
                     results[name].rate.append(rate)
             assert len(primary.rcpts) == probes, "a measured request was not a cache hit"
-            if args.profile and shutil.which("py-spy") and callahead.pid:
-                spy = subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "-p",
-                        str(callahead.pid),
-                        "-f",
-                        "raw",
-                        "-r",
-                        "500",
-                        "-o",
-                        str(args.profile),
-                        "--nonblocking",
-                        "--duration",
-                        "4",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(0.5)
-                deadline = time.monotonic() + 4.0
-                while time.monotonic() < deadline:
-                    measure(callahead.pid, callahead.policy_port, args.connections, per_connection)
-                spy.wait(60)
+            first = next(iter(servers.values()))
+            if args.profile and shutil.which("py-spy") and first.pid:
+                profile(first, args.profile, args.connections, per_connection)
         except BaseException:
-            print(callahead.log()[-3000:], file=sys.stderr)
+            for server in servers.values():
+                print(server.log()[-3000:], file=sys.stderr)
             raise
         finally:
-            callahead.stop()
+            for server in servers.values():
+                server.stop()
             trivial.stop()
             primary.stop()
-    out = {name: r.summary() for name, r in results.items()}
-    ratio = statistics.median(results["callahead"].rate) / statistics.median(
-        results["trivial"].rate
-    )
-    print(json.dumps({**out, "rate_ratio": round(ratio, 3)}, indent=1))
+    floor = statistics.median(results["trivial"].rate)
+    floor_cpu = statistics.median(results["trivial"].cpu_per_request)
+    out = []
+    for rounds in results.values():
+        summary = rounds.summary()
+        summary["rate_of_trivial"] = round(statistics.median(rounds.rate) / floor, 3)
+        summary["cpu_of_trivial"] = round(statistics.median(rounds.cpu_per_request) / floor_cpu, 2)
+        out.append(summary)
+    print(json.dumps(out, indent=1))
     return 0
+
+
+def parse_case(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    env = dict(item.split("=", 1) for item in settings.split(",") if item)
+    return name, env
+
+
+def profile(server: CallaheadProcess, out: Path, connections: int, per_connection: int) -> None:
+    """py-spy over 4 s of warm requests to ``server``."""
+    assert server.pid is not None
+    spy = subprocess.Popen(
+        [
+            *("py-spy", "record", "-p", str(server.pid), "-f", "raw", "-r", "500"),
+            *("-o", str(out), "--nonblocking", "--duration", "4"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # py-spy attaching
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        measure(server.pid, server.policy_port, connections, per_connection)
+    spy.wait(60)
 
 
 if __name__ == "__main__":

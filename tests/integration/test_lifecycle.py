@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -217,3 +219,45 @@ def test_at_info_the_decision_lines_come_in_batches_and_none_is_lost_at_exit(
             assert process.returncode == 128 + signal.SIGTERM
     finally:
         process.stop()
+
+
+def test_uvloop_when_chosen_serves_and_is_named_at_start(stack: Stack, workdir: Path) -> None:
+    pytest.importorskip("uvloop", reason="uvloop is optional (not in Debian's run)")
+    process = CallaheadProcess(
+        workdir,
+        {
+            "CALLAHEAD_EVENT_LOOP": "uvloop",
+            "CALLAHEAD_ROUTES": f"example.test=[127.0.0.1]:{stack.primary.port}",
+        },
+        name="uvloop",
+    )
+    process.start()
+    try:
+        stranger = stack.new_address()
+        assert _policy_ask(process.policy_port, stranger) == b"action=550 5.1.1 User unknown\n\n"
+        assert stack.primary.probes_for(stranger) == 1
+        assert "event loop: uvloop " in process.log()
+    finally:
+        process.stop()
+
+
+def test_uvloop_chosen_but_missing_stops_the_start(workdir: Path) -> None:
+    blocker = workdir / "no-uvloop"
+    blocker.mkdir()
+    (blocker / "uvloop.py").write_text("raise ImportError('not here')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "callahead", "serve"],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(blocker), *sys.path]),
+            "CALLAHEAD_EVENT_LOOP": "uvloop",
+            "CALLAHEAD_ROUTES": "example.test=[127.0.0.1]:9",
+            "CALLAHEAD_SOCKET": "inet:127.0.0.1:9",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 78
+    assert "CALLAHEAD_EVENT_LOOP=uvloop, but uvloop is not installed" in done.stderr

@@ -173,7 +173,13 @@ class RequestReader:
         lines = text.split("\n")
         if len(lines) > MAX_ATTRIBUTES:
             raise RequestError(f"more than {MAX_ATTRIBUTES} attributes")
-        attributes: dict[str, str] = {}
+        try:  # every line name=value, as Postfix writes them: built in C
+            attributes = dict(line.split("=", 1) for line in lines)
+        except ValueError:  # a line without "="
+            attributes = {"": ""}
+        if "" not in attributes:
+            return PolicyRequest(attributes, 0)
+        attributes = {}
         malformed = 0
         for line in lines:
             name, sep, value = line.partition("=")

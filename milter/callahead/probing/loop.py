@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
+import importlib.metadata
 import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from ..base.errors import CallaheadError
 from ..base.logfmt import escape
 from ..routing.routes import Nexthop
 from ..smtp.verdict import ProbeResult, Skip, Stage, Verdict
@@ -36,6 +39,48 @@ STALL_LIMIT = 5.0
 get the tempfail action at once instead of each waiting the whole handoff time."""
 
 
+class LoopKind(enum.Enum):
+    """``CALLAHEAD_EVENT_LOOP``: which event loop implementation runs the probe loop."""
+
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
+UVLOOP_MISSING = (
+    "CALLAHEAD_EVENT_LOOP=uvloop, but uvloop is not installed "
+    "(Debian: apt install python3-uvloop; pip: pip install uvloop)"
+)
+
+
+class LoopUnavailable(CallaheadError):
+    """``CALLAHEAD_EVENT_LOOP=uvloop`` without uvloop installed."""
+
+
+def loop_problem(kind: LoopKind) -> str | None:
+    """Why an event loop of ``kind`` cannot be made here, or None."""
+    if kind is LoopKind.UVLOOP:
+        try:
+            import uvloop  # noqa: F401 -- only whether it imports
+        except ImportError:
+            return UVLOOP_MISSING
+    return None
+
+
+def new_event_loop(kind: LoopKind = LoopKind.ASYNCIO) -> tuple[asyncio.AbstractEventLoop, str]:
+    """A new event loop of ``kind``, and what it is, for the start-up line.
+
+    asyncio's own is the default: measured on the warm policy path (bench/policycpu.py,
+    bench/RESULTS-policycpu.md), uvloop cost no less CPU per request, since what is left
+    there is Python code and the socket write, not the loop's own work."""
+    if kind is LoopKind.UVLOOP:
+        try:
+            import uvloop  # optional: imported only where chosen
+        except ImportError:
+            raise LoopUnavailable(UVLOOP_MISSING) from None
+        return uvloop.new_event_loop(), f"uvloop {importlib.metadata.version('uvloop')}"
+    return asyncio.new_event_loop(), "asyncio"
+
+
 class ProbeLoop:
     """Owns the event loop thread. Start it once, stop it at shutdown.
 
@@ -43,8 +88,11 @@ class ProbeLoop:
     thread runs and has beaten within ``STALL_LIMIT`` (a callback that blocks the loop,
     or a dead thread, shows as a missing beat)."""
 
-    def __init__(self, *, stall_limit: float = STALL_LIMIT) -> None:
-        self._loop = asyncio.new_event_loop()
+    def __init__(
+        self, *, stall_limit: float = STALL_LIMIT, kind: LoopKind = LoopKind.ASYNCIO
+    ) -> None:
+        self._loop, self.implementation = new_event_loop(kind)
+        """``implementation``: which loop this is, in words."""
         self._thread = threading.Thread(target=self._run, name="callahead-probes", daemon=True)
         self._stall_limit = stall_limit
         self._last_beat = time.monotonic()

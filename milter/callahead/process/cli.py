@@ -14,6 +14,7 @@ from .. import __version__
 from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..frontends.adminclient import AdminUnavailable, ask, status_lines
 from ..probing.engine import ProbeEngine
+from ..probing.loop import loop_problem
 from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
 from ..routing.routes import Nexthop, RouteUnavailable
@@ -361,6 +362,10 @@ def run_serve(config: Config) -> int:
             "needs a milter, a policy service, or both",
             file=sys.stderr,
         )
+        return EX_CONFIG
+    problem = loop_problem(config.event_loop)
+    if problem:
+        print(f"callahead: {problem}", file=sys.stderr)
         return EX_CONFIG
     logoutput.configure(config.log_level, sys.stderr)
     for warning in (helo_warning(config.helo_name), milter_exposure_warning(config)):

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..base.logfmt import HIDDEN, looks_like_credential
 from ..core.policy import TempfailAction
+from ..probing.loop import LoopKind
 from ..routing.postfixsettings import PostfixSettings
 from ..routing.routes import RouteTable
 from ..smtp.tls import TlsMode
@@ -60,6 +61,7 @@ class Config:
     metrics_listen: tuple[str, int] | None
     admin_socket: str
     log_level: int
+    event_loop: LoopKind
     probe_tls: TlsMode
     pool_size: int
     pool_idle: float

@@ -124,7 +124,7 @@ def serve(config: Config) -> int:
     sessions are closed with QUIT within ``SESSION_CLOSE_TIMEOUT``: about 12 s at most
     from signal to exit. A second signal exits at once (``_exit_on_second_signal``)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    loop = ProbeLoop()
+    loop = ProbeLoop(kind=config.event_loop)
     metrics = Metrics()
     parts = build_policy(config, loop, metrics)
     cache, engine = parts.cache, parts.engine
@@ -196,12 +196,13 @@ def serve(config: Config) -> int:
         monitor.start()
         log.info(
             "callahead listening: milter %s, policy service %s; routes: %s; metrics: %s; "
-            "shared cache: %s",
+            "shared cache: %s; event loop: %s",
             config.socket or "off",
             config.policy_listen or "off",
             parts.router.describe(),
             "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
             redact_url(config.redis_url) if config.redis_url else "off",
+            loop.implementation,
         )
         if config.dry_run:
             log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")

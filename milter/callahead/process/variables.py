@@ -11,6 +11,7 @@ from typing import Any
 
 from ..base.logfmt import redact_url
 from ..core.policy import TempfailAction
+from ..probing.loop import LoopKind
 from ..smtp.tls import TlsMode
 from .endpoints import METRICS, NETWORKS, OPTIONAL_LISTEN, RESOLVER, ROUTES, SOCKET
 from .parsers import (
@@ -261,6 +262,13 @@ VARIABLES: tuple[Variable, ...] = (
         "INFO",
         "DEBUG, INFO, WARNING or ERROR",
         kind=LOG_LEVEL,
+    ),
+    Variable(
+        "CALLAHEAD_EVENT_LOOP",
+        "asyncio",
+        "the probe loop's event loop: asyncio (its own) or uvloop (which must then be "
+        "installed; measured no faster)",
+        kind=choice(LoopKind, "expected asyncio or uvloop"),
     ),
     Variable(
         "CALLAHEAD_PROBE_TLS",

@@ -121,6 +121,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_METRICS_LISTEN",
         "CALLAHEAD_ADMIN_SOCKET",
         "CALLAHEAD_LOG_LEVEL",
+        "CALLAHEAD_EVENT_LOOP",
         "CALLAHEAD_PROBE_TLS",
         "CALLAHEAD_POOL_SIZE",
         "CALLAHEAD_POOL_IDLE",
