@@ -31,6 +31,8 @@ class Job:
     rcpts: tuple[str, ...]
     body: bytes | None = None
     """Sent with DATA when at least one recipient is accepted; None: QUIT after RCPT."""
+    source: str | None = None
+    """The client's own address (a 127.x.y.z of loopback); None: the system's choice."""
 
 
 @dataclass
@@ -104,7 +106,8 @@ async def session(port: int, job: Job, *, host: str = HOST) -> SessionResult:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(SESSION_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port)
+            local = None if job.source is None else (job.source, 0)
+            reader, writer = await asyncio.open_connection(host, port, local_addr=local)
             _expect("banner", await _reply(reader), 220)
             _expect("EHLO", await _command(reader, writer, f"EHLO {HELO}"), 250)
             _expect("MAIL", await _command(reader, writer, f"MAIL FROM:<{job.sender}>"), 250)
