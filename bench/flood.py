@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import statistics
 import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from tests.harness.waiting import wait_for
 
 from .smtpclient import Job, LoadResult, message_body, run_load
 from .stack import CALLAHEAD, GUARD, PLAIN, POLICY, PRIMARIES, VERIFY, Case, Stack, build_stack
-from .tools import LogCursor, cpu_seconds, rss_bytes
+from .tools import CLOCK_TICKS, LogCursor, cpu_seconds, rss_bytes
 
 SPEC = PRIMARIES[1]
 """b.test: the primary with Postfix's default in_flow_delay."""
@@ -64,6 +65,9 @@ class Figures:
     recipients: int = 0
     cpu: float = 0.0
     rss: int = 0
+    split: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """CPU seconds over the runs, by process group."""
+    seconds: float = 0.0
 
     def summary(self) -> dict[str, object]:
         def med(key: str) -> float:
@@ -96,7 +100,43 @@ class Figures:
                 round(self.cpu / self.recipients * 1e6) if self.cpu else None
             ),
             "callahead_rss_mib": round(self.rss / 2**20, 1) if self.rss else None,
+            "cpu_cores_used": {
+                who: round(spent / self.seconds, 2) for who, spent in self.split.items()
+            },
         }
+
+
+def tree_cpu(master: int | None) -> float:
+    """CPU seconds of a Postfix instance: its master, the children it reaped (cutime,
+    cstime) and the children still running."""
+    if master is None:
+        return 0.0
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == master:
+            total += sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
+        elif ppid == master:
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def cpu_snapshot(stack: Stack, case: Case) -> dict[str, float]:
+    """CPU seconds so far, by who spent them."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "callahead": cpu_seconds(stack.process(case)[1]),
+        "backup Postfix": tree_cpu(stack.backup.master_pid),
+        "primary Postfix": tree_cpu(stack.primaries[SPEC.domain].master_pid),
+        "load generator": usage.ru_utime + usage.ru_stime,
+    }
 
 
 def clients(n: int) -> list[str]:
@@ -132,18 +172,22 @@ def one_run(
     stack: Stack, case: Case, jobs: Sequence[Job], figures: Figures, args: argparse.Namespace
 ) -> None:
     primary_log = LogCursor(stack.primaries[SPEC.domain].maillog_path)
-    backup_log = LogCursor(stack.backup.maillog_path)
     probes_before = probes_total(stack, case)
     _, pid = stack.process(case)
     cpu_before = cpu_seconds(pid)
+    split_before = cpu_snapshot(stack, case)
     result: LoadResult = run_load(
         stack.port(case), jobs, concurrency=args.concurrency, deadline=args.deadline
     )
+    split_after = cpu_snapshot(stack, case)
+    for who, spent in split_after.items():
+        if who != "callahead" or case not in (PLAIN, VERIFY):
+            figures.split[who] += spent - split_before[who]
+    figures.seconds += result.seconds
     # The accepted messages delivered (to smtp-sink) and Postfix's own probes done.
     wait_for(lambda: stack.backup_queue_size() == 0, 120.0, 0.05, "the backup's queue")
     time.sleep(0.3)  # postlogd writes a moment after the fact
     figures.connections += primary_log.read_new().count(" connect from ")
-    backup_log.read_new()
     figures.probes += probes_total(stack, case) - probes_before
     if case not in (PLAIN, VERIFY):
         figures.cpu += cpu_seconds(pid) - cpu_before
@@ -186,6 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=20.0, help="seconds per run")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument(
+        "--callahead-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="a setting for the callahead of cases 2 and 2p",
+    )
+    parser.add_argument(
         "--case", action="append", choices=[c.key for c in CASES], help="only these cases"
     )
     args = parser.parse_args(argv)
@@ -196,7 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = clients(args.clients)
     figures = {case: Figures(case) for case in cases}
     started = time.monotonic()
-    with make_workdir() as workdir, build_stack(workdir, {SPEC.domain: USERS}) as stack:
+    with (
+        make_workdir() as workdir,
+        build_stack(
+            workdir, {SPEC.domain: USERS}, dict(x.split("=", 1) for x in args.callahead_env)
+        ) as stack,
+    ):
         for run in range(args.runs):
             shift = run % len(cases)
             for case in cases[shift:] + cases[:shift]:
