@@ -322,6 +322,39 @@ def phase_memory(report: Report) -> None:
         report.memory.append(json.loads(proc.stdout))
 
 
+EXTRAS = (
+    # name, argv after "python -m", timeout: each prints one JSON document
+    (
+        "policycpu",
+        ["bench.policycpu", "--rounds", "6", "--requests", "20000", "--case", "callahead:"],
+        600,
+    ),
+    ("livememory", ["bench.livememory", "1000000"], 600),
+    ("flood", ["bench.flood", "--runs", "3", "--sessions", "1000"], 1500),
+)
+"""The drivers that start their own processes (bench/policycpu.py, livememory.py,
+flood.py), run after the main stack is stopped."""
+
+
+def phase_extras(report: Report) -> None:
+    for name, argv, timeout in EXTRAS:
+        if not report.within_budget(name):
+            continue
+        log(f"{name}: python -m {' '.join(argv)}")
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            report.note(f"{name} failed: {proc.stderr.strip()[-400:]}")
+            continue
+        report.extras[name] = json.loads(proc.stdout)
+
+
 PHASES: tuple[tuple[str, Callable[[Stack, Settings, Report, PrimarySpec], None], str], ...] = (
     ("warm", phase_warm, "a"),
     ("cold", phase_cold, "a"),

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tests.harness.postfix import POSTCONF
 
@@ -514,6 +514,56 @@ class Target:
         ]
 
 
+def _extra(
+    name: str, pick: Callable[[Any], list[tuple[str, float | None]]], unit: str = ""
+) -> Figure:
+    """A figure from one of the separate drivers' JSON (``Report.extras``): ``pick``
+    gives (where, value) pairs; none when the driver did not run."""
+
+    def read(report: Report) -> list[Reading]:
+        data = report.extras.get(name)
+        if data is None:
+            return []
+        return [
+            Reading(where, value, "-" if value is None else f"{value:g}{unit}")
+            for where, value in pick(data)
+        ]
+
+    return Figure(read, lambda threshold: f"{threshold:g}{unit}")
+
+
+def _policy_cpu(server: str, key: str) -> Callable[[Any], list[tuple[str, float | None]]]:
+    def pick(data: Any) -> list[tuple[str, float | None]]:
+        return [("", float(x[key])) for x in data if x["server"] == server]
+
+    return pick
+
+
+def _flood(key: str, cases: Sequence[str]) -> Callable[[Any], list[tuple[str, float | None]]]:
+    def pick(data: Any) -> list[tuple[str, float | None]]:
+        out: list[tuple[str, float | None]] = []
+        for entry in data["cases"]:
+            label = str(entry["case"]).split(" ", 1)[0]
+            if label in cases:
+                value = entry[key]
+                out.append((f" ({entry['case']})", None if value is None else float(value)))
+        return out
+
+    return pick
+
+
+def _flood_made_up_250(data: Any) -> list[tuple[str, float | None]]:
+    return [
+        (f" ({e['case']})", float(e["unknown_replies"].get("250", 0)))
+        for e in data["cases"]
+        if str(e["case"]).split(" ", 1)[0] in ("2g", "2", "2p")
+    ]
+
+
+def _live_memory(data: Any) -> list[tuple[str, float | None]]:
+    return [("", float(data["bytes_per_address"]))]
+
+
 TARGETS = (
     Target(
         name="warm msg/s, policy service (2p), {bound} of plain Postfix{where}",
@@ -583,6 +633,44 @@ TARGETS = (
         comparison="≤",
         threshold=400,
     ),
+    Target(
+        name="warm policy service CPU per request (bench.policycpu), {bound}",
+        figure=_extra("policycpu", _policy_cpu("callahead", "cpu_us_per_request"), " µs"),
+        comparison="≤",
+        threshold=40.0,
+    ),
+    Target(
+        name="(for comparison) do-nothing policy service CPU per request (bench.policycpu)",
+        figure=_extra("policycpu", _policy_cpu("trivial", "cpu_us_per_request"), " µs"),
+    ),
+    Target(
+        name="(for comparison) warm policy service CPU per request, of the do-nothing one's",
+        figure=_extra("policycpu", _policy_cpu("callahead", "cpu_of_trivial")),
+    ),
+    Target(
+        name="flood sessions/s {bound} of plain Postfix{where}",
+        figure=_extra("flood", _flood("sessions_of_plain", ("2g", "2", "2p"))),
+        comparison="≥",
+        threshold=0.9,
+    ),
+    Target(
+        name="flood: made-up recipients answered 250 while the primary is up {bound}{where}",
+        figure=_extra("flood", _flood_made_up_250),
+        comparison="≤",
+        threshold=0.0,
+    ),
+    Target(
+        name="flood: new primary connections per 50 probes {bound}{where}",
+        figure=_extra("flood", _flood("primary_connections_per_50_probes", ("2g", "2", "2p"))),
+        comparison="≤",
+        threshold=1.0,
+    ),
+    Target(
+        name="RSS per cached address of a running serve at 1,000,000 (bench.livememory) {bound}",
+        figure=_extra("livememory", _live_memory, " B"),
+        comparison="≤",
+        threshold=400.0,
+    ),
 )
 """The benchmark's targets, in the order of the report, with the figures shown beside
 them for comparison."""
@@ -595,6 +683,95 @@ def render_targets(report: Report) -> list[str]:
         "",
         *table(["target", "measured", "met"], rows),
     ]
+
+
+def render_extras(report: Report) -> list[str]:
+    """The separate drivers' figures (bench/README.md says how each measures)."""
+    out: list[str] = []
+    cpu = report.extras.get("policycpu")
+    if cpu:
+        out += [
+            "## CPU per warm policy request, straight to the service",
+            "",
+            "`python -m bench.policycpu`: Postfix 3.7's request, every recipient cached, 10 kept "
+            "connections, servers in a rotating order; each server's own CPU per request.",
+            "",
+            *table(
+                [
+                    "server",
+                    "CPU per request, median [range]",
+                    "of the do-nothing one's",
+                    "requests/s",
+                ],
+                [
+                    [
+                        str(x["server"]),
+                        f"{x['cpu_us_per_request']} µs [{x['cpu_us_range'][0]}-"
+                        f"{x['cpu_us_range'][1]}]",
+                        str(x["cpu_of_trivial"]),
+                        str(x["requests_per_s"]),
+                    ]
+                    for x in cpu
+                ],
+            ),
+            "",
+        ]
+    flood = report.extras.get("flood")
+    if flood:
+        settings = flood["settings"]
+        out += [
+            "## Flood: a dictionary attack",
+            "",
+            f"`python -m bench.flood`: {settings['concurrency']} concurrent sessions from "
+            f"{settings['clients']} client addresses, {settings['rcpts']} recipients each, "
+            f"{settings['real']:.0%} real users, the rest made-up; {settings['sessions']} "
+            f"sessions per run and case, {settings['runs']} runs; the primary b.test (Postfix "
+            "defaults). Sessions per second is the rate to compare (a session with no real "
+            "recipient sends no message).",
+            "",
+            *table(
+                [
+                    "case",
+                    "sessions/s (of plain)",
+                    "RCPT p50 / p99",
+                    "made-up answered",
+                    "real answered",
+                    "probes per recipient",
+                    "new connections per 50 probes",
+                    "callahead CPU per recipient",
+                    "cores used",
+                ],
+                [
+                    [
+                        str(e["case"]),
+                        f"{e['sessions_per_s']} ({e['sessions_of_plain']})",
+                        f"{e['rcpt_p50_ms']} / {e['rcpt_p99_ms']} ms",
+                        ", ".join(f"{k}: {v}" for k, v in e["unknown_replies"].items()),
+                        ", ".join(f"{k}: {v}" for k, v in e["real_replies"].items()),
+                        str(e["probes_per_recipient"]),
+                        str(e["primary_connections_per_50_probes"] or "-"),
+                        "-"
+                        if e["callahead_cpu_us_per_recipient"] is None
+                        else f"{e['callahead_cpu_us_per_recipient']} µs",
+                        ", ".join(f"{k} {v}" for k, v in e["cpu_cores_used"].items()),
+                    ]
+                    for e in flood["cases"]
+                ],
+            ),
+            "",
+        ]
+    live = report.extras.get("livememory")
+    if live:
+        out += [
+            "## A running serve holding cached addresses",
+            "",
+            f"`python -m bench.livememory`: {live['addresses']} addresses loaded from a cache "
+            f"file: RSS {fmt_bytes(live['rss_full'])} against {fmt_bytes(live['rss_empty'])} "
+            f"with none, **{live['bytes_per_address']} B per address** (loaded in "
+            f"{live['load_seconds']} s).",
+            "",
+        ]
+    return out
 
 
 def render(report: Report, env: list[str]) -> str:
@@ -637,6 +814,7 @@ def render(report: Report, env: list[str]) -> str:
     out += [*render_connections(report), ""]
     out += [*render_cpu(report), ""]
     out += [*render_memory(report), ""]
+    out += render_extras(report)
     out += [
         "## Method notes",
         "",

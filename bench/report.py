@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .plan import Settings
 from .stack import (
@@ -93,6 +94,8 @@ class Report:
     latency: list[Latency] = field(default_factory=list)
     memory: list[dict[str, object]] = field(default_factory=list)
     live_memory: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    """The separate drivers' JSON, by name: ``policycpu``, ``livememory``, ``flood``."""
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     setup_seconds: float = 0.0

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from tests.harness.fixtures import make_workdir
 
-from .phases import PHASES, drain, log, phase_memory
+from .phases import PHASES, drain, log, phase_extras, phase_memory
 from .plan import parse_args, primary_users
 from .render import environment, render
 from .report import Report, loadavg
@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "rss": float(rss_bytes(stack.callahead_pid)),
                     "entries": stack.callahead.samples().get(("callahead_cache_entries", ()), 0.0),
                 }
-                report.load_end = loadavg()
                 log("stopping the stack")
+            phase_extras(report)
+            report.load_end = loadavg()
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
         return 130

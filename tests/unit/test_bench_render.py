@@ -124,7 +124,69 @@ def sample_report(*, fast: bool) -> Report:
     report.live_memory = {"rss": 5e7, "entries": 1234}
     report.notes.append("something happened")
     report.skipped.append("latency b.test verify")
+    report.extras["policycpu"] = [
+        {
+            "server": "callahead",
+            "cpu_us_per_request": 35.0 if fast else 70.0,
+            "cpu_us_range": [30.0, 80.0],
+            "requests_per_s": 14000,
+            "rate_of_trivial": 0.6,
+            "cpu_of_trivial": 1.5,
+        },
+        {
+            "server": "trivial",
+            "cpu_us_per_request": 40.0,
+            "cpu_us_range": [36.0, 50.0],
+            "requests_per_s": 23000,
+            "rate_of_trivial": 1.0,
+            "cpu_of_trivial": 1.0,
+        },
+    ]
+    report.extras["flood"] = {
+        "settings": {
+            "runs": 3,
+            "sessions": 1000,
+            "concurrency": 50,
+            "clients": 500,
+            "rcpts": 4,
+            "real": 0.1,
+        },
+        "cases": [flood_case(name, fast) for name in FLOOD_CASES],
+    }
+    report.extras["livememory"] = {
+        "addresses": 1000000,
+        "rss_empty": 44 * 2**20,
+        "rss_full": 350 * 2**20,
+        "bytes_per_address": 320.0 if fast else 420.0,
+        "load_seconds": 7.6,
+    }
     return report
+
+
+FLOOD_CASES = (
+    "1 plain Postfix",
+    "2g callahead, default client guard",
+    "2 callahead",
+    "2p callahead policy service",
+    "3 reject_unverified_recipient",
+)
+
+
+def flood_case(name: str, fast: bool) -> dict[str, object]:
+    verified = name.split(" ")[0] in ("2g", "2", "2p")
+    return {
+        "case": name,
+        "sessions_per_s": 400.0,
+        "sessions_of_plain": 1.0 if name.startswith("1 ") or fast else 0.4,
+        "rcpt_p50_ms": 50.0,
+        "rcpt_p99_ms": 100.0,
+        "unknown_replies": {"550": 900} if fast or not verified else {"550": 899, "250": 1},
+        "real_replies": {"250": 100},
+        "probes_per_recipient": 0.9 if verified else 0.0,
+        "primary_connections_per_50_probes": (0.5 if fast else 5.5) if verified else None,
+        "callahead_cpu_us_per_recipient": 600 if verified else None,
+        "cpu_cores_used": {"backup Postfix": 0.7, "load generator": 0.2},
+    }
 
 
 def tables(text: str) -> list[list[str]]:
@@ -154,7 +216,7 @@ def targets_rows(text: str) -> dict[str, str]:
 def test_every_table_is_well_formed(fast: bool) -> None:
     text = render(sample_report(fast=fast), ENV)
     found = tables(text)
-    assert len(found) == 6
+    assert len(found) == 8
     for lines in found:
         width = len(cells(lines[0]))
         assert lines[1] == "|" + "---|" * width
@@ -166,10 +228,10 @@ def test_every_table_is_well_formed(fast: bool) -> None:
 def test_targets_are_judged(fast: bool) -> None:
     rows = targets_rows(render(sample_report(fast=fast), ENV))
     judged = {name: met for name, met in rows.items() if not name.startswith("(for comparison)")}
-    assert len(judged) == 14, judged
+    assert len(judged) == 25, judged
     assert set(judged.values()) == {"yes" if fast else "**no**"}, judged
     context = [met for name, met in rows.items() if name.startswith("(for comparison)")]
-    assert len(context) == 9 and set(context) == {""}
+    assert len(context) == 11 and set(context) == {""}
 
 
 def test_every_target_is_in_the_report() -> None:
