@@ -101,9 +101,16 @@ class BufferedHandler(logging.Handler):
         try:
             self._stream.write(text)
             self._stream.flush()
-        except (OSError, ValueError):
-            # Kept for the next flush (a closed stream, ValueError, at exit has nobody to
-            # tell), up to KEPT_LIMIT: then the oldest go, counted.
+        except ValueError:
+            # A closed stream (at exit) or text it cannot take: trying again would fail
+            # the same way, and hold back every later line.
+            self._lost += len(self._waiting)
+            self._waiting.clear()
+            self._size = 0
+            return
+        except OSError:
+            # Kept for the next flush (a full or broken pipe may recover), up to
+            # KEPT_LIMIT: then the oldest go, counted.
             while self._size > KEPT_LIMIT and self._waiting:
                 self._size -= len(self._waiting.pop(0)) + 1
                 self._lost += 1

@@ -260,7 +260,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CALLAHEAD_LOG_LEVEL",
         "INFO",
-        "DEBUG, INFO, WARNING or ERROR",
+        "DEBUG, INFO, WARNING or ERROR (from INFO up, lines are written in batches within "
+        "0.2 s, warnings at once; at DEBUG each at once)",
         kind=LOG_LEVEL,
     ),
     Variable(

@@ -18,16 +18,20 @@ from tests.harness.waiting import wait_for
 
 
 class CountingStream(io.StringIO):
-    """A stream that counts its writes, and fails them while ``broken``."""
+    """A stream that counts its writes, and fails them while ``broken`` (OSError) or
+    ``unwritable`` (ValueError, as an encoding error or a closed stream raises)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
         self.broken = False
+        self.unwritable = False
 
     def write(self, text: str) -> int:
         if self.broken:
             raise BrokenPipeError("journal gone")
+        if self.unwritable:
+            raise UnicodeEncodeError("ascii", text, 0, 1, "not ascii")
         self.writes += 1
         return super().write(text)
 
@@ -170,3 +174,18 @@ def test_the_time_stamp_is_the_standard_one() -> None:
     record.created += 1.5
     record.msecs = 500.0
     assert SecondFormatter().formatTime(record) == logging.Formatter().formatTime(record)
+
+
+def test_text_the_stream_cannot_take_does_not_hold_back_later_lines(
+    logger: logging.Logger, stream: CountingStream
+) -> None:
+    handler = attach(logger, BufferedHandler(stream, delay=3600))
+    stream.unwritable = True
+    logger.info("cannot go")
+    handler.flush()  # ValueError: dropped, counted
+    stream.unwritable = False
+    logger.info("later")
+    handler.flush()
+    assert stream.getvalue() == (
+        "1 log line(s) lost: standard error could not be written\nINFO later\n"
+    )
