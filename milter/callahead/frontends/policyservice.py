@@ -147,11 +147,17 @@ class RequestReader:
     def _take(self) -> PolicyRequest | None:
         """A complete request cut from the buffer, if there is one."""
         buffer = self._buffer
-        while buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
-            cut = 1 if buffer[:1] == b"\n" else 2
-            self._skipped += cut
-            buffer = buffer[cut:]
-        self._buffer = buffer
+        skip = 0  # empty lines before the request, cut once (not a copy per line)
+        while True:
+            if buffer.startswith(b"\n", skip):
+                skip += 1
+            elif buffer.startswith(b"\r\n", skip):
+                skip += 2
+            else:
+                break
+        if skip:
+            self._skipped += skip
+            buffer = self._buffer = buffer[skip:]
         end, size = buffer.find(b"\n\n"), 2
         crlf = buffer.find(b"\n\r\n")
         if crlf >= 0 and (end < 0 or crlf < end):
