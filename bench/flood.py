@@ -63,7 +63,6 @@ class Figures:
     probes: float = 0.0
     connections: int = 0
     recipients: int = 0
-    cpu: float = 0.0
     rss: int = 0
     split: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     """CPU seconds over the runs, by process group."""
@@ -97,7 +96,9 @@ class Figures:
                 round(50 * self.connections / self.probes, 2) if self.probes else None
             ),
             "callahead_cpu_us_per_recipient": (
-                round(self.cpu / self.recipients * 1e6) if self.cpu else None
+                round(self.split["callahead"] / self.recipients * 1e6)
+                if "callahead" in self.split
+                else None
             ),
             "callahead_rss_mib": round(self.rss / 2**20, 1) if self.rss else None,
             "cpu_cores_used": {
@@ -173,8 +174,6 @@ def one_run(
 ) -> None:
     primary_log = LogCursor(stack.primaries[SPEC.domain].maillog_path)
     probes_before = probes_total(stack, case)
-    _, pid = stack.process(case)
-    cpu_before = cpu_seconds(pid)
     split_before = cpu_snapshot(stack, case)
     result: LoadResult = run_load(
         stack.port(case), jobs, concurrency=args.concurrency, deadline=args.deadline
@@ -189,8 +188,6 @@ def one_run(
     time.sleep(0.3)  # postlogd writes a moment after the fact
     figures.connections += primary_log.read_new().count(" connect from ")
     figures.probes += probes_total(stack, case) - probes_before
-    if case not in (PLAIN, VERIFY):
-        figures.cpu += cpu_seconds(pid) - cpu_before
     messages = sum(1 for s in result.sessions if s.data_code == 250)
     figures.runs.append(
         {

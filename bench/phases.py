@@ -303,23 +303,32 @@ def phase_latency(stack: Stack, settings: Settings, report: Report, spec: Primar
         )
 
 
+def _run_json(report: Report, what: str, argv: list[str], timeout: float) -> object | None:
+    """``python -m ARGV`` from the repository root: the JSON document it prints, or None
+    (noted in the report) when it fails."""
+    log(f"{what}: python -m {' '.join(argv)}")
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        report.note(f"{' '.join(argv)} failed: {proc.stderr.strip()[-400:]}")
+        return None
+    found: object = json.loads(proc.stdout)
+    return found
+
+
 def phase_memory(report: Report) -> None:
     for n in (100_000, 1_000_000):
         if not report.within_budget(f"memory with {n} addresses"):
             return
-        log(f"memory: positive cache with {n} addresses (python -m bench.memory {n})")
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.memory", str(n)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if proc.returncode != 0:
-            report.note(f"bench.memory {n} failed: {proc.stderr.strip()[-400:]}")
-            continue
-        report.memory.append(json.loads(proc.stdout))
+        found = _run_json(report, "memory: positive cache", ["bench.memory", str(n)], 180)
+        if isinstance(found, dict):
+            report.memory.append(found)
 
 
 EXTRAS = (
@@ -340,19 +349,9 @@ def phase_extras(report: Report) -> None:
     for name, argv, timeout in EXTRAS:
         if not report.within_budget(name):
             continue
-        log(f"{name}: python -m {' '.join(argv)}")
-        proc = subprocess.run(
-            [sys.executable, "-m", *argv],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            report.note(f"{name} failed: {proc.stderr.strip()[-400:]}")
-            continue
-        report.extras[name] = json.loads(proc.stdout)
+        found = _run_json(report, name, argv, timeout)
+        if found is not None:
+            report.extras[name] = found
 
 
 PHASES: tuple[tuple[str, Callable[[Stack, Settings, Report, PrimarySpec], None], str], ...] = (

@@ -128,6 +128,15 @@ def test_service_manager_protocol_and_watchdog(workdir: Path) -> None:
             process.stop()
 
 
+def _policy_ask(port: int, recipient: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+            + f"recipient={recipient}\nclient_address=192.0.2.9\n\n".encode()
+        )
+        return conn.recv(4096)
+
+
 def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdir: Path) -> None:
     """CALLAHEAD_SOCKET empty: no milter, no libmilter thread; the policy service alone
     answers, and SIGTERM stops it at once (no libmilter wind-down)."""
@@ -142,13 +151,7 @@ def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdi
     process.start()
     try:
         stranger = stack.new_address()
-        with socket.create_connection(("127.0.0.1", process.policy_port), timeout=10) as conn:
-            conn.sendall(
-                b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
-                + f"recipient={stranger}\nclient_address=192.0.2.9\n\n".encode()
-            )
-            answer = conn.recv(4096)
-        assert answer == b"action=550 5.1.1 User unknown\n\n"
+        assert _policy_ask(process.policy_port, stranger) == b"action=550 5.1.1 User unknown\n\n"
         assert stack.primary.probes_for(stranger) == 1
         assert "milter off" in process.log()
         assert not accepts(process.milter_port)
@@ -165,15 +168,6 @@ def test_the_policy_service_alone_answers_and_stops_cleanly(stack: Stack, workdi
         assert "callahead stopped" in process.log()
     finally:
         process.stop()
-
-
-def _policy_ask(port: int, recipient: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(
-            b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
-            + f"recipient={recipient}\nclient_address=192.0.2.9\n\n".encode()
-        )
-        return conn.recv(4096)
 
 
 @pytest.mark.parametrize("stop", ["one signal", "two signals"])
