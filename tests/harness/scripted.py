@@ -16,7 +16,8 @@ DATA with dot-stuffing removed), so a Postfix backup can deliver to it.
 
 It records every command line exactly as received (``Command.raw``: the bytes, split
 at LF only, so that a bare LF smuggled into a command shows up as a line of its own),
-whether it arrived over TLS, and the reply it got: over all sessions in order
+whether it arrived over TLS, whether it was pipelined (sent before the reply to the
+command before it), and the reply it got: over all sessions in order
 (``commands``, ``lines``, ``count``) and per connection (``sessions``, with whether the
 connection is closed yet); and every message (``messages``, ``mailbox``). Each line is
 recorded before it is answered, so a client that has its reply finds it recorded.
@@ -182,6 +183,9 @@ class Command:
     tls: bool
     """Whether the line arrived over TLS."""
     reply: str | None
+    pipelined: bool = False
+    """The line had arrived before the server answered the command before it: the client
+    sent it without waiting for that reply (RFC 2920 pipelining)."""
 
     @property
     def line(self) -> str:
@@ -371,6 +375,7 @@ class _Dialogue:
         self._greeted = False
         self._sender: str | None = None  # set once MAIL was accepted
         self._recipients: list[str] = []
+        self._ahead = False  # input was waiting when the last reply was sent
 
     async def run(self) -> None:
         try:
@@ -404,7 +409,8 @@ class _Dialogue:
             await self._dispatch(_decode(raw), index)
 
     def _record(self, raw: bytes) -> int:
-        return self._owner._record(Command(self._number, raw, self._tls, None))
+        ahead, self._ahead = self._ahead, False
+        return self._owner._record(Command(self._number, raw, self._tls, None, ahead))
 
     async def _script_after_delay(self, verb: str) -> Script:
         """The script, read again after the ``delay`` it sets for ``verb``, if any."""
@@ -427,6 +433,9 @@ class _Dialogue:
         await self._error_sleep(script)
         # Recorded before it is sent: a client that has read the reply must find it here.
         self._owner._set_reply(index, "\n".join(_reply_lines(reply)))
+        # Bytes the client sent before it could read this reply (the stream's buffer:
+        # what the loop has read from the socket so far).
+        self._ahead = bool(self._reader._buffer)  # type: ignore[attr-defined]
         await self._send(reply)
         if reply.startswith("421"):
             raise _Close

@@ -160,7 +160,40 @@ def sample_report(*, fast: bool) -> Report:
         "bytes_per_address": 320.0 if fast else 420.0,
         "load_seconds": 7.6,
     }
+    report.extras["firstcontact"] = {
+        "settings": {"rounds": 3, "samples": 100},
+        "primary": "a.test",
+        "cases": [
+            {
+                "case": name,
+                "sessions": sessions,
+                "kind": kind,
+                "samples": 300,
+                "p50_ms": 3.0,
+                "p99_ms": 8.0 if fast else 20.0,
+                "p99_ms_rounds": [7.0, 8.0, 9.0],
+                "replies": {"250": 300} if kind == "valid" else {"550": 300},
+                "primary_connections_per_100_probes": None if name.startswith("1 ") else 5.5,
+            }
+            for name in FIRST_CONTACT_CASES
+            for sessions in (1, 10, 50)
+            for kind in ("valid", "unknown")
+        ],
+        "cpu_ms_per_session": {
+            f"{name.split(' ')[0]} {sessions}": {"callahead": 0.8, "backup Postfix": 1.1}
+            for name in FIRST_CONTACT_CASES
+            for sessions in (1, 10, 50)
+        },
+    }
     return report
+
+
+FIRST_CONTACT_CASES = (
+    "1 plain Postfix",
+    "2 callahead",
+    "2p callahead policy service",
+    "2n callahead, no pipelining",
+)
 
 
 FLOOD_CASES = (
@@ -216,7 +249,7 @@ def targets_rows(text: str) -> dict[str, str]:
 def test_every_table_is_well_formed(fast: bool) -> None:
     text = render(sample_report(fast=fast), ENV)
     found = tables(text)
-    assert len(found) == 8
+    assert len(found) == 10
     for lines in found:
         width = len(cells(lines[0]))
         assert lines[1] == "|" + "---|" * width
@@ -228,10 +261,10 @@ def test_every_table_is_well_formed(fast: bool) -> None:
 def test_targets_are_judged(fast: bool) -> None:
     rows = targets_rows(render(sample_report(fast=fast), ENV))
     judged = {name: met for name, met in rows.items() if not name.startswith("(for comparison)")}
-    assert len(judged) == 25, judged
+    assert len(judged) == 29, judged
     assert set(judged.values()) == {"yes" if fast else "**no**"}, judged
     context = [met for name, met in rows.items() if name.startswith("(for comparison)")]
-    assert len(context) == 11 and set(context) == {""}
+    assert len(context) == 15 and set(context) == {""}
 
 
 def test_every_target_is_in_the_report() -> None:

@@ -108,7 +108,12 @@ class ProbeEngine:
         self._observer: EngineObserver = observer if observer is not None else Unobserved()
         tls_context = unverified_tls_context() if settings.tls is not TlsMode.NONE else None
         session_settings = SessionSettings(
-            settings.helo_name, settings.sender, settings.tls, tls_context, settings.transcript
+            settings.helo_name,
+            settings.sender,
+            settings.tls,
+            tls_context,
+            settings.transcript,
+            settings.pipelining,
         )
         self._judged = LastJudged(settings.pool_max_age)
         self._slots = asyncio.Semaphore(settings.max_probes)

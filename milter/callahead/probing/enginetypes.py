@@ -33,6 +33,8 @@ class EngineSettings:
     """Record the SMTP dialogue (``callahead probe --explain`` only)."""
     primary_rate: float = 0.0
     """Probes per second each primary may get (a token bucket); 0: unlimited."""
+    pipelining: bool = True
+    """Pipeline where the primary offers PIPELINING (session.py, pool.py)."""
 
     @property
     def longest_answer(self) -> float:

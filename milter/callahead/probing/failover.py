@@ -172,7 +172,7 @@ class Failover:
         session that gave it (None: no session was had)."""
         pool = primary.pool
         session: Session | None = None
-        lost_retry = sender_retry = False
+        lost_retry = sender_retry = queued = False
         try:
             async with asyncio.timeout(budget):
                 while True:
@@ -180,10 +180,12 @@ class Failover:
                     session = await pool.acquire(
                         hop, opened_after=self._judged.since(address), avoid=tried
                     )
+                    mark: int | None = None
                     try:
                         reused = session.opened
                         if not reused:
                             await session.open()
+                        mark = session.answered
                         result = await session.rcpt(address, started)
                     except SessionLost as exc:
                         if not reused or lost_retry:
@@ -202,7 +204,14 @@ class Failover:
                         pool.reap(drop_all=True)
                         continue
                     except BaseException:
-                        session.close()
+                        # Given up (the deadline, a cancellation). Behind other probes on
+                        # a shared session that the primary keeps answering, only this
+                        # probe waited too long: the others keep the session.
+                        queued = mark is not None and session.queued_behind(mark)
+                        if queued:
+                            session.drain()
+                        else:
+                            session.close()
                         raise
                     finally:
                         pool.release(session)
@@ -225,6 +234,18 @@ class Failover:
                         "no free session in time",
                         time.monotonic() - started,
                         str(hop),
+                    )
+                ) from None
+            if queued:
+                # Slow, not down: the breaker is not moved.
+                raise Queued(
+                    ProbeResult(
+                        Verdict.TEMPFAIL,
+                        Stage.RCPT,
+                        None,
+                        f"no reply within {budget:.3g}s, behind other probes on a shared session",
+                        time.monotonic() - started,
+                        str(session.hop),
                     )
                 ) from None
             return session.timed_out(budget, started), session

@@ -1,8 +1,19 @@
 """Open probe sessions to one primary, reused from probe to probe.
 
 At most ``size`` sessions exist at once; a probe takes an idle one (the most recently
-used first) or opens a new one, and waits when all are busy. Sessions idle for
-``idle`` seconds are closed before a typical server's idle timeout closes them.
+used first), else opens a new one, else shares a busy one (below), and waits when none
+of these is possible. Sessions idle for ``idle`` seconds are closed before a typical
+server's idle timeout closes them.
+
+**Shared sessions (pipelining).** A session to a primary that offers PIPELINING carries
+up to ``PIPELINE_DEPTH`` probes at once (``joinable``): a probe that finds the
+pool full and no session idle joins a busy one (the least shared first) and sends its
+RCPT behind the ones in flight, rather than waiting for one to finish. The pool still
+opens its ``size`` sessions first, so that a primary works on as many probes at once as
+before (a reply that waits, as an accepted RCPT for an inflow token, holds up only the
+probes behind it on its session). A session is shared only once the primary accepted
+its sender, only while even a refusal of every probe on it would keep it within its
+error budget, and only when opened after the probe's address was last judged.
 
 **One pool per primary, not per address.** A primary named by its MX host (a large MX
 pool such as Microsoft 365's hands out other addresses at every lookup) has sessions to
@@ -26,10 +37,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 
 from ..routing.routes import Nexthop
-from ..smtp.session import Session
+from ..smtp.session import ERROR_BUDGET, MAX_RCPTS_PER_SESSION, MAX_RSETS_PER_SESSION, Session
+
+PIPELINE_DEPTH = 8
+"""Probes that may share one session of a primary that offers PIPELINING."""
+
+
+def joinable(session: Session) -> bool:
+    """One more probe may share ``session`` now: the primary offers PIPELINING and has
+    accepted the session's sender, and even if every probe on it (this one too) were
+    refused, the session would stay within ``ERROR_BUDGET`` and its recipient and RSET
+    limits."""
+    holders = session.holders
+    return (
+        session.pipelining
+        and session.sender_accepted
+        and 0 < holders < PIPELINE_DEPTH
+        and session.reusable
+        and session.errors + holders < ERROR_BUDGET
+        and session.rcpts + holders < MAX_RCPTS_PER_SESSION
+        and session.rsets + holders < MAX_RSETS_PER_SESSION
+    )
 
 
 class SessionPool:
@@ -46,15 +78,16 @@ class SessionPool:
         self._idle_limit = idle
         self._max_age = max_age
         self._size = size
-        self._slots = asyncio.Semaphore(size)
         self._idle: list[Session] = []
-        self._busy = 0
+        self._busy: list[Session] = []
+        """Sessions held by at least one probe (opened, or being opened)."""
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._on_open = on_open
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def open_sessions(self) -> int:
-        return self._busy + len(self._idle)
+        return len(self._busy) + len(self._idle)
 
     def _usable(self, session: Session, now: float) -> bool:
         return (
@@ -71,49 +104,103 @@ class SessionPool:
         avoid: Collection[Nexthop] = (),
     ) -> Session:
         """An open session opened after ``opened_after`` (monotonic time) to an address
-        not in ``avoid`` (one to ``hop`` first), or a new unopened one to ``hop`` (the
-        caller opens it). Waits for a free slot; cancel the wait to give up."""
-        await self._slots.acquire()
-        self._busy += 1
-        try:
-            now = time.monotonic()
-            chosen: int | None = None
-            for index in range(len(self._idle) - 1, -1, -1):
-                session = self._idle[index]
-                if not self._usable(session, now):
-                    del self._idle[index]
-                    self._retire_session(session)
-                    if chosen is not None:
-                        chosen -= 1
-                elif (
-                    session.created > opened_after
-                    and session.hop not in avoid
-                    and (chosen is None or (session.hop == hop != self._idle[chosen].hop))
-                ):
-                    chosen = index
-            if chosen is not None:
-                return self._idle.pop(chosen)
-            if self._idle and self._busy + len(self._idle) > self._size:
-                # Only sessions too old for this address, or to addresses already
-                # tried, are idle: make room.
-                self._retire_session(self._idle.pop(0))
+        not in ``avoid`` (one to ``hop`` first): an idle one, else a shared one; or a new
+        unopened one to ``hop`` (the caller opens it). Waits for
+        one of these; cancel the wait to give up. Every session acquired is released."""
+        while True:
+            session = self._take(hop, opened_after, avoid)
+            if session is not None:
+                return session
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+
+    def _take(
+        self, hop: Nexthop, opened_after: float, avoid: Collection[Nexthop]
+    ) -> Session | None:
+        now = time.monotonic()
+        chosen: int | None = None
+        for index in range(len(self._idle) - 1, -1, -1):
+            session = self._idle[index]
+            if not self._usable(session, now):
+                del self._idle[index]
+                self._retire_session(session)
+                if chosen is not None:
+                    chosen -= 1
+            elif (
+                session.created > opened_after
+                and session.hop not in avoid
+                and (chosen is None or (session.hop == hop != self._idle[chosen].hop))
+            ):
+                chosen = index
+        if chosen is not None:
+            return self._hold(self._idle.pop(chosen))
+        if self.open_sessions < self._size:
             self._on_open()
-            return self._factory(hop)
-        except BaseException:
-            self._busy -= 1
-            self._slots.release()
-            raise
+            return self._hold(self._factory(hop))
+        shared = self._shared(hop, opened_after, avoid, now)
+        if shared is not None:
+            shared.holders += 1
+            return shared
+        if self._idle:
+            # Only sessions too old for this address, or to addresses already tried,
+            # are idle: make room.
+            self._retire_session(self._idle.pop(0))
+            self._on_open()
+            return self._hold(self._factory(hop))
+        return None
+
+    def _shared(
+        self, hop: Nexthop, opened_after: float, avoid: Collection[Nexthop], now: float
+    ) -> Session | None:
+        """The busy session a probe may share: one to ``hop`` first, the least shared."""
+        best: Session | None = None
+        for session in self._busy:
+            if (
+                joinable(session)
+                and session.created > opened_after
+                and now - session.created < self._max_age
+                and session.hop not in avoid
+                and (
+                    best is None
+                    or (session.hop == hop, -session.holders) > (best.hop == hop, -best.holders)
+                )
+            ):
+                best = session
+        return best
+
+    def _hold(self, session: Session) -> Session:
+        session.holders = 1
+        session.on_joinable = self._wake
+        self._busy.append(session)
+        return session
 
     def release(self, session: Session) -> None:
-        """Give a session back: kept if still reusable, retired otherwise."""
-        self._busy -= 1
-        self._slots.release()
-        now = time.monotonic()
-        if session.reusable and now - session.created < self._max_age:
-            session.last_used = now
-            self._idle.append(session)
-        else:
-            self._retire_session(session)
+        """Give a session back: once its last probe is done, kept if still reusable,
+        retired otherwise."""
+        session.holders -= 1
+        if session.holders <= 0:
+            session.holders = 0
+            self._busy.remove(session)
+            now = time.monotonic()
+            if session.reusable and now - session.created < self._max_age:
+                session.last_used = now
+                self._idle.append(session)
+            else:
+                self._retire_session(session)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Let the waiting probes look again, in the order they came."""
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _retire_session(self, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(session.quit())
@@ -130,7 +217,9 @@ class SessionPool:
                 keep.append(session)
             else:
                 self._retire_session(session)
-        self._idle = keep
+        if len(keep) < len(self._idle):
+            self._idle = keep
+            self._wake()
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -51,6 +51,7 @@ def engine_settings(config: Config, *, transcript: bool = False) -> EngineSettin
         sender=config.probe_sender,
         timeout=config.probe_timeout,
         tls=config.probe_tls,
+        pipelining=config.probe_pipelining,
         fallback_sender=config.probe_fallback_sender,
         transcript=transcript,
     )

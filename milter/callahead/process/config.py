@@ -63,6 +63,7 @@ class Config:
     log_level: int
     event_loop: LoopKind
     probe_tls: TlsMode
+    probe_pipelining: bool
     pool_size: int
     pool_idle: float
     pool_max_age: float

@@ -279,6 +279,14 @@ VARIABLES: tuple[Variable, ...] = (
         kind=choice(TlsMode, "expected none, may or encrypt"),
     ),
     Variable(
+        "CALLAHEAD_PROBE_PIPELINING",
+        "yes",
+        "yes: where the primary offers PIPELINING, send a probe's MAIL FROM and RCPT TO in "
+        "one write and let up to 8 concurrent probes share a session; no: one command, "
+        "then its reply",
+        kind=YES_NO,
+    ),
+    Variable(
         "CALLAHEAD_POOL_SIZE",
         "4",
         "open probe sessions kept per primary (1-100)",

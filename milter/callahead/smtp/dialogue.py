@@ -1,11 +1,16 @@
 """The SMTP dialogue of one session as ``callahead probe --explain`` shows it (``C:``,
 ``S:`` and ``--`` lines), and the one way a session sends a command: recorded when the
-transcript is on, at no cost when it is off (the hot path).
+transcript is on, at no cost when it is off (the hot path). Pipelined commands show as
+sent, their replies as read (in order, after them).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosmtplib
+
+from .wire import Wire
 
 
 class Dialogue:
@@ -39,5 +44,19 @@ class Dialogue:
         if self._lines is not None:
             self.said(b" ".join(words).decode("utf-8", "replace"))
         reply = await smtp.execute_command(*words)
+        self.heard(reply.code, reply.message)
+        return reply
+
+    def send(self, wire: Wire, line: bytes) -> asyncio.Future[aiosmtplib.SMTPResponse]:
+        """Send one command on ``wire``, recorded; the future of its reply (``reply``)."""
+        if self._lines is not None:
+            self.said(line.decode("utf-8", "replace"))
+        return wire.send(line)
+
+    async def reply(
+        self, pending: asyncio.Future[aiosmtplib.SMTPResponse]
+    ) -> aiosmtplib.SMTPResponse:
+        """The reply of a command ``send`` sent, recorded."""
+        reply = await pending
         self.heard(reply.code, reply.message)
         return reply

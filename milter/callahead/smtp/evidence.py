@@ -20,10 +20,15 @@ Controls are asked once per session and domain, right after the first rejection 
 needs them, in the same transaction (no RSET; a Postfix primary counts a rejected
 RCPT as an error, an accepted one as nothing). A probe of the domain accepted earlier
 on the same session vouches as a control would: no control is asked then.
+
+Concurrent probes on one session (pipelining) judge their rejections of a domain one at
+a time: a rejection is never judged while the controls another probe asked are still
+unanswered, so a drift they reveal undoes every rejection judged after them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -77,6 +82,8 @@ class _Evidence:
     """The verified controls asked."""
     replies: list[str] = field(default_factory=list)
     """What the refused controls got, for the explanation."""
+    judging: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a rejection of the domain is judged (and its controls asked)."""
 
 
 class EvidenceBook:
@@ -106,6 +113,12 @@ class EvidenceBook:
     async def judge_unknown(self, address: str, found: Classification) -> Classification:
         """Apply the evidence rules to ``found``, a rejection of the recipient."""
         local, _, domain = address.rpartition("@")
+        async with self._by_domain.setdefault(domain, _Evidence()).judging:
+            return await self._judge(local, domain, address, found)
+
+    async def _judge(
+        self, local: str, domain: str, address: str, found: Classification
+    ) -> Classification:
         evidence = await self._evidence_for(domain, address, need_postmaster=found.bare)
         if evidence.suspect and not evidence.vouched_by:
             return drifted(evidence.suspect, evidence.suspect_reply)

@@ -1,29 +1,29 @@
 """One SMTP session with one primary: the probe dialogue.
 
 A session connects, reads the banner, says EHLO (HELO if EHLO is refused), upgrades with
-STARTTLS when asked to, then opens one transaction with ``MAIL FROM:<sender>`` and asks
-``RCPT TO:<address>`` for each probe. Several probes share the transaction: a Postfix
-primary takes an inflow token only for a transaction's first accepted recipient, and no
-RSET (a "junk" command Postfix limits) is needed, unless the primary refuses
-multi-recipient bounces (``TransactionShape``).
+STARTTLS when asked to, then asks ``RCPT TO:<address>`` for each probe in transactions
+shaped as the primary wants them (transaction.py: one ``MAIL FROM:<sender>`` for many
+probes, or one recipient per transaction).
+
+**Pipelining.** Once open, the session's commands go through a ``Wire`` (wire.py), which
+reads replies strictly in order. Where the primary offers PIPELINING (RFC 2920) a
+probe's commands go out in one write, and the pool (pool.py) lets concurrent probes
+share the session, each with its own RCPT in the same transaction: their replies come
+back in the order they were sent. Without PIPELINING every command waits for the reply
+before it, and a session carries one probe at a time.
 
 Replies are classified by ``classify.classify`` (stage, enhanced status code, text); a
 rejection then goes through the evidence rules of evidence.py (docs/verdicts.md).
-
-**Transaction shape.** A primary with Postfix's ``reject_multi_recipient_bounce``
-answers every RCPT after the first accepted one of a ``MAIL FROM:<>`` transaction with
-``550 5.5.3 ... Multi-recipient bounce``. Such a reply on a later RCPT is never judged:
-the RCPT is asked again in a transaction of its own (RSET, MAIL FROM), and the
-primary's ``TransactionShape`` switches to one recipient per transaction for every
-session after (the engine may switch to the fallback sender instead).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -32,13 +32,26 @@ from aiosmtplib.typing import SMTPStatus
 from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
 from ..base.errors import CallaheadError
 from ..routing.routes import Nexthop
-from .classify import Classification, classify, refuses_multi_recipient_bounce
+from .classify import Classification, classify
 from .dialogue import Dialogue
 from .evidence import ControlSource, EvidenceBook
 from .handshake import greet, starttls
 from .smtpcompat import banner_reply
 from .tls import TlsMode
+from .transaction import SessionLost, Transactions, TransactionShape
 from .verdict import Basis, ProbeResult, Stage, Verdict
+from .wire import Wire
+
+__all__ = [
+    "ERROR_BUDGET",
+    "MAX_RCPTS_PER_SESSION",
+    "MAX_RSETS_PER_SESSION",
+    "Session",
+    "SessionFailed",
+    "SessionLost",
+    "SessionSettings",
+    "TransactionShape",
+]
 
 log = logging.getLogger("callahead.session")
 
@@ -54,21 +67,6 @@ QUIT_TIMEOUT = 2.0
 MAX_RSETS_PER_SESSION = 50
 """RSETs one session may send (one recipient per transaction). Postfix counts each RSET
 after the 100th (``smtpd_junk_command_limit``) as an error."""
-
-
-@dataclass(slots=True)
-class TransactionShape:
-    """How one primary wants its probe transactions: learnt by its sessions, shared by
-    them (the engine keeps one per primary)."""
-
-    single_rcpt: bool = False
-    """One recipient per transaction: the primary refused a later RCPT of a
-    transaction (``5.5.3``, Postfix's ``reject_multi_recipient_bounce``)."""
-
-
-class SessionLost(CallaheadError):
-    """The session died before the primary answered RCPT TO (closed, 421, reset): the
-    probe may be retried on a fresh session."""
 
 
 class SessionFailed(CallaheadError):
@@ -87,10 +85,13 @@ class SessionSettings:
     tls_context: ssl.SSLContext | None
     transcript: bool = False
     """Record the dialogue (``callahead probe --explain``); off on the hot path."""
+    pipelining: bool = True
+    """Pipeline commands (and share sessions) where the primary offers PIPELINING."""
 
 
 class Session:
-    """One SMTP connection to one primary, carrying probes one at a time."""
+    """One SMTP connection to one primary, carrying one probe at a time, or several at
+    once where the primary offers PIPELINING (the pool decides)."""
 
     def __init__(
         self,
@@ -106,11 +107,16 @@ class Session:
         self.sender = settings.sender if sender is None else sender
         """MAIL FROM of this session's transaction."""
         self.shape = shape if shape is not None else TransactionShape()
-        self.refused_multi_recipient = False
-        """A later RCPT of a transaction of this session got ``5.5.3``."""
-        self.rsets = 0
-        self._txn_rcpts = 0
-        """RCPTs sent in the open transaction."""
+        self.holders = 0
+        """Probes using the session now (kept by the pool)."""
+        self.pipelining = False
+        """The primary offers PIPELINING and the settings allow it (known once open)."""
+        self._utf8 = False
+        """The primary offers SMTPUTF8 (known once open)."""
+        self.on_joinable: Callable[[], None] = lambda: None
+        """Called when the session may first be shared (set by the pool)."""
+        self._wire: Wire | None = None
+        self._txn: Transactions | None = None
         self._smtp = aiosmtplib.SMTP(
             hostname=hop.host,
             port=hop.port,
@@ -123,8 +129,6 @@ class Session:
         """Before the connection: the primary's view of its tables is at least this new."""
         self.opened = False
         self.probes = 0
-        self.rcpts = 0
-        self.errors = 0
         self.last_used = self.created
         self.stage = Stage.CONNECT
         """Where the dialogue is, for reporting a timeout."""
@@ -132,16 +136,17 @@ class Session:
         self._evidence = EvidenceBook(
             controls,
             self._ask,
-            lambda: self._smtp.supports_extension("smtputf8"),
+            lambda: self._utf8,
             self._dialogue.note,
         )
         """Per domain: the controls this session asked, and what they got."""
-        self._in_transaction = False
         self._retired = False
+        self._draining = False
 
     @property
     def alive(self) -> bool:
-        return self.opened and self._smtp.is_connected and not self._retired
+        wire = self._wire
+        return self.opened and wire is not None and not wire.closed and not self._retired
 
     @property
     def waiting_at(self) -> Stage:
@@ -175,9 +180,52 @@ class Session:
         )
 
     @property
+    def sender_accepted(self) -> bool:
+        """The primary accepted this session's MAIL FROM once: until then MAIL FROM goes
+        alone, and no other probe shares the session."""
+        return self._txn is not None and self._txn.sender_accepted
+
+    @property
+    def refused_multi_recipient(self) -> bool:
+        """A later RCPT of a transaction of this session got ``5.5.3``."""
+        return self._txn is not None and self._txn.refused_multi_recipient
+
+    @property
+    def rcpts(self) -> int:
+        return 0 if self._txn is None else self._txn.rcpts
+
+    @property
+    def rsets(self) -> int:
+        return 0 if self._txn is None else self._txn.rsets
+
+    @property
+    def errors(self) -> int:
+        """4xx and 5xx replies of this session (after its opening), which a Postfix
+        primary counts as errors; each one counts, whether its probe still waits for it
+        or not."""
+        return 0 if self._wire is None else self._wire.refusals
+
+    @property
+    def answered(self) -> int:
+        """Replies read on this session since it opened (see ``answered_since``)."""
+        return 0 if self._wire is None else self._wire.replies
+
+    def queued_behind(self, mark: int) -> bool:
+        """A probe that started waiting on this session when ``mark`` replies had been
+        read and gave up waited behind other probes: they share the session, and the
+        primary answered since. It was slow, not silent."""
+        return self.holders > 1 and self.answered > mark and self.alive
+
+    def drain(self) -> None:
+        """A probe gave up on the session, which still owes it a reply: the probes on it
+        finish, and it takes no other (one would wait behind the reply nobody reads)."""
+        self._draining = True
+
+    @property
     def reusable(self) -> bool:
         return (
             self.alive
+            and not self._draining
             and self.errors < ERROR_BUDGET
             and self.rcpts < MAX_RCPTS_PER_SESSION
             and self.rsets < MAX_RSETS_PER_SESSION
@@ -227,6 +275,19 @@ class Session:
             if self._settings.tls is not TlsMode.NONE:
                 stage = self.stage = Stage.STARTTLS
                 await starttls(self._smtp, self._settings, self.hop.host, self._dialogue, fail)
+            self._utf8 = smtp.supports_extension("smtputf8")
+            self.pipelining = self._settings.pipelining and smtp.supports_extension("pipelining")
+            self._wire = Wire.take_over(smtp)
+            self._txn = Transactions(
+                self._wire,
+                self._dialogue,
+                self.shape,
+                self._mail_command(),
+                pipelining=self.pipelining,
+                retire=self._retire,
+                at_stage=self._at_stage,
+                sender_accepted=lambda: self.on_joinable(),
+            )
         except SessionFailed:
             self.close()
             raise
@@ -238,10 +299,9 @@ class Session:
     async def rcpt(self, address: str, started: float) -> ProbeResult:
         """Probe one address on this (open) session. Raises SessionLost when the session
         died before the primary answered."""
-        smtp = self._smtp
         self.probes += 1
         utf8 = needs_smtputf8(address)
-        offers_utf8 = smtp.supports_extension("smtputf8")
+        offers_utf8 = self._utf8
         if utf8 and not offers_utf8:
             return self._result(Stage.RCPT, None, "primary does not offer SMTPUTF8", started)
         try:
@@ -274,75 +334,23 @@ class Session:
         return self._result(Stage.RCPT, reply.code, reply.message, started, found)
 
     async def _ask(self, path: bytes) -> tuple[Stage, aiosmtplib.SMTPResponse]:
-        """One RCPT TO in a transaction shaped as the primary wants it: (RCPT, its
-        reply), or (MAIL, the refusal of MAIL FROM). A ``5.5.3`` on a later RCPT of the
-        transaction is never the answer: the RCPT is asked again in a new one."""
-        if self._in_transaction and self.shape.single_rcpt and self._txn_rcpts > 0:
-            await self._reset()
-        if not self._in_transaction:
-            mail = await self._begin()
-            if not 200 <= mail.code < 300:
-                return Stage.MAIL, mail
-        self.stage = Stage.RCPT
-        later = self._txn_rcpts > 0
-        reply = await self._rcpt_command(path)
-        if later and refuses_multi_recipient_bounce(reply.code, reply.message):
-            self.refused_multi_recipient = True
-            self.shape.single_rcpt = True
-            self._dialogue.note(
-                "a later RCPT of the transaction was refused (5.5.3: multi-recipient "
-                "bounce): asked again in a transaction of its own"
-            )
-            await self._reset()
-            mail = await self._begin()
-            if not 200 <= mail.code < 300:
-                return Stage.MAIL, mail
-            self.stage = Stage.RCPT
-            reply = await self._rcpt_command(path)
-        return Stage.RCPT, reply
+        """RCPT TO ``path`` on this session (transaction.py); SessionLost once it is
+        retired."""
+        if self._txn is None or self._retired:
+            raise SessionLost("the session was retired")
+        return await self._txn.ask(path)
 
-    async def _begin(self) -> aiosmtplib.SMTPResponse:
-        """``MAIL FROM``; raises SessionLost for 421. A refusal retires the session."""
-        self.stage = Stage.MAIL
-        command = b"FROM:<" + self.sender.encode("ascii") + b">"
-        if self._smtp.supports_extension("smtputf8"):
+    def _mail_command(self) -> bytes:
+        command = b"MAIL FROM:<" + self.sender.encode("ascii") + b">"
+        if self._utf8:
             command += b" SMTPUTF8"
-        reply = await self._dialogue.command(self._smtp, b"MAIL", command)
-        if reply.code == SMTPStatus.domain_unavailable:
-            self._retired = True
-            raise SessionLost(f"{reply.code} {reply.message}")
-        if not 200 <= reply.code < 300:
-            self.errors += 1
-            self._retired = True
-            return reply
-        self._in_transaction = True
-        self._txn_rcpts = 0
-        return reply
+        return command
 
-    async def _reset(self) -> None:
-        """``RSET``: the open transaction ends. Raises SessionLost unless it is 2xx."""
-        self.rsets += 1
-        self._in_transaction = False
-        reply = await self._dialogue.command(self._smtp, b"RSET")
-        if not 200 <= reply.code < 300:
-            self._retired = True
-            raise SessionLost(f"RSET: {reply.code} {reply.message}")
+    def _retire(self) -> None:
+        self._retired = True
 
-    async def _rcpt_command(self, path: bytes) -> aiosmtplib.SMTPResponse:
-        """One RCPT TO; raises SessionLost for 421 and for a full transaction."""
-        reply = await self._dialogue.command(self._smtp, b"RCPT", b"TO:<" + path + b">")
-        if reply.code == SMTPStatus.domain_unavailable:
-            self._retired = True
-            raise SessionLost(f"{reply.code} {reply.message}")
-        self.rcpts += 1
-        self._txn_rcpts += 1
-        if not 200 <= reply.code < 300:
-            self.errors += 1
-            if reply.code == SMTPStatus.insufficient_storage and self._txn_rcpts > 1:
-                # "too many recipients": this transaction is full, not the address.
-                self._retired = True
-                raise SessionLost(f"{reply.code} {reply.message}")
-        return reply
+    def _at_stage(self, stage: Stage) -> None:
+        self.stage = stage
 
     def _result(
         self,
@@ -369,9 +377,11 @@ class Session:
     async def quit(self) -> None:
         """Retire politely: QUIT, unless the error budget is spent (then just hang up,
         since a Postfix primary would make even QUIT wait)."""
+        wire = self._wire
         try:
-            if self._smtp.is_connected and self.errors < ERROR_BUDGET:
-                await self._smtp.quit(timeout=QUIT_TIMEOUT)
+            if wire is not None and not wire.closed and self.errors < ERROR_BUDGET:
+                async with asyncio.timeout(QUIT_TIMEOUT):
+                    await self._dialogue.reply(self._dialogue.send(wire, b"QUIT"))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             log.debug("QUIT to %s failed: %s", self.hop, exc)
         finally:
@@ -379,4 +389,6 @@ class Session:
 
     def close(self) -> None:
         self._retired = True
+        if self._wire is not None:
+            self._wire.close()
         self._smtp.close()

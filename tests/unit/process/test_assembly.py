@@ -23,6 +23,7 @@ def test_every_engine_setting_comes_from_its_variable() -> None:
             "CALLAHEAD_BREAKER_COOLDOWN": "17",
             "CALLAHEAD_POOL_MAX_AGE": "19",
             "CALLAHEAD_PRIMARY_RATE": "2.5",
+            "CALLAHEAD_PROBE_PIPELINING": "no",
         }
     )
     settings = engine_settings(config, transcript=True)
@@ -41,4 +42,5 @@ def test_every_engine_setting_comes_from_its_variable() -> None:
         "fallback_sender": "fallback@example.net",
         "transcript": True,
         "primary_rate": 2.5,
+        "pipelining": False,
     }

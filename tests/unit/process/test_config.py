@@ -123,6 +123,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_LOG_LEVEL",
         "CALLAHEAD_EVENT_LOOP",
         "CALLAHEAD_PROBE_TLS",
+        "CALLAHEAD_PROBE_PIPELINING",
         "CALLAHEAD_POOL_SIZE",
         "CALLAHEAD_POOL_IDLE",
         "CALLAHEAD_POOL_MAX_AGE",
