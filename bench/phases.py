@@ -340,9 +340,10 @@ EXTRAS = (
     ),
     ("livememory", ["bench.livememory", "1000000"], 600),
     ("flood", ["bench.flood", "--runs", "3", "--sessions", "1000"], 1500),
+    ("firstcontact", ["bench.firstcontact", "--rounds", "3"], 600),
 )
 """The drivers that start their own processes (bench/policycpu.py, livememory.py,
-flood.py), run after the main stack is stopped."""
+flood.py, firstcontact.py), run after the main stack is stopped."""
 
 
 def phase_extras(report: Report) -> None:

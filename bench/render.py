@@ -560,6 +560,22 @@ def _flood_made_up_250(data: Any) -> list[tuple[str, float | None]]:
     ]
 
 
+def _first_contact(
+    labels: Sequence[str], sessions: int
+) -> Callable[[Any], list[tuple[str, float | None]]]:
+    """bench.firstcontact's p99 (ms) at ``sessions`` concurrent sessions, per case and
+    address kind."""
+
+    def pick(data: Any) -> list[tuple[str, float | None]]:
+        return [
+            (f"{e['case']}, {e['kind']}", float(e["p99_ms"]))
+            for e in data["cases"]
+            if str(e["case"]).split(" ", 1)[0] in labels and e["sessions"] == sessions
+        ]
+
+    return pick
+
+
 def _live_memory(data: Any) -> list[tuple[str, float | None]]:
     return [("", float(data["bytes_per_address"]))]
 
@@ -666,6 +682,16 @@ TARGETS = (
         threshold=1.0,
     ),
     Target(
+        name="first-contact p99 {bound} at 10 sessions (bench.firstcontact), {where}",
+        figure=_extra("firstcontact", _first_contact(("2", "2p"), 10), " ms"),
+        comparison="<",
+        threshold=10.0,
+    ),
+    Target(
+        name="(for comparison) first-contact p99 at 10 sessions (bench.firstcontact), {where}",
+        figure=_extra("firstcontact", _first_contact(("1", "2n"), 10), " ms"),
+    ),
+    Target(
         name="RSS per cached address of a running serve at 1,000,000 (bench.livememory) {bound}",
         figure=_extra("livememory", _live_memory, " B"),
         comparison="≤",
@@ -756,6 +782,61 @@ def render_extras(report: Report) -> list[str]:
                         ", ".join(f"{k} {v}" for k, v in e["cpu_cores_used"].items()),
                     ]
                     for e in flood["cases"]
+                ],
+            ),
+            "",
+        ]
+    first = report.extras.get("firstcontact")
+    if first:
+        settings = first["settings"]
+        out += [
+            "## First contact at 1, 10 and 50 sessions",
+            "",
+            f"`python -m bench.firstcontact`: sessions of one RCPT each, every recipient new "
+            f"({settings['samples']} real users and {settings['samples']} made-up per round, "
+            f"level and case), {settings['rounds']} rounds, cases in a rotating order; the "
+            f"primary {first['primary']}. 2n is a second callahead with "
+            "`CALLAHEAD_PROBE_PIPELINING=no`.",
+            "",
+            *table(
+                [
+                    "case",
+                    "sessions",
+                    "kind",
+                    "RCPT p50 / p99",
+                    "p99 per round",
+                    "replies",
+                    "new connections per 100 probes",
+                ],
+                [
+                    [
+                        str(e["case"]),
+                        str(e["sessions"]),
+                        str(e["kind"]),
+                        f"{e['p50_ms']} / {e['p99_ms']} ms",
+                        ", ".join(f"{x:g}" for x in e["p99_ms_rounds"]),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(e["replies"].items())),
+                        "-"
+                        if e["primary_connections_per_100_probes"] is None
+                        else str(e["primary_connections_per_100_probes"]),
+                    ]
+                    for e in first["cases"]
+                ],
+            ),
+            "",
+            "CPU per session (ms), by process group:",
+            "",
+            *table(
+                ["case and sessions", "callahead", "backup Postfix", "primary Postfix", "load"],
+                [
+                    [
+                        where,
+                        str(split.get("callahead", "-")),
+                        str(split.get("backup Postfix", "-")),
+                        str(split.get("primary Postfix", "-")),
+                        str(split.get("load generator", "-")),
+                    ]
+                    for where, split in first["cpu_ms_per_session"].items()
                 ],
             ),
             "",

@@ -124,7 +124,7 @@ class Stack:
 
     def process(self, case: Case) -> tuple[CallaheadProcess, int]:
         """The callahead process (and its pid) behind a case; case 2's for cases 1 and 3."""
-        if case is GUARD:
+        if case.key == GUARD.key:
             return self.guard, self.guard_pid
         return self.callahead, self.callahead_pid
 
@@ -163,10 +163,13 @@ def build_stack(
     workdir: Path,
     users: Mapping[str, Sequence[str]],
     callahead_env: Mapping[str, str] | None = None,
+    guard_env: Mapping[str, str] | None = None,
 ) -> Iterator[Stack]:
     """Start everything; stop everything (in reverse order) when the block ends, on
     errors and on KeyboardInterrupt too. ``users``: valid addresses by primary domain;
-    ``callahead_env``: extra ``CALLAHEAD_*`` settings for case 2's callahead."""
+    ``callahead_env``: extra ``CALLAHEAD_*`` settings for case 2's callahead;
+    ``guard_env``: for the second callahead (case 2g's listener), which a driver may use
+    as another variant of case 2."""
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(SmtpSink(workdir))
 
@@ -196,7 +199,9 @@ def build_stack(
                 name="callahead",
             )
         )
-        guard = stack.enter_context(CallaheadProcess(workdir, env, name="callahead-guard"))
+        guard = stack.enter_context(
+            CallaheadProcess(workdir, {**env, **(guard_env or {})}, name="callahead-guard")
+        )
         trivial = stack.enter_context(TrivialMilterProcess(workdir))
         null_policy = stack.enter_context(TrivialPolicyProcess(workdir))
 
