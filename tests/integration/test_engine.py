@@ -4,13 +4,19 @@ primary-down breaker, bounds, coalescing, the dictionary-attack guard, SMTPUTF8.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from callahead.frontends.metrics import Metrics
+from callahead.probing.engine import ProbeEngine
+from callahead.routing.routes import Nexthop
+from callahead.smtp.verdict import ProbeResult, Verdict
 from tests.harness.client import Transaction, send
 from tests.harness.waiting import wait_for
+from tests.unit.settings import probe_settings
 
 from .conftest import SENDER, MetricsDelta, Stack
 
@@ -51,6 +57,39 @@ def test_default_postfix_primary_500_valid_then_100_unknown(stack: Stack) -> Non
     assert delta(
         "callahead_probe_connections_total", primary=f"[127.0.0.1]:{stack.pf_primary.port}"
     ) == (after_unknown - before)
+
+
+def test_pipelined_probes_on_one_session_to_a_postfix_primary(stack: Stack) -> None:
+    """The engine with one pooled session and 40 probes at once against the default
+    Postfix primary: they share the session, their RCPTs pipelined (RFC 2920), and each
+    gets its own answer; the primary counts no error beyond the error budget and logs
+    no improper pipelining."""
+    valid = [f"pf{i}@pf.test" for i in range(500, 520)]
+    unknown = [stack.new_address("pf.test") for _ in range(20)]
+    targets = [a for pair in zip(valid, unknown, strict=True) for a in pair]
+    hop = Nexthop("127.0.0.1", stack.pf_primary.port)
+    metrics = Metrics()
+    log_before = len(stack.pf_primary.maillog())
+
+    async def go() -> list[ProbeResult]:
+        engine = ProbeEngine(probe_settings(pool_size=1), metrics)
+        try:
+            return list(await asyncio.gather(*(engine.probe(a, [hop]) for a in targets)))
+        finally:
+            await engine.aclose()
+
+    results = asyncio.run(go())
+
+    assert {a: r.verdict for a, r in zip(targets, results, strict=True)} == {
+        a: Verdict.VALID if a in valid else Verdict.UNKNOWN for a in targets
+    }
+    shared = metrics.registry.get_sample_value(
+        "callahead_probe_shared_sessions_total", {"primary": str(hop)}
+    )
+    assert shared is not None and shared >= 20
+    log = stack.pf_primary.maillog()[log_before:]
+    assert "pipelining" not in log
+    assert "too many errors" not in log
 
 
 def test_breaker_answers_at_once_while_the_primary_is_down(stack: Stack) -> None:

@@ -124,6 +124,12 @@ class Metrics:
             ["primary"],
             registry=r,
         )
+        self.shared = Counter(
+            "callahead_probe_shared_sessions",
+            "Probes that joined a busy pipelined session of a primary (its pool was full)",
+            ["primary"],
+            registry=r,
+        )
         self.coalesced = Counter(
             "callahead_coalesced_waits",
             "Recipients that shared a probe already in flight for the same address",
@@ -277,6 +283,9 @@ class Metrics:
     def connection_opened(self, primary: str) -> None:
         self.connections.labels(primary).inc()
 
+    def session_shared(self, primary: str) -> None:
+        self.shared.labels(primary).inc()
+
     def prober_refused_by(self, primary: str, basis: Basis) -> None:
         self.prober_refused.labels(primary, basis.value).inc()
 
@@ -293,6 +302,8 @@ class Metrics:
         raises KeyError, which means the same here."""
         with contextlib.suppress(KeyError):
             self.connections.remove(primary)
+        with contextlib.suppress(KeyError):
+            self.shared.remove(primary)
         with contextlib.suppress(KeyError):
             self.drift.remove(primary)
         for basis in Basis:

@@ -76,6 +76,9 @@ class EngineObserver(Protocol):
 
     def connection_opened(self, primary: str) -> None: ...
 
+    def session_shared(self, primary: str) -> None:
+        """A probe joined a busy (pipelined) session of ``primary``."""
+
     def prober_refused_by(self, primary: str, basis: Basis) -> None: ...
 
     def drift_seen(self, primary: str) -> None:
@@ -115,6 +118,9 @@ class Unobserved:
         pass
 
     def connection_opened(self, primary: str) -> None:
+        pass
+
+    def session_shared(self, primary: str) -> None:
         pass
 
     def prober_refused_by(self, primary: str, basis: Basis) -> None:

@@ -73,6 +73,7 @@ class SessionPool:
         idle: float,
         max_age: float = float("inf"),
         on_open: Callable[[], None] = lambda: None,
+        on_share: Callable[[], None] = lambda: None,
     ) -> None:
         self._factory = factory
         self._idle_limit = idle
@@ -83,6 +84,7 @@ class SessionPool:
         """Sessions held by at least one probe (opened, or being opened)."""
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._on_open = on_open
+        self._on_share = on_share
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
@@ -146,6 +148,7 @@ class SessionPool:
         shared = self._shared(hop, opened_after, avoid, now)
         if shared is not None:
             shared.holders += 1
+            self._on_share()
             return shared
         if self._idle:
             # Only sessions too old for this address, or to addresses already tried,

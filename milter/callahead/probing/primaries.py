@@ -112,6 +112,7 @@ class Primaries:
                 idle=self._settings.pool_idle,
                 max_age=self._settings.pool_max_age,
                 on_open=lambda: observer.connection_opened(name),
+                on_share=lambda: observer.session_shared(name),
             )
             self._table[name] = primary
         primary.used_at = now

@@ -17,6 +17,15 @@ with a future of its reply:
   Whether a command may be sent before the previous reply is the session's decision:
   without PIPELINING it waits for each reply before sending the next command.
 
+* **An ACK at once while replies are owed.** A primary without ``TCP_NODELAY`` (Postfix's
+  smtpd on loopback, measured) holds a reply back while its previous one is unacknowledged
+  (Nagle), and Linux delays the ACK of a segment that nothing is sent after by 40 ms. A
+  pipelined RCPT sent before the reply to the one ahead of it leaves nothing to send
+  when that reply comes, so each such reply waited about 40 ms (first-contact p99 at 10
+  sessions 45-48 ms against 25 without pipelining; bench/RESULTS-firstcontact.md). So
+  after reading a reply with more still owed, the wire asks the kernel for an immediate
+  ACK (``TCP_QUICKACK``, where the platform has it).
+
 Exceptions are aiosmtplib's (``SMTPServerDisconnected``, ``SMTPResponseException``), so
 that the session handles a failure the same way before and after the hand-over.
 
@@ -26,6 +35,7 @@ Lives on the probe event loop; not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import cast
 
@@ -36,6 +46,19 @@ MAX_LINE = 8192
 """Bytes one reply line may take (aiosmtplib's limit too)."""
 MAX_REPLY = 128 * 1024
 """Bytes unparsed input may take: one reply, or several pipelined ones."""
+
+
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+"""Linux's option for an immediate ACK (not sticky: asked again after every read)."""
+
+
+def _tcp_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
+    sock = transport.get_extra_info("socket")
+    if QUICKACK is None or sock is None:
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock  # type: ignore[no-any-return]
 
 
 class Wire(asyncio.Protocol):
@@ -52,6 +75,8 @@ class Wire(asyncio.Protocol):
         self.refusals = 0
         """Replies read that were 4xx or 5xx: what a Postfix primary counts as errors
         (its waiter may have gone away: the primary counted it all the same)."""
+        self._quickack = _tcp_socket(transport)
+        """The TCP socket to ask an immediate ACK of (None: not TCP, or no such option)."""
 
     @classmethod
     def take_over(cls, smtp: aiosmtplib.SMTP) -> Wire:
@@ -125,6 +150,16 @@ class Wire(asyncio.Protocol):
         except aiosmtplib.SMTPResponseException as exc:
             self._fail(exc)
             self._transport.close()
+            return
+        if self._waiting and self._quickack is not None:
+            self._ack_now(self._quickack)
+
+    def _ack_now(self, sock: socket.socket) -> None:
+        try:
+            if QUICKACK is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+        except OSError:
+            self._quickack = None
 
     def _next_reply(self) -> aiosmtplib.SMTPResponse | None:
         """The first complete reply in the buffer, cut from it; None: none complete."""

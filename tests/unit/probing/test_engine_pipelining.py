@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from callahead.caching.cache import PositiveCache
+from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import State
 from callahead.probing.pool import PIPELINE_DEPTH
 from callahead.smtp.session import ERROR_BUDGET
@@ -35,9 +36,14 @@ def addresses(n: int) -> list[str]:
     return [f"u{i}@example.test" for i in range(n)]
 
 
-def probe_all(server: ScriptedServer, targets: list[str], **overrides: object) -> list[Verdict]:
+def probe_all(
+    server: ScriptedServer,
+    targets: list[str],
+    metrics: Metrics | None = None,
+    **overrides: object,
+) -> list[Verdict]:
     async def go() -> list[Verdict]:
-        async with engine_with(settings(**overrides)) as engine:
+        async with engine_with(settings(**overrides), metrics) as engine:
             results = await asyncio.gather(*(engine.probe(a, [hop(server)]) for a in targets))
             return [r.verdict for r in results]
 
@@ -58,9 +64,14 @@ def test_concurrent_probes_share_one_session_each_with_its_own_answer(
     # The RCPT delay keeps the replies pending while the other probes join.
     server = scripted(Script(users=USERS, rcpt_default=UNKNOWN, delay={"RCPT": 0.02}))
     targets = addresses(PIPELINE_DEPTH)
-    assert probe_all(server, targets, pool_size=1) == expected(targets)
+    metrics = Metrics()
+    assert probe_all(server, targets, metrics, pool_size=1) == expected(targets)
     assert len(server.sessions) == 1
     assert server.count("MAIL") == 1
+    shared = metrics.registry.get_sample_value(
+        "callahead_probe_shared_sessions_total", {"primary": str(hop(server))}
+    )
+    assert shared == PIPELINE_DEPTH - 1  # all but the one that opened it
     sent = rcpts(server)
     assert sorted(c.line for c in sent) == sorted(f"RCPT TO:<{a}>" for a in targets)
     # Every reply went to the RCPT it answers (the server's record of it).

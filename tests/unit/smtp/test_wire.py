@@ -5,23 +5,41 @@ commands sent in one turn go out in one write, replies are matched strictly in o
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiosmtplib
 import pytest
 
-from callahead.smtp.wire import MAX_LINE, Wire
+from callahead.smtp.wire import MAX_LINE, QUICKACK, Wire
 
 T = TypeVar("T")
 
 
-class RecordingTransport(asyncio.Transport):
+class RecordingSocket:
+    """What a TCP socket is asked (``setsockopt``)."""
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+
     def __init__(self) -> None:
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self, sock: RecordingSocket | None = None) -> None:
         super().__init__()
         self.writes: list[bytes] = []
         self.closed = False
         self.protocol: asyncio.BaseProtocol | None = None
+        self.sock = sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(bytes(data))
@@ -190,5 +208,22 @@ def test_take_over_moves_the_connection_of_an_open_aiosmtplib_session() -> None:
         transport.closed = True
         with pytest.raises(aiosmtplib.SMTPServerDisconnected):
             Wire.take_over(smtp)
+
+    run(go)
+
+
+@pytest.mark.skipif(QUICKACK is None, reason="no TCP_QUICKACK on this platform")
+def test_an_ack_is_asked_at_once_while_more_replies_are_owed() -> None:
+    # A primary that Nagles holds a reply back until the one before it is ACKed; with
+    # nothing to send after a reply, the ACK would wait 40 ms (Linux's delayed ACK).
+    async def go() -> None:
+        sock = RecordingSocket()
+        wire = Wire(RecordingTransport(sock))
+        first, second = wire.send(b"RCPT TO:<a@x.test>"), wire.send(b"RCPT TO:<b@x.test>")
+        wire.data_received(b"250 ok\r\n")
+        assert sock.options == [(socket.IPPROTO_TCP, QUICKACK, 1)]
+        wire.data_received(b"250 ok\r\n")  # nothing owed any more: the next command ACKs
+        assert len(sock.options) == 1
+        assert (await first).code == (await second).code == 250
 
     run(go)
