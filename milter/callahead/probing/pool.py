@@ -49,13 +49,15 @@ PIPELINE_DEPTH = 8
 
 def joinable(session: Session) -> bool:
     """One more probe may share ``session`` now: the primary offers PIPELINING and has
-    accepted the session's sender, and even if every probe on it (this one too) were
+    accepted the session's sender, no control address is being asked on it (its reply
+    may wait for an inflow token), and even if every probe on it (this one too) were
     refused, the session would stay within ``ERROR_BUDGET`` and its recipient and RSET
     limits."""
     holders = session.holders
     return (
         session.pipelining
         and session.sender_accepted
+        and not session.asking_controls
         and 0 < holders < PIPELINE_DEPTH
         and session.reusable
         and session.errors + holders < ERROR_BUDGET

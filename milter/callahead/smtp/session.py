@@ -113,6 +113,10 @@ class Session:
         """The primary offers PIPELINING and the settings allow it (known once open)."""
         self._utf8 = False
         """The primary offers SMTPUTF8 (known once open)."""
+        self.asking_controls = 0
+        """Control RCPTs in flight (evidence.py). An accepted control may open a queue
+        file at the primary and wait up to ``in_flow_delay`` for it (1 s at a Postfix
+        primary whose inflow tokens are spent): no other probe joins behind it."""
         self.on_joinable: Callable[[], None] = lambda: None
         """Called when the session may first be shared (set by the pool)."""
         self._wire: Wire | None = None
@@ -135,7 +139,7 @@ class Session:
         self._dialogue = Dialogue(settings.transcript)
         self._evidence = EvidenceBook(
             controls,
-            self._ask,
+            self._ask_control,
             lambda: self._utf8,
             self._dialogue.note,
         )
@@ -339,6 +343,14 @@ class Session:
         if self._txn is None or self._retired:
             raise SessionLost("the session was retired")
         return await self._txn.ask(path)
+
+    async def _ask_control(self, path: bytes) -> tuple[Stage, aiosmtplib.SMTPResponse]:
+        """RCPT TO a control address (evidence.py), counted in ``asking_controls``."""
+        self.asking_controls += 1
+        try:
+            return await self._ask(path)
+        finally:
+            self.asking_controls -= 1
 
     def _mail_command(self) -> bytes:
         command = b"MAIL FROM:<" + self.sender.encode("ascii") + b">"
