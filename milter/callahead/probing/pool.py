@@ -49,10 +49,11 @@ PIPELINE_DEPTH = 8
 
 def joinable(session: Session) -> bool:
     """One more probe may share ``session`` now: the primary offers PIPELINING and has
-    accepted the session's sender, no control address is being asked on it (its reply
-    may wait for an inflow token), and even if every probe on it (this one too) were
-    refused, the session would stay within ``ERROR_BUDGET`` and its recipient and RSET
-    limits."""
+    accepted the session's sender, no control address is being asked on it (an accepted
+    control may open a queue file at the primary and wait up to ``in_flow_delay`` for
+    it: 1 s at a Postfix primary whose inflow tokens are spent), and even if every probe
+    on it (this one too) were refused, the session would stay within ``ERROR_BUDGET``
+    and its recipient and RSET limits."""
     holders = session.holders
     return (
         session.pipelining

@@ -114,9 +114,7 @@ class Session:
         self._utf8 = False
         """The primary offers SMTPUTF8 (known once open)."""
         self.asking_controls = 0
-        """Control RCPTs in flight (evidence.py). An accepted control may open a queue
-        file at the primary and wait up to ``in_flow_delay`` for it (1 s at a Postfix
-        primary whose inflow tokens are spent): no other probe joins behind it."""
+        """Control RCPTs in flight (evidence.py; the pool lets no probe join then)."""
         self.on_joinable: Callable[[], None] = lambda: None
         """Called when the session may first be shared (set by the pool)."""
         self._wire: Wire | None = None
@@ -286,7 +284,8 @@ class Session:
                 self._wire,
                 self._dialogue,
                 self.shape,
-                self._mail_command(),
+                self.sender,
+                utf8=self._utf8,
                 pipelining=self.pipelining,
                 retire=self._retire,
                 at_stage=self._at_stage,
@@ -351,12 +350,6 @@ class Session:
             return await self._ask(path)
         finally:
             self.asking_controls -= 1
-
-    def _mail_command(self) -> bytes:
-        command = b"MAIL FROM:<" + self.sender.encode("ascii") + b">"
-        if self._utf8:
-            command += b" SMTPUTF8"
-        return command
 
     def _retire(self) -> None:
         self._retired = True

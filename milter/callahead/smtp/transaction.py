@@ -63,20 +63,24 @@ class Transactions:
         wire: Wire,
         dialogue: Dialogue,
         shape: TransactionShape,
-        mail_command: bytes,
+        sender: str,
         *,
+        utf8: bool,
         pipelining: bool,
         retire: Callable[[], None],
         at_stage: Callable[[Stage], None],
         sender_accepted: Callable[[], None],
     ) -> None:
-        """``mail_command``: the whole MAIL FROM line; ``retire``: the session may take
-        no other probe; ``at_stage``: where the dialogue is now (for a timeout);
-        ``sender_accepted``: called when the primary first accepts the sender."""
+        """``sender``: of MAIL FROM (with ``SMTPUTF8`` where the primary offers it:
+        ``utf8``); ``retire``: the session may take no other probe; ``at_stage``: where
+        the dialogue is now (for a timeout); ``sender_accepted``: called when the
+        primary first accepts the sender."""
         self._wire = wire
         self._dialogue = dialogue
         self.shape = shape
-        self._mail_command = mail_command
+        self._mail_command = b"MAIL FROM:<" + sender.encode("ascii") + b">"
+        if utf8:
+            self._mail_command += b" SMTPUTF8"
         self._pipelining = pipelining
         self._retire = retire
         self._at_stage = at_stage
