@@ -109,9 +109,9 @@ class SessionPool:
         avoid: Collection[Nexthop] = (),
     ) -> Session:
         """An open session opened after ``opened_after`` (monotonic time) to an address
-        not in ``avoid`` (one to ``hop`` first): an idle one, else a shared one; or a new
-        unopened one to ``hop`` (the caller opens it). Waits for
-        one of these; cancel the wait to give up. Every session acquired is released."""
+        not in ``avoid`` (one to ``hop`` first): an idle one, else a new unopened one to
+        ``hop`` (the caller opens it), else a busy one to share. Waits for one of these;
+        cancel the wait to give up. Every session acquired is released."""
         while True:
             session = self._take(hop, opened_after, avoid)
             if session is not None:
