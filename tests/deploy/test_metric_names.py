@@ -73,6 +73,7 @@ def exercised() -> Metrics:
         metrics.probe_started()
         metrics.probe_ended(ProbeResult(verdict, Stage.RCPT, 250, "", 0.1, "[mx]:25"))
     metrics.connection_opened("[mx]:25")
+    metrics.session_shared("[mx]:25")
     metrics.coalesced_wait()
     for basis in Basis:
         metrics.prober_refused_by("[mx]:25", basis)
