@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from tests.harness.fixtures import make_workdir
 
 from .flood import cpu_snapshot
+from .report import percentile
 from .smtpclient import Job, run_load
 from .stack import (
     CALLAHEAD,
@@ -55,11 +56,6 @@ def addresses(domain: str, round_: int, case: Case, level: int, n: int) -> tuple
         [f"{tag}v{i}@{domain}" for i in range(n)],
         [f"{tag}x{i}@{domain}" for i in range(n)],
     )
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "sessions": level,
                 "kind": kind,
                 "samples": len(values),
-                "p50_ms": round(1000 * percentile(values, 0.5), 2),
-                "p99_ms": round(1000 * percentile(values, 0.99), 2),
+                "p50_ms": round(1000 * percentile(values, 50), 2),
+                "p99_ms": round(1000 * percentile(values, 99), 2),
                 "p99_ms_rounds": [round(1000 * x, 2) for x in p99s[(key, level, kind)]],
                 "replies": dict(replies[(key, level, kind)]),
                 "primary_connections_per_100_probes": (
@@ -182,7 +178,7 @@ def one(
         values = [s.rcpt_seconds[0] for s in done]
         seconds[(case.key, level, kind)] += values
         if values:
-            p99s[(case.key, level, kind)].append(percentile(values, 0.99))
+            p99s[(case.key, level, kind)].append(percentile(values, 99))
         replies[(case.key, level, kind)].update(s.rcpt_codes[0] for s in done)
     print(
         f"[{time.strftime('%H:%M:%S')}] round {round_ + 1} {case.name} {level} sessions: "

@@ -38,6 +38,7 @@ from pathlib import Path
 from tests.harness.fixtures import make_workdir
 from tests.harness.waiting import wait_for
 
+from .report import percentile
 from .smtpclient import Job, LoadResult, message_body, run_load
 from .stack import CALLAHEAD, GUARD, PLAIN, POLICY, PRIMARIES, VERIFY, Case, Stack, build_stack
 from .tools import CLOCK_TICKS, LogCursor, cpu_seconds, rss_bytes
@@ -72,18 +73,18 @@ class Figures:
         def med(key: str) -> float:
             return round(statistics.median(r[key] for r in self.runs), 1)
 
-        ordered = sorted(self.rcpt_seconds)
+        seconds = self.rcpt_seconds
 
-        def pct(q: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+        def pct(p: float) -> float:
+            return round(percentile(seconds, p) * 1000, 1)
 
         unknowns = sum(self.unknown_codes.values())
         return {
             "case": self.case.name,
             "messages_per_s": med("messages_per_s"),
             "sessions_per_s": med("sessions_per_s"),
-            "rcpt_p50_ms": pct(0.50) if ordered else None,
-            "rcpt_p99_ms": pct(0.99) if ordered else None,
+            "rcpt_p50_ms": pct(50) if seconds else None,
+            "rcpt_p99_ms": pct(99) if seconds else None,
             "unknown_replies": dict(sorted(self.unknown_codes.items())),
             "unknown_550_share": round(self.unknown_codes[550] / unknowns, 3) if unknowns else None,
             "real_replies": dict(sorted(self.real_codes.items())),

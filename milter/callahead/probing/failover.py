@@ -226,27 +226,14 @@ class Failover:
             return exc.result, session
         except TimeoutError:
             if session is None:  # waited for a free session the whole time
-                raise Queued(
-                    ProbeResult(
-                        Verdict.TEMPFAIL,
-                        Stage.CONNECT,
-                        None,
-                        "no free session in time",
-                        time.monotonic() - started,
-                        str(hop),
-                    )
-                ) from None
+                raise Queued(Stage.CONNECT, "no free session in time", started, hop) from None
             if queued:
                 # Slow, not down: the breaker is not moved.
                 raise Queued(
-                    ProbeResult(
-                        Verdict.TEMPFAIL,
-                        Stage.RCPT,
-                        None,
-                        f"no reply within {budget:.3g}s, behind other probes on a shared session",
-                        time.monotonic() - started,
-                        str(session.hop),
-                    )
+                    Stage.RCPT,
+                    f"no reply within {budget:.3g}s, behind other probes on a shared session",
+                    started,
+                    session.hop,
                 ) from None
             return session.timed_out(budget, started), session
 
@@ -286,8 +273,12 @@ def _no_domain(hops: Sequence[Nexthop], exc: NoSuchDomain, duration: float) -> P
 
 
 class Queued(CallaheadError):
-    """Internal: a probe timed out waiting for a free session of a busy primary."""
+    """Internal: a probe spent its whole budget waiting for other probes of a busy
+    primary (for a free session, or behind them on a shared one), which says nothing
+    about whether the primary is down; ``result`` is undecided."""
 
-    def __init__(self, result: ProbeResult) -> None:
-        super().__init__(result.detail)
-        self.result = result
+    def __init__(self, stage: Stage, detail: str, started: float, hop: Nexthop) -> None:
+        super().__init__(detail)
+        self.result = ProbeResult(
+            Verdict.TEMPFAIL, stage, None, detail, time.monotonic() - started, str(hop)
+        )

@@ -146,8 +146,7 @@ class SessionPool:
         if chosen is not None:
             return self._hold(self._idle.pop(chosen))
         if self.open_sessions < self._size:
-            self._on_open()
-            return self._hold(self._factory(hop))
+            return self._new(hop)
         shared = self._shared(hop, opened_after, avoid, now)
         if shared is not None:
             shared.holders += 1
@@ -157,8 +156,7 @@ class SessionPool:
             # Only sessions too old for this address, or to addresses already tried,
             # are idle: make room.
             self._retire_session(self._idle.pop(0))
-            self._on_open()
-            return self._hold(self._factory(hop))
+            return self._new(hop)
         return None
 
     def _shared(
@@ -179,6 +177,10 @@ class SessionPool:
             ):
                 best = session
         return best
+
+    def _new(self, hop: Nexthop) -> Session:
+        self._on_open()
+        return self._hold(self._factory(hop))
 
     def _hold(self, session: Session) -> Session:
         session.holders = 1
