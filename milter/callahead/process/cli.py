@@ -22,7 +22,7 @@ from ..smtp.verdict import ProbeResult, Verdict
 from . import logoutput
 from .assembly import build_resolver, engine_settings
 from .config import EX_CONFIG, Config, ConfigError, load_config
-from .doctor import (
+from .doctor.checkup import (
     DoctorUsageError,
     EnvFileError,
     doctor_environment,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from callahead.process.doctor import EnvFileError, doctor_environment, read_env_file
-from callahead.process.doctorpostfix import Attached, check_policy_order
-from callahead.process.postfixview import PostfixView, Service
+from callahead.process.doctor.checkup import EnvFileError, doctor_environment, read_env_file
+from callahead.process.doctor.postfixhooks import Attached, check_policy_order
+from callahead.process.doctor.postfixview import PostfixView, Service
 
 
 def test_the_env_file_reads_as_systemd_does_and_wins_over_the_shell(tmp_path: Path) -> None:

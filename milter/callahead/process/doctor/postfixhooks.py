@@ -5,7 +5,7 @@ attaches callahead at an address where it listens and where the ``postfix`` user
 connect (chroot and permissions included), whether the default actions keep mail
 flowing when callahead is unwell, whether Postfix waits long enough for an answer,
 whether the milter gets the macros it needs, and whether the policy check comes after
-the relay check. doctor.py runs them with the primary side (doctorprobes.py).
+the relay check. checkup.py runs them with the primary side (probes.py).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..routing.postfixsettings import split_list
-from .config import Config
-from .endpoints import Listen, parse_listen
-from .postfixconf import postfix_seconds
+from ...routing.postfixsettings import split_list
+from ..config import Config
+from ..endpoints import Listen, parse_listen
+from ..postfixconf import postfix_seconds
+from ..socketaccess import Account, account, inet_reach, unix_reach
+from ..startchecks import answer_time_problem
 from .postfixview import Hook, PostfixView, Service
-from .socketaccess import Account, account, inet_reach, unix_reach
-from .startchecks import answer_time_problem
 
 POLICY_TIMEOUT_DEFAULT = "100s"
 """Postfix's default smtpd_policy_service_timeout."""

@@ -3,7 +3,7 @@
 settings (its master.cf ``-o`` overrides over main.cf), and the milters and policy
 services those settings attach.
 
-Nothing here connects anywhere; doctor.py decides what the settings mean.
+Nothing here connects anywhere; checkup.py and postfixhooks.py decide what the settings mean.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..routing.postfixsettings import PostfixConfigError, first_line, run, split_list, tool
+from ...routing.postfixsettings import PostfixConfigError, first_line, run, split_list, tool
 
 RESTRICTION_LISTS = ("smtpd_relay_restrictions", "smtpd_recipient_restrictions")
 """The lists a recipient check belongs in, in the order smtpd evaluates them at RCPT."""

@@ -14,11 +14,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
-from ..base.address import normalize_domain
-from ..frontends.adminclient import AdminUnavailable, ask
-from ..probing.engine import ProbeEngine
-from ..routing.postfixmaps import PostfixRoutes
-from ..routing.postfixsettings import (
+from ...base.address import normalize_domain
+from ...frontends.adminclient import AdminUnavailable, ask
+from ...probing.engine import ProbeEngine
+from ...routing.postfixmaps import PostfixRoutes
+from ...routing.postfixsettings import (
     PostfixConfigError,
     direct,
     is_table,
@@ -28,11 +28,11 @@ from ..routing.postfixsettings import (
     split_list,
     tool,
 )
-from ..routing.routes import Nexthop, RouteUnavailable
-from ..smtp.verdict import Basis, ProbeResult, Stage, Verdict
-from .assembly import build_resolver, engine_settings
-from .config import Config
-from .doctorpostfix import Finding
+from ...routing.routes import Nexthop, RouteUnavailable
+from ...smtp.verdict import Basis, ProbeResult, Stage, Verdict
+from ..assembly import build_resolver, engine_settings
+from ..config import Config
+from .postfixhooks import Finding
 from .postfixview import PostfixView
 
 MAX_PRIMARIES = 50

@@ -24,14 +24,14 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 
-from ..base.address import normalize_recipient
-from ..base.errors import CallaheadError
-from ..routing.postfixsettings import PostfixConfigError
-from .config import Config
-from .doctorpostfix import Finding, postfix_findings, report
-from .doctorprobes import check_primaries, check_routes, relay_domains
-from .postfixconf import DEFAULT_POSTFIX_CONFIG
+from ...base.address import normalize_recipient
+from ...base.errors import CallaheadError
+from ...routing.postfixsettings import PostfixConfigError
+from ..config import Config
+from ..postfixconf import DEFAULT_POSTFIX_CONFIG
+from .postfixhooks import Finding, postfix_findings, report
 from .postfixview import PostfixView, read_postfix
+from .probes import check_primaries, check_routes, relay_domains
 
 ENV_FILE = "/etc/default/callahead"
 """The unit's EnvironmentFile, read by default when it exists."""
