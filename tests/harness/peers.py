@@ -2,10 +2,13 @@
 
 Both packages conflict with ``postfix`` (they provide ``mail-transport-agent``), so they
 are never installed: ``fetch_peer`` runs ``apt-get download`` into
-``<repo>/.cache/peer-mtas/debs`` (``apt-get update -q`` once if that fails, e.g. when the
-package lists are missing) and unpacks with ``dpkg -x`` (no maintainer scripts) into
-``<repo>/.cache/peer-mtas/<peer>``; setuid/setgid bits are dropped from the unpacked
-tree. The daemons then run from there with a configuration written under the work dir.
+``/var/cache/callahead-tests/peer-mtas/debs`` (``apt-get update -q`` once if that fails,
+e.g. when the package lists are missing) and unpacks with ``dpkg -x`` (no maintainer
+scripts) into ``/var/cache/callahead-tests/peer-mtas/<peer>``; setuid/setgid bits are
+dropped from the unpacked tree. That cache lives outside the checkout
+(``tests.harness.serverdirs``): ``Debian-exim`` and ``nobody`` must reach it, and a
+checkout in ``/root`` or under ``mktemp -d`` sits below a 0700 directory. The daemons
+then run from there with a configuration written under the work dir.
 
 Each primary serves one mail domain with a fixed set of users, configured the way a
 real site would: a known user is accepted at RCPT TO and delivered into
@@ -65,6 +68,7 @@ from tests.harness.lifecycle import (
 )
 from tests.harness.ports import free_port, listening
 from tests.harness.process import ManagedProcess
+from tests.harness.serverdirs import SERVER_ROOT, server_dir
 from tests.harness.waiting import wait_for
 
 __all__ = [
@@ -81,8 +85,7 @@ __all__ = [
 
 PeerName = Literal["exim", "opensmtpd"]
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO / ".cache" / "peer-mtas"
+CACHE_DIR = SERVER_ROOT / "peer-mtas"
 
 # The Debian 12 packages of each peer (exim4-config: Debian's configuration and
 # update-exim4.conf), and the binary that is started.
@@ -206,6 +209,7 @@ def fetch_peer(name: PeerName) -> Path:
     packages = PACKAGES[name]
     tree = CACHE_DIR / name
     done = tree / ".unpacked"
+    server_dir(CACHE_DIR.name)
     with _flock(CACHE_DIR / ".lock"):
         # .unpacked lists the .deb files; a tree unpacked when the peer had fewer
         # packages (exim4-config was added) is unpacked again.
@@ -213,10 +217,7 @@ def fetch_peer(name: PeerName) -> Path:
             unpacked = {line.split("_")[0] for line in done.read_text().splitlines()}
             if unpacked >= set(packages):
                 return tree
-        debs = CACHE_DIR / "debs"
-        debs.mkdir(parents=True, exist_ok=True)
-        for directory in (CACHE_DIR.parent, CACHE_DIR, debs):
-            directory.chmod(0o755)
+        debs = server_dir(CACHE_DIR.name, "debs")
         for old in debs.glob("*.deb"):
             if old.name.split("_")[0] in packages:
                 old.unlink()

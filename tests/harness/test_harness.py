@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from tests.harness.postfix import (
     write_virtual_users,
 )
 from tests.harness.primary import Primary, RcptRecord, SilentServer
+from tests.harness.serverdirs import ServerDirError, server_dir
 from tests.harness.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -368,3 +371,48 @@ def test_the_containers_mirror_is_debians_not_a_third_partys() -> None:
     )
     usable = [u for u, suites, parts in _entries(text) if "bookworm" in suites and "main" in parts]
     assert usable == ["http://deb.debian.org/debian"]
+
+
+def test_server_dir_is_reachable_from_a_0700_parent() -> None:
+    """A directory made by server_dir can be traversed by an unprivileged user even when
+    the code asking for it sits under a 0700 directory (a checkout in /root)."""
+    with fixtures.make_workdir() as work:
+        root = work / "servers"
+        made = server_dir("peer", "debs", root=root)
+        assert made == root / "peer" / "debs"
+        for directory in (root, root / "peer", made):
+            info = directory.lstat()
+            assert info.st_uid == 0
+            assert stat.S_IMODE(info.st_mode) == 0o755
+        reach = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "test",
+                "-x",
+                str(made),
+            ],
+            check=False,
+        )
+        assert reach.returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["symlink", "writable", "foreign"])
+def test_server_dir_refuses_an_unsafe_directory(bad: str) -> None:
+    with fixtures.make_workdir() as work:
+        root = work / "servers"
+        root.mkdir(mode=0o755)
+        target = root / "peer"
+        if bad == "symlink":
+            (work / "elsewhere").mkdir()
+            target.symlink_to(work / "elsewhere")
+        else:
+            target.mkdir()
+            if bad == "writable":
+                target.chmod(0o777)
+            else:
+                os.chown(target, 65534, 65534)
+        with pytest.raises(ServerDirError):
+            server_dir("peer", root=root)
