@@ -138,3 +138,45 @@ def test_the_deploy_snippets_are_examples(unpacked: Path) -> None:
 
 def test_it_has_a_manual_page(unpacked: Path) -> None:
     assert (unpacked / "usr/share/man/man1/callahead.1.gz").is_file()
+
+
+@pytest.fixture(scope="module")
+def scripts(deb: Path) -> Iterator[dict[str, str]]:
+    """The maintainer scripts dh generated, by name (preinst, postinst, prerm, postrm)."""
+    with make_workdir() as workdir:
+        subprocess.run([tool("dpkg-deb"), "-e", str(deb), str(workdir)], check=True, timeout=60)
+        yield {
+            name: (workdir / name).read_text()
+            for name in ("preinst", "postinst", "prerm", "postrm")
+            if (workdir / name).exists()
+        }
+
+
+def test_an_upgrade_restarts_the_service_instead_of_stopping_it(scripts: dict[str, str]) -> None:
+    """Issue 26: ``--no-start`` made a preinst that stopped callahead on upgrade and
+    nothing that started it again. Now no stop before the upgrade, and the postinst's
+    deb-systemd-invoke restarts it after (it does so only for a unit that is enabled
+    or running, and "start" on a first install starts only an enabled one: none)."""
+    assert "stop" not in scripts.get("preinst", "")
+    postinst = scripts["postinst"]
+    assert "_dh_action=restart" in postinst and "_dh_action=start" in postinst
+    assert "deb-systemd-invoke $_dh_action 'callahead.service'" in postinst
+    # Never enabled by the package (/etc/default/callahead names example primaries):
+    # the one enable is for a unit the operator had enabled (was-enabled).
+    assert postinst.count("deb-systemd-helper enable") == 1
+    assert "deb-systemd-helper --quiet was-enabled 'callahead.service'" in postinst
+
+
+def test_remove_stops_it_and_purge_removes_its_state(scripts: dict[str, str]) -> None:
+    prerm = scripts["prerm"]
+    assert re.search(
+        r'\[ "\$1" = remove \].*\n\s*deb-systemd-invoke stop \'callahead.service\'', prerm
+    ), prerm
+    postrm = scripts["postrm"]
+    purge = postrm[postrm.index('if [ "$1" = "purge" ]') :]
+    for path in (
+        "/var/lib/private/callahead",
+        "/var/lib/callahead",
+        "/var/spool/postfix/callahead",
+    ):
+        assert path in purge, path

@@ -108,3 +108,28 @@ def test_a_worse_unit_scores_worse(installed: Path, tmp_path: Path) -> None:
     worse = tmp_path / installed.name
     worse.write_text(installed.read_text().replace("DynamicUser=yes\n", ""))
     assert exposure(worse)[0] > EXPOSURE_LIMIT
+
+
+def settings(unit: str, key: str) -> list[str]:
+    """The values of every ``key=`` line of ``unit``, split on blanks."""
+    return [
+        word
+        for line in unit.splitlines()
+        if line.startswith(f"{key}=")
+        for word in line.split("=", 1)[1].split()
+    ]
+
+
+def test_the_unit_starts_before_postfixs_smtpd() -> None:
+    # Debian's postfix.service is a oneshot wrapper; smtpd runs under postfix@-.service
+    # (tests/system/test_ready.py checks the order systemd derives from it).
+    assert {"postfix.service", "postfix@-.service"} <= set(settings(UNIT.read_text(), "Before"))
+
+
+def test_the_unit_bounds_descriptors_and_tasks() -> None:
+    """Issue 26: no LimitNOFILE (1024: about 1000 idle milter connections ran it out),
+    no TasksMax of its own."""
+    unit = UNIT.read_text()
+    assert [int(v) for v in settings(unit, "LimitNOFILE")] == [65536]
+    (tasks,) = settings(unit, "TasksMax")
+    assert tasks.isdigit() and 500 <= int(tasks) <= 10000, tasks

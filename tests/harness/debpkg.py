@@ -10,10 +10,15 @@ python3 comes first on the caller's PATH.
 
 ``python -m tests.harness.debpkg [OUTDIR]`` (``./dev deb``) builds into ``build/deb``,
 runs lintian on it and prints the path.
+
+``built_next()`` builds the same tree one version later (a changelog entry added to the
+copy), so the system tests can upgrade from this version to the next.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import functools
 import os
 import shutil
@@ -24,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "build" / "deb"
+OUT_NEXT = REPO / "build" / "deb-next"
+NEXT_SUFFIX = "+1"
+"""Appended to the changelog's version for the next one (dpkg sorts 0.1.0+1 after 0.1.0)."""
 BUILD_TIMEOUT = 300.0
 LINTIAN_FAIL_ON = "error,warning"
 PLAIN_ENV = {
@@ -61,16 +69,31 @@ def _source_files() -> list[str]:
     return [name for name in names if (REPO / name).is_file()]
 
 
-def build(out: Path = OUT) -> Path:
-    """Build callahead_<version>_all.deb into ``out`` and return its path; raises
+def _next_entry(next_version: str) -> str:
+    """A debian/changelog entry for ``next_version``, as dch would write it."""
+    when = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
+    return (
+        f"callahead ({next_version}) unstable; urgency=medium\n\n"
+        "  * The same tree one version later, for the system tests' upgrade.\n\n"
+        f" -- callahead maintainers <callahead@example.org>  {when}\n\n"
+    )
+
+
+def build(out: Path = OUT, *, suffix: str = "") -> Path:
+    """Build callahead_<version><suffix>_all.deb into ``out`` and return its path (with
+    a ``suffix``, a changelog entry for that version is added to the copy); raises
     ``DebBuildError`` with the build's output."""
-    name = f"callahead_{version()}_all.deb"
+    full_version = version() + suffix
+    name = f"callahead_{full_version}_all.deb"
     with tempfile.TemporaryDirectory(prefix="callahead-deb-") as tmp:
-        tree = Path(tmp) / f"callahead-{version()}"
+        tree = Path(tmp) / f"callahead-{full_version}"
         for relative in _source_files():
             target = tree / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, target)
+        if suffix:
+            changelog = tree / "debian" / "changelog"
+            changelog.write_text(_next_entry(full_version) + changelog.read_text())
         env = {**PLAIN_ENV, "HOME": tmp}
         done = subprocess.run(
             ["dpkg-buildpackage", "-us", "-uc", "-b"],
@@ -94,6 +117,13 @@ def build(out: Path = OUT) -> Path:
 def built() -> Path:
     """The package, built once per test process (into ``build/deb``)."""
     return build()
+
+
+@functools.cache
+def built_next() -> Path:
+    """The package one version later (into ``build/deb-next``), built once per test
+    process."""
+    return build(OUT_NEXT, suffix=NEXT_SUFFIX)
 
 
 def lintian(deb: Path) -> str:

@@ -11,8 +11,9 @@ added to ``lo`` by the fixture and removed after.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class System:
         return out.strip().rsplit("cursor: ", 1)[-1]
 
 
-def postfix_main_cf(primary_port: int) -> str:
+def postfix_main_cf(primary_port: int, backup_host: str = BACKUP_HOST) -> str:
     """deploy/postfix-main.cf with the test's domain, primary and unix milter socket,
     after the few settings of a container host (its name, its 127.0.70.2 listener)."""
     snippet = (REPO / "deploy/postfix-main.cf").read_text()
@@ -81,19 +82,19 @@ def postfix_main_cf(primary_port: int) -> str:
         "transport_maps = inline:{example.com=smtp:[192.0.2.10]:25}": (
             f"transport_maps = inline:{{{DOMAIN}=smtp:[{PRIMARY_HOST}]:{primary_port}}}"
         ),
-        "smtpd_milters = inet:127.0.0.1:8895": "smtpd_milters = unix:callahead/milter.sock",
     }
     for old, new in replacements.items():
         assert old in snippet, old
         snippet = snippet.replace(old, new)
+    assert "smtpd_milters = unix:callahead/milter.sock" in snippet  # the snippet's own
     policy = (REPO / "deploy/postfix-policy-main.cf").read_text()
-    assert "check_policy_service inet:127.0.0.1:8896" in policy
+    assert "check_policy_service unix:callahead/policy.sock" in policy
     return (
         "compatibility_level = 3.6\n"
         "myhostname = backup.test\n"
         "mydestination =\n"
         "mynetworks = 127.0.0.1/32\n"
-        f"inet_interfaces = {BACKUP_HOST}\n"
+        f"inet_interfaces = {backup_host}\n"
         "inet_protocols = ipv4\n"
         "smtputf8_enable = no\n"
         # The policy listener (master.cf) checks with the policy service instead.
@@ -114,7 +115,7 @@ def callahead_env() -> str:
     return "\n".join(
         [
             "CALLAHEAD_POSTFIX_CONFIG=/etc/postfix",
-            f"CALLAHEAD_SOCKET=unix:{SOCKET_DIR}/milter.sock",
+            # No CALLAHEAD_SOCKET: the package's default, unix:{SOCKET_DIR}/milter.sock.
             f"CALLAHEAD_POLICY_LISTEN=unix:{SOCKET_DIR}/policy.sock",
             f"CALLAHEAD_METRICS_LISTEN={BACKUP_HOST}:9895",
             "CALLAHEAD_CACHE_FILE=/var/lib/callahead/cache.json",
@@ -125,38 +126,54 @@ def callahead_env() -> str:
     )
 
 
+@contextlib.contextmanager
+def prepared(
+    backup_host: str = BACKUP_HOST, name: str = "callahead-system", debs: Sequence[Path] = ()
+) -> Iterator[System]:
+    """A stand-in primary on the host and a booted container whose Postfix, configured
+    as ``system`` has it, listens on ``backup_host``; ``debs`` copied to /root, nothing
+    installed. For tests that need a container of their own (an upgrade, a purge) while
+    ``system``'s is up: another ``backup_host`` and ``name``."""
+    with (
+        loopback_addresses([PRIMARY_HOST, backup_host]),
+        Primary(KNOWN, host=PRIMARY_HOST, port=free_port(PRIMARY_HOST)) as primary,
+        Container(name) as container,
+    ):
+        root = container.root
+        (root / "etc/postfix/main.cf").write_text(postfix_main_cf(primary.port, backup_host))
+        master = root / "etc/postfix/master.cf"
+        master.write_text(master.read_text() + POLICY_LISTENER.replace(BACKUP_HOST, backup_host))
+        (root / "etc/mailname").write_text("backup.test\n")
+        for deb in debs:
+            (root / "root" / deb.name).write_bytes(deb.read_bytes())
+        container.boot()
+        yield System(container, primary, dict(container.timings))
+
+
+def apt_install(system: System, deb: Path) -> None:
+    """``apt install ./<deb>`` (copied to /root by ``prepared``), as the README has it."""
+    system.sh(
+        "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q"
+        f" --no-install-recommends -o Dpkg::Options::=--force-confold /root/{deb.name}",
+        timeout=600,
+    )
+
+
 @pytest.fixture(scope="session")
 def system() -> Iterator[System]:
     started = time.monotonic()
     deb = debpkg.built()
-    timings = {"deb": time.monotonic() - started}
-    with (
-        loopback_addresses([PRIMARY_HOST, BACKUP_HOST]),
-        Primary(KNOWN, host=PRIMARY_HOST, port=free_port(PRIMARY_HOST)) as primary,
-        Container() as container,
-    ):
-        timings["rootfs"] = container.timings["rootfs"]
-        root = container.root
-        # The README's install steps, in its order but for main.cf: the container shares
-        # the host's network, so its Postfix must have its 127.0.70.2 listener before it
-        # starts at boot (step 3 here, before steps 1 and 2; step 5, doctor, is a test).
-        (root / "etc/postfix/main.cf").write_text(postfix_main_cf(primary.port))
-        master = root / "etc/postfix/master.cf"
-        master.write_text(master.read_text() + POLICY_LISTENER)
-        (root / "etc/mailname").write_text("backup.test\n")
-        (root / "root" / deb.name).write_bytes(deb.read_bytes())
-        container.boot()
-        timings["boot"] = container.timings["boot"]
+    built = time.monotonic() - started
+    # The README's install steps, in its order but for main.cf: the container shares
+    # the host's network, so its Postfix must have its 127.0.70.2 listener before it
+    # starts at boot (step 3 here, before steps 1 and 2; step 5, doctor, is a test).
+    with prepared(debs=[deb]) as system:
+        system.timings["deb"] = built
         phase = time.monotonic()
-        container.sh(
-            "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "
-            f"apt-get install -y -q --no-install-recommends /root/{deb.name}",
-            timeout=600,
-        )
-        timings["install"] = time.monotonic() - phase
-        (root / "etc/default/callahead").write_text(callahead_env())
-        container.sh("systemctl enable --now callahead")
-        system = System(container, primary, timings)
+        apt_install(system, deb)
+        system.timings["install"] = time.monotonic() - phase
+        (system.container.root / "etc/default/callahead").write_text(callahead_env())
+        system.sh("systemctl enable --now callahead")
         system.wait_active()
         yield system
         print(f"\nsystem test container: {system.timings}")

@@ -26,6 +26,7 @@ from ..frontends.adapter import CallaheadMilter
 from ..frontends.admin import AdminError, AdminServer, Health
 from ..frontends.judge import Judge
 from ..frontends.metrics import Metrics
+from ..frontends.milterloop import MilterStartError, open_milter, run_milter
 from ..frontends.policyservice import IDLE_MARGIN, PolicyService
 from ..frontends.unixsocket import UnixSocketError
 from ..probing.engine import ProbeEngine
@@ -41,6 +42,8 @@ log = logging.getLogger("callahead.server")
 EX_UNAVAILABLE = 69
 MILTER_COMMAND_TIMEOUT = 30
 """Postfix's default milter_command_timeout, in seconds."""
+MILTER_TIMEOUT = 300
+"""Seconds libmilter waits on a quiet Postfix connection (smfi_settimeout)."""
 
 
 START_TIMEOUT = 5.0
@@ -139,13 +142,25 @@ def serve(config: Config) -> int:
             MILTER_COMMAND_TIMEOUT,
         )
     metrics.track_cache_size(cache.__len__)
+    metrics_shown = "off"
     if config.metrics_listen is not None:
         host, port = config.metrics_listen
         try:
-            metrics.serve(host, port)
+            metrics_server = metrics.serve(host, port)
         except OSError as exc:
             log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
             return EX_UNAVAILABLE
+        metrics_shown = f"{host}:{port}"
+        if metrics_server.off_loopback:
+            metrics_shown += " (not loopback)"
+            log.warning(
+                "metrics listen on %s:%d, not a loopback address: any host that reaches it "
+                "reads them (primaries, cache size, decision counts); firewall the port or "
+                "set CALLAHEAD_METRICS_LISTEN=127.0.0.1:%d",
+                host,
+                port,
+                port,
+            )
     if config.cache_file:
         cachefile.load_into(cache, config.cache_file)
     loop.start()
@@ -189,6 +204,8 @@ def serve(config: Config) -> int:
             except (AdminError, TimeoutError) as exc:
                 # Mail matters more than the admin commands: serve without them.
                 log.error("admin socket off (callahead cache/status will not work): %s", exc)
+        if config.socket and not _open_milter(config, judge, metrics):
+            return EX_UNAVAILABLE
         if config.cache_file:
             saver = loop.submit(
                 cachefile.save_every(cache, config.cache_file, config.cache_save_interval)
@@ -200,7 +217,7 @@ def serve(config: Config) -> int:
             config.socket or "off",
             config.policy_listen or "off",
             parts.router.describe(),
-            "off" if config.metrics_listen is None else "{}:{}".format(*config.metrics_listen),
+            metrics_shown,
             redact_url(config.redis_url) if config.redis_url else "off",
             loop.implementation,
         )
@@ -210,7 +227,7 @@ def serve(config: Config) -> int:
             target=_exit_on_second_signal, name="callahead-signals", daemon=True
         ).start()
         if config.socket:
-            return _run_milter(config, judge, metrics)
+            return _run_milter(config)
         notify("READY=1")
         signum = _wait_for_stop()
         log.info("stop signal (%s)", signal.Signals(signum).name)
@@ -250,26 +267,40 @@ def _wait_for_stop() -> int:
             return taken.si_signo
 
 
-def _run_milter(config: Config, judge: Judge, metrics: Metrics) -> int:
-    """libmilter's loop until the first stop signal, in a thread of its own (see the
-    module doc); the main thread waits in ``join``, where SIGHUP handlers run."""
+def _open_milter(config: Config, judge: Judge, metrics: Metrics) -> bool:
+    """Register the milter and bind and listen on its socket (``open_milter``), so that
+    READY=1, sent once every socket is up, means that Postfix's connection is taken:
+    libmilter's loop (``_run_milter``) then accepts what was queued meanwhile. False
+    (logged) when the socket cannot be opened."""
     Milter.factory = lambda: CallaheadMilter(judge, metrics)
     # callahead changes nothing in a message; it only asks for its macros and replies.
     Milter.set_flags(Milter.SETSYMLIST)
+    try:
+        open_milter("callahead", config.milter_socket, MILTER_TIMEOUT)
+    except MilterStartError as exc:
+        log.error("cannot serve the milter on %s: %s", config.socket, exc)
+        return False
+    return True
+
+
+def _run_milter(config: Config) -> int:
+    """libmilter's loop on the open socket until the first stop signal, in a thread of
+    its own (see the module doc); the main thread waits in ``join``, where SIGHUP
+    handlers run."""
     raised: list[BaseException] = []
 
     def run() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            Milter.runmilter("callahead", config.milter_socket, timeout=300)
+            run_milter()
         except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
             raised.append(exc)
 
     thread = threading.Thread(target=run, name="callahead-milter")
-    notify("READY=1")
     thread.start()
+    notify("READY=1")
     thread.join()
-    if raised and isinstance(raised[0], Milter.milter.error):
+    if raised and isinstance(raised[0], MilterStartError):
         log.error("milter stopped: %s (socket %s)", raised[0], config.socket)
         return EX_UNAVAILABLE
     if raised:
