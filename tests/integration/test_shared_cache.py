@@ -1,11 +1,17 @@
 """Several backup MXes sharing one Redis (CALLAHEAD_REDIS_URL), all real parts: a real
 redis-server on loopback, two real Postfix backups (A and B), each with its own
 ``callahead serve`` attached as a milter, and one primary (the harness's stand-in, which
-records every probe it gets). Its own stack: it does not need the session ``stack``."""
+records every probe it gets). Its own stack: it does not need the session ``stack``.
+
+The last tests write into Redis what callahead does not (with redis-py, as anyone who
+reaches Redis could): each backup counts, logs and ignores it, and a forged value costs
+a bounded time."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis as redispy
 
+from callahead.caching.redisstore import CHANNEL, lock_key, valid_key
+from callahead.caching.untrusted import FLUSH_BURST
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import Transaction, make_message, send
 from tests.harness.fixtures import make_workdir
@@ -27,6 +36,10 @@ from tests.integration.conftest import RAISED_LIMITS, SENDER, MetricsDelta, hop
 
 PROBE_TIMEOUT = 2.0
 DOMAIN = "shared.test"
+CACHE_TTL = 86400  # the default
+LOCK_WAIT = 2.0  # the default
+REDIS_TIMEOUT = 0.2  # the default
+INVALID = "callahead_redis_invalid_total"
 
 
 @dataclass
@@ -216,3 +229,87 @@ def test_redis_down_and_back(cluster: Cluster) -> None:
     wait_for(shared_again, 20, interval=0.5, what="sharing to resume")
     assert "answers again" in cluster.a.callahead.log()
     assert cluster.a.counter("callahead_redis_breaker_open") == 0
+
+
+# -- Redis as untrusted input -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def writer(cluster: Cluster) -> Iterator[redispy.Redis]:
+    """A client of that Redis that is no backup."""
+    client = redispy.Redis.from_url(cluster.redis.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_a_forged_entry_is_believed_for_one_cache_ttl_at_most(cluster: Cluster) -> None:
+    """An entry for 10 years: believed (whoever writes to Redis decides, README), but its
+    TTL is cut to CALLAHEAD_CACHE_TTL at the first lookup, so it is verified again then
+    (the expiry itself: tests/unit/caching/test_untrusted.py, with a short TTL)."""
+    unknown = cluster.new_address()
+    delta = MetricsDelta(cluster.b.callahead)
+    with writer(cluster) as forger:
+        forger.set(valid_key(unknown), "1", px=10 * 365 * 86400 * 1000)
+        assert cluster.b.rcpt(unknown).code(unknown) == 250
+        assert 0 < forger.pttl(valid_key(unknown)) <= CACHE_TTL * 1000
+    assert cluster.primary.probes_for(unknown) == 0
+    assert delta(INVALID, kind="entry") == 1
+    assert "more than CALLAHEAD_CACHE_TTL" in cluster.b.callahead.log()
+
+
+def test_garbage_entries_are_counted_and_ignored(cluster: Cluster) -> None:
+    user, unknown = cluster.new_user(), cluster.new_address()
+    delta = MetricsDelta(cluster.b.callahead)
+    with writer(cluster) as forger:
+        forger.set(valid_key(user), "garbage")
+        forger.hset(valid_key(unknown), "valid", "1")  # a key of another type
+        tx = cluster.b.rcpt(user, unknown)
+    assert tx.code(user) == 250 and tx.code(unknown) == 550
+    assert cluster.primary.probes_for(user) == 1  # as if nothing were there
+    assert cluster.primary.probes_for(unknown) == 1
+    assert delta(INVALID, kind="entry") == 2
+    assert delta("callahead_redis_errors_total") == 0  # Redis is not "down" for it
+    assert "is not one callahead writes: ignored" in cluster.b.callahead.log()
+
+
+def test_a_forged_flush_costs_a_redis_round_trip_at_most(cluster: Cluster) -> None:
+    """Flush messages are not authenticated (docs/design.md says why): a well-formed
+    one drops local copies only, which Redis still holds; others are counted and
+    ignored, and a flood past the rate clears instead of being read."""
+    user = cluster.new_user()
+    assert cluster.a.rcpt(user).code(user) == 250
+    wait_for(lambda: cluster.b.rcpt(user).code(user) == 250, 5, what="B to know it")
+    hits = shared_hits(cluster.b)
+    delta = MetricsDelta(cluster.b.callahead)
+    with writer(cluster) as forger:
+        forger.publish(CHANNEL, b"\xff not json")
+        forger.publish(CHANNEL, json.dumps({"all": True}))
+        pipe = forger.pipeline(transaction=False)
+        for _ in range(FLUSH_BURST + 100):
+            pipe.publish(CHANNEL, json.dumps({"domain": DOMAIN}))
+        pipe.execute()
+    wait_for(lambda: delta(INVALID, kind="flush") >= 1 + 50, 10, what="the flood counted")
+    assert cluster.b.rcpt(user).code(user) == 250
+    assert shared_hits(cluster.b) == hits + 1  # from Redis, after the local copy went
+    assert cluster.primary.probes_for(user) == 1
+    assert "a flush message that callahead does not send" in cluster.b.callahead.log()
+
+
+def test_a_forged_lock_costs_at_most_the_redis_timeout_after_the_first(cluster: Cluster) -> None:
+    """A lock of the shape callahead writes, for a day, on each of 20 recipients: they
+    cost 2 s each before (40 s); now the first one waits CALLAHEAD_REDIS_LOCK_WAIT, the
+    others CALLAHEAD_REDIS_TIMEOUT. Last in this module: this backup stays wary of
+    locks for a minute."""
+    users = [cluster.new_user() for _ in range(20)]
+    with writer(cluster) as forger:
+        for user in users:
+            forger.set(lock_key(user), "ab" * 16, px=86400 * 1000)
+        started = time.monotonic()
+        tx = cluster.b.rcpt(*users)
+        took = time.monotonic() - started
+        assert 0 < forger.pttl(lock_key(users[-1])) <= (PROBE_TIMEOUT + 1) * 1000
+    assert [tx.code(user) for user in users] == [250] * 20
+    assert all(cluster.primary.probes_for(user) == 1 for user in users)
+    assert LOCK_WAIT <= took < LOCK_WAIT + 19 * REDIS_TIMEOUT + 8.0, took

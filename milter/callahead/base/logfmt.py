@@ -67,8 +67,9 @@ def _redact_query(query: str) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (a Redis URL in a log line, in
     ``callahead config`` or in a configuration error): the password of the user info,
-    the value of a credential-looking query parameter (``?password=``), and, in text
-    that has no ``//host`` part, everything before an ``@`` (``:secret@host:6379``,
+    a user info without a colon whole (``redis://secret@host``: people write a password
+    there), the value of a credential-looking query parameter (``?password=``), and, in
+    text that has no ``//host`` part, everything before an ``@`` (``:secret@host:6379``,
     a URL whose scheme was forgotten)."""
     try:
         parts = urllib.parse.urlsplit(url)
@@ -77,12 +78,14 @@ def redact_url(url: str) -> str:
         return "(unparsable URL)"
     if not url.partition(":")[2].startswith("//") and "@" in url:
         return f"{HIDDEN}@{url.rpartition('@')[2]}"
-    if password is not None:
+    hidden = "@" in parts.netloc
+    if hidden:
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{host}")
+        user = f"{parts.username or ''}:" if password is not None else ""
+        parts = parts._replace(netloc=f"{user}{HIDDEN}@{host}")
     if parts.query:
         parts = parts._replace(query=_redact_query(parts.query))
-    if password is None and not parts.query:
+    if not hidden and not parts.query:
         return url
     if not parts.netloc:  # unix:///path?password=...: urlunsplit would drop the //
         query = f"?{parts.query}" if parts.query else ""

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -22,6 +23,8 @@ from redis.backoff import NoBackoff
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape, redact_url
 from ..probing.breaker import Breaker, State
+from .redisscripts import CLAIM, CONTROL, ENTRY, POLL, PUBLISH_VALID, RELEASE
+from .untrusted import Distrust, is_address, shown
 
 log = logging.getLogger("callahead.sharedcache")
 
@@ -50,34 +53,6 @@ RESUBSCRIBE_AFTER = 1.0
 ADMIN_TIMEOUT = 5.0
 """Seconds for one step (a SCAN page and its deletion) of an admin command."""
 SCAN_COUNT = 1000
-
-# Look up KEYS[1] (valid); when it is missing, or has less than ARGV[3] ms left (refresh
-# ahead), take KEYS[2] (lock) with token ARGV[1] for ARGV[2] ms. Returns {ms left (-2:
-# missing), 1 if the lock was taken}.
-_CLAIM = """
-local left = redis.call('PTTL', KEYS[1])
-if left > 0 and left >= tonumber(ARGV[3]) then return {left, 0} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {left, 1} end
-return {left, 0}
-"""
-# Another backup's probe: {ms left of KEYS[1] (valid), 1 if KEYS[2] (lock) is held}.
-_POLL = """
-return {redis.call('PTTL', KEYS[1]), redis.call('EXISTS', KEYS[2])}
-"""
-# Store KEYS[1] (valid) for ARGV[1] ms and the address ARGV[3] as its domain's control
-# KEYS[3], then release KEYS[2] (lock) if it holds ARGV[2]: in this order, so that
-# whoever takes the lock next finds the entry.
-_PUBLISH_VALID = """
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1])
-if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-# Release KEYS[1] (lock) if it still holds ARGV[1] (not a later holder's).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _digest(text: str) -> str:
@@ -125,6 +100,9 @@ class SharedObserver(Protocol):
 
     def refreshed(self, outcome: str) -> None: ...
 
+    def redis_invalid(self, kind: str) -> None:
+        """A value read from Redis was invalid and ignored (untrusted.INVALID_KINDS)."""
+
 
 class _Unobserved:
     def watch_redis(self, breaker_open: Callable[[], bool]) -> None:
@@ -141,6 +119,34 @@ class _Unobserved:
 
     def refreshed(self, outcome: str) -> None:
         pass
+
+    def redis_invalid(self, kind: str) -> None:
+        pass
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """For ``rediss://``: the server's certificate checked, and its host name (redis-py
+    4.3, Debian 12's, checks no name by default), unless the URL's own query says
+    otherwise (``?ssl_cert_reqs=none``, ``?ssl_check_hostname=false``: redis-py takes
+    the URL's word over these)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "rediss":
+        return {}
+    asked = urllib.parse.parse_qs(parts.query).get("ssl_cert_reqs", ["required"])[0]
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": asked.lower() != "none"}
+
+
+def _unchecked_tls(url: str) -> str:
+    """What a ``rediss://`` URL turns off of the certificate checks, if anything."""
+    parts = urllib.parse.urlsplit(url)
+    query = {k: v[0].lower() for k, v in urllib.parse.parse_qs(parts.query).items()}
+    if parts.scheme != "rediss":
+        return ""
+    if query.get("ssl_cert_reqs", "required") != "required":
+        return f"the server's certificate is not required (ssl_cert_reqs={query['ssl_cert_reqs']})"
+    if query.get("ssl_check_hostname", "true") in ("false", "0", "no", "f", "n", "off"):
+        return "the server's certificate is not checked for its host name"
+    return ""
 
 
 class RedisStore:
@@ -164,12 +170,22 @@ class RedisStore:
             else Breaker(failures=BREAKER_FAILURES, cooldown=BREAKER_COOLDOWN)
         )
         self._down = False
+        self.distrust = Distrust(self._observer)
         self._client = self._connect()
-        self._claim = self._client.register_script(_CLAIM)
-        self._poll = self._client.register_script(_POLL)
-        self._publish_valid = self._client.register_script(_PUBLISH_VALID)
-        self._release = self._client.register_script(_RELEASE)
+        self._claim = self._client.register_script(CLAIM)
+        self._poll = self._client.register_script(POLL)
+        self._entry = self._client.register_script(ENTRY)
+        self._publish_valid = self._client.register_script(PUBLISH_VALID)
+        self._release = self._client.register_script(RELEASE)
+        self._control = self._client.register_script(CONTROL)
         self._observer.watch_redis(lambda: not self.up)
+        unchecked = _unchecked_tls(url)
+        if unchecked:
+            log.warning(
+                "redis %s: %s, as the URL asks: whoever is on the path can pose as Redis",
+                redact_url(url),
+                unchecked,
+            )
 
     def _connect(self, *, blocking: bool = False) -> aioredis.Redis:
         """A client with no retries of its own (the breaker decides) and every socket
@@ -182,6 +198,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=30 if blocking else 0,
+            **tls_options(self.url),
         )
 
     @property
@@ -232,19 +249,54 @@ class RedisStore:
 
     # -- the probe path ---------------------------------------------------------------
 
-    async def claim(self, address: str, token: str, lock_ms: int, refresh_ms: int) -> list[int]:
-        """[ms left of the valid entry (<= 0: none), 1 if this token took the lock]."""
+    async def claim(
+        self, address: str, token: str, lock_ms: int, refresh_ms: int, ttl_ms: int
+    ) -> tuple[int, int]:
+        """(ms left of the valid entry (<= 0: none), 1 if this token took the lock); an
+        entry is believed for ``ttl_ms`` at most, a lock for ``lock_ms``."""
         keys = [valid_key(address), lock_key(address)]
-        answer = await self.call(
-            "lookup", lambda: self._claim(keys=keys, args=[token, lock_ms, refresh_ms])
-        )
-        return [int(answer[0]), int(answer[1])]
+        args: list[str | int] = [token, lock_ms, refresh_ms, ttl_ms]
+        answer = await self.call("lookup", lambda: self._claim(keys=keys, args=args))
+        self._checked(address, answer, ttl_ms, lock_ms)
+        return int(answer[0]), int(answer[1])
 
-    async def poll(self, address: str) -> list[int]:
-        """[ms left of the valid entry (<= 0: none), 1 if the lock is held]."""
+    async def poll(self, address: str, lock_ms: int, ttl_ms: int) -> tuple[int, int]:
+        """(ms left of the valid entry (<= 0: none), 1 if the lock is held)."""
         keys = [valid_key(address), lock_key(address)]
-        answer = await self.call("poll", lambda: self._poll(keys=keys, args=[]))
-        return [int(answer[0]), int(answer[1])]
+        answer = await self.call("poll", lambda: self._poll(keys=keys, args=[ttl_ms, lock_ms]))
+        self._checked(address, answer, ttl_ms, lock_ms)
+        return int(answer[0]), int(answer[1])
+
+    def _checked(self, address: str, answer: list[int], ttl_ms: int, lock_ms: int) -> None:
+        """Report what the script found wrong: ``answer[2:5]`` is the entry's problem, its
+        ms left as found and the lock's problem (``_CHECKS``)."""
+        entry, found, wrong = (int(n) for n in answer[2:5])
+        rcpt = escape(address)
+        if entry == 1:
+            self.distrust.invalid(
+                "entry", "the shared entry of rcpt=<%s> is not one callahead writes: ignored", rcpt
+            )
+        elif entry == 2:
+            self.distrust.invalid(
+                "entry",
+                "the shared entry of rcpt=<%s> had %s left, more than CALLAHEAD_CACHE_TTL "
+                "(%g s): cut to it (forged, or another backup has a longer TTL)",
+                rcpt,
+                "no expiry" if found < 0 else f"{found / 1000:.0f} s",
+                ttl_ms / 1000,
+            )
+        if wrong == 1:
+            self.distrust.invalid(
+                "lock", "the probe lock of rcpt=<%s> holds no token callahead writes: removed", rcpt
+            )
+        elif wrong == 2:
+            self.distrust.invalid(
+                "lock",
+                "the probe lock of rcpt=<%s> was set to outlive a probe here (%g s): cut to "
+                "it (forged, or another backup has a longer CALLAHEAD_PROBE_TIMEOUT)",
+                rcpt,
+                lock_ms / 1000,
+            )
 
     async def store_valid(self, address: str, ttl_ms: int, token: str = "") -> None:
         """Write ``address`` as valid for ``ttl_ms`` and release its lock if ``token``
@@ -256,11 +308,21 @@ class RedisStore:
 
     async def control(self, domain: str) -> str | None:
         """The address of ``domain`` verified most recently by any backup, if any."""
-        value = await self.call("control", lambda: self._client.get(control_key(domain)))
-        if not isinstance(value, bytes) or len(value) > MAX_CONTROL_LENGTH:
+        keys = [control_key(domain)]
+        kind, value = await self.call("control", lambda: self._control(keys=keys, args=[]))
+        if kind == b"none":
             return None
-        address = value.decode("utf-8", "replace")
-        return address if address.endswith("@" + domain) else None
+        address = value.decode("utf-8", "replace") if len(value) <= MAX_CONTROL_LENGTH else ""
+        if kind == b"string" and is_address(address, domain):
+            return address
+        self.distrust.invalid(
+            "control",
+            'the control address of domain=%s is "%s" (a %s), no address of that domain: ignored',
+            escape(domain),
+            shown(value),
+            escape(kind.decode("ascii", "replace")),
+        )
+        return None
 
     async def release(self, address: str, token: str) -> None:
         keys = [lock_key(address)]
@@ -268,9 +330,13 @@ class RedisStore:
 
     # -- the admin commands -----------------------------------------------------------
 
-    async def remaining(self, address: str) -> float | None:
-        """Seconds ``address`` has left in Redis; None when it is not there."""
-        left = int(await self.call("show", lambda: self._client.pttl(valid_key(address))))
+    async def remaining(self, address: str, ttl_ms: int) -> float | None:
+        """Seconds ``address`` has left in Redis (at most ``ttl_ms``); None when it is not
+        there."""
+        keys = [valid_key(address)]
+        answer = await self.call("show", lambda: self._entry(keys=keys, args=[ttl_ms]))
+        self._checked(address, [answer[0], 0, answer[1], answer[2], 0], ttl_ms, 0)
+        left = int(answer[0])
         return left / 1000 if left > 0 else None
 
     async def forget(self, address: str) -> int:

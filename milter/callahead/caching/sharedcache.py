@@ -11,10 +11,11 @@ network round trip. A local miss goes to the probe engine, which hands it to
    valid (reason ``shared_cache_hit``), with no probe; the entry goes into the local
    cache for its remaining time, at most the local TTL.
 2. Locked by another backup: its probe is waited for (polling, backing off from 10 to
-   100 ms) up to ``CALLAHEAD_REDIS_LOCK_WAIT`` seconds. If it finds the address valid,
-   that is the answer; if the lock goes without a valid entry (the address was unknown
-   or undecided there, which is never stored) or the wait runs out, this backup probes
-   itself.
+   100 ms) up to ``CALLAHEAD_REDIS_LOCK_WAIT`` seconds (``CALLAHEAD_REDIS_TIMEOUT`` for
+   a minute after a long wait that ended without an answer: untrusted.LockTrust). If it
+   finds the address valid, that is the answer; if the lock goes without a valid entry
+   (the address was unknown or undecided there, which is never stored) or the wait runs
+   out, this backup probes itself.
 3. After its own probe, a valid answer is written with the full ``CALLAHEAD_CACHE_TTL``
    (``SET ... PX``) and the lock released (the ``PUBLISH_VALID`` script), in the
    background: the recipient is not kept waiting for it. Unknown and undecided answers
@@ -46,6 +47,10 @@ parts are SHA-256 digests in hex):
   removed, and every backup drops it from its local cache. A backup whose subscription
   was lost clears its local cache when it subscribes again (it may have missed a flush).
 
+What is read from Redis is checked, and what a forged value can cost is bounded (a
+forged entry is believed for one ``CALLAHEAD_CACHE_TTL`` at most, a flush drops local
+copies only, at a bounded rate): untrusted.py.
+
 Refresh ahead, with Redis: a lookup that finds an entry in the last
 ``CALLAHEAD_CACHE_REFRESH`` share of its TTL takes the lock in the same round trip; the
 backup that gets it verifies the address again in the background on a free probe slot
@@ -56,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -80,6 +84,7 @@ from .redisstore import (
     control_key,
     domain_pattern,
 )
+from .untrusted import FlushBudget, LockTrust, parse_flush, shown
 
 log = logging.getLogger("callahead.sharedcache")
 
@@ -119,7 +124,7 @@ class SharedGate:
         self.store = store
         self.local = local
         self._ttl_ms = max(1, int(ttl * 1000))
-        self._lock_wait = lock_wait
+        self._lock_trust = LockTrust(lock_wait, store.timeout)
         self._lock_ms = int((probe_timeout + LOCK_MARGIN) * 1000)
         self._refresh_ms = int(refresh_within * 1000)
         self._refresh_limit = refresh_limit
@@ -128,6 +133,7 @@ class SharedGate:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refreshing: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._flushes = FlushBudget()
 
     @property
     def enabled(self) -> bool:
@@ -137,7 +143,7 @@ class SharedGate:
     def longest_delay(self) -> float:
         """The longest the gate can add to a probe request: a lookup, the wait for
         another backup's probe with its polls, and a second lookup."""
-        return self._lock_wait + 3 * self.store.timeout
+        return self._lock_trust.full + 3 * self.store.timeout
 
     # -- the probe path ---------------------------------------------------------------
 
@@ -157,7 +163,9 @@ class SharedGate:
         started = time.monotonic()
         token = secrets.token_hex(16)
         try:
-            left, holding = await self.store.claim(address, token, self._lock_ms, self._refresh_ms)
+            left, holding = await self.store.claim(
+                address, token, self._lock_ms, self._refresh_ms, self._ttl_ms
+            )
             if left > 0:
                 self._observer.redis_lookup(True)
                 if holding:
@@ -170,7 +178,9 @@ class SharedGate:
                     return self._hit(address, hops, left, started)
                 # Its probe did not find it valid, or took too long: ours, under the
                 # lock if it is free now, so that a third backup waits for us.
-                left, holding = await self.store.claim(address, token, self._lock_ms, 0)
+                left, holding = await self.store.claim(
+                    address, token, self._lock_ms, 0, self._ttl_ms
+                )
                 if left > 0:
                     return self._hit(address, hops, left, started)
         except SharedUnavailable:
@@ -196,25 +206,27 @@ class SharedGate:
     async def _wait(self, address: str) -> int:
         """Wait for another backup's probe of ``address``: ms left of the valid entry it
         wrote, or 0 when there is none (released, timed out, Redis failed)."""
-        deadline = time.monotonic() + self._lock_wait
+        started = time.monotonic()
+        deadline = started + self._lock_trust.limit()
         interval = POLL_FIRST
         while True:
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * 2, POLL_MAX)
             try:
-                left, locked = await self.store.poll(address)
+                left, locked = await self.store.poll(address, self._lock_ms, self._ttl_ms)
             except SharedUnavailable:
-                self._observer.redis_lock_wait("error")
-                return 0
+                return self._waited("error", started, 0)
             if left > 0:
-                self._observer.redis_lock_wait("shared")
-                return left
+                return self._waited("shared", started, left)
             if not locked:
-                self._observer.redis_lock_wait("released")
-                return 0
+                return self._waited("released", started, 0)
             if time.monotonic() >= deadline:
-                self._observer.redis_lock_wait("timeout")
-                return 0
+                return self._waited("timeout", started, 0)
+
+    def _waited(self, outcome: str, started: float, left: int) -> int:
+        self._observer.redis_lock_wait(outcome)
+        self._lock_trust.ended(outcome, time.monotonic() - started)
+        return left
 
     def _after(self, address: str, result: ProbeResult, token: str) -> None:
         """Share a valid answer, release the lock; in the background."""
@@ -308,20 +320,27 @@ class SharedGate:
             await asyncio.sleep(RESUBSCRIBE_AFTER)
 
     def apply_flush(self, data: object) -> int:
-        """Drop from the local cache what another backup's flush names."""
-        try:
-            message = json.loads(data) if isinstance(data, bytes | str) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            message = None
-        if not isinstance(message, dict):
-            return 0
-        if message.get("all") is True:
+        """Drop from the local cache what another backup's flush names (past the rate
+        that ``FlushBudget`` allows: everything, once per message)."""
+        if not self._flushes.take():
+            self.store.distrust.invalid(
+                "flush", "flush messages come too fast: the local cache is cleared instead"
+            )
             return self.local.clear()
-        if isinstance(message.get("domain"), str):
-            return self.local.discard_domain(message["domain"])
-        if isinstance(message.get("address"), str):
-            return int(self.local.discard(message["address"]))
-        return 0
+        flush = parse_flush(data)
+        if flush is None:
+            self.store.distrust.invalid(
+                "flush",
+                'a flush message that callahead does not send: "%s": ignored',
+                shown(data) if isinstance(data, bytes | str) else type(data).__name__,
+            )
+            return 0
+        what, name = flush
+        if what == "all":
+            return self.local.clear()
+        if what == "domain":
+            return self.local.discard_domain(name)
+        return int(self.local.discard(name))
 
     async def flush_address(self, address: str) -> int | None:
         """Remove ``address`` everywhere; keys removed from Redis, None if Redis did not
@@ -358,7 +377,7 @@ class SharedGate:
 
     async def remaining(self, address: str) -> float | None:
         """Seconds ``address`` has left in Redis; raises ``SharedUnavailable``."""
-        return await self.store.remaining(address)
+        return await self.store.remaining(address, self._ttl_ms)
 
     async def aclose(self) -> None:
         """Stop following flushes, let the background writes finish (bounded by the

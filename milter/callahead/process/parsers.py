@@ -7,6 +7,7 @@ levels and Redis URLs. Each ``Kind`` holds the two directions together.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import math
 import urllib.parse
@@ -200,10 +201,36 @@ def _parse_redis_url(name: str, value: str) -> str:
 
     try:
         # What redis-py itself refuses at connect (?db=abc, ?socket_timeout=soon).
-        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise ConfigError(name, value, f"{allowed} ({exc})") from None
+    if parts.username and parts.password is None and not options.get("password"):
+        raise ConfigError(
+            name,
+            value,
+            "a user name without a password (redis-py sends what stands before the @ as a "
+            "user name): for a password alone write redis://:PASSWORD@HOST, for an ACL "
+            "user redis://USER:PASSWORD@HOST",
+        )
+    if not (options.get("password") or options.get("ssl_certfile") or _local(parts)):
+        raise ConfigError(
+            name,
+            value,
+            f"Redis at {parts.hostname} is off this host's loopback and the URL gives no "
+            "password (redis://:PASSWORD@HOST, or an ACL user's USER:PASSWORD@): whoever "
+            "can write to that Redis decides which recipients every backup accepts",
+        )
     return url
+
+
+def _local(parts: urllib.parse.SplitResult) -> bool:
+    """A Redis on this host: a unix socket, ``localhost`` or a loopback address."""
+    if parts.scheme == "unix" or parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
 
 
 REDIS_URL = Kind(_parse_redis_url, redact_url)

@@ -1,15 +1,13 @@
 """The shared cache (sharedcache.py) against a real redis-server on loopback: two gates
 stand for two backup MXes, each with its own local cache; ``run`` stands for each
-one's own probe, and the test counts how often it is called."""
+one's own probe, and the test counts how often it is called (gates.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -21,15 +19,12 @@ from callahead.caching.redisstore import (
     CHANNEL,
     LOCK_PREFIX,
     VALID_PREFIX,
-    RedisStore,
     control_key,
     domain_pattern,
     lock_key,
     valid_key,
 )
-from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Action, Policy, Reason, TempfailAction
-from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import Breaker
 from callahead.process.config import ConfigError, load_config
 from callahead.routing.routes import Nexthop, parse_routes
@@ -39,93 +34,7 @@ from tests.harness.ports import free_port
 from tests.harness.primary import SilentServer
 from tests.harness.redis import RedisServer
 from tests.harness.waiting import wait_until
-
-HOPS = (Nexthop("127.0.0.1", 2525),)
-TTL = 3600.0
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with make_workdir() as workdir, RedisServer(workdir) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> RedisServer:
-    assert redis_server.command("FLUSHALL") == "+OK"
-    return redis_server
-
-
-def new_address(domain: str = "example.test") -> str:
-    return f"u{uuid.uuid4().hex[:10]}@{domain}"
-
-
-@dataclass
-class Backup:
-    """One backup MX as the gate sees it: its own local cache and probe counter."""
-
-    gate: SharedGate
-    metrics: Metrics
-    probes: list[str] = field(default_factory=list)
-
-    @property
-    def local(self) -> PositiveCache:
-        return self.gate.local
-
-    def counted(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
-
-    async def ask(
-        self,
-        address: str,
-        verdict: Verdict = Verdict.VALID,
-        *,
-        before: Callable[[], Awaitable[None]] | None = None,
-    ) -> ProbeResult:
-        async def run() -> ProbeResult:
-            self.probes.append(address)
-            if before is not None:
-                await before()
-            code = {Verdict.VALID: 250, Verdict.UNKNOWN: 550, Verdict.TEMPFAIL: 451}[verdict]
-            return ProbeResult(verdict, Stage.RCPT, code, "scripted", 0.001, str(HOPS[0]))
-
-        return await self.gate.probe(address, HOPS, False, run)
-
-
-def backup(
-    url: str,
-    *,
-    lock_wait: float = 2.0,
-    timeout: float = 0.5,
-    refresh_within: float = 0.0,
-    breaker: Breaker | None = None,
-    local_ttl: float = 60.0,
-) -> Backup:
-    metrics = Metrics()
-    store = RedisStore(url, timeout=timeout, observer=metrics, breaker=breaker)
-    gate = SharedGate(
-        store,
-        PositiveCache(ttl=local_ttl, maxsize=1000),
-        ttl=TTL,
-        lock_wait=lock_wait,
-        probe_timeout=5.0,
-        refresh_within=refresh_within,
-        refresh_limit=4,
-        observer=metrics,
-    )
-    return Backup(gate, metrics)
-
-
-async def settle(*backups: Backup) -> None:
-    """Let the background writes (store, release) finish."""
-    for b in backups:
-        await wait_until(lambda b=b: not b.gate._tasks, what="background writes")  # type: ignore[misc]
-
-
-async def closed(*backups: Backup) -> None:
-    for b in backups:
-        await b.gate.aclose()
-
+from tests.unit.caching.gates import TTL, Backup, backup, closed, new_address, settle
 
 # -- keys ---------------------------------------------------------------------------------
 
@@ -151,7 +60,7 @@ def test_redis_url_is_validated_and_its_password_never_shown() -> None:
     assert "s3cret" not in shown
     assert shown == "redis://cache:***@10.0.0.7:6379/2"
     assert redact_url("unix:///run/redis/redis.sock") == "unix:///run/redis/redis.sock"
-    for good in ("rediss://h.example:6380", "unix:///run/redis.sock", ""):
+    for good in ("rediss://:pw@h.example:6380", "unix:///run/redis.sock", ""):
         load_config({"CALLAHEAD_REDIS_URL": good})
     for bad in ("http://h", "redis://", "unix://relative", "redis://h:99999", "h:6379"):
         with pytest.raises(ConfigError, match="CALLAHEAD_REDIS_URL"):
