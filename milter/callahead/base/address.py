@@ -22,6 +22,12 @@ and 256-octet path limits of RFC 5321 4.5.3.1 are not enforced: servers are told
 to, Postfix does not, and refusing them let padded addresses skip verification."""
 
 
+MAX_DOMAIN_OCTETS = 255
+"""RFC 1035 2.3.4: the longest domain name. Routing a longer one cost time and memory
+quadratic in its labels (each parent domain is a lookup key of Postfix's tables: 1 GB of
+keys for a 64 KiB ``a.a.a...``), for a domain that cannot exist."""
+
+
 class UnsendableAddress(CallaheadError, ValueError):
     """An address that no SMTP command may carry; it is never put on the wire."""
 
@@ -35,7 +41,8 @@ class Recipient:
 
 def normalize_recipient(text: str) -> Recipient | None:
     """``<local@domain>`` (brackets optional) to its normalized form; None without a
-    local part or a domain."""
+    local part or a domain, or with a domain longer than any domain can be (not routed
+    here, as an address without a domain)."""
     address = text.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
@@ -43,6 +50,8 @@ def normalize_recipient(text: str) -> Recipient | None:
     if not sep or not local or not domain:
         return None
     domain = normalize_domain(domain)
+    if len(domain) > MAX_DOMAIN_OCTETS:
+        return None
     return Recipient(f"{local}@{domain}", domain)
 
 

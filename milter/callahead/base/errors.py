@@ -18,7 +18,7 @@
 * ``UnixSocketError`` (unixsocket.py): a unix socket path that must not be taken
   (something that is not a socket, or a socket that answers); the admin socket goes
   off, the policy service exits 69.
-* ``RequestError`` (policyservice.py): a policy request that cannot be Postfix's; the
+* ``RequestError`` (policyrequest.py): a policy request that cannot be Postfix's; the
   connection is closed.
 """
 

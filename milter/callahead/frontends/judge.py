@@ -20,6 +20,10 @@ log = logging.getLogger("callahead.decision")
 
 _REPLY_LOGGED = frozenset({Reason.PROBE_TEMPFAIL, Reason.PROBER_REFUSED})
 """Accepted decisions whose log line carries the primary's reply: it says why."""
+MAX_LOGGED_ADDRESS = 512
+"""Characters of a recipient a log line shows, at most (a probe carries at most 500
+octets): a 64 KiB garbage argument is logged as its start and its length, in bounded
+time and within journald's line limit."""
 
 
 class Judge:
@@ -48,7 +52,7 @@ class Judge:
             "%s: client=%s rcpt=<%s>: internal error",
             escape(queue_id),
             escape(client or "unknown"),
-            escape(recipient),
+            escape(recipient[:MAX_LOGGED_ADDRESS]),
         )
         self._metrics.errors.inc()
         normalized = normalize_recipient(recipient)
@@ -69,10 +73,13 @@ class Judge:
 def decision_line(decision: Decision) -> str:
     """The log line body for one decision; the recipient and the primary's reply are
     escaped (logfmt.py), so neither can add or end a field."""
-    text = (
-        f"rcpt=<{escape(decision.address)}> decision={decision.action.value}"
-        f" reason={decision.reason.value}"
-    )
+    address = decision.address
+    shown = escape(address[:MAX_LOGGED_ADDRESS])
+    if len(address) > MAX_LOGGED_ADDRESS:
+        shown += f"...> rcpt_chars={len(address)}"
+    else:
+        shown += ">"
+    text = f"rcpt=<{shown} decision={decision.action.value} reason={decision.reason.value}"
     if decision.dry_run:
         text += " dry_run=yes"
     probe = decision.probe

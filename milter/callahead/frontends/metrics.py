@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Metric,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import metrics as _client_metrics
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from ..core.policy import Action, Decision, Reason
 from ..probing.engine import PrimaryState
 from ..smtp.verdict import Basis, ProbeResult, Verdict
+from .metricshttp import MetricsServer
+from .primarygauges import PrimariesCollector
 
 
 def _disable_created_series() -> None:
@@ -39,44 +32,10 @@ _disable_created_series()
 REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
 CATCHALL_OUTCOMES = REFRESH_OUTCOMES
 REDIS_LOCK_WAIT_OUTCOMES = ("shared", "released", "timeout", "error")
+REDIS_INVALID_KINDS = ("entry", "lock", "control", "flush")
+"""caching.untrusted.INVALID_KINDS"""
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class _PrimariesCollector(Collector):
-    """The per-primary gauges, read from the engine's state when Prometheus scrapes (the
-    engine keeps plain fields; it knows nothing of Prometheus)."""
-
-    GAUGES = (
-        ("callahead_pool_sessions", "Open probe sessions to a primary", "open_sessions"),
-        (
-            "callahead_primary_reached",
-            "1 if the last probe of a primary reached it at the SMTP level, else 0",
-            "reached",
-        ),
-        (
-            "callahead_breaker_open",
-            "1 while a primary is treated as down (no probes until the cooldown ends)",
-            "breaker_open",
-        ),
-        (
-            "callahead_primary_refuses_prober",
-            "1 while the last answer of a primary refused the prober: its domains are "
-            "accepted unverified",
-            "refuses_prober",
-        ),
-    )
-
-    def __init__(self) -> None:
-        self.states: Callable[[], Iterable[PrimaryState]] = lambda: ()
-
-    def collect(self) -> Iterator[Metric]:
-        states = list(self.states())
-        for name, documentation, field in self.GAUGES:
-            family = GaugeMetricFamily(name, documentation, labels=["primary"])
-            for state in states:
-                family.add_metric([state.name], float(getattr(state, field)))
-            yield family
 
 
 class Metrics:
@@ -201,6 +160,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.policy_stalled = Counter(
+            "callahead_policy_stalled_connections",
+            "Policy service connections closed because the client left its answers unread "
+            "for 10 s (one that sends requests and never reads cannot hold a connection)",
+            registry=r,
+        )
+        self.milter_connections = Gauge(
+            "callahead_milter_connections",
+            "Open milter connections that negotiated (Postfix keeps one per SMTP session)",
+            registry=r,
+        )
+        self.milter_refused = Counter(
+            "callahead_milter_refused_connections",
+            "Milter connections closed at negotiation because the most allowed were open; "
+            "Postfix applied milter_default_action to their SMTP sessions",
+            registry=r,
+        )
         self.domain_accepts_all = Gauge(
             "callahead_domain_accepts_all",
             "1 while the last check found the primary of a routed domain (a CALLAHEAD_ROUTES "
@@ -251,7 +227,16 @@ class Metrics:
         )
         for outcome in REDIS_LOCK_WAIT_OUTCOMES:
             self.redis_lock_waits.labels(outcome)
-        self._primaries = _PrimariesCollector()
+        self.redis_invalid_values = Counter(
+            "callahead_redis_invalid",
+            "Values read from Redis that callahead does not write, by kind (entry, lock, "
+            "control, flush); logged and ignored (a TTL over the cap is cut to it)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in REDIS_INVALID_KINDS:
+            self.redis_invalid_values.labels(kind)
+        self._primaries = PrimariesCollector()
         r.register(self._primaries)
         # Pre-create the label sets so that every series exists from the first scrape.
         self._probe_counts = {v: self.probes.labels(v.value) for v in Verdict}
@@ -327,6 +312,9 @@ class Metrics:
     def redis_lock_wait(self, outcome: str) -> None:
         self.redis_lock_waits.labels(outcome).inc()
 
+    def redis_invalid(self, kind: str) -> None:
+        self.redis_invalid_values.labels(kind).inc()
+
     def refreshed(self, outcome: str) -> None:
         """One background refresh ended: a verdict's value, or ``skipped``."""
         self.refreshes.labels(outcome).inc()
@@ -371,6 +359,9 @@ class Metrics:
         elif decision.action is not Action.SKIP and decision.reason is not Reason.ERROR:
             self.cache_misses.inc()
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve ``/metrics`` over HTTP from a daemon thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """Serve ``/metrics`` over HTTP from a thread of its own (metricshttp.py);
+        raises ``OSError`` when it cannot listen."""
+        server = MetricsServer(self.registry)
+        server.start(host, port)
+        return server

@@ -19,9 +19,11 @@ the dictionary guard) is the requester's word. On ``inet`` only clients of the a
 networks (``CALLAHEAD_POLICY_CLIENTS``, loopback by default) are served; any other is
 disconnected at once. Bounds: at most ``max_connections`` connections (a new one beyond
 is disconnected at once, the open ones are served on), ``MAX_REQUEST`` bytes buffered
-per connection, and a connection idle longer than Postfix keeps its own
-(``smtpd_policy_service_max_idle``) is closed. Refused connections are counted by
-reason and logged at most once a minute per reason.
+per connection, a connection idle longer than Postfix keeps its own
+(``smtpd_policy_service_max_idle``) is closed, and so is one that reads no answer for
+``WRITE_TIMEOUT`` seconds (a client that sends requests and never reads them cannot hold
+its connection). Refused and stalled connections are counted by reason and logged at
+most once a minute per reason.
 """
 
 from __future__ import annotations
@@ -31,37 +33,29 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from ..base.address import external_form
-from ..base.errors import CallaheadError
 from ..base.logfmt import escape
 from ..core.policy import RECIPIENT_REJECTED, Decision
 from .judge import Judge
 from .metrics import Metrics
+from .policyrequest import MAX_REQUEST, PolicyRequest, RequestError, RequestReader
 from .unixsocket import BoundSocket, bind_unix
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("callahead.policyservice")
 
-MAX_REQUEST = 16 * 1024
-"""Bytes of one request, at most, its lines and the empty lines before it together
-(Postfix's are under 2 KiB). Also the reader's buffer limit, so a connection holds
-little more than this however it sends."""
-MAX_LINE = MAX_REQUEST
-"""Bytes of one attribute line, at most."""
-MAX_ATTRIBUTES = 256
-"""Attributes of one request, at most (Postfix 3.7 sends about 30)."""
 IDLE_MARGIN = 5.0
 """Seconds past Postfix's ``smtpd_policy_service_max_idle`` before an idle connection is
 closed: Postfix closes its own first. Closing one it still holds costs its next request
 a reconnection after ``smtpd_policy_service_try_delay`` (1 s)."""
 IDLE_TIMEOUT = 300.0 + IDLE_MARGIN
 """Seconds a connection may wait for its next request, by default."""
-REQUEST_TIMEOUT = 30.0
-"""Seconds for the rest of a request once its first line came."""
+WRITE_TIMEOUT = 10.0
+"""Seconds an answer may wait for the client to read (only once the socket's buffers
+are full: an answer is about 20 bytes, and Postfix reads each one at once)."""
 MAX_CONNECTIONS = 200
 """Connections open at once, by default (``CALLAHEAD_POLICY_MAX_CONNECTIONS``)."""
 LOOPBACK: tuple[Network, ...] = (
@@ -73,20 +67,6 @@ REFUSAL_LOG_INTERVAL = 60.0
 DUNNO = "DUNNO"
 
 
-class RequestError(CallaheadError):
-    """A request that cannot be Postfix's: the connection is closed."""
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyRequest:
-    attributes: Mapping[str, str]
-    malformed: int = 0
-    """Lines that were not ``name=value``."""
-
-    def get(self, name: str) -> str:
-        return self.attributes.get(name, "")
-
-
 def action_for(decision: Decision) -> str:
     """The ``action=`` value for a decision: ``DUNNO`` (no opinion) or the reply."""
     reply = decision.reply
@@ -94,106 +74,6 @@ def action_for(decision: Decision) -> str:
         return DUNNO
     # Postfix writes "<rcpt>: Recipient address rejected: " before the text itself.
     return f"{reply.code} {reply.xcode} {reply.text.removeprefix(RECIPIENT_REJECTED)}"
-
-
-class RequestReader:
-    """Reads the requests of one connection.
-
-    Postfix writes a whole request at once, so one ``read`` usually brings it all; the
-    request is then cut out of the buffer and split into lines by ``bytes`` methods (a
-    ``readline`` per attribute cost about a third of the warm path's CPU). A request
-    ends at its first empty line (``\\n\\n``, or ``\\n\\r\\n`` from a client that ends its
-    lines with CRLF); empty lines before it are skipped but count against
-    ``MAX_REQUEST``. Deadlines: ``idle_timeout`` while nothing of the next request has
-    come, then ``REQUEST_TIMEOUT`` for the rest of it."""
-
-    def __init__(self, reader: asyncio.StreamReader, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        self._reader = reader
-        self._idle_timeout = idle_timeout
-        self._buffer = b""
-        self._skipped = 0
-        """Bytes of empty lines skipped before the next request."""
-
-    async def next(self) -> PolicyRequest | None:
-        """The next request, or None when the client closed (or stayed silent for the
-        idle timeout) between requests."""
-        deadline: float | None = None
-        loop = asyncio.get_running_loop()
-        while True:
-            request = self._take()
-            if request is not None:
-                return request
-            if self._buffer and deadline is None:
-                deadline = loop.time() + REQUEST_TIMEOUT
-            try:
-                if deadline is None:
-                    async with asyncio.timeout(self._idle_timeout):
-                        data = await self._reader.read(MAX_REQUEST)
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        data = await self._reader.read(MAX_REQUEST)
-            except TimeoutError:
-                if not self._buffer:
-                    return None
-                raise RequestError("the request was not finished in time") from None
-            if not data:
-                if not self._buffer:
-                    return None
-                if not self._buffer.endswith(b"\n"):
-                    raise RequestError("the connection closed inside a line")
-                raise RequestError("the connection closed inside a request")
-            self._buffer += data
-
-    def _take(self) -> PolicyRequest | None:
-        """A complete request cut from the buffer, if there is one."""
-        buffer = self._buffer
-        skip = 0  # empty lines before the request, cut once (not a copy per line)
-        while True:
-            if buffer.startswith(b"\n", skip):
-                skip += 1
-            elif buffer.startswith(b"\r\n", skip):
-                skip += 2
-            else:
-                break
-        if skip:
-            self._skipped += skip
-            buffer = self._buffer = buffer[skip:]
-        end, size = buffer.find(b"\n\n"), 2
-        crlf = buffer.find(b"\n\r\n")
-        if crlf >= 0 and (end < 0 or crlf < end):
-            end, size = crlf, 3
-        size += end
-        if end < 0:
-            if self._skipped + len(buffer) > MAX_REQUEST:
-                raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
-            return None
-        if self._skipped + size > MAX_REQUEST:
-            raise RequestError(f"a request longer than {MAX_REQUEST} bytes")
-        self._buffer = buffer[size:]
-        self._skipped = 0
-        # One decode for the whole request: bytes that are not UTF-8 stay as surrogates
-        # (a recipient is judged bad_address, not mistaken for another).
-        text = buffer[:end].decode("utf-8", "surrogateescape")
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").removesuffix("\r")
-        lines = text.split("\n")
-        if len(lines) > MAX_ATTRIBUTES:
-            raise RequestError(f"more than {MAX_ATTRIBUTES} attributes")
-        try:  # every line name=value, as Postfix writes them: built in C
-            attributes = dict(line.split("=", 1) for line in lines)
-        except ValueError:  # a line without "="
-            attributes = {"": ""}
-        if "" not in attributes:
-            return PolicyRequest(attributes, 0)
-        attributes = {}
-        malformed = 0
-        for line in lines:
-            name, sep, value = line.partition("=")
-            if sep and name:
-                attributes[name] = value
-            else:
-                malformed += 1
-        return PolicyRequest(attributes, malformed)
 
 
 class PolicyService:
@@ -207,15 +87,17 @@ class PolicyService:
         clients: Iterable[Network] = LOOPBACK,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         """``clients``: the networks an ``inet`` client must be in (a unix socket's
         are the filesystem's business); ``idle_timeout``: seconds a connection may wait
-        between two requests."""
+        between two requests; ``write_timeout``: seconds an answer may wait to be read."""
         self._judge = judge
         self._metrics = metrics
         self._clients = tuple(clients)
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
+        self._write_timeout = write_timeout
         self._servers: list[asyncio.Server] = []
         self._bound: BoundSocket | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -267,7 +149,7 @@ class PolicyService:
                 async with asyncio.timeout(grace):
                     await self._drained.wait()
         for writer in list(self._connections):
-            writer.close()
+            self._close(writer)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -284,16 +166,24 @@ class PolicyService:
             return "limit"
         return None
 
-    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
-        writer.close()
-        self._metrics.policy_refused.labels(reason).inc()
+    def _more(self, reason: str, what: str = "refused") -> str | None:
+        """None when a line of ``reason`` was logged within ``REFUSAL_LOG_INTERVAL``
+        (this one is counted for the next line); else what the next line adds: how many
+        went unlogged since the last one."""
         now = time.monotonic()
         logged, since = self._refusals.get(reason, (-REFUSAL_LOG_INTERVAL, 0))
         if now - logged < REFUSAL_LOG_INTERVAL:
             self._refusals[reason] = (logged, since + 1)
-            return
+            return None
         self._refusals[reason] = (now, 0)
-        more = f" ({since} more refused since the last line)" if since else ""
+        return f" ({since} more {what} since the last line)" if since else ""
+
+    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        writer.close()
+        self._metrics.policy_refused.labels(reason).inc()
+        more = self._more(reason)
+        if more is None:
+            return
         if reason == "client":
             log.warning(
                 "policy client %s is not in CALLAHEAD_POLICY_CLIENTS: disconnected%s",
@@ -331,7 +221,12 @@ class PolicyService:
                 try:
                     action = await self.answer(request)
                     writer.write(b"action=" + action.encode("utf-8", "replace") + b"\n\n")
-                    await writer.drain()
+                    try:
+                        async with asyncio.timeout(self._write_timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        self._stalled(writer)
+                        return
                 finally:
                     self._busy -= 1
                     if self._drained is not None and not self._busy:
@@ -341,7 +236,29 @@ class PolicyService:
         finally:
             self._metrics.policy_connections.dec()
             self._connections.discard(writer)
-            writer.close()
+            self._close(writer)
+
+    def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection. ``close`` keeps it open until the answers still buffered
+        are read: a client that never reads them loses it ``write_timeout`` later."""
+        writer.close()
+        transport = writer.transport
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._write_timeout, transport.abort)
+
+    def _stalled(self, writer: asyncio.StreamWriter) -> None:
+        """The client read no answer for ``write_timeout`` seconds: drop the connection
+        at once (``close`` would wait for the unread answers to be sent, holding it)."""
+        writer.transport.abort()
+        self._metrics.policy_stalled.inc()
+        more = self._more("stalled", "disconnected")
+        if more is not None:
+            log.warning(
+                "policy client %s read no answer for %gs: disconnected%s",
+                _peer(writer),
+                self._write_timeout,
+                more,
+            )
 
     async def answer(self, request: PolicyRequest) -> str:
         """The action for one request."""

@@ -3,6 +3,10 @@
 libmilter runs each SMTP connection in a thread of its own; those threads hand their
 probe to this loop with ``run_coroutine_threadsafe`` and wait for the result with a
 bound, so a stuck probe can never hold a Postfix smtpd process past the deadline.
+
+Errors the loop cannot hand to anyone (an ``accept`` out of file descriptors, retried
+each second by asyncio) go through ``QuietErrors``: one line a minute with a count,
+never a traceback per try.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import errno
 import importlib.metadata
 import logging
 import threading
@@ -37,6 +42,61 @@ HEARTBEAT_INTERVAL = 0.5
 STALL_LIMIT = 5.0
 """Seconds without a beat after which the probe loop counts as stuck: recipients then
 get the tempfail action at once instead of each waiting the whole handoff time."""
+
+
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Out of file descriptors or memory: asyncio stops accepting on that socket for a second
+(``socket.accept() out of system resource``) and tries again."""
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about the same kind of loop error."""
+
+
+class QuietErrors:
+    """An event loop's exception handler: errors that repeat are logged once per
+    ``interval`` with how many came since, not once each.
+
+    An ``OSError`` out of file descriptors or memory (``RESOURCE_ERRNOS``: what asyncio
+    meets accepting a connection when idle connections hold every descriptor) is a
+    warning without a traceback: it says what ran out, not where. Any other ``OSError``
+    gets asyncio's own line, traceback and all, the first time, then the same
+    one-a-minute line. Everything else goes to asyncio's own handler unchanged. Before
+    this, asyncio logged each retry with its traceback (about 15 lines a second per
+    listening socket), which journald rate-limits, so the decision lines were lost."""
+
+    def __init__(
+        self, interval: float = ERROR_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[tuple[str, int | None], tuple[float, int]] = {}
+        """(error class, errno) -> (when its last line was logged, how many since)."""
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not isinstance(exc, OSError):
+            loop.default_exception_handler(context)
+            return
+        key = (type(exc).__name__, exc.errno)
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self._interval:
+            self._seen[key] = (last[0], last[1] + 1)
+            return
+        self._seen[key] = (now, 0)
+        more = f" ({last[1]} more since the last line)" if last is not None and last[1] else ""
+        event = context.get("message") or "event loop error"
+        if exc.errno in RESOURCE_ERRNOS:
+            log.warning(
+                "%s: %s; tried again each second, logged at most every %gs%s",
+                event,
+                exc,
+                self._interval,
+                more,
+            )
+        elif last is None:
+            loop.default_exception_handler(context)
+        else:
+            log.warning("%s: %s%s", event, exc, more)
 
 
 class LoopKind(enum.Enum):
@@ -93,6 +153,7 @@ class ProbeLoop:
     ) -> None:
         self._loop, self.implementation = new_event_loop(kind)
         """``implementation``: which loop this is, in words."""
+        self._loop.set_exception_handler(QuietErrors())
         self._thread = threading.Thread(target=self._run, name="callahead-probes", daemon=True)
         self._stall_limit = stall_limit
         self._last_beat = time.monotonic()
@@ -141,6 +202,8 @@ class ProbeLoop:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()  # not left to the garbage collector, in any order
 
 
 class LoopProber:

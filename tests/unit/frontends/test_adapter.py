@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,9 +88,10 @@ class Harness:
             guard=guard,
         )
         self.instances: list[CallaheadMilter] = []
+        connections = adapter_module.MilterConnections()  # not the process's own count
 
         def factory() -> CallaheadMilter:
-            milter = CallaheadMilter(Judge(self.policy, self.metrics), self.metrics)
+            milter = CallaheadMilter(Judge(self.policy, self.metrics), self.metrics, connections)
             self.instances.append(milter)
             return milter
 
@@ -368,7 +370,7 @@ def test_negotiate_with_the_c_context(offered_actions: int) -> None:
         tempfail_action=TempfailAction.ACCEPT,
     )
     metrics = Metrics()
-    milter = CallaheadMilter(Judge(policy, metrics), metrics)
+    milter = CallaheadMilter(Judge(policy, metrics), metrics, adapter_module.MilterConnections())
     ctx = StrictCtx()
     milter._setctx(ctx)
     opts = [offered_actions, 0x1FFFFF, 0, 0]
@@ -692,3 +694,135 @@ def test_blanks_and_parentheses_inside_quotes_are_kept(
     assert calls in ([written[1:-1]], [])
     if written.startswith('<"'):
         assert calls == [written[1:-1]]
+
+
+# --- bounds: a long argument, many connections -----------------------------------------
+
+OLD_PATH = re.compile(r"[\s<]*(.*?)[\s>]*", re.DOTALL)
+"""The expression the linear ``_path`` replaces: quadratic over a run of blanks or ``>``."""
+PATH_TEXT = st.text(alphabet=st.sampled_from(' \t\n\x0b\xa0\u2003<>a@"()\\:,.'), max_size=40)
+
+
+@given(PATH_TEXT)
+@example("<<>>")
+@example(" > < ")
+@example("\u2003<a@b>\xa0")
+def test_the_path_is_taken_out_as_the_old_expression_took_it(to: str) -> None:
+    match = OLD_PATH.fullmatch(to)
+    assert match is not None
+    assert adapter_module._path(to) == match.group(1)
+
+
+@pytest.mark.parametrize(
+    ("written", "judged"),
+    [
+        ("<bob@example.com>", "<bob@example.com>"),
+        ("bob@example.com", "<bob@example.com>"),
+        ("< bob@example.com >", "<bob@example.com>"),
+        ("<<bob@example.com>>", "<bob@example.com>"),
+        ("bob@example.com>", "<bob@example.com>"),
+        ("<@relay.example,@other.example:bob@example.com>", "<bob@example.com>"),
+        ("<bob(note)@example.com>", "<bob@example.com>"),
+        ('<"a b"@example.com>', '<"a b"@example.com>'),
+        ("<a:b@example.com>", '<"a:b"@example.com>'),
+        ("<@example.com>", '<""@example.com>'),
+        ("<>", "<>"),
+        ('<"open@example.com>', '<"open@example.com>'),
+    ],
+)
+def test_the_usual_forms_are_judged_as_before(written: str, judged: str) -> None:
+    assert adapter_module.milter_recipient(written) == judged
+
+
+LONG = 64 * 1024
+LONG_ARGUMENTS = {
+    "blanks inside": "<bob" + " " * LONG + "@example.com>",
+    "brackets inside": "<bob@example.com" + ">" * LONG + "x>",
+    "a long local part": "<" + "b" * LONG + "@example.com>",
+    "a comment": "<(" + "x" * LONG + ")bob@example.com>",
+    "a source route": "<@" + ",@a" * (LONG // 3) + ":bob@example.com>",
+    "a long domain": "<bob@" + "a." * (LONG // 2) + "example.com>",
+    "no address": "<" * LONG,
+    "brackets alone": "<" * LONG + ">" * LONG,
+}
+
+
+@pytest.mark.parametrize("action", [TempfailAction.ACCEPT, TempfailAction.DEFER])
+@pytest.mark.parametrize("argument", LONG_ARGUMENTS.values(), ids=LONG_ARGUMENTS.keys())
+def test_a_64_kib_argument_is_answered_at_once_and_never_rejected(
+    monkeypatch: pytest.MonkeyPatch, argument: str, action: TempfailAction
+) -> None:
+    """The old expression took 17 s over 60 KB of blanks, holding the GIL: the probe
+    loop, the policy service and the watchdog stalled with it. An argument this long is
+    garbage: never probed, never cached, never a reject (the tempfail action if its
+    domain is routed, no opinion if not)."""
+    h = Harness(monkeypatch, FakeProber({}), action)  # FakeProber({}) fails if asked
+    h.connect()
+    started = time.perf_counter()
+    rc = h.rcpt(argument)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5
+    assert rc in (Milter.CONTINUE, Milter.TEMPFAIL)
+    assert h.prober.calls == []
+    assert h.sample("callahead_errors_total") == 0
+    assert (
+        h.sample("callahead_rcpt_decisions_total", decision="reject", reason="probe_unknown") == 0
+    )
+
+
+def test_a_long_argument_with_a_routed_domain_gets_the_tempfail_action(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness(monkeypatch, FakeProber({}), TempfailAction.DEFER)
+    h.connect()
+    assert h.rcpt(LONG_ARGUMENTS["a comment"]) == Milter.TEMPFAIL
+    assert h.sample("callahead_rcpt_decisions_total", decision="defer", reason="bad_address") == 1
+
+
+def negotiated(milter: CallaheadMilter) -> int:
+    milter._setctx(StrictCtx())
+    return milter.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+
+
+def test_beyond_the_cap_a_milter_connection_fails_its_negotiation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """libmilter closes a connection whose negotiation fails at once; Postfix applies
+    milter_default_action to that session."""
+    policy = Policy(
+        routes=ROUTES,
+        cache=PositiveCache(ttl=60, maxsize=100),
+        prober=FakeProber({}),
+        tempfail_action=TempfailAction.ACCEPT,
+    )
+    metrics = Metrics()
+    connections = adapter_module.MilterConnections(limit=2)
+
+    def connect() -> CallaheadMilter:
+        return CallaheadMilter(Judge(policy, metrics), metrics, connections)
+
+    first, second = connect(), connect()
+    assert negotiated(first) == Milter.CONTINUE
+    assert negotiated(second) == Milter.CONTINUE
+    with caplog.at_level(logging.WARNING, logger="callahead.adapter"):
+        assert negotiated(connect()) == Milter.TEMPFAIL
+        assert negotiated(connect()) == Milter.TEMPFAIL
+    assert connections.open == 2
+    assert metrics.registry.get_sample_value("callahead_milter_connections") == 2
+    assert metrics.registry.get_sample_value("callahead_milter_refused_connections_total") == 2
+    refusals = [r for r in caplog.records if "milter connection(s) refused" in r.getMessage()]
+    assert len(refusals) == 1  # a flood is one line a minute
+    first.close()
+    first.close()  # libmilter calls it once; twice must not count twice
+    assert connections.open == 1
+    assert negotiated(connect()) == Milter.CONTINUE
+    assert metrics.registry.get_sample_value("callahead_milter_connections") == 2
+
+
+def test_the_default_cap_leaves_half_the_descriptors_to_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("resource.getrlimit", lambda _: (1024, 4096))
+    assert adapter_module.default_limit() == 512
+    monkeypatch.setattr("resource.getrlimit", lambda _: (65536, 65536))
+    assert adapter_module.default_limit() == adapter_module.MAX_CONNECTIONS

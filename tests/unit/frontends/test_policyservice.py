@@ -4,11 +4,13 @@ and a fuzz of the request parser."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +25,10 @@ from callahead.caching.cache import PositiveCache
 from callahead.core.policy import Action, Decision, Policy, Reason, TempfailAction
 from callahead.frontends.judge import Judge
 from callahead.frontends.metrics import Metrics
+from callahead.frontends.policyrequest import MAX_ATTRIBUTES, MAX_LINE, MAX_REQUEST
 from callahead.frontends.policyservice import (
     IDLE_MARGIN,
     IDLE_TIMEOUT,
-    MAX_ATTRIBUTES,
-    MAX_LINE,
-    MAX_REQUEST,
     PolicyService,
     action_for,
 )
@@ -37,6 +37,7 @@ from callahead.probing.loop import ProbeLoop
 from callahead.routing.routes import parse_routes
 from callahead.smtp.verdict import ProbeResult, Stage, Verdict
 from tests.harness.ports import read_until
+from tests.harness.waiting import wait_for
 from tests.unit.probers import SyncProber
 
 ROUTES = parse_routes("example.com=[192.0.2.10]:25")
@@ -471,3 +472,58 @@ def test_at_stop_the_unix_socket_of_a_later_instance_is_left(tmp_path: Path) -> 
     finally:
         second.close()
     assert not path.exists()
+
+
+# --- a client that never reads ---------------------------------------------------------
+
+
+def send_until_dropped(conn: socket.socket, data: bytes) -> None:
+    """Send ``data``; the server dropping the connection ends it early."""
+    with contextlib.suppress(OSError):
+        conn.sendall(data)
+
+
+def test_clients_that_never_read_are_dropped_and_others_served(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Requests sent without reading the answers fill the socket's buffers, and the
+    answer waited on ``drain`` with no deadline: four such clients held every allowed
+    connection past the idle and request deadlines, and real requests were refused.
+    (On the unix socket, the default: over loopback TCP the kernel buffers grow to
+    megabytes before a write waits, the same wait after more requests.)"""
+    served = Served(path=tmp_path / "policy.sock", write_timeout=0.5, max_connections=4)
+    pipelined = request(protocol_state="CONNECT") * 40_000  # 560 KB of answers
+    stalled: list[socket.socket] = []
+    senders: list[threading.Thread] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="callahead.policyservice"):
+            for _ in range(3):
+                conn = served.connect()
+                conn.settimeout(20)
+                stalled.append(conn)
+                senders.append(threading.Thread(target=send_until_dropped, args=(conn, pipelined)))
+            started = time.monotonic()
+            for sender in senders:
+                sender.start()
+            # Meanwhile the fourth connection is answered: the loop is not held.
+            with served.connect() as conn:
+                answer = served.ask(conn, request(recipient="ghost@example.com"))
+                assert answer.startswith(b"action=550")
+            wait_for(
+                lambda: served.sample("callahead_policy_stalled_connections_total") == 3,
+                10,
+                what="the three to be dropped",
+            )
+            assert time.monotonic() - started < 8
+            wait_for(lambda: served.service.connections == 0, 5, what="their slots freed")
+            with served.connect() as conn:
+                answer = served.ask(conn, request(recipient="known@example.com"))
+                assert answer == b"action=DUNNO\n\n"
+        lines = [r for r in caplog.records if "read no answer" in r.getMessage()]
+        assert len(lines) == 1  # then counted, one line a minute
+    finally:
+        for conn in stalled:
+            conn.close()
+        for sender in senders:
+            sender.join(5)
+        served.close()

@@ -1,10 +1,18 @@
 """The probe loop's prober on its async path (the policy service's): bounded by the
-same deadline as the thread path, and answered with the tempfail result at shutdown."""
+same deadline as the thread path, and answered with the tempfail result at shutdown;
+and the loop's handler of errors nobody else can take (an accept out of descriptors)."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
+import os
+import socket
 import sys
 import threading
+from asyncio import constants as asyncio_constants
+from typing import Any
 
 import pytest
 
@@ -14,6 +22,7 @@ from callahead.probing.loop import (
     LoopProber,
     LoopUnavailable,
     ProbeLoop,
+    QuietErrors,
     loop_problem,
 )
 from callahead.routing.routes import Nexthop
@@ -106,3 +115,73 @@ def test_uvloop_chosen_but_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> 
     assert loop_problem(LoopKind.ASYNCIO) is None
     with pytest.raises(LoopUnavailable, match="python3-uvloop"):
         ProbeLoop(kind=LoopKind.UVLOOP)
+
+
+# --- errors the loop cannot hand to anyone ---------------------------------------------
+
+
+class OutOfDescriptors(socket.socket):
+    """A listening socket whose ``accept`` fails as when every descriptor is taken."""
+
+    tries = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        OutOfDescriptors.tries += 1
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def test_accept_out_of_descriptors_is_one_line_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, probe_loop: ProbeLoop
+) -> None:
+    """asyncio retries such an accept each second and logged each try with its
+    traceback (through the loop's exception handler): journald then rate-limited the
+    process, and the decision lines were lost with the tracebacks."""
+    monkeypatch.setattr(asyncio_constants, "ACCEPT_RETRY_DELAY", 0.01)
+    OutOfDescriptors.tries = 0
+    listener = OutOfDescriptors(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+
+    async def serve() -> asyncio.Server:
+        return await asyncio.start_server(lambda r, w: None, sock=listener)
+
+    with caplog.at_level(logging.DEBUG):
+        server = probe_loop.run(serve(), timeout=5)
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=5):
+                wait_for(lambda: OutOfDescriptors.tries >= 20, 10, what="20 tries")
+        finally:
+            probe_loop.call_soon(server.close)
+    lines = [r for r in caplog.records if "out of system resource" in r.getMessage()]
+    assert len(lines) == 1
+    assert "Too many open files" in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info or r.name == "asyncio"]
+
+
+def test_repeated_errors_are_counted_into_one_line_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    handler = QuietErrors(interval=60.0, clock=lambda: now[0])
+    loop = asyncio.new_event_loop()
+    emfile = {"message": "socket.accept() out of system resource", "exception": OSError(24, "x")}
+    other = {"message": "Exception in callback", "exception": OSError(errno.EPROTO, "y")}
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(61):  # one a second for a minute: t = 100 ... 160
+                handler(loop, emfile)
+                handler(loop, other)
+                now[0] += 1.0
+            handler(loop, {"message": "not an OSError", "exception": ValueError("z")})
+    finally:
+        loop.close()
+    accept = [r.getMessage() for r in caplog.records if "out of system resource" in r.getMessage()]
+    assert len(accept) == 2
+    assert "more since" not in accept[0]
+    assert "(59 more since the last line)" in accept[1]
+    assert not [r for r in caplog.records if "out of system" in r.getMessage() and r.exc_info]
+    # Any other OSError: asyncio's own line (with its traceback) the first time.
+    protocol = [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+    assert len(protocol) == 2
+    assert protocol[0].name == "asyncio" and protocol[0].exc_info
+    assert "(59 more since the last line)" in protocol[1].getMessage()
+    assert any("not an OSError" in r.getMessage() for r in caplog.records)
