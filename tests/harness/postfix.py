@@ -82,7 +82,7 @@ SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "postfix-main.cf"
 """The production main.cf snippet that every backup MX built here starts from."""
 POLICY_SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "postfix-policy-main.cf"
 """The production main.cf snippet for callahead's policy service."""
-POLICY_SERVICE = "check_policy_service inet:127.0.0.1:8896"
+POLICY_SERVICE = "check_policy_service unix:callahead/policy.sock"
 """The policy service as POLICY_SNIPPET names it, replaced by the test's own."""
 
 

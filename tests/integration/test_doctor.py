@@ -5,7 +5,9 @@ item that names it, and exit status 1."""
 
 from __future__ import annotations
 
+import grp
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -111,19 +113,109 @@ def failed(done: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def test_the_good_setup_passes_every_item(rig: Rig) -> None:
+    """Over TCP (asked for: the rig sets CALLAHEAD_SOCKET=inet:...): every item passes,
+    and the exposure item warns, for the milter and the policy service, that every
+    local user can reach them, as the start line did."""
     done = rig.doctor(rig.backup("good"), "--known", USER)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert failed(done) == []
     out = done.stdout
     assert "callahead answers there" in out
+    warned = [line for line in out.splitlines() if line.startswith("warn")]
+    assert [line.split(" is a TCP port")[0] for line in warned] == [
+        f"warn exposure: milter CALLAHEAD_SOCKET={rig.callahead.socket}",
+        f"warn exposure: policy CALLAHEAD_POLICY_LISTEN={rig.callahead.policy_service}",
+    ], out
+    assert all("every local user can reach" in line for line in warned)
+    assert "fix: use the unix socket instead: CALLAHEAD_SOCKET=unix:" in out
+    for variable in ("CALLAHEAD_SOCKET", "CALLAHEAD_POLICY_LISTEN"):
+        assert f"{variable}=inet:127.0.0.1:" in rig.callahead.log()  # the start line
+    assert "every local user can reach" in rig.callahead.log()
     assert "ok   default-action:" in out
     assert "ok   answer-time:" in out
     assert "ok   rcpt-macros:" in out
     assert f"ok   routes: {DOMAIN} -> [127.0.0.1]:{rig.primary_port}" in out
     assert f"ok   probe: {USER} is valid" in out
     assert "unknown: refused with 550" in out
+    assert out.rstrip().endswith("all items pass, 2 with a warning")
+
+
+class UnixCallahead(CallaheadProcess):
+    """callahead on unix sockets in a directory like the package's (root:postfix 0770),
+    run as the unit runs it: the postfix group as its primary group, UMask=0007."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        sockets = workdir / "spool-callahead"
+        sockets.mkdir()
+        os.chown(sockets, 0, grp.getgrnam("postfix").gr_gid)
+        sockets.chmod(0o770)
+        self.milter_path = sockets / "milter.sock"
+        self.policy_path = sockets / "policy.sock"
+        env = {
+            **env,
+            "CALLAHEAD_SOCKET": f"unix:{self.milter_path}",
+            "CALLAHEAD_POLICY_LISTEN": f"unix:{self.policy_path}",
+        }
+        super().__init__(workdir, env, name="unix-callahead")
+        umask = 'umask 0007 && exec "$0" "$@"'
+        self.argv = ["setpriv", "--regid=postfix", "--clear-groups", "sh", "-c", umask, *self.argv]
+
+    def _ready(self) -> bool:
+        return all(_accepts(path) for path in (self.milter_path, self.policy_path))
+
+    @property
+    def socket(self) -> str:
+        return f"unix:{self.milter_path}"
+
+    @property
+    def policy_service(self) -> str:
+        return f"unix:{self.policy_path}"
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def test_unix_sockets_only_postfix_can_reach_pass_without_a_warning(rig: Rig) -> None:
+    """The package's way: unix sockets in a root:postfix 0770 directory, named in
+    main.cf (this test Postfix is not chrooted: by their paths)."""
+    unix = UnixCallahead(rig.workdir, {k: v for k, v in rig.callahead.env.items() if k in KEPT})
+    unix.start()
+    try:
+        config = rig.backup(
+            "unix",
+            smtpd_milters=unix.socket,
+            smtpd_recipient_restrictions=(
+                f"permit_mynetworks, reject_unauth_destination, "
+                f"check_policy_service {unix.policy_service}"
+            ),
+            smtpd_policy_service_default_action="DUNNO",
+        )
+        done = rig.doctor(config, "--known", USER, **unix.env)
+    finally:
+        unix.stop()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for path in (unix.milter_path, unix.policy_path):
+        assert f"{path} reachable as postfix" in out
+    directory = unix.milter_path.parent
+    keeps_out = f"{directory} (drwxrwx--- root:postfix) keeps every other local user out"
+    assert f"ok   exposure: milter {unix.socket}: {keeps_out}" in out
+    assert f"ok   exposure: policy {unix.policy_service}: {keeps_out}" in out
+    assert not [line for line in out.splitlines() if line.startswith(("warn", "FAIL"))], out
     assert out.rstrip().endswith("all items pass")
+    assert "every local user can reach" not in unix.log()
+
+
+KEPT = ("CALLAHEAD_ROUTES", "CALLAHEAD_PROBE_TIMEOUT", "CALLAHEAD_CATCHALL_CHECK")
+"""The rig's own settings, which a second callahead takes too."""
 
 
 def test_without_a_known_user_postmaster_is_asked_and_its_absence_named(rig: Rig) -> None:

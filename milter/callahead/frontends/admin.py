@@ -1,7 +1,9 @@
 """The admin socket: ``callahead cache ...`` and ``callahead status`` talk to ``serve``.
 
-A unix socket (``CALLAHEAD_ADMIN_SOCKET``, mode 0660: root and the service's group),
-served on the probe loop. One request per connection: a JSON object on one line, one
+A unix socket (``CALLAHEAD_ADMIN_SOCKET``, mode 0600: the service's own user, and root,
+whom no mode stops), served on the probe loop. Not its group's: the unit's group is
+``postfix``, and every Postfix process could then flush the cache or list the addresses
+verified recently. One request per connection: a JSON object on one line, one
 JSON object back on one line, then the server closes. Requests (``op``):
 
 * ``cache-show`` ``{"address": ...}`` -> ``{"cached": bool, "remaining": seconds|null}``
@@ -41,7 +43,8 @@ MAX_REQUEST = 64 * 1024
 """Bytes of one request line, at most."""
 REQUEST_TIMEOUT = 5.0
 """Seconds a client has to send its request."""
-SOCKET_MODE = 0o660
+SOCKET_MODE = 0o600
+"""The service's own user (a DynamicUser under the unit) and root: nobody else."""
 
 
 class AdminError(CallaheadError):

@@ -34,8 +34,8 @@ def ask(path: str, request: Mapping[str, Any], *, timeout: float = CLIENT_TIMEOU
             conn.connect(path)
         except PermissionError as exc:
             raise AdminUnavailable(
-                f"no permission to use {path} ({exc.strerror}): run as root or as a member "
-                "of the service's group",
+                f"no permission to use {path} ({exc.strerror}): run as root (the socket is "
+                "for root and the service's own user alone)",
                 permission=True,
             ) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:

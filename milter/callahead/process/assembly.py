@@ -85,7 +85,8 @@ def build_resolver(
     """The MX resolver of the engine (on ``host``, else a new ``this_host``), and its
     DNS client (whose cache SIGHUP flushes)."""
     dns_client = DnsPython(config.resolver)
-    return MxResolver(dns_client, host or this_host(config)), dns_client
+    resolver = MxResolver(dns_client, host or this_host(config), allowed=config.mx_allow_networks)
+    return resolver, dns_client
 
 
 def build_router(

@@ -42,6 +42,7 @@ class Config:
     routes: RouteTable
     postfix: PostfixSettings | None
     resolver: tuple[str, int] | None
+    mx_allow_networks: tuple[Network, ...]
     cache_ttl: float
     cache_size: int
     cache_file: str

@@ -212,6 +212,34 @@ def _networks_text(networks: tuple[Network, ...]) -> str:
 NETWORKS = Kind(_parse_networks, _networks_text)
 
 
+_SKIPPED_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10")
+)
+"""The loopback and link-local networks, where an MX target is skipped unless let in."""
+
+
+def _parse_mx_networks(name: str, value: str) -> tuple[Network, ...]:
+    """Loopback or link-local networks as ``_parse_networks`` reads them; none for an
+    empty value. A network outside them would let nothing more in, or (``0.0.0.0/0``)
+    more than meant: it is refused."""
+    if not value.replace(",", " ").strip():
+        return ()
+    networks = _parse_networks(name, value)
+    for network in networks:
+        first, last = network.network_address, network.broadcast_address
+        if not any(first in n and last in n for n in _SKIPPED_NETWORKS):
+            raise ConfigError(
+                name,
+                value,
+                f"{network} is not a loopback or link-local network (127.0.0.0/8, "
+                "169.254.0.0/16, ::1, fe80::/10): only those are skipped and can be let in",
+            )
+    return networks
+
+
+MX_NETWORKS = Kind(_parse_mx_networks, _networks_text)
+
+
 def loopback_network(network: Network) -> bool:
     """Whether a network holds loopback addresses only (IPv4-mapped ones too)."""
     if isinstance(network, ipaddress.IPv6Network):

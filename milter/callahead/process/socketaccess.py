@@ -25,8 +25,6 @@ import os
 import pwd
 import socket
 import stat
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -169,32 +167,8 @@ def postfix_socket_problems(config: Config, who: Account | None = None) -> list[
 # -- an existing socket, as callahead doctor checks it ------------------------------
 
 
-def _connects(path: str, who: Account | None) -> str | None:
-    """Why ``who`` (this process when None or not root) cannot connect to the unix
-    socket ``path``; None when it can. As root, the connect runs as ``who``."""
-    code = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX)\n"
-        f"s.settimeout({CONNECT_TIMEOUT})\n"
-        "try:\n    s.connect(sys.argv[1])\n"
-        "except OSError as e:\n    print(e.strerror or e); sys.exit(1)\n"
-    )
-    if who is not None and os.geteuid() == 0 and who.uid != 0:
-        gid = pwd.getpwuid(who.uid).pw_gid
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", code, path],
-                user=who.uid,
-                group=gid,
-                extra_groups=sorted(who.gids),
-                capture_output=True,
-                text=True,
-                timeout=CONNECT_TIMEOUT * 2,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            return f"could not try as {who.name}: {exc}"
-        return None if done.returncode == 0 else (done.stdout.strip() or "refused")
+def _connect(path: str) -> str | None:
+    """Why this process cannot connect to the unix socket ``path``; None when it can."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -202,6 +176,41 @@ def _connects(path: str, who: Account | None) -> str | None:
         except OSError as exc:
             return str(exc.strerror or exc)
     return None
+
+
+def _connects(path: str, who: Account | None) -> str | None:
+    """Why ``who`` (this process when None or not root) cannot connect to the unix
+    socket ``path``; None when it can. As root, the connect runs as ``who``, in a
+    forked child (not a new interpreter, which may live where ``who`` cannot reach:
+    a virtualenv in /root)."""
+    if who is None or os.geteuid() != 0 or who.uid == 0:
+        return _connect(path)
+    gid = pwd.getpwuid(who.uid).pw_gid
+    readable, writable = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(readable)
+        os.close(writable)
+        return f"could not try as {who.name}: {exc.strerror or exc}"
+    if pid == 0:  # pragma: no cover (the child: says why, or nothing, and exits)
+        why = "could not become the user"
+        try:
+            os.close(readable)
+            os.setgroups(sorted(who.gids))
+            os.setgid(gid)
+            os.setuid(who.uid)
+            why = _connect(path) or ""
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent)
+            why = f"{why}: {exc}"
+        finally:
+            os.write(writable, why.encode(errors="replace"))
+            os._exit(0)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as answer:
+        why = answer.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return why or None
 
 
 def unix_reach(path: str, who: Account | None) -> str | None:
@@ -222,6 +231,48 @@ def unix_reach(path: str, who: Account | None) -> str | None:
             )
     refused = _connects(path, who)
     return None if refused is None else f"connect to {path}: {refused}"
+
+
+OTHERS = Account("every local user", -1, frozenset())
+"""A user who is neither the owner nor in the group of any file checked: whom the
+"other" permission bits let in."""
+
+
+def _describe(path: str, info: os.stat_result) -> str:
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    return f"{path} ({stat.filemode(info.st_mode)} {owner}:{_group_name(info.st_gid)})"
+
+
+def local_exposure(path: str) -> tuple[bool, str]:
+    """Whether every local user (not root, not an owner, not in a group of the socket
+    or of a directory above it) could connect to the unix socket at ``path`` or put one
+    of their own in its place, and why: (True, what they could do), or (False, what
+    keeps them out)."""
+    socket_path = PurePosixPath(path)
+    for directory in reversed(socket_path.parents):
+        info = _stat(str(directory))
+        if isinstance(info, str):
+            return False, info
+        if not permits(info.st_mode, info.st_uid, info.st_gid, OTHERS, 1):
+            return False, f"{_describe(str(directory), info)} keeps every other local user out"
+    parent = os.stat(socket_path.parent)
+    if permits(parent.st_mode, parent.st_uid, parent.st_gid, OTHERS, 3) and not (
+        parent.st_mode & stat.S_ISVTX
+    ):
+        where = _describe(str(socket_path.parent), parent)
+        return True, (
+            f"every local user can enter and write to {where}, and so remove the socket "
+            "and listen there in callahead's place"
+        )
+    info = _stat(path)
+    if isinstance(info, str):
+        return False, info
+    if permits(info.st_mode, info.st_uid, info.st_gid, OTHERS, 2):
+        return True, f"every local user can connect to {_describe(path, info)}"
+    return False, f"the socket {_describe(path, info)} lets no other local user connect"
 
 
 def inet_reach(host: str, port: int) -> str | None:

@@ -13,7 +13,15 @@ from ..base.logfmt import redact_url
 from ..core.policy import TempfailAction
 from ..probing.loop import LoopKind
 from ..smtp.tls import TlsMode
-from .endpoints import METRICS, NETWORKS, OPTIONAL_LISTEN, RESOLVER, ROUTES, SOCKET
+from .endpoints import (
+    METRICS,
+    MX_NETWORKS,
+    NETWORKS,
+    OPTIONAL_LISTEN,
+    RESOLVER,
+    ROUTES,
+    SOCKET,
+)
 from .parsers import (
     ADDRESS,
     LOG_LEVEL,
@@ -58,7 +66,13 @@ class Variable:
         return self.shown or self.default
 
 
-DEFAULT_SOCKET = "inet:127.0.0.1:8895"
+SOCKET_DIRECTORY = "/var/spool/postfix/callahead"
+"""Where the unix sockets Postfix connects to live: inside Postfix's queue directory, where
+a chrooted smtpd finds them (main.cf: ``unix:callahead/milter.sock``), and made by the
+package's tmpfiles entry root:postfix 0770, so only root and the postfix group get in."""
+DEFAULT_SOCKET = f"unix:{SOCKET_DIRECTORY}/milter.sock"
+POLICY_SOCKET = f"unix:{SOCKET_DIRECTORY}/policy.sock"
+"""The policy service's documented socket (it is off unless CALLAHEAD_POLICY_LISTEN is set)."""
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9895"
 DEFAULT_ADMIN_SOCKET = "/run/callahead/admin.sock"
 DEFAULT_POLICY_CLIENTS = "127.0.0.0/8 ::1/128"
@@ -67,15 +81,19 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CALLAHEAD_SOCKET",
         DEFAULT_SOCKET,
-        "where the milter listens: inet:HOST:PORT, inet:PORT@HOST or unix:/path; empty: "
-        "no milter (the policy service alone)",
+        "where the milter listens: unix:/path (main.cf names the default "
+        "unix:callahead/milter.sock: only root and the postfix group can reach it), or, "
+        "when asked for, inet:HOST:PORT or inet:PORT@HOST (a TCP port: every local user "
+        "can reach it, a warning at start); empty: no milter (the policy service alone)",
         kind=SOCKET,
     ),
     Variable(
         "CALLAHEAD_POLICY_LISTEN",
         "",
-        "where the Postfix policy service (check_policy_service) listens: inet:HOST:PORT, "
-        "inet:[IPV6]:PORT or unix:/path; empty: no policy service",
+        f"where the Postfix policy service (check_policy_service) listens: unix:/path "
+        f"({POLICY_SOCKET}, which main.cf names unix:callahead/policy.sock), or, when "
+        "asked for, inet:HOST:PORT or inet:[IPV6]:PORT (a TCP port: every local user can "
+        "reach it, a warning at start); empty: no policy service",
         kind=OPTIONAL_LISTEN,
     ),
     Variable(
@@ -130,6 +148,16 @@ VARIABLES: tuple[Variable, ...] = (
         kind=RESOLVER,
     ),
     Variable(
+        "CALLAHEAD_MX_ALLOW_NETWORKS",
+        "",
+        "loopback or link-local networks (CIDRs or addresses, separated by spaces or "
+        "commas) that an address given by an MX lookup may be in and still be probed (a "
+        "lab whose primaries run on loopback); any other loopback, link-local, "
+        "unspecified (0.0.0.0, ::) or multicast MX address, and this host's own, is "
+        "skipped (literal [host] nexthops are never); empty: none",
+        kind=MX_NETWORKS,
+    ),
+    Variable(
         "CALLAHEAD_CACHE_TTL",
         "86400",
         "seconds a positive answer is trusted",
@@ -176,9 +204,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CALLAHEAD_REDIS_URL",
         "",
-        "Redis shared by the backup MXes of a site (redis://HOST:PORT/DB, rediss:// for "
-        "TLS, unix:///path): positive answers and probes in flight are shared, flushes act "
-        "on all; Redis down or slow: each backup goes on alone; empty: not shared",
+        "Redis shared by the backup MXes of a site (redis://:PASSWORD@HOST:PORT/DB, a "
+        "password required off loopback; rediss:// for TLS, the host name checked; "
+        "unix:///path): positive answers and probes in flight are shared, flushes act on "
+        "all; every backup and nothing else may reach it; Redis down or slow: each backup "
+        "goes on alone; empty: not shared",
         kind=REDIS_URL,
         secret=redact_url,
     ),
@@ -253,8 +283,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CALLAHEAD_ADMIN_SOCKET",
         DEFAULT_ADMIN_SOCKET,
-        "unix socket (mode 0660) where serve answers callahead cache and callahead "
-        "status; empty disables it",
+        "unix socket (mode 0600: for root, and the service's own user) where serve "
+        "answers callahead cache and callahead status; empty disables it",
         kind=PATH,
     ),
     Variable(

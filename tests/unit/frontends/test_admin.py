@@ -3,9 +3,13 @@ probe loop, asked by the real command line."""
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from callahead.probing.engine import PrimaryState
 from callahead.probing.loop import ProbeLoop
 from callahead.process.cli import EX_UNAVAILABLE, main
 from callahead.smtp.verdict import Verdict
+from tests.harness.asuser import ALLOWED, as_user
 
 UP = PrimaryState("[192.0.2.1]:25", 2, False, True, False, Verdict.VALID, "2.1.5 Ok", 1.5)
 DOWN = PrimaryState("[192.0.2.2]:25", 0, True, False, False, Verdict.TEMPFAIL, "refused", 0.5)
@@ -53,11 +58,34 @@ def running(tmp_path: Path) -> Iterator[Running]:
     served.close()
 
 
-def test_the_socket_is_mode_0660_and_removed_at_stop(tmp_path: Path) -> None:
+def test_the_socket_is_mode_0600_and_removed_at_stop(tmp_path: Path) -> None:
     served = Running(tmp_path / "admin.sock")
-    assert stat.S_IMODE(os.stat(served.path).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(served.path).st_mode) == 0o600
     served.close()
     assert not served.path.exists()
+
+
+def test_only_root_and_the_services_own_user_get_in_not_its_group() -> None:
+    """Under the unit the socket's group is postfix: a member of that group (any
+    Postfix process) is refused, as is anyone else; root is answered."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to connect as another user")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    directory = Path(tempfile.mkdtemp(prefix="callahead-admin-"))
+    try:
+        directory.chmod(0o755)  # anyone may enter: the socket's own mode decides
+        served = Running(directory / "admin.sock")
+        try:
+            group = os.stat(served.path).st_gid
+            assert as_user(nobody, group, served.path) == errno.EACCES
+            assert main(["status"], env={"CALLAHEAD_ADMIN_SOCKET": str(served.path)}) == 0
+            # The same member of the socket's group got in with the former mode 0660.
+            served.path.chmod(0o660)
+            assert as_user(nobody, group, served.path) == ALLOWED
+        finally:
+            served.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_cache_show(running: Running, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from callahead.process.cli import main
 from callahead.process.config import EX_CONFIG, Config, ConfigError, load_config
 from callahead.process.endpoints import loopback_host
 from callahead.process.postfixconf import default_helo_name, is_fully_qualified, postfix_seconds
-from callahead.process.startchecks import answer_time_problem, milter_exposure_warning
+from callahead.process.startchecks import answer_time_problem, exposure_warnings
 from callahead.process.variables import DEFAULT_METRICS_LISTEN, DEFAULT_SOCKET, VARIABLES
 from callahead.routing.postfixsettings import PostfixSettings
 from callahead.routing.router import LOOKUP_WAIT
@@ -44,8 +44,11 @@ def env_with(**overrides: str) -> dict[str, str]:
 
 def test_defaults() -> None:
     config = load_config({})
-    assert config.socket == DEFAULT_SOCKET == "inet:127.0.0.1:8895"
-    assert config.milter_socket == "inet:8895@127.0.0.1"
+    # A unix socket in Postfix's queue directory (root:postfix 0770): no TCP port that
+    # any local user could reach, or bind first.
+    assert config.socket == DEFAULT_SOCKET == "unix:/var/spool/postfix/callahead/milter.sock"
+    assert config.milter_socket == "unix:/var/spool/postfix/callahead/milter.sock"
+    assert exposure_warnings(config) == []
     assert not config.routes
     assert len(config.routes) == 0
     assert config.cache_ttl == 86400
@@ -102,6 +105,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_ROUTES",
         "CALLAHEAD_POSTFIX_CONFIG",
         "CALLAHEAD_RESOLVER",
+        "CALLAHEAD_MX_ALLOW_NETWORKS",
         "CALLAHEAD_CACHE_TTL",
         "CALLAHEAD_CACHE_SIZE",
         "CALLAHEAD_CACHE_FILE",
@@ -405,6 +409,10 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_RESOLVER", "dns.example.com", "HOST[:PORT]"),
     ("CALLAHEAD_RESOLVER", "127.0.0.1:0", "HOST[:PORT]"),
     ("CALLAHEAD_RESOLVER", "127.0.0.1:x", "HOST[:PORT]"),
+    ("CALLAHEAD_MX_ALLOW_NETWORKS", "0.0.0.0/0", "not a loopback or link-local network"),
+    ("CALLAHEAD_MX_ALLOW_NETWORKS", "127.0.53.0/24 10.0.0.0/8", "10.0.0.0/8 is not a loopback"),
+    ("CALLAHEAD_MX_ALLOW_NETWORKS", "127.0.0.1/8", "host bits set"),
+    ("CALLAHEAD_MX_ALLOW_NETWORKS", "loopback", "networks separated by spaces"),
     ("CALLAHEAD_ROUTES", "example.com=[mx.example.com", "]"),
     ("CALLAHEAD_ROUTES", "example.com=[h]:0", "1 to 65535"),
     ("CALLAHEAD_ROUTES", "example.com=[h]:99999", "1 to 65535"),
@@ -762,24 +770,88 @@ def test_cli_serve_with_an_open_policy_service_exits_78(
 
 
 @pytest.mark.parametrize(
-    ("socket_spec", "warned"),
+    ("socket_spec", "where"),
     [
-        ("inet:127.0.0.1:8895", False),
-        ("inet:8895@localhost", False),
-        ("inet6:8895@::1", False),
-        ("unix:/run/callahead/milter.sock", False),
-        ("", False),
-        ("inet:0.0.0.0:8895", True),
-        ("inet6:8895@::", True),
-        ("inet:8895@192.0.2.1", True),
+        ("inet:127.0.0.1:8895", "loopback"),
+        ("inet:8895@localhost", "loopback"),
+        ("inet6:8895@::1", "loopback"),
+        ("unix:/run/callahead/milter.sock", ""),
+        ("", ""),
+        ("inet:0.0.0.0:8895", "off"),
+        ("inet6:8895@::", "off"),
+        ("inet:8895@192.0.2.1", "off"),
     ],
 )
-def test_a_milter_socket_off_loopback_gets_a_warning(socket_spec: str, warned: bool) -> None:
-    warning = milter_exposure_warning(load_config(env_with(CALLAHEAD_SOCKET=socket_spec)))
-    assert (warning is not None) is warned
-    if warning is not None:
-        assert "listens off loopback" in warning
-        assert "dictionary guard" in warning
+def test_a_milter_on_a_tcp_port_gets_a_warning(socket_spec: str, where: str) -> None:
+    """Any TCP port: on loopback every local user reaches it (and, unprivileged, can
+    bind it first); off loopback other hosts too."""
+    warnings = exposure_warnings(load_config(env_with(CALLAHEAD_SOCKET=socket_spec)))
+    if not where:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert warning.startswith("CALLAHEAD_SOCKET=inet:")
+    assert "every local user can reach" in warning
+    assert "dictionary guard" in warning
+    assert "listen there first and get every message Postfix passes to its milter" in warning
+    assert "CALLAHEAD_SOCKET=unix:/var/spool/postfix/callahead/milter.sock" in warning
+    assert "smtpd_milters = unix:callahead/milter.sock" in warning
+    assert ("listens off loopback" in warning) is (where == "off")
+    assert ("firewall the port" in warning) is (where == "off")
+
+
+@pytest.mark.parametrize(
+    ("listen", "where"),
+    [
+        ("inet:127.0.0.1:8896", "loopback"),
+        ("inet:[::1]:8896", "loopback"),
+        ("inet:0.0.0.0:8896", "off"),
+        ("unix:/var/spool/postfix/callahead/policy.sock", ""),
+        ("", ""),
+    ],
+)
+def test_a_policy_service_on_a_tcp_port_gets_a_warning(listen: str, where: str) -> None:
+    env = env_with(
+        CALLAHEAD_SOCKET="",
+        CALLAHEAD_POLICY_LISTEN=listen,
+        CALLAHEAD_POLICY_CLIENTS="127.0.0.0/8 192.0.2.0/24",
+    )
+    warnings = exposure_warnings(load_config(env))
+    if not where:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert warning.startswith(f"CALLAHEAD_POLICY_LISTEN={listen}")
+    assert "every local user can reach" in warning
+    assert "answer Postfix's policy requests (REDIRECT, BCC" in warning
+    assert "check_policy_service unix:callahead/policy.sock" in warning
+    assert ("every host that CALLAHEAD_POLICY_CLIENTS admits" in warning) is (where == "off")
+
+
+def test_a_privileged_port_cannot_be_taken_first_so_the_warning_does_not_say_so() -> None:
+    (warning,) = exposure_warnings(load_config(env_with(CALLAHEAD_SOCKET="inet:127.0.0.1:895")))
+    assert "every local user can reach" in warning
+    assert "listen there first" not in warning
+
+
+def test_serve_says_at_start_that_every_local_user_can_reach_its_tcp_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The start line: both TCP front ends named in warnings before serve listens."""
+    import callahead.process.server as server
+
+    (tmp_path / "main.cf").write_text("milter_command_timeout = 1m\n")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    monkeypatch.setattr(server, "serve", lambda config: 0)
+    env = env_with(
+        CALLAHEAD_SOCKET="inet:127.0.0.1:8895", CALLAHEAD_POLICY_LISTEN="inet:127.0.0.1:8896"
+    )
+    assert main(["serve"], env=env) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, warnings
+    assert "CALLAHEAD_SOCKET=inet:127.0.0.1:8895 is a TCP port" in warnings[0]
+    assert "CALLAHEAD_POLICY_LISTEN=inet:127.0.0.1:8896 is a TCP port" in warnings[1]
+    assert all("every local user can reach" in line for line in warnings)
 
 
 def _with_postfix_maps(config: Config) -> Config:
@@ -887,3 +959,11 @@ def test_an_unknown_variable_named_like_a_password_is_not_echoed() -> None:
         load_config(env_with(CALLAHEAD_REDIS_PASSWORD=PASSWORD))
     assert "CALLAHEAD_REDIS_PASSWORD='***' is invalid: unknown variable" in str(info.value)
     assert PASSWORD not in str(info.value)
+
+
+def test_mx_allow_networks_take_loopback_and_link_local_networks() -> None:
+    config = load_config({"CALLAHEAD_MX_ALLOW_NETWORKS": "127.0.53.0/24, [fe80::]/64 ::1"})
+    assert [str(n) for n in config.mx_allow_networks] == ["127.0.53.0/24", "fe80::/64", "::1/128"]
+    described = dict(config.describe())
+    assert described["CALLAHEAD_MX_ALLOW_NETWORKS"] == "127.0.53.0/24 fe80::/64 ::1/128"
+    assert load_config({}).mx_allow_networks == ()

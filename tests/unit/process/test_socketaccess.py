@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from callahead.process.config import load_config
-from callahead.process.socketaccess import Account, postfix_socket_problems, reach_problem
+from callahead.process.socketaccess import (
+    Account,
+    account,
+    local_exposure,
+    postfix_socket_problems,
+    reach_problem,
+    unix_reach,
+)
+from tests.harness.asuser import ALLOWED, as_user
 from tests.harness.fixtures import make_workdir
 
 from .test_config import env_with
@@ -113,3 +122,68 @@ def test_only_unix_sockets_are_checked(spool: Path) -> None:
     ]
     inet = load_config(env_with(CALLAHEAD_SOCKET="inet:127.0.0.1:8895"))
     assert postfix_socket_problems(inet, STRANGER) == []
+
+
+# -- who else can reach a socket (callahead doctor's exposure item) ------------------
+
+
+def _bound(path: Path, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    os.chmod(path, mode)
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("directory_mode", "socket_mode", "exposed", "words"),
+    [
+        (0o770, 0o777, False, "keeps every other local user out"),
+        (0o755, 0o770, False, "lets no other local user connect"),
+        (0o755, 0o777, True, "every local user can connect to"),
+        (0o777, 0o770, True, "remove the socket and listen there"),
+        (0o1777, 0o770, False, "lets no other local user connect"),
+    ],
+)
+def test_local_exposure_matches_what_another_user_can_do(
+    spool: Path, directory_mode: int, socket_mode: int, exposed: bool, words: str
+) -> None:
+    """The prediction, then the real thing: ``nobody`` (in none of the groups) connects
+    to the socket, or puts a socket of its own in its place."""
+    directory = spool / "callahead"
+    directory.mkdir()
+    os.chmod(directory, directory_mode)
+    path = directory / "milter.sock"
+    with _bound(path, socket_mode):
+        found, why = local_exposure(str(path))
+        assert (found, words in why) == (exposed, True), why
+        if os.geteuid() != 0:
+            return
+        nobody = pwd.getpwnam("nobody")
+        connected = as_user(nobody.pw_uid, nobody.pw_gid, path) == ALLOWED
+        removed = as_user(nobody.pw_uid, nobody.pw_gid, path, "unlink") == ALLOWED
+        if removed:  # and then listens there in callahead's place
+            assert as_user(nobody.pw_uid, nobody.pw_gid, path, "bind") == ALLOWED
+    assert (connected or removed) is exposed
+
+
+def test_doctor_connects_as_the_postfix_user_without_running_an_interpreter(spool: Path) -> None:
+    """As root, the connect is made by a forked child as that user: it works where the
+    user could not run this interpreter (a virtualenv under /root), and what it gets
+    (a refused connect) comes back."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to connect as another user")
+    nobody = account("nobody")
+    assert nobody is not None
+    directory = spool / "callahead"
+    directory.mkdir()
+    os.chmod(directory, 0o755)
+    path = directory / "milter.sock"
+    with _bound(path, 0o777):
+        assert unix_reach(str(path), nobody) is None
+    dead = directory / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(dead))  # bound, never listening: a callahead that died
+        os.chmod(dead, 0o777)
+        problem = unix_reach(str(dead), nobody)
+    assert problem == f"connect to {dead}: Connection refused"

@@ -8,11 +8,15 @@ unit's ``EnvironmentFile``, over the shell's environment) and the backup's Postf
 - ``hook``: an smtpd service attaches callahead (``smtpd_milters`` or
   ``check_policy_service``) at the address where it listens, and the ``postfix`` user
   can connect there (from inside smtpd's chroot, with the socket's permissions);
+- ``exposure``: no one else can: a TCP port (every local user can reach it) or a unix
+  socket that every local user can reach or replace is a warning (exit status 0);
 - ``default-action``: while callahead is down or slow, Postfix accepts the mail;
 - ``answer-time``: Postfix waits longer than callahead's longest answer;
 - ``rcpt-macros``: the milter gets the queue id and the client address at RCPT;
 - ``policy-order``: ``check_policy_service`` comes after ``reject_unauth_destination``;
 - ``routes``: every relay domain has a route;
+- ``mx-targets``: an MX route's addresses that are never probed (loopback, unspecified,
+  link-local, multicast) are named: a warning, a failure when none is left;
 - ``primary``: every primary answers and takes the probes' EHLO name;
 - ``prober`` and ``probe``: the primary judges recipients: a real address is valid, a
   made-up one unknown (or the domain is reported as catch-all).
@@ -122,5 +126,11 @@ def run_doctor(config: Config, config_dir: str | None, known: Mapping[str, str])
     lines, passed = report(findings)
     print("\n".join(lines))
     failed = sum(1 for f in findings if f.ok is False)
-    print("all items pass" if passed else f"{failed} item{'s' if failed != 1 else ''} failed")
+    warned = sum(1 for f in findings if f.warn and f.ok is not False)
+    warnings = f", {warned} with a warning" if warned else ""
+    print(
+        f"all items pass{warnings}"
+        if passed
+        else f"{failed} item{'s' if failed != 1 else ''} failed{warnings}"
+    )
     return 0 if passed else EX_FAILED

@@ -2,10 +2,11 @@
 its fix), and the checks of the backup's Postfix. This module reads the backup's
 main.cf and master.cf (postfixview.py) and judges what smtpd will do: whether a service
 attaches callahead at an address where it listens and where the ``postfix`` user can
-connect (chroot and permissions included), whether the default actions keep mail
-flowing when callahead is unwell, whether Postfix waits long enough for an answer,
-whether the milter gets the macros it needs, and whether the policy check comes after
-the relay check. checkup.py runs them with the primary side (probes.py).
+connect (chroot and permissions included), who else can reach callahead there (a TCP
+port: every local user), whether the default actions keep mail flowing when callahead
+is unwell, whether Postfix waits long enough for an answer, whether the milter gets the
+macros it needs, and whether the policy check comes after the relay check. checkup.py
+runs them with the primary side (probes.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ...routing.postfixsettings import split_list
 from ..config import Config
 from ..endpoints import Listen, parse_listen
 from ..postfixconf import postfix_seconds
-from ..socketaccess import Account, account, inet_reach, unix_reach
-from ..startchecks import answer_time_problem
+from ..socketaccess import Account, account, inet_reach, local_exposure, unix_reach
+from ..startchecks import answer_time_problem, tcp_exposure
 from .postfixview import Hook, PostfixView, Service
 
 POLICY_TIMEOUT_DEFAULT = "100s"
@@ -31,17 +32,22 @@ MX_FACING = ("smtp",)
 
 @dataclass(frozen=True)
 class Finding:
-    """One checked item: ``ok`` True (passes), False (fails), None (does not apply)."""
+    """One checked item: ``ok`` True (passes), False (fails), None (does not apply);
+    ``warn``: it passes, mail is verified, but with a risk the operator chose or should
+    know of (printed ``warn`` with its fix; the exit status stays 0)."""
 
     item: str
     ok: bool | None
     what: str
     fix: str = ""
+    warn: bool = False
 
     def lines(self) -> list[str]:
         mark = {True: "ok  ", False: "FAIL", None: "--  "}[self.ok]
+        if self.warn and self.ok is not False:
+            mark = "warn"
         out = [f"{mark} {self.item}: {self.what}"]
-        if self.fix and self.ok is False:
+        if self.fix and (self.ok is False or self.warn):
             out.append(f"     fix: {self.fix}")
         return out
 
@@ -197,6 +203,33 @@ def _check_hook(
     return Finding("hook", True, f"{label}: {chroot}{host_path} reachable as postfix")
 
 
+def check_exposure(config: Config, view: PostfixView) -> list[Finding]:
+    """The ``exposure`` item: who else but Postfix can reach each front end. A TCP port
+    (even on loopback) or a unix socket that every local user can reach or replace is a
+    warning, not a failure: mail is verified all the same, and TCP is the operator's
+    choice (a Postfix on another host needs it); the warning says what it costs."""
+    findings = []
+    directory = f"{view.queue_directory.rstrip('/')}/callahead"
+    for kind, variable, listen in _listens(config):
+        exposure = tcp_exposure(variable, listen)
+        if exposure is not None:
+            what, fix = exposure
+            findings.append(Finding("exposure", True, f"{kind} {what}", fix, warn=True))
+            continue
+        exposed, why = local_exposure(listen.path)
+        findings.append(
+            Finding(
+                "exposure",
+                True,
+                f"{kind} {listen}: {why}",
+                f"put the socket in {directory} (root:postfix 0770, the package's tmpfiles "
+                "entry) and run callahead with UMask=0007 (the shipped unit)",
+                warn=exposed,
+            )
+        )
+    return findings
+
+
 def _option(view: PostfixView, attached: Attached, option: str, setting: str) -> tuple[str, str]:
     """(value, where it is set) of a per-entry option or its main.cf setting."""
     hook = attached.hook
@@ -333,6 +366,7 @@ def postfix_findings(
     hooks, attached = check_hooks(config, view, user)
     return [
         *hooks,
+        *check_exposure(config, view),
         *check_default_actions(view, attached),
         *check_answer_time(config, view, attached),
         *check_rcpt_macros(view, attached),
@@ -341,7 +375,7 @@ def postfix_findings(
 
 
 def report(findings: Iterable[Finding]) -> tuple[list[str], bool]:
-    """The lines to print, and whether every item passed."""
+    """The lines to print, and whether every item passed (a warning passes)."""
     lines: list[str] = []
     passed = True
     for finding in findings:
