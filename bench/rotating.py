@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import ipaddress
 import json
 import resource
 import subprocess
@@ -51,11 +52,18 @@ from .tools import rss_bytes
 
 MX_HOST = "mx.rotating.example"
 DOMAIN = "rotating.example"
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+"""The primaries here are on loopback: an MX target there is let through
+(CALLAHEAD_MX_ALLOW_NETWORKS)."""
 
 
 def rotating(addresses: list[str]) -> MxResolver:
     """MX resolution over a ``RotatingDns`` of ``addresses``, nothing being this host."""
-    return MxResolver(RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset()))
+    return MxResolver(
+        RotatingDns(addresses, DOMAIN, MX_HOST),
+        ThisHost(frozenset(), frozenset()),
+        allowed=LOOPBACK,
+    )
 
 
 def loopback(count: int) -> list[str]:
@@ -130,7 +138,9 @@ async def state_case(probes: int) -> dict[str, Any]:
             engine_settings(),
             Metrics(),
             resolver=MxResolver(
-                RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+                RotatingDns(addresses, DOMAIN, MX_HOST),
+                ThisHost(frozenset(), frozenset()),
+                allowed=LOOPBACK,
             ),
         )
         await warm.probe(f"warm@{DOMAIN}", route)
@@ -140,7 +150,9 @@ async def state_case(probes: int) -> dict[str, Any]:
         before = rss_bytes()
         metrics = Metrics()
         resolver = MxResolver(
-            RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+            RotatingDns(addresses, DOMAIN, MX_HOST),
+            ThisHost(frozenset(), frozenset()),
+            allowed=LOOPBACK,
         )
         engine = ProbeEngine(engine_settings(), metrics, resolver=resolver)
         verdicts: dict[str, int] = {}
@@ -190,7 +202,9 @@ async def hosts_case(count: int) -> dict[str, Any]:
     route = [dataclasses.replace(RECIPIENT_DOMAIN, port=port)]
     with server_process(count, port):
         metrics = Metrics()
-        resolver = MxResolver(ManyDns(addresses), ThisHost(frozenset(), frozenset()))
+        resolver = MxResolver(
+            ManyDns(addresses), ThisHost(frozenset(), frozenset()), allowed=LOOPBACK
+        )
         engine = ProbeEngine(engine_settings(), metrics, resolver=resolver)
         try:
             for i in range(count):
@@ -210,7 +224,9 @@ async def down_case(probes: int) -> dict[str, Any]:
     port = free_port()
     metrics = Metrics()
     resolver = MxResolver(
-        RotatingDns(loopback(probes), DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+        RotatingDns(loopback(probes), DOMAIN, MX_HOST),
+        ThisHost(frozenset(), frozenset()),
+        allowed=LOOPBACK,
     )
     engine = ProbeEngine(engine_settings(), metrics, resolver=resolver)
     route = [dataclasses.replace(RECIPIENT_DOMAIN, port=port)]
@@ -237,7 +253,9 @@ async def budget_case(burst: int, rate: float) -> dict[str, Any]:
     addresses = loopback(burst)
     with server_process(burst, port):
         resolver = MxResolver(
-            RotatingDns(addresses, DOMAIN, MX_HOST), ThisHost(frozenset(), frozenset())
+            RotatingDns(addresses, DOMAIN, MX_HOST),
+            ThisHost(frozenset(), frozenset()),
+            allowed=LOOPBACK,
         )
         engine = ProbeEngine(
             engine_settings(primary_rate=rate, probe_wait=1.0, max_probes=burst),

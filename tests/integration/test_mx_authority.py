@@ -141,6 +141,8 @@ def site() -> Iterator[Site]:
                     "CALLAHEAD_POSTFIX_CONFIG": str(backup_dir / "etc"),
                     "CALLAHEAD_ROUTES": f"{DOMAIN}=relay",
                     "CALLAHEAD_RESOLVER": nsd.resolver,
+                    # The site's MX hosts are on loopback, as everything in the lab.
+                    "CALLAHEAD_MX_ALLOW_NETWORKS": "127.0.54.0/24",
                     "CALLAHEAD_PROBE_TIMEOUT": "3",
                     "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
                     "CALLAHEAD_BREAKER_FAILURES": "0",

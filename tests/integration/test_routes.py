@@ -9,6 +9,11 @@ DNS server, and SIGHUP reloads, with callahead serving behind that backup.
   MX hosts listen on port 25 of their own loopback addresses (127.0.53.x); the backup's
   own MX entry (``backup.test``, its myhostname) is a decoy that rejects everyone, so a
   probe that reached it would show as a 550.
+* MX targets a domain's DNS must not send probes to: ``loopy.test``'s MX hosts are at
+  127.0.0.2 (loopback, outside ``CALLAHEAD_MX_ALLOW_NETWORKS``, a decoy listening) and
+  0.0.0.0 (a connect there reaches this host); ``own.test``'s is at 127.0.0.1, the
+  backup's ``inet_interfaces``. The lab's own MX hosts are on 127.0.53.0/24 and
+  127.0.55.0/24, which ``CALLAHEAD_MX_ALLOW_NETWORKS`` lets in.
 * SIGHUP re-reads what this host is: after the backup's ``myhostname``,
   ``inet_interfaces`` or ``proxy_interfaces`` names ``mover.test`` (the one MX host of
   ``moving.test``, on 127.0.55.40), that host is this one and is never probed; changed
@@ -52,6 +57,9 @@ MX_PRIMARY = "127.0.53.10"
 MX_DEAD = "127.0.53.11"
 MX_SELF = "127.0.53.20"
 MX_LOW = "127.0.53.30"
+MX_LOOP = "127.0.0.2"
+"""A loopback address outside CALLAHEAD_MX_ALLOW_NETWORKS: never probed."""
+ALLOWED_NETWORKS = "127.0.53.0/24 127.0.55.0/24"
 MX_MOVER = "127.0.55.40"
 """Added to lo while inet_interfaces lists it (postmap refuses an address that is on no
 interface of this host)."""
@@ -73,6 +81,12 @@ backup   IN A   {MX_SELF}
 low      IN A   {MX_LOW}
 moving   IN MX  10 mover.test.
 mover    IN A   {MX_MOVER}
+loopy    IN MX  10 lo.test.
+loopy    IN MX  10 zero.test.
+lo       IN A   {MX_LOOP}
+zero     IN A   0.0.0.0
+own      IN MX  10 ownhost.test.
+ownhost  IN A   127.0.0.1
 """
 DECOY = Script(rcpt_default="550 5.1.1 decoy: this MX must never be probed")
 
@@ -90,7 +104,8 @@ class Routed:
     mx_primary: Primary
     """The best MX of up.test, on 127.0.53.10:25."""
     decoys: list[ScriptedServer]
-    """This host's own MX entry and the one after it: never to be probed."""
+    """This host's own MX entry, the one after it, and loopy.test's MX host at
+    127.0.0.2: never to be probed."""
     mover: Primary
     """The one MX host of moving.test, on 127.0.55.40:25: this host once the backup's
     myhostname, inet_interfaces or proxy_interfaces says so."""
@@ -122,11 +137,13 @@ nxdomain.test    relay
 unserved.example relay
 later.test       smtp:[127.0.0.1]:{port}
 moving.test      relay
+loopy.test       relay
+own.test         relay
 """
 RELAY_DOMAINS = (
     # parent.test matches its subdomains too (Postfix's default parent_domain_matches_...)
     "hashed.test parent.test rx.test up.test down.test nxdomain.test new.test later.test "
-    "unserved.example moving.test"
+    "unserved.example moving.test loopy.test own.test"
 )
 
 
@@ -148,7 +165,7 @@ def routed() -> Iterator[Routed]:
             primary = Primary([], hostname="hash-primary.test")
             rx_primary = Primary([], hostname="rx-primary.test")
             mx_primary = Primary([], hostname="prim.test", host=MX_PRIMARY, port=25)
-            decoys = [ScriptedServer(DECOY, host=h, port=25) for h in (MX_SELF, MX_LOW)]
+            decoys = [ScriptedServer(DECOY, host=h, port=25) for h in (MX_SELF, MX_LOW, MX_LOOP)]
             mover = Primary([], hostname="mover.test", host=MX_MOVER, port=25)
             nsd = NsdServer(workdir / "nsd", {"test": ZONE})
             for server in (primary, rx_primary, mx_primary, *decoys, mover, nsd):
@@ -166,6 +183,7 @@ def routed() -> Iterator[Routed]:
                 {
                     "CALLAHEAD_POSTFIX_CONFIG": str(backup_dir / "etc"),
                     "CALLAHEAD_RESOLVER": nsd.resolver,
+                    "CALLAHEAD_MX_ALLOW_NETWORKS": ALLOWED_NETWORKS,
                     "CALLAHEAD_PROBE_TIMEOUT": "3",
                     "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
                 },
@@ -264,6 +282,43 @@ def test_this_hosts_own_mx_entry_and_later_ones_are_never_probed(routed: Routed)
         5,
         what="the decision line",
     )
+
+
+def logged(routed: Routed, line: str) -> None:
+    wait_for(lambda: line in routed.callahead.log(), 5, what=line)
+
+
+def test_mx_hosts_at_loopback_unspecified_or_own_addresses_are_never_probed(
+    routed: Routed,
+) -> None:
+    """loopy.test's MX hosts are at 127.0.0.2 (a decoy listens there) and 0.0.0.0;
+    own.test's at 127.0.0.1, where this backup listens. Nothing is probed: each
+    recipient is accepted undecided (route_failed), never refused; each skipped target
+    is logged once, and ``probe --explain`` names them."""
+    for address in ("first@loopy.test", "second@loopy.test", "nobody@own.test"):
+        assert rcpt(routed, address) == 250, address
+        logged(routed, f"rcpt=<{address}> decision=accept reason=route_failed")
+    assert all(decoy.connections == 0 for decoy in routed.decoys)
+    log = routed.callahead.log()
+    for skipped in (
+        "MX host lo.test of loopy.test is at 127.0.0.2, loopback: never probed",
+        "MX host zero.test of loopy.test is at 0.0.0.0, unspecified: never probed",
+    ):
+        assert log.count(skipped) == 1, skipped  # two recipients, one line
+
+    explained = routed.callahead.cli("probe", "--explain", "nobody@loopy.test")
+    assert explained.returncode == 2, explained
+    out = explained.stdout
+    assert out.startswith("tempfail: nobody@loopy.test"), out
+    assert "MX targets never probed:" in out
+    assert "\n  lo.test 127.0.0.2 (loopback)\n" in out
+    assert "\n  zero.test 0.0.0.0 (unspecified)\n" in out
+    assert "  (nothing was said)" in out
+    own = routed.callahead.cli("probe", "--explain", "nobody@own.test")
+    assert own.returncode == 2, own
+    assert "this host is the best MX host of own.test" in own.stdout
+    assert "\n  ownhost.test 127.0.0.1 (this host)\n" in own.stdout
+    assert all(decoy.connections == 0 for decoy in routed.decoys)
 
 
 def test_a_dns_failure_is_undecided_not_rejected(routed: Routed) -> None:

@@ -1,43 +1,36 @@
-"""The command line: ``callahead serve``, ``probe ADDRESS``, ``config``, ``cache ...`` and
-``status`` (the last two ask a running ``serve`` over the admin socket, admin.py)."""
+"""The command line: ``callahead serve``, ``probe ADDRESS`` (probecmd.py), ``config``,
+``cache ...``, ``status`` (these two ask a running ``serve`` over the admin socket,
+admin.py) and ``doctor`` (doctor/)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from .. import __version__
-from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..frontends.adminclient import AdminUnavailable, ask, status_lines
-from ..probing.engine import ProbeEngine
 from ..probing.loop import loop_problem
-from ..routing.postfixmaps import PostfixRoutes
-from ..routing.router import describe_routes
-from ..routing.routes import Nexthop, RouteUnavailable
-from ..smtp.verdict import ProbeResult, Verdict
 from . import logoutput
-from .assembly import build_resolver, engine_settings
 from .config import EX_CONFIG, Config, ConfigError, load_config
 from .doctor.checkup import (
     DoctorUsageError,
     EnvFileError,
     doctor_environment,
     known_addresses,
+    read_env_file,
     run_doctor,
 )
+from .probecmd import EX_USAGE, no_routes, routes_source, run_probe
 from .socketaccess import postfix_socket_problems
-from .startchecks import answer_time_problem, helo_warning, milter_exposure_warning
+from .startchecks import answer_time_problem, exposure_warnings, helo_warning
 from .variables import VARIABLES
 
-EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_NOPERM = 77
-PROBE_EXIT = {Verdict.VALID: 0, Verdict.UNKNOWN: 1, Verdict.TEMPFAIL: 2}
 
 log = logging.getLogger("callahead")
 
@@ -49,6 +42,15 @@ def variables_help() -> str:
         default = v.shown_default or "empty"
         lines.append(f"  {v.name:<{width}}  {v.meaning} [{default}]")
     return "\n".join(lines)
+
+
+def _env_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="read the variables from FILE as the unit does (NAME=value lines, e.g. "
+        "/etc/default/callahead; a value may hold spaces), over the environment",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument(
         "--explain",
         action="store_true",
-        help="print the SMTP transcript, the line that decided and why it was classified so",
+        help="print the MX targets never probed, the SMTP transcript, the line that "
+        "decided and why it was classified so",
     )
-    sub.add_parser(
+    _env_file_option(probe)
+    config = sub.add_parser(
         "config",
         help="print the effective configuration",
         description="Print the effective configuration; exit 78 if a value is bad.",
         **common,  # type: ignore[arg-type]
     )
+    _env_file_option(config)
     cache = sub.add_parser(
         "cache",
         help="show or flush entries of a running serve's positive cache",
@@ -158,6 +163,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if command == "doctor":
             environment = doctor_environment(environment, args.env_file)
             known = known_addresses(args.known)
+        elif command in ("config", "probe") and args.env_file:
+            environment = {**environment, **read_env_file(args.env_file)}
         config = load_config(environment)
     except (ConfigError, EnvFileError) as exc:
         print(f"callahead: {exc}", file=sys.stderr)
@@ -268,88 +275,8 @@ def run_status(config: Config) -> int:
     return 0 if answer["healthy"] else 1
 
 
-def routes_source(config: Config) -> str:
-    postfix = None if config.postfix is None else PostfixRoutes(config.postfix)
-    return describe_routes(config.routes, postfix)
-
-
-def _no_routes(config: Config) -> bool:
-    return not config.routes and config.postfix is None
-
-
-def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int:
-    if _no_routes(config):
-        print(
-            "callahead: CALLAHEAD_ROUTES and CALLAHEAD_POSTFIX_CONFIG are empty: "
-            "no primary to probe",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
-    normalized = normalize_recipient(address_arg)
-    if normalized is None:
-        print(
-            f"callahead: {address_arg!r} is not an address (expected user@domain)", file=sys.stderr
-        )
-        return EX_USAGE
-    address = normalized.address
-    try:
-        wire_address(address, allow_utf8=True)
-    except UnsendableAddress as exc:
-        print(f"callahead: {address_arg!r} cannot be probed: {exc}", file=sys.stderr)
-        return EX_USAGE
-    warning = helo_warning(config.helo_name)
-    if warning:
-        print(f"callahead: warning: {warning}", file=sys.stderr)
-
-    async def routes() -> tuple[Nexthop, ...]:
-        hops = config.routes.lookup(normalized.domain)
-        if hops or config.postfix is None:
-            return hops
-        return await PostfixRoutes(config.postfix).lookup(normalized.domain, address)
-
-    async def once() -> int:
-        try:
-            hops = await routes()
-        except RouteUnavailable as exc:
-            print(f"callahead: the route of {normalized.domain!r} is unknown: {exc}")
-            return PROBE_EXIT[Verdict.TEMPFAIL]
-        if not hops:
-            print(
-                f"callahead: no route for {normalized.domain!r} in {routes_source(config)}",
-                file=sys.stderr,
-            )
-            return EX_USAGE
-        resolver, _ = build_resolver(config)
-        engine = ProbeEngine(engine_settings(config, transcript=explain), resolver=resolver)
-        result = await engine.probe(address, hops)
-        code = "no reply" if result.code is None else str(result.code)
-        print(
-            f"{result.verdict.value}: {address} at {result.primary}: {code} at "
-            f"{result.stage.value.upper()} ({result.duration * 1000:.1f} ms): {result.detail}"
-        )
-        if explain:
-            print(explanation(result))
-        await engine.aclose()
-        return PROBE_EXIT[result.verdict]
-
-    return asyncio.run(once())
-
-
-def explanation(result: ProbeResult) -> str:
-    """What ``probe --explain`` prints after the verdict line."""
-    lines = ["transcript:"]
-    lines += [f"  {line}" for line in result.transcript] or ["  (nothing was said)"]
-    if result.code is None:
-        lines.append(f"decided by: no reply at {result.stage.value.upper()} ({result.detail})")
-    else:
-        first, *_ = result.detail.split("\n")
-        lines.append(f"decided by: {result.code} {first} (at {result.stage.value.upper()})")
-    lines.append(f"classified: {result.verdict.value} ({result.basis.value}): {result.why}")
-    return "\n".join(lines)
-
-
 def run_serve(config: Config) -> int:
-    if _no_routes(config):
+    if no_routes(config):
         print(
             "callahead: CALLAHEAD_ROUTES='' is invalid: serve needs at least one "
             "domain=nexthop route, or CALLAHEAD_POSTFIX_CONFIG",
@@ -368,7 +295,7 @@ def run_serve(config: Config) -> int:
         print(f"callahead: {problem}", file=sys.stderr)
         return EX_CONFIG
     logoutput.configure(config.log_level, sys.stderr)
-    for warning in (helo_warning(config.helo_name), milter_exposure_warning(config)):
+    for warning in (helo_warning(config.helo_name), *exposure_warnings(config)):
         if warning:
             log.warning("%s", warning)
     problem = answer_time_problem(config) if config.socket else None

@@ -12,8 +12,14 @@ or one of whose addresses is this host's (``inet_interfaces`` and ``proxy_interf
 of the Postfix configuration; with ``all``, the addresses of this host's interfaces) is
 dropped with every MX host of equal or lower preference, as smtp(8) does (it looks at
 the addresses; RFC 5321 also names the host name, which catches a backup behind NAT).
-When none is left (this host is the best MX), or on any DNS failure (SERVFAIL, REFUSED,
-a timeout, no server answering), the recipient is undecided (``RouteUnavailable``).
+Of the MX hosts left, an address that is unspecified, loopback, link-local or multicast
+is skipped alone (targets.py: a relay domain's DNS must not point probes at this host's
+own services; ``CALLAHEAD_MX_ALLOW_NETWORKS`` lets a loopback or link-local network
+through). Every target left out is named in ``Expansion.skipped`` (or the
+``RouteUnavailable``) for ``probe --explain`` and ``doctor``. When none is left (this
+host is the best MX, or every address is skipped), or on any DNS failure (SERVFAIL,
+REFUSED, a timeout, no server answering), the recipient is undecided
+(``RouteUnavailable``).
 
 **Only the primary's word counts.** Of one MX lookup, the hosts of the most-preferred
 group (the lowest preference among *all* its MX records, whether they resolve or not;
@@ -50,9 +56,16 @@ import dns.resolver
 from ..base.address import normalize_domain
 from ..base.errors import CallaheadError
 from .routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable, primary_name
-from .thishost import (
-    HostView,
+from .targets import (
+    AFTER_THIS_HOST,
+    THIS_HOST,
+    Network,
+    SkippedTarget,
+    TargetLog,
+    describe,
+    unsafe,
 )
+from .thishost import HostView
 
 log = logging.getLogger("callahead.resolve")
 
@@ -158,25 +171,38 @@ class DnsPython:
 
 
 class MxResolver:
-    """Expands a route's nexthops into literal ones (engine.HopResolver)."""
+    """Expands a route's nexthops into literal ones (engine.HopResolver). ``allowed``:
+    the loopback and link-local networks an MX host's address may be in
+    (``CALLAHEAD_MX_ALLOW_NETWORKS``, targets.py)."""
 
-    def __init__(self, dns_: Dns, this_host: HostView, *, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        dns_: Dns,
+        this_host: HostView,
+        *,
+        shuffle: bool = True,
+        allowed: Sequence[Network] = (),
+    ) -> None:
         self._dns = dns_
         self._this_host = this_host
         self._shuffle = shuffle
+        self._allowed = tuple(allowed)
+        self._skip_log = TargetLog()
 
     async def expand(self, hops: Sequence[Nexthop], domain: str) -> Expansion:
         """Literal nexthops for ``hops`` (the recipient ``domain`` for a hostless one),
         in order, at most ``MAX_ADDRESSES``, with the ones outside the most-preferred
-        group of their MX lookup marked secondary. Raises ``NoSuchDomain`` when none is
-        left and the recipient domain's own lookup found it does not exist or takes no
-        mail, else ``RouteUnavailable`` when none is left."""
+        group of their MX lookup marked secondary, and the MX targets skipped
+        (targets.py). Raises ``NoSuchDomain`` when none is left and the recipient
+        domain's own lookup found it does not exist or takes no mail, else
+        ``RouteUnavailable`` (with the targets skipped) when none is left."""
         out: list[Nexthop] = []
         primaries: set[Nexthop] = set()
         secondaries: set[Nexthop] = set()
         hosts: dict[Nexthop, str] = {}
         literal: set[Nexthop] = set()
         problems: list[str] = []
+        skipped: list[SkippedTarget] = []
         no_domain: str | None = None
         for hop in hops:
             if not hop.mx:
@@ -185,7 +211,7 @@ class MxResolver:
                 literal.add(hop)
                 continue
             try:
-                first, rest = await self._mx_hops(hop.host or domain, hop.port, hosts)
+                first, rest = await self._mx_hops(hop.host or domain, hop.port, hosts, skipped)
             except NoSuchDomain as exc:
                 # Only the recipient domain's own answer says the recipient is unknown;
                 # a named nexthop host that does not exist is a configuration problem.
@@ -203,20 +229,33 @@ class MxResolver:
         if not unique:
             if no_domain is not None:
                 raise NoSuchDomain(no_domain)
-            raise RouteUnavailable("; ".join(problems) or "no host to probe")
+            raise RouteUnavailable("; ".join(problems) or "no host to probe", skipped)
         # A hop that is a primary of any lookup (or literal) is a primary.
         secondary = frozenset(h for h in unique if h in secondaries and h not in primaries)
         # A literal hop is its own primary, even where an MX host has the same address.
         names = {h: hosts[h] for h in unique if h in hosts and h not in literal}
-        return Expansion(tuple(unique), secondary, names)
+        return Expansion(tuple(unique), secondary, names, tuple(skipped))
+
+    async def left_out(
+        self, hops: Sequence[Nexthop], domain: str
+    ) -> tuple[tuple[SkippedTarget, ...], bool]:
+        """The MX targets ``expand`` leaves out for ``hops``, and whether any target is
+        left to probe (for ``probe --explain`` and ``doctor``; a DNS answer already
+        had is taken from the cache)."""
+        try:
+            return (await self.expand(hops, domain)).skipped, True
+        except RouteUnavailable as exc:
+            return exc.skipped, False
+        except NoSuchDomain:
+            return (), False
 
     async def _mx_hops(
-        self, name: str, port: int, hosts: dict[Nexthop, str]
+        self, name: str, port: int, hosts: dict[Nexthop, str], skipped: list[SkippedTarget]
     ) -> tuple[list[Nexthop], list[Nexthop]]:
         """The hops of ``name``'s MX hosts in order: (the most-preferred group's, the
         others'); the MX host of each hop goes into ``hosts`` (the first one's, for an
-        address two MX hosts share). Raises ``NoSuchDomain`` (NXDOMAIN, a lone null MX)
-        or ``RouteUnavailable``."""
+        address two MX hosts share), each address left out into ``skipped``. Raises
+        ``NoSuchDomain`` (NXDOMAIN, a lone null MX) or ``RouteUnavailable``."""
         name = normalize_domain(name)
         try:
             records = await self._dns.mx(name)
@@ -249,7 +288,24 @@ class MxResolver:
             (pref for pref, host, addrs in resolved if this_host.is_self(host, addrs)),
             default=None,
         )
-        kept = [r for r in resolved if cut is None or r[0] < cut]
+        kept: list[tuple[int, str, list[str]]] = []
+        dropped: list[SkippedTarget] = []
+        for pref, host, addrs in resolved:
+            if cut is not None and pref >= cut:
+                why = THIS_HOST if this_host.is_self(host, addrs) else AFTER_THIS_HOST
+                dropped += [SkippedTarget(host, a, why) for a in addrs or [""]]
+                continue
+            safe = []
+            for a in addrs:
+                reason = unsafe(a, self._allowed)
+                if reason is None:
+                    safe.append(a)
+                else:
+                    dropped.append(SkippedTarget(host, a, reason))
+            kept.append((pref, host, safe))
+        for target in dropped:
+            self._skip_log.note(name, target)
+        skipped += dropped
         for _, host, addrs in kept:
             for a in addrs:
                 hosts.setdefault(Nexthop(a, port), primary_name(host, port))
@@ -258,5 +314,8 @@ class MxResolver:
         if not first and not rest:
             if cut is not None and not kept:
                 raise RouteUnavailable(f"this host is the best MX host of {name}")
+            unsafe_ones = [t for t in dropped if t.why not in (THIS_HOST, AFTER_THIS_HOST)]
+            if unsafe_ones:
+                problems.append(f"every address left is skipped: {describe(unsafe_ones)}")
             raise RouteUnavailable("; ".join(problems) or f"no address for the MX hosts of {name}")
         return first, rest

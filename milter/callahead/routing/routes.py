@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..base.address import normalize_domain
 from ..base.errors import CallaheadError
+from .targets import SkippedTarget
 
 DEFAULT_SMTP_PORT = 25
 
@@ -38,7 +39,12 @@ class RouteError(CallaheadError, ValueError):
 
 class RouteUnavailable(CallaheadError):
     """The route of a domain cannot be told now (a Postfix map or DNS lookup failed, or
-    the MX hosts left are none): the recipient is undecided, never rejected."""
+    the MX hosts left are none): the recipient is undecided, never rejected.
+    ``skipped``: the MX targets left out on the way (targets.py)."""
+
+    def __init__(self, message: str, skipped: Sequence[SkippedTarget] = ()) -> None:
+        super().__init__(message)
+        self.skipped = tuple(skipped)
 
 
 class NoSuchDomain(CallaheadError):
@@ -82,6 +88,9 @@ class Expansion:
     budget, pool, metric labels) under that name, which stays the same while a large MX
     pool hands out other addresses at every lookup. A hop not listed (a literal one) is
     its own primary."""
+    skipped: tuple[SkippedTarget, ...] = ()
+    """The MX hosts' addresses left out (targets.py): this host's, loopback,
+    unspecified, link-local, multicast; for ``probe --explain`` and ``doctor``."""
 
     def primary_of(self, hop: Nexthop) -> str:
         return self.hosts.get(hop) or str(hop)

@@ -1,7 +1,8 @@
 """``callahead doctor``, the primary side: every relay domain of the backup has a
 route, every primary answers and takes the probes' EHLO name, a real address there is
 valid, a made-up one is unknown (or the domain is reported as catch-all), and the
-prober is not refused.
+prober is not refused. An MX route's targets that are never probed (loopback,
+unspecified, link-local, multicast: routing/targets.py) are named (``mx-targets``).
 
 One domain per distinct route is probed (domains behind one primary tell the same
 thing), with the engine ``serve`` uses, without a cache. The real address is the one
@@ -29,6 +30,7 @@ from ...routing.postfixsettings import (
     tool,
 )
 from ...routing.routes import Nexthop, RouteUnavailable
+from ...routing.targets import AFTER_THIS_HOST, THIS_HOST, SkippedTarget, describe
 from ...smtp.verdict import Basis, ProbeResult, Stage, Verdict
 from ..assembly import build_resolver, engine_settings
 from ..config import Config
@@ -241,6 +243,39 @@ def _probe_findings(
     return findings
 
 
+def _target_findings(
+    domain: str, skipped: Sequence[SkippedTarget], any_left: bool
+) -> list[Finding]:
+    """The MX targets of ``domain`` never probed (not this host's own entry, which every
+    backup's MX list holds): a warning while others are left, a failure when none is."""
+    unsafe = [t for t in skipped if t.why not in (THIS_HOST, AFTER_THIS_HOST)]
+    if not unsafe:
+        return []
+    fix = (
+        "point the MX records at the primary's real address (a lab whose primaries run on "
+        "loopback lists their network in CALLAHEAD_MX_ALLOW_NETWORKS)"
+    )
+    if any_left:
+        return [
+            Finding(
+                "mx-targets",
+                True,
+                f"{domain}: never probed: {describe(unsafe)}; the other MX targets are",
+                fix,
+                warn=True,
+            )
+        ]
+    return [
+        Finding(
+            "mx-targets",
+            False,
+            f"{domain}: every MX target left is skipped, never probed: {describe(unsafe)}; "
+            "every recipient there gets the tempfail action (route_failed)",
+            fix,
+        )
+    ]
+
+
 async def check_primaries(
     config: Config, routed: Mapping[str, tuple[Nexthop, ...]], known: Mapping[str, str]
 ) -> list[Finding]:
@@ -263,6 +298,10 @@ async def check_primaries(
     engine = ProbeEngine(engine_settings(config), resolver=resolver, controls=_Known(valid))
     try:
         for domain in chosen:
+            if any(hop.mx for hop in routed[domain]):
+                findings += _target_findings(
+                    domain, *await resolver.left_out(routed[domain], domain)
+                )
             real = await engine.probe(reals[domain], routed[domain])
             if real.verdict is Verdict.VALID:
                 valid[domain] = reals[domain]
