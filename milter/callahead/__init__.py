@@ -1,3 +1,3 @@
 """callahead: a recipient-verification milter for Postfix backup MX servers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -180,3 +180,18 @@ def test_remove_stops_it_and_purge_removes_its_state(scripts: dict[str, str]) ->
         "/var/spool/postfix/callahead",
     ):
         assert path in purge, path
+    assert "/etc/systemd/system/callahead.service.d/0.1-tcp-listener.conf" in purge
+
+
+def test_the_0_1_listener_is_kept_before_the_restart(scripts: dict[str, str]) -> None:
+    """The upgrade from 0.1 keeps its TCP listener (a drop-in) where the operator never
+    set CALLAHEAD_SOCKET; the drop-in must be written before the daemon-reload and the
+    restart that debhelper adds, or the first process after the upgrade listens where
+    Postfix does not look (a debhelper token in a comment once put them first)."""
+    postinst = scripts["postinst"]
+    reload = "systemctl --system daemon-reload"
+    assert postinst.count(reload) == 1, postinst
+    written = postinst.index('cat >"$DROPIN"')
+    assert written < postinst.index(reload) < postinst.index("deb-systemd-invoke")
+    assert "Environment=CALLAHEAD_SOCKET=inet:127.0.0.1:8895" in postinst
+    assert 'dpkg --compare-versions "$2" lt 0.2.0~' in postinst

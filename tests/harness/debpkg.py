@@ -12,7 +12,9 @@ python3 comes first on the caller's PATH.
 runs lintian on it and prints the path.
 
 ``built_next()`` builds the same tree one version later (a changelog entry added to the
-copy), so the system tests can upgrade from this version to the next.
+copy), so the system tests can upgrade from this version to the next;
+``built_previous()`` builds the last release before it (``PREVIOUS_RELEASE``, from git),
+so they can upgrade from what operators run today.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "build" / "deb"
 OUT_NEXT = REPO / "build" / "deb-next"
+OUT_PREVIOUS = REPO / "build" / "deb-previous"
+PREVIOUS_RELEASE = "6da48478b877256632428dc2ee4258ea55fadb03"
+"""The commit of release 0.1.0 (the tree before issue 26), whose milter listened on
+inet:127.0.0.1:8895 by default and whose package stopped it on upgrade."""
 NEXT_SUFFIX = "+1"
 """Appended to the changelog's version for the next one (dpkg sorts 0.1.0+1 after 0.1.0)."""
 BUILD_TIMEOUT = 300.0
@@ -45,10 +51,24 @@ class DebBuildError(Exception):
     """The package did not build, or lintian found errors or warnings."""
 
 
-def version() -> str:
-    """The package version, from debian/changelog."""
+def version(commit: str = "") -> str:
+    """The package version, from debian/changelog (of ``commit``, when given)."""
+    if commit:
+        text = subprocess.run(
+            ["git", "show", f"{commit}:debian/changelog"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        source = ["-l", "-"]
+    else:
+        text = None
+        source = ["-l", str(REPO / "debian" / "changelog")]
     done = subprocess.run(
-        ["dpkg-parsechangelog", "-l", str(REPO / "debian" / "changelog"), "-S", "Version"],
+        ["dpkg-parsechangelog", *source, "-S", "Version"],
+        input=text,
         capture_output=True,
         text=True,
         check=True,
@@ -79,15 +99,36 @@ def _next_entry(next_version: str) -> str:
     )
 
 
-def build(out: Path = OUT, *, suffix: str = "") -> Path:
+def _export(commit: str, tree: Path) -> None:
+    """The files of ``commit`` (from this checkout's git history) into ``tree``."""
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise DebBuildError(
+            f"git archive {commit} failed (a shallow clone lacks the previous release): "
+            f"{archive.stderr.decode(errors='replace').strip()}"
+        )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=60)
+
+
+def build(out: Path = OUT, *, suffix: str = "", commit: str = "") -> Path:
     """Build callahead_<version><suffix>_all.deb into ``out`` and return its path (with
-    a ``suffix``, a changelog entry for that version is added to the copy); raises
-    ``DebBuildError`` with the build's output."""
-    full_version = version() + suffix
+    a ``suffix``, a changelog entry for that version is added to the copy; with a
+    ``commit``, the tree of that commit is built instead of this checkout's files);
+    raises ``DebBuildError`` with the build's output."""
+    full_version = (version(commit) if commit else version()) + suffix
     name = f"callahead_{full_version}_all.deb"
     with tempfile.TemporaryDirectory(prefix="callahead-deb-") as tmp:
         tree = Path(tmp) / f"callahead-{full_version}"
-        for relative in _source_files():
+        if commit:
+            _export(commit, tree)
+        for relative in [] if commit else _source_files():
             target = tree / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, target)
@@ -124,6 +165,13 @@ def built_next() -> Path:
     """The package one version later (into ``build/deb-next``), built once per test
     process."""
     return build(OUT_NEXT, suffix=NEXT_SUFFIX)
+
+
+@functools.cache
+def built_previous() -> Path:
+    """The package of the previous release (into ``build/deb-previous``), built once per
+    test process from git."""
+    return build(OUT_PREVIOUS, commit=PREVIOUS_RELEASE)
 
 
 def lintian(deb: Path) -> str:
