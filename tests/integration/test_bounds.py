@@ -1,8 +1,9 @@
 """Bounds of a real ``callahead serve`` under a flood (issue 26, items 4 to 6): idle
-connections past the file descriptor limit, half-sent ``/metrics`` requests, milter
-connections past the cap, and a 64 KiB recipient sent straight to the milter. Each time
-the process answers real requests afterwards (or meanwhile), and its log keeps its
-decision lines instead of a traceback per retry.
+connections past the file descriptor limit, idle policy connections past the cap,
+half-sent ``/metrics`` requests, milter connections past the cap, and a 64 KiB
+recipient sent straight to the milter. Each time the process answers real requests
+afterwards (or meanwhile), and its log keeps its decision lines instead of a traceback
+per retry.
 
 The descriptor limit is lowered for the process alone (``RLIMIT_NOFILE`` set before it
 execs), so a few hundred connections from the test exhaust it."""
@@ -20,7 +21,7 @@ import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.milterclient import MAX_DATA, MilterClient, MilterClosed
-from tests.harness.ports import free_port
+from tests.harness.ports import free_port, read_until
 from tests.harness.primary import Primary
 from tests.harness.waiting import wait_for
 
@@ -145,6 +146,53 @@ def test_idle_connections_past_the_descriptor_limit_are_survived_with_one_log_li
         assert "TESTQID: client=192.0.2.7 rcpt=<ghost2@example.test> decision=reject" in log
         assert tracebacks(log) == 0
         assert log.count("out of system resource") <= 2  # the second a minute later at most
+
+
+def test_an_idle_policy_flood_at_the_cap_displaces_itself_and_postfix_is_answered(
+    tmp_path: Path, known_primary: Primary
+) -> None:
+    """Idle connections that never send a request held every allowed policy connection,
+    and Postfix's own was refused: it applied smtpd_policy_service_default_action
+    (DUNNO), and an unknown recipient got 250. A new connection now takes the place of
+    the oldest silent one; a connection that has asked is kept."""
+    cap = 50
+    process = serve(tmp_path, known_primary, CALLAHEAD_POLICY_MAX_CONNECTIONS=str(cap))
+    with running(process):
+        kept = socket.create_connection(("127.0.0.1", process.policy_port), timeout=10)
+        flood: list[socket.socket] = []
+        try:
+            kept.sendall(RCPT_REQUEST.format(KNOWN).encode())  # an smtpd's connection
+            assert read_until(kept, lambda answer: answer.endswith(b"\n\n")) == (
+                b"action=DUNNO\n\n"
+            )
+            flood = idle_connections(process.policy_port, 300)
+            assert ask_policy(process, "ghost@example.test") == (
+                b"action=550 5.1.1 User unknown\n\n"
+            )
+            kept.sendall(RCPT_REQUEST.format("ghost4@example.test").encode())
+            assert read_until(kept, lambda answer: answer.endswith(b"\n\n")) == (
+                b"action=550 5.1.1 User unknown\n\n"
+            )
+            samples = process.samples()
+            # 300 silent and the asking one into cap - 1 places: the oldest silent ones out.
+            assert samples[("callahead_policy_displaced_connections_total", ())] == 300 + 1 - (
+                cap - 1
+            )
+            refused = ("callahead_policy_refused_connections_total", (("reason", "limit"),))
+            assert samples.get(refused, 0) == 0
+            for conn in flood[:200]:
+                conn.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    assert conn.recv(4096) == b""  # closed by the service
+        finally:
+            kept.close()
+            for conn in flood:
+                conn.close()
+        log = process.log()
+        assert "POLICYQID: client=192.0.2.7 rcpt=<ghost@example.test> decision=reject" in log
+        assert "rcpt=<ghost4@example.test> decision=reject" in log
+        assert log.count("closed to make room for newer ones") == 1
+        assert tracebacks(log) == 0
 
 
 def test_half_sent_metrics_requests_hold_no_threads_and_a_scrape_goes_on(

@@ -55,6 +55,12 @@ class RequestReader:
         self._skipped = 0
         """Bytes of empty lines skipped before the next request."""
 
+    @property
+    def pending(self) -> bool:
+        """Part of the next request has been read (a request being sent, or one sent
+        along with the last, not taken yet)."""
+        return bool(self._buffer)
+
     async def next(self) -> PolicyRequest | None:
         """The next request, or None when the client closed (or stayed silent for the
         idle timeout) between requests."""

@@ -17,13 +17,19 @@ well-formed action.
 Exposure: an answer tells which addresses exist, and ``client_address`` (the key of
 the dictionary guard) is the requester's word. On ``inet`` only clients of the allowed
 networks (``CALLAHEAD_POLICY_CLIENTS``, loopback by default) are served; any other is
-disconnected at once. Bounds: at most ``max_connections`` connections (a new one beyond
-is disconnected at once, the open ones are served on), ``MAX_REQUEST`` bytes buffered
-per connection, a connection idle longer than Postfix keeps its own
+disconnected at once. Bounds: at most ``max_connections`` connections, ``MAX_REQUEST``
+bytes buffered per connection, a connection idle longer than Postfix keeps its own
 (``smtpd_policy_service_max_idle``) is closed, and so is one that reads no answer for
 ``WRITE_TIMEOUT`` seconds (a client that sends requests and never reads them cannot hold
-its connection). Refused and stalled connections are counted by reason and logged at
-most once a minute per reason.
+its connection).
+
+At the cap a new connection takes the place of an open one: the oldest that has not sent
+a whole request yet (Postfix's smtpd sends its request as soon as it connects, so a
+flood of connections that say nothing only pushes out itself), else the one idle longest
+between two requests (the smtpd whose connection it was reconnects for its next
+request); never one whose request is being read or answered. Only when every open one
+is busy is the new one disconnected. Refused, displaced and stalled connections are
+counted and logged at most once a minute per reason.
 """
 
 from __future__ import annotations
@@ -101,6 +107,13 @@ class PolicyService:
         self._servers: list[asyncio.Server] = []
         self._bound: BoundSocket | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._silent: dict[asyncio.StreamWriter, None] = {}
+        """Open connections that have not sent a whole request yet, oldest first."""
+        self._idle: dict[asyncio.StreamWriter, RequestReader] = {}
+        """Answered connections waiting for their next request, idle longest first (one
+        met with part of its next request read is mid-request: taken out)."""
+        self._displaced: dict[str, int] = {}
+        """Displaced connections since the last log line, by what they were."""
         self._busy = 0
         """Requests being answered now."""
         self._drained: asyncio.Event | None = None
@@ -158,13 +171,47 @@ class PolicyService:
             self._bound = None
 
     def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
-        """Why a new connection is refused (``client``, ``limit``), or None."""
+        """Why a new connection is refused (``client``, ``limit``), or None; at the cap,
+        an open connection is displaced to make room if one can be."""
         peer = writer.get_extra_info("peername")
         if isinstance(peer, tuple) and not _allowed(peer[0], self._clients):
             return "client"
-        if len(self._connections) >= self._max_connections:
+        if len(self._connections) >= self._max_connections and not self._displace():
             return "limit"
         return None
+
+    def _displace(self) -> bool:
+        """Close the oldest connection that has not sent a whole request, else the one
+        idle longest between requests; False when every open one is busy."""
+        victim, kind = next(iter(self._silent), None), "that never sent a request"
+        while victim is None and self._idle:
+            waiting, requests = next(iter(self._idle.items()))
+            del self._idle[waiting]
+            if not requests.pending:
+                victim, kind = waiting, "idle between requests"
+        if victim is None:
+            return False
+        self._forget(victim)
+        victim.transport.abort()
+        self._metrics.policy_displaced.inc()
+        self._displaced[kind] = self._displaced.get(kind, 0) + 1
+        if self._more("displaced") is not None:  # the counts by kind say how many
+            counts = ", ".join(f"{n} {what}" for what, n in self._displaced.items())
+            self._displaced.clear()
+            log.warning(
+                "policy connections: %d open, CALLAHEAD_POLICY_MAX_CONNECTIONS: closed to "
+                "make room for newer ones: %s (logged at most every %gs)",
+                self._max_connections,
+                counts,
+                REFUSAL_LOG_INTERVAL,
+            )
+        return True
+
+    def _forget(self, writer: asyncio.StreamWriter) -> None:
+        self._connections.discard(writer)
+        self._silent.pop(writer, None)
+        self._idle.pop(writer, None)
+        self._metrics.policy_connections.dec()
 
     def _more(self, reason: str, what: str = "refused") -> str | None:
         """None when a line of ``reason`` was logged within ``REFUSAL_LOG_INTERVAL``
@@ -192,8 +239,9 @@ class PolicyService:
             )
         else:
             log.warning(
-                "policy client %s: %d connections open, CALLAHEAD_POLICY_MAX_CONNECTIONS: "
-                "disconnected (Postfix falls back to smtpd_policy_service_default_action)%s",
+                "policy client %s: %d connections open, CALLAHEAD_POLICY_MAX_CONNECTIONS, "
+                "each with a request being read or answered: disconnected (Postfix falls "
+                "back to smtpd_policy_service_default_action)%s",
                 _peer(writer),
                 len(self._connections),
                 more,
@@ -205,6 +253,7 @@ class PolicyService:
             self._refuse(writer, reason)
             return
         self._connections.add(writer)
+        self._silent[writer] = None
         self._metrics.policy_connections.inc()
         requests = RequestReader(reader, self._idle_timeout)
         try:
@@ -212,11 +261,14 @@ class PolicyService:
                 try:
                     request = await requests.next()
                 except RequestError as exc:
-                    self._metrics.policy_bad_requests.inc()
-                    log.warning("policy client %s: %s: closing", _peer(writer), exc)
+                    if writer in self._connections:  # else displaced: cut short by us
+                        self._metrics.policy_bad_requests.inc()
+                        log.warning("policy client %s: %s: closing", _peer(writer), exc)
                     return
-                if request is None:
+                if request is None or writer not in self._connections:
                     return
+                self._silent.pop(writer, None)
+                self._idle.pop(writer, None)
                 self._busy += 1
                 try:
                     action = await self.answer(request)
@@ -231,11 +283,13 @@ class PolicyService:
                     self._busy -= 1
                     if self._drained is not None and not self._busy:
                         self._drained.set()
+                if not requests.pending:
+                    self._idle[writer] = requests
         except ConnectionError:
             pass
         finally:
-            self._metrics.policy_connections.dec()
-            self._connections.discard(writer)
+            if writer in self._connections:
+                self._forget(writer)
             self._close(writer)
 
     def _close(self, writer: asyncio.StreamWriter) -> None:

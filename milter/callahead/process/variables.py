@@ -109,8 +109,9 @@ VARIABLES: tuple[Variable, ...] = (
         "CALLAHEAD_POLICY_MAX_CONNECTIONS",
         "200",
         "policy service connections open at once (1-10000; Postfix keeps one per smtpd "
-        "process: keep it above smtpd's process limit); a new one beyond it is closed at "
-        "once, the open ones are served on",
+        "process: keep it above smtpd's process limit); a new one beyond it takes the place "
+        "of one that never sent a request, else of the one idle longest, and is closed at "
+        "once only when every open one is busy",
         kind=whole(1, 10000),
     ),
     Variable(

@@ -4,6 +4,7 @@ and a fuzz of the request parser."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -12,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from callahead.frontends.policyservice import (
 )
 from callahead.frontends.unixsocket import UnixSocketError
 from callahead.probing.loop import ProbeLoop
-from callahead.routing.routes import parse_routes
+from callahead.routing.routes import Nexthop, parse_routes
 from callahead.smtp.verdict import ProbeResult, Stage, Verdict
 from tests.harness.ports import read_until
 from tests.harness.waiting import wait_for
@@ -72,10 +73,11 @@ class Served:
         *,
         path: Path | None = None,
         start: bool = True,
+        prober: Prober | None = None,
         **options: Any,
     ) -> None:
         self.metrics = Metrics()
-        self.prober = Prober()
+        self.prober = prober or Prober()
         policy = Policy(
             routes=ROUTES,
             cache=PositiveCache(ttl=60, maxsize=100),
@@ -341,26 +343,144 @@ def test_the_default_networks_are_loopback_and_serve_loopback(served: Served) ->
     assert served.sample("callahead_policy_refused_connections_total", reason="client") == 0
 
 
-def test_beyond_the_connection_cap_new_ones_are_closed_and_open_ones_served() -> None:
-    served = Served(max_connections=2)
+# --- the connection cap ----------------------------------------------------------------
+
+
+class GatedProber(Prober):
+    """Probes of ``slow...`` addresses wait until ``gate`` is set (their connections are
+    busy meanwhile); the others answer at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting: list[str] = []
+
+    async def probe_async(self, address: str, hops: Sequence[Nexthop]) -> ProbeResult:
+        if address.startswith("slow"):
+            self.waiting.append(address)
+            await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 10)
+            return self.probe(address, hops)
+        return self.probe(address, hops)
+
+
+def displaced(served: Served) -> float:
+    return served.sample("callahead_policy_displaced_connections_total")
+
+
+def test_a_flood_of_silent_connections_at_the_cap_lets_a_real_client_in(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1,500 connections that never sent a request held the 200 allowed open, and
+    Postfix's own was refused: it fell back to its default action (DUNNO), and an
+    unknown recipient got 250. Each new one now takes the place of the oldest silent
+    one, so the flood only pushes out itself."""
+    served = Served(max_connections=5)
+    flood: list[socket.socket] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="callahead.policyservice"):
+            flood = [served.connect() for _ in range(40)]
+            with served.connect() as client:  # Postfix: a request as soon as it connects
+                answer = served.ask(client, request(recipient="ghost@example.com"))
+                assert answer == b"action=550 5.1.1 User unknown\n\n"
+                assert served.ask(client, request(recipient="known@example.com")) == (
+                    b"action=DUNNO\n\n"
+                )
+                assert served.service.connections == 5  # with the last four of the flood
+            assert all(closed_at_once(conn) for conn in flood[:36])  # the oldest
+        assert displaced(served) == 41 - 5
+        assert served.sample("callahead_policy_refused_connections_total", reason="limit") == 0
+        assert served.sample("callahead_policy_bad_requests_total") == 0
+        wait_for(lambda: served.service.connections == 4, 5, what="the client's slot freed")
+        assert served.sample("callahead_policy_connections") == 4
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1, lines  # then counted, one line a minute
+        assert "1 that never sent a request" in lines[0]
+    finally:
+        for conn in flood:
+            conn.close()
+        served.close()
+
+
+def test_a_connection_that_has_asked_is_kept_over_silent_ones_then_idle_longest_goes() -> None:
+    served = Served(max_connections=3)
+    dunno = b"action=DUNNO\n\n"
+    conns: list[socket.socket] = []
     try:
         first, second = served.connect(), served.connect()
-        assert served.ask(first, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
-        assert served.ask(second, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
-        with served.connect() as third:
-            assert closed_at_once(third)
-        assert served.sample("callahead_policy_refused_connections_total", reason="limit") == 1
-        # The open ones go on.
-        assert served.ask(first, request(recipient="ghost@example.com")).startswith(b"action=550")
-        assert served.ask(second, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
-        first.close()
-        deadline = time.monotonic() + 5
-        while served.service.connections > 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with served.connect() as again:  # room again
-            assert served.ask(again, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
-        second.close()
+        conns += [first, second]
+        assert served.ask(first, request(recipient="known@example.com")) == dunno
+        assert served.ask(second, request(recipient="known@example.com")) == dunno
+        flood = [served.connect() for _ in range(10)]
+        conns += flood
+        # The flood displaced only itself: the two that asked are answered on, second
+        # first (so first has been idle longest from now on).
+        for conn in (first, second):
+            assert served.ask(conn, request(recipient="ghost@example.com")).startswith(
+                b"action=550"
+            )
+        assert all(closed_at_once(conn) for conn in flood[:9])
+        assert displaced(served) == 9
+        # A new one takes the last silent one's place...
+        third = served.connect()
+        conns.append(third)
+        assert served.ask(third, request(recipient="known@example.com")) == dunno
+        assert closed_at_once(flood[9])
+        # ... and with none left, the place of the one idle longest.
+        fourth = served.connect()
+        conns.append(fourth)
+        assert served.ask(fourth, request(recipient="known@example.com")) == dunno
+        assert closed_at_once(first)
+        for conn in (second, third, fourth):
+            assert served.ask(conn, request(recipient="known@example.com")) == dunno
+        assert displaced(served) == 11
+        assert served.sample("callahead_policy_refused_connections_total", reason="limit") == 0
     finally:
+        for conn in conns:
+            conn.close()
+        served.close()
+
+
+def test_busy_connections_are_never_displaced_and_a_new_one_is_refused_then() -> None:
+    """Neither a connection whose answer is being computed nor one in the middle of a
+    request makes room: with every open one busy, the new one is disconnected."""
+    prober = GatedProber()
+    served = Served(max_connections=4, prober=prober)
+    conns: list[socket.socket] = []
+    try:
+        slow = [served.connect(), served.connect()]
+        conns += slow
+        for n, conn in enumerate(slow):
+            conn.sendall(request(recipient=f"slow{n}@example.com"))
+        wait_for(lambda: len(prober.waiting) == 2, 5, what="both probes waiting")
+        # One mid-request: answered once, then half of its next request sent.
+        middle = served.connect()
+        conns.append(middle)
+        assert served.ask(middle, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+        middle.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n")
+        # One idle (answered after the half request was sent, so read by then).
+        with served.connect() as idle:
+            assert served.ask(idle, request(recipient="known@example.com")) == b"action=DUNNO\n\n"
+            # A new one takes the idle one's place, not the mid-request one's.
+            third = served.connect()
+            conns.append(third)
+            third.sendall(request(recipient="slow2@example.com"))
+            assert closed_at_once(idle)
+        wait_for(lambda: len(prober.waiting) == 3, 5, what="the third probe waiting")
+        assert displaced(served) == 1
+        # Every open one busy: the next is refused, and counted so.
+        with served.connect() as refused:
+            assert closed_at_once(refused)
+        assert served.sample("callahead_policy_refused_connections_total", reason="limit") == 1
+        prober.gate.set()
+        for conn in (*slow, third):
+            assert ACTION.fullmatch(read_until(conn, lambda a: a.endswith(b"\n\n")))
+        middle.sendall(b"recipient=ghost@example.com\n\n")
+        assert read_until(middle, lambda a: a.endswith(b"\n\n")).startswith(b"action=550")
+        assert displaced(served) == 1
+    finally:
+        prober.gate.set()
+        for conn in conns:
+            conn.close()
         served.close()
 
 
