@@ -12,10 +12,11 @@ network round trip. A local miss goes to the probe engine, which hands it to
    cache for its remaining time, at most the local TTL.
 2. Locked by another backup: its probe is waited for (polling, backing off from 10 to
    100 ms) up to ``CALLAHEAD_REDIS_LOCK_WAIT`` seconds (``CALLAHEAD_REDIS_TIMEOUT`` for
-   a minute after a long wait that ended without an answer: untrusted.LockTrust). If it
-   finds the address valid, that is the answer; if the lock goes without a valid entry
-   (the address was unknown or undecided there, which is never stored) or the wait runs
-   out, this backup probes itself.
+   a minute after a long wait on a lock that ran out, or went without the valid answer
+   this backup's probe then found: untrusted.LockTrust). If it finds the address valid,
+   that is the answer; if the lock goes without a valid entry (the address was unknown
+   or undecided there, which is never stored) or the wait runs out, this backup probes
+   itself.
 3. After its own probe, a valid answer is written with the full ``CALLAHEAD_CACHE_TTL``
    (``SET ... PX``) and the lock released (the ``PUBLISH_VALID`` script), in the
    background: the recipient is not kept waiting for it. Unknown and undecided answers
@@ -162,6 +163,7 @@ class SharedGate:
             return result
         started = time.monotonic()
         token = secrets.token_hex(16)
+        released: float | None = None  # seconds waited on a lock gone with no answer
         try:
             left, holding = await self.store.claim(
                 address, token, self._lock_ms, self._refresh_ms, self._ttl_ms
@@ -173,7 +175,7 @@ class SharedGate:
                 return self._hit(address, hops, left, started)
             self._observer.redis_lookup(False)
             if not holding:
-                left = await self._wait(address)
+                left, released = await self._wait(address)
                 if left > 0:
                     return self._hit(address, hops, left, started)
                 # Its probe did not find it valid, or took too long: ours, under the
@@ -192,6 +194,8 @@ class SharedGate:
             if holding:
                 self._background(self.store.release(address, token))
             raise
+        if released is not None:
+            self._lock_trust.probed_after_release(result.verdict is Verdict.VALID, released)
         self._after(address, result, token if holding else "")
         return result
 
@@ -203,9 +207,9 @@ class SharedGate:
         self.local.restore([(address, left)])
         return _shared_hit(hops, left, started)
 
-    async def _wait(self, address: str) -> int:
+    async def _wait(self, address: str) -> tuple[int, float | None]:
         """Wait for another backup's probe of ``address``: ms left of the valid entry it
-        wrote, or 0 when there is none (released, timed out, Redis failed)."""
+        wrote, or 0 (none); the seconds waited if the lock went without one, else None."""
         started = time.monotonic()
         deadline = started + self._lock_trust.limit()
         interval = POLL_FIRST
@@ -215,13 +219,14 @@ class SharedGate:
             try:
                 left, locked = await self.store.poll(address, self._lock_ms, self._ttl_ms)
             except SharedUnavailable:
-                return self._waited("error", started, 0)
+                return self._waited("error", started, 0), None
             if left > 0:
-                return self._waited("shared", started, left)
+                return self._waited("shared", started, left), None
             if not locked:
-                return self._waited("released", started, 0)
+                self._waited("released", started, 0)
+                return 0, time.monotonic() - started
             if time.monotonic() >= deadline:
-                return self._waited("timeout", started, 0)
+                return self._waited("timeout", started, 0), None
 
     def _waited(self, outcome: str, started: float, left: int) -> int:
         self._observer.redis_lock_wait(outcome)

@@ -7,9 +7,10 @@ So every value is checked before it is used, and what a forged one can cost is b
   most, then verified again (redisstore.py's scripts check and cut);
 * a probe lock holds a token of the shape callahead writes (32 hex digits) and lives at
   most a probe's time; anything else there is removed, a longer TTL cut;
-* a wait on another backup's lock that ends without its answer makes the next waits
-  short (``LockTrust``), so a forged lock costs a recipient one Redis timeout, not
-  ``CALLAHEAD_REDIS_LOCK_WAIT``;
+* a wait on another backup's lock that ran out, or that ended without an answer that
+  this backup's own probe then finds (the address valid), makes the next waits short
+  (``LockTrust``), so a forged lock costs a valid recipient one Redis timeout, not
+  ``CALLAHEAD_REDIS_LOCK_WAIT``, after the first;
 * a control address must be an address of its domain;
 * a flush message must be one that callahead publishes (``parse_flush``), and at most
   ``FLUSH_BURST`` (then ``FLUSH_RATE`` a second) are applied one by one: past that each
@@ -161,11 +162,21 @@ class FlushBudget:
 
 
 class LockTrust:
-    """How long a recipient waits on another backup's probe lock. In full
-    (``CALLAHEAD_REDIS_LOCK_WAIT``) while waits end with that backup's answer; after a
-    wait longer than ``short`` that ended without it (the lock ran out, or went with no
-    valid entry: a forged lock looks like that), ``short`` (the Redis timeout) for
-    ``WARY_FOR`` seconds, or until a wait ends with an answer again."""
+    """How long a recipient waits on another backup's probe lock: in full
+    (``CALLAHEAD_REDIS_LOCK_WAIT``), or ``short`` (the Redis timeout) for ``WARY_FOR``
+    seconds after a wait longer than ``short`` that showed the lock was not what it
+    claims to be, or until a wait ends with an answer again.
+
+    What shows it: a forged lock of the right shape is held until its TTL runs out
+    (the scripts cap it at a probe's time), and then there is no answer behind it. So a
+    wait that runs out with the lock still held (``timeout``) counts; so does a wait
+    that ends with the lock gone (``released``) when this backup's own probe then finds
+    the address valid (``probed_after_release``): the lock ran out, or was let go,
+    without the answer that exists. A lock let go without an answer for an address
+    this backup then finds unknown or undecided is the other backup's probe finding
+    the same (those answers are never stored): the normal end of a wait on an unknown
+    recipient, as in a dictionary run, and no reason to stop waiting for the valid
+    ones."""
 
     def __init__(
         self, full: float, short: float, clock: Callable[[], float] = time.monotonic
@@ -180,8 +191,19 @@ class LockTrust:
 
     def ended(self, outcome: str, waited: float) -> None:
         """A wait ended with ``outcome`` (``shared``, ``released``, ``timeout``,
-        ``error``) after ``waited`` seconds."""
+        ``error``) after ``waited`` seconds. ``released`` is judged once this backup's
+        own probe has answered (``probed_after_release``)."""
         if outcome == "shared":
             self._wary_until = 0.0
-        elif outcome in ("released", "timeout") and waited > self.short:
+        elif outcome == "timeout":
+            self._distrust(waited)
+
+    def probed_after_release(self, valid: bool, waited: float) -> None:
+        """This backup's own probe, after a wait of ``waited`` seconds that ended with
+        the lock gone and no answer, found the address ``valid`` (or not)."""
+        if valid:
+            self._distrust(waited)
+
+    def _distrust(self, waited: float) -> None:
+        if waited > self.short:
             self._wary_until = self._clock() + WARY_FOR

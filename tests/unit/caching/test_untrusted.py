@@ -5,8 +5,10 @@ ignored, and what a forged one can cost is bounded."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import operator
 import time
 
 import pytest
@@ -20,10 +22,10 @@ from callahead.caching.untrusted import (
     LockTrust,
     parse_flush,
 )
-from callahead.smtp.verdict import Basis, Verdict
+from callahead.smtp.verdict import Basis, ProbeResult, Verdict
 from tests.harness.redis import RedisServer
 from tests.harness.waiting import wait_until
-from tests.unit.caching.gates import TTL, backup, closed, new_address, settle
+from tests.unit.caching.gates import TTL, Backup, backup, closed, new_address, settle
 
 TEN_YEARS_MS = str(10 * 365 * 86400 * 1000)
 INVALID = "callahead_redis_invalid_total"
@@ -160,22 +162,93 @@ class Clock:
         return self.now
 
 
-def test_waits_are_short_for_a_while_after_one_ended_without_an_answer() -> None:
+def test_waits_are_short_for_a_while_after_a_lock_showed_no_answer_behind_it() -> None:
     clock = Clock()
     trust = LockTrust(2.0, 0.2, clock)
     assert trust.limit() == 2.0
-    trust.ended("released", 0.1)  # quick: the other backup's probe found it unknown
+    trust.ended("released", 1.5)  # the other backup's probe found it unknown:
+    trust.probed_after_release(False, 1.5)  # so did this one's: nothing wrong
     assert trust.limit() == 2.0
-    trust.ended("timeout", 2.0)
+    trust.ended("timeout", 2.0)  # held past the whole wait
     assert trust.limit() == 0.2
     trust.ended("timeout", 0.2)  # short waits do not prolong it
     clock.now += WARY_FOR
     assert trust.limit() == 2.0
-    trust.ended("released", 1.5)  # a lock that ran out by itself looks like this
+    trust.ended("released", 1.5)  # a lock that ran out by itself looks like this, and
+    assert trust.limit() == 2.0
+    trust.probed_after_release(True, 1.5)  # then the address is valid: no answer behind it
     assert trust.limit() == 0.2
     trust.ended("shared", 0.05)  # a backup's answer came: waiting pays again
     assert trust.limit() == 2.0
+    trust.probed_after_release(True, 0.1)  # a short wait cost nothing
+    assert trust.limit() == 2.0
     assert LockTrust(0.1, 0.2).limit() == 0.1  # never longer than the lock wait
+
+
+async def _held(a: Backup, address: str, verdict: Verdict, go: asyncio.Event) -> ProbeResult:
+    """A's probe of ``address`` (under its lock), answered once ``go`` is set."""
+
+    async def held() -> None:
+        await go.wait()
+
+    return await a.ask(address, verdict, before=held)
+
+
+def test_unknown_recipients_probed_elsewhere_leave_the_lock_wait_in_full(
+    redis: RedisServer,
+) -> None:
+    """A dictionary run: backup A probes unknown recipients (never stored), B waits on
+    A's locks and probes each itself when A lets go without an answer. That is no sign
+    of a forged lock: B still waits in full for A's probe of a valid address, and takes
+    its answer instead of probing it a second time (it was short waits, and two probes,
+    for a minute)."""
+
+    async def scenario() -> None:
+        a = backup(redis.url, lock_wait=2.0, timeout=0.1)
+        b = backup(redis.url, lock_wait=2.0, timeout=0.1)
+        for verdict in (Verdict.UNKNOWN, Verdict.UNKNOWN, Verdict.VALID):
+            address = new_address()
+            go = asyncio.Event()
+            probing = asyncio.create_task(_held(a, address, verdict, go))
+            await wait_until(functools.partial(operator.contains, a.probes, address), what="A")
+            waiting = asyncio.create_task(b.ask(address, verdict))
+            await asyncio.sleep(0.4)  # B waits on A's lock, longer than the Redis timeout
+            go.set()
+            assert (await probing).verdict is verdict
+            assert (await waiting).verdict is verdict
+        assert len(b.probes) == 2  # the unknown ones only
+        assert address not in b.probes
+        assert b.counted("callahead_redis_lock_waits_total", outcome="released") == 2
+        assert b.counted("callahead_redis_lock_waits_total", outcome="shared") == 1
+        await settle(a, b)
+        await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_forged_lock_that_runs_out_within_the_wait_costs_one_redis_timeout_after_the_first(
+    redis: RedisServer,
+) -> None:
+    """A lock of the right shape that runs out before the lock wait does (each one set
+    for 1.5 s just before its recipient comes) ends in a release with no answer; the
+    address then proves valid, so the next waits are short."""
+
+    async def scenario() -> None:
+        b = backup(redis.url, lock_wait=2.0, timeout=0.1)
+        took = []
+        for _ in range(4):
+            address = new_address()
+            redis.command("SET", lock_key(address), "cd" * 16, "PX", "1500")
+            started = time.monotonic()
+            assert (await b.ask(address)).verdict is Verdict.VALID
+            took.append(time.monotonic() - started)
+        assert 1.0 <= took[0] < 2.0
+        assert all(t < 0.75 for t in took[1:]), took  # not 1.5 s each
+        assert b.counted("callahead_redis_lock_waits_total", outcome="released") == 1
+        assert b.counted("callahead_redis_lock_waits_total", outcome="timeout") == 3
+        await closed(b)
+
+    asyncio.run(scenario())
 
 
 # -- controls -----------------------------------------------------------------------------
