@@ -8,8 +8,10 @@ for ``callahead serve`` (server.py) and ``callahead probe`` (cli.py).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from ..base.logfmt import redact_url
 from ..caching.cache import PositiveCache
 from ..caching.catchall import LoopCatchAll
 from ..caching.controls import Controls
@@ -28,6 +30,8 @@ from ..routing.router import LOOKUP_WAIT, Router
 from ..routing.thishost import HostIdentity, LiveThisHost
 from .config import Config
 from .postfixconf import postfix_myhostname
+
+log = logging.getLogger("callahead.sharedcache")
 
 _SAME_NAMES = (
     "helo_name",
@@ -118,20 +122,20 @@ class Parts:
     catchall: LoopCatchAll | None = None
     """None when CALLAHEAD_CATCHALL_CHECK is 0."""
     shared: SharedGate | None = None
-    """The shared cache (``CALLAHEAD_REDIS_URL``), if configured."""
+    """The shared cache (``CALLAHEAD_REDIS_URL``), if configured and not refused."""
 
 
 def local_ttl(config: Config) -> float:
     """Seconds a positive answer stays in this backup's own cache: with Redis, a short
     while in front of it (``CALLAHEAD_REDIS_LOCAL_TTL``)."""
-    if config.redis_url:
+    if config.shared_redis_url:
         return min(config.cache_ttl, config.redis_local_ttl)
     return config.cache_ttl
 
 
 def shared_delay(config: Config) -> float:
     """The longest the shared cache can add to an answer (0 without it)."""
-    if not config.redis_url:
+    if not config.shared_redis_url:
         return 0.0
     return config.redis_lock_wait + 3 * config.redis_timeout
 
@@ -163,9 +167,16 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
     refresh_within = config.cache_ttl * config.cache_refresh
     shared: SharedGate | None = None
     engine: ProbeEngine | None = None
-    if config.redis_url:
+    if config.redis_refused:
+        log.error(
+            "CALLAHEAD_REDIS_URL=%s is not used: %s; the shared cache is off, and this "
+            "backup verifies every recipient alone (as while Redis is down)",
+            redact_url(config.redis_url),
+            config.redis_refused,
+        )
+    if config.shared_redis_url:
         shared = SharedGate(
-            RedisStore(config.redis_url, timeout=config.redis_timeout, observer=metrics),
+            RedisStore(config.shared_redis_url, timeout=config.redis_timeout, observer=metrics),
             cache,
             ttl=config.cache_ttl,
             lock_wait=config.redis_lock_wait,

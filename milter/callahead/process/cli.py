@@ -176,6 +176,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         for name, value in config.describe():
             print(f"{name}={value}")
         print(f"# routes from: {routes_source(config)}")
+        if config.redis_refused:
+            print(f"# shared cache: off, CALLAHEAD_REDIS_URL is not used: {config.redis_refused}")
         return 0
     if command == "probe":
         return run_probe(config, args.address, explain=args.explain)

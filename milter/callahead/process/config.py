@@ -19,7 +19,7 @@ from ..routing.postfixsettings import PostfixSettings
 from ..routing.routes import RouteTable
 from ..smtp.tls import TlsMode
 from .endpoints import Listen, Network, loopback_host, loopback_network, parse_socket
-from .parsers import ConfigError
+from .parsers import ConfigError, redis_url_refusal
 from .variables import DEFAULT_POLICY_CLIENTS, NAMES, VARIABLES, Variable
 
 # The entry: load_config, what it gives and what it raises (ConfigError, of parsers).
@@ -81,6 +81,17 @@ class Config:
     def milter_socket(self) -> str:
         """The socket in libmilter's form (``inet:PORT@HOST``, ``inet6:…``, ``unix:…``)."""
         return parse_socket("CALLAHEAD_SOCKET", self.socket)
+
+    @property
+    def redis_refused(self) -> str:
+        """Why ``CALLAHEAD_REDIS_URL`` is not used (the shared cache is off, each backup
+        verifies alone), or empty (``parsers.redis_url_refusal``)."""
+        return redis_url_refusal(self.redis_url)
+
+    @property
+    def shared_redis_url(self) -> str:
+        """The Redis the shared cache uses: empty without one, or when it is refused."""
+        return "" if self.redis_refused else self.redis_url
 
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) pairs, in the order of ``VARIABLES``."""

@@ -201,26 +201,42 @@ def _parse_redis_url(name: str, value: str) -> str:
 
     try:
         # What redis-py itself refuses at connect (?db=abc, ?socket_timeout=soon).
-        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise ConfigError(name, value, f"{allowed} ({exc})") from None
+    return url
+
+
+def redis_url_refusal(url: str) -> str:
+    """Why callahead does not use ``url`` (a URL ``REDIS_URL`` parsed), or empty.
+
+    A URL that reads as a Redis URL but lets anyone who reaches that Redis decide what
+    every backup believes (no password off loopback), or that names a user without a
+    password (most often a password meant), turns the shared cache off: each backup
+    verifies alone, as while Redis is down, and serve, ``config`` and ``doctor`` say
+    why. Not a configuration error (exit 78): callahead 0.1 started with such a URL,
+    and an upgrade must not leave mail unverified (Postfix accepts while the milter is
+    down). A URL that cannot be read at all still is one (``_parse_redis_url``)."""
+    if not url:
+        return ""
+    import redis.connection
+
+    parts = urllib.parse.urlsplit(url)
+    options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     if parts.username and parts.password is None and not options.get("password"):
-        raise ConfigError(
-            name,
-            value,
+        return (
             "a user name without a password (redis-py sends what stands before the @ as a "
             "user name): for a password alone write redis://:PASSWORD@HOST, for an ACL "
-            "user redis://USER:PASSWORD@HOST",
+            "user redis://USER:PASSWORD@HOST"
         )
     if not (options.get("password") or options.get("ssl_certfile") or _local(parts)):
-        raise ConfigError(
-            name,
-            value,
+        return (
             f"Redis at {parts.hostname} is off this host's loopback and the URL gives no "
-            "password (redis://:PASSWORD@HOST, or an ACL user's USER:PASSWORD@): whoever "
-            "can write to that Redis decides which recipients every backup accepts",
+            "password: whoever can write to that Redis would decide which recipients every "
+            "backup accepts; write redis://:PASSWORD@HOST (or an ACL user's "
+            "USER:PASSWORD@, or with rediss:// a client certificate)"
         )
-    return url
+    return ""
 
 
 def _local(parts: urllib.parse.SplitResult) -> bool:

@@ -27,7 +27,9 @@ def answer_time_problem(
         return None
     engine_longest = engine_settings(config).longest_answer + shared_delay(config)
     redis = (
-        " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)" if config.redis_url else ""
+        " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)"
+        if config.shared_redis_url
+        else ""
     )
     lookup = route_wait(config)
     lookups = (

@@ -1,6 +1,7 @@
 """The Redis URL: TLS checks the server's name by default (a real redis-server with
-TLS, certificates from a test CA), a Redis off loopback needs a password, and no form
-of password is ever shown."""
+TLS, certificates from a test CA), a Redis off loopback without a password is not used
+(the shared cache off, said by config, serve and doctor), and no form of password is
+ever shown."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import pytest
 
 from callahead.base.logfmt import redact_url
 from callahead.caching.redisstore import RedisStore, SharedUnavailable, tls_options
+from callahead.frontends.metrics import Metrics
+from callahead.probing.loop import ProbeLoop
+from callahead.process.assembly import Parts, build_policy, local_ttl, shared_delay
 from callahead.process.cli import main
-from callahead.process.config import EX_CONFIG, ConfigError, load_config
+from callahead.process.config import Config, load_config
+from callahead.process.doctor.checkup import redis_findings
 from tests.harness.fixtures import make_workdir
 from tests.harness.redis import RedisServer
 
@@ -73,6 +78,8 @@ def test_tls_options_only_for_rediss() -> None:
 
 # -- who may reach Redis ------------------------------------------------------------------
 
+OFF = "# shared cache: off, CALLAHEAD_REDIS_URL is not used: "
+
 
 @pytest.mark.parametrize(
     "url",
@@ -83,13 +90,40 @@ def test_tls_options_only_for_rediss() -> None:
         "redis://[2001:db8::7]:6379/0",
     ],
 )
-def test_a_redis_off_loopback_needs_a_password(
-    url: str, capsys: pytest.CaptureFixture[str]
+def test_a_redis_off_loopback_without_a_password_is_not_used(
+    url: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(ConfigError, match="off this host's loopback and the URL gives no password"):
-        load_config({**ENV, "CALLAHEAD_REDIS_URL": url})
-    assert main(["config"], env={**ENV, "CALLAHEAD_REDIS_URL": url}) == EX_CONFIG
-    assert "CALLAHEAD_REDIS_URL=" in capsys.readouterr().err
+    """Not a configuration error (exit 78): callahead 0.1 ran with such a URL, and an
+    upgrade must not stop it. The shared cache is off, and config, serve and doctor
+    say why and what to write instead."""
+    config = load_config({**ENV, "CALLAHEAD_REDIS_URL": url})
+    assert config.redis_url == url
+    assert "off this host's loopback and the URL gives no password" in config.redis_refused
+    assert "redis://:PASSWORD@HOST" in config.redis_refused
+    assert config.shared_redis_url == ""
+    assert main(["config"], env={**ENV, "CALLAHEAD_REDIS_URL": url}) == 0
+    out = capsys.readouterr().out
+    assert f"CALLAHEAD_REDIS_URL={url}\n" in out
+    assert OFF + "Redis at " in out
+
+    parts = built(config, caplog)
+    assert parts.shared is None
+    assert local_ttl(config) == config.cache_ttl and shared_delay(config) == 0
+    [line] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.getMessage().startswith(f"CALLAHEAD_REDIS_URL={url} is not used: Redis at ")
+    assert "the shared cache is off" in line.getMessage()
+
+    [finding] = redis_findings(config)
+    assert finding.ok is False and finding.item == "redis"
+    assert "the shared cache is off" in finding.what
+    assert "redis://:PASSWORD@HOST" in finding.fix
+
+
+def built(config: Config, caplog: pytest.LogCaptureFixture) -> Parts:
+    """The decision core serve builds from ``config`` (its start-up lines in caplog)."""
+    loop = ProbeLoop()
+    with caplog.at_level(logging.INFO, logger="callahead"):
+        return build_policy(config, loop, Metrics())
 
 
 @pytest.mark.parametrize(
@@ -106,21 +140,43 @@ def test_a_redis_off_loopback_needs_a_password(
         "rediss://redis.example.com/0?ssl_certfile=/etc/c.pem&ssl_keyfile=/etc/k.pem",
     ],
 )
-def test_a_local_redis_or_a_password_is_enough(url: str) -> None:
-    assert load_config({**ENV, "CALLAHEAD_REDIS_URL": url}).redis_url == url
+def test_a_local_redis_or_a_password_is_enough(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config({**ENV, "CALLAHEAD_REDIS_URL": url})
+    assert config.redis_url == config.shared_redis_url == url
+    assert config.redis_refused == ""
+    assert built(config, caplog).shared is not None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    [finding] = redis_findings(config)
+    assert finding.ok is True
 
 
-def test_a_password_written_as_a_user_name_is_refused_and_never_shown(
-    capsys: pytest.CaptureFixture[str],
+def test_without_a_redis_url_there_is_nothing_to_refuse() -> None:
+    config = load_config(ENV)
+    assert (config.redis_refused, config.shared_redis_url) == ("", "")
+    assert redis_findings(config) == []
+
+
+def test_a_password_written_as_a_user_name_is_not_used_and_never_shown(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     url = "redis://S3cretPW@10.0.0.7:6379/0"
-    with pytest.raises(ConfigError) as info:
-        load_config({**ENV, "CALLAHEAD_REDIS_URL": url})
-    assert "redis://:PASSWORD@HOST" in str(info.value)
-    assert "S3cretPW" not in str(info.value)
-    assert main(["config"], env={**ENV, "CALLAHEAD_REDIS_URL": url}) == EX_CONFIG
-    err = capsys.readouterr().err
-    assert "redis://***@10.0.0.7:6379/0" in err and "S3cretPW" not in err
+    config = load_config({**ENV, "CALLAHEAD_REDIS_URL": url})
+    assert config.redis_refused.startswith("a user name without a password")
+    assert "redis://:PASSWORD@HOST" in config.redis_refused
+    assert "S3cretPW" not in config.redis_refused
+    assert main(["config"], env={**ENV, "CALLAHEAD_REDIS_URL": url}) == 0
+    out = capsys.readouterr().out
+    assert "CALLAHEAD_REDIS_URL=redis://***@10.0.0.7:6379/0\n" in out
+    assert OFF + "a user name without a password" in out
+    assert "S3cretPW" not in out
+    assert built(config, caplog).shared is None
+    assert "CALLAHEAD_REDIS_URL=redis://***@10.0.0.7:6379/0 is not used" in caplog.text
+    assert "S3cretPW" not in caplog.text
+    [finding] = redis_findings(config)
+    assert finding.ok is False and "S3cretPW" not in finding.what + finding.fix
+    # On loopback too: redis-py would send the word as a user name, and Redis refuse it.
+    local = load_config({**ENV, "CALLAHEAD_REDIS_URL": "redis://S3cretPW@127.0.0.1/0"})
+    assert local.redis_refused.startswith("a user name without a password")
 
 
 @pytest.mark.parametrize(
