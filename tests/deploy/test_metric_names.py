@@ -82,6 +82,7 @@ def exercised() -> Metrics:
     metrics.errors.inc()
     metrics.client_address_missing.inc()
     metrics.probe_loop_up.set(1)
+    metrics.postfix_hooked.labels("milter").set(1)
     metrics.policy_requests.labels("rcpt").inc()
     metrics.policy_bad_requests.inc()
     metrics.policy_connections.inc()

@@ -281,6 +281,7 @@ BROKEN = {
         "prober",
         "refuses the prober",
     ),
+    "redis": ({}, {"CALLAHEAD_REDIS_URL": "redis://10.0.0.5:6379/0"}, "redis", "no password"),
 }
 
 

@@ -121,6 +121,14 @@ class Metrics:
             "action without a probe",
             registry=r,
         )
+        self.postfix_hooked = Gauge(
+            "callahead_postfix_hooked",
+            "1 when an smtpd service of this host's Postfix names the front end where it "
+            "listens, 0 when none does (read at start and on SIGHUP; no series when Postfix "
+            "was not read): with every front end at 0 no recipient is verified",
+            ["frontend"],
+            registry=r,
+        )
         self.dry_run_overrides = Counter(
             "callahead_dry_run_overrides",
             "Recipients a reject or defer was decided for but not given, by the decision "
@@ -164,6 +172,13 @@ class Metrics:
             "callahead_policy_stalled_connections",
             "Policy service connections closed because the client left its answers unread "
             "for 10 s (one that sends requests and never reads cannot hold a connection)",
+            registry=r,
+        )
+        self.policy_displaced = Counter(
+            "callahead_policy_displaced_connections",
+            "Policy service connections closed to make room for a new one at "
+            "CALLAHEAD_POLICY_MAX_CONNECTIONS: the oldest that had not sent a whole request, "
+            "else the one idle longest between requests",
             registry=r,
         )
         self.milter_connections = Gauge(

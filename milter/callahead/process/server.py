@@ -35,6 +35,7 @@ from ..routing.postfixsettings import PostfixConfigError
 from ..routing.router import Router
 from .assembly import answer_time, build_policy
 from .config import Config
+from .hookcheck import HookCheck
 from .watchdog import HealthMonitor, notify
 
 log = logging.getLogger("callahead.server")
@@ -85,8 +86,9 @@ def _exit_on_second_signal() -> None:
         time.sleep(SIGNAL_POLL)
 
 
-def _reload(router: Router) -> None:
-    """SIGHUP: re-read the routes; on failure the old ones stay. One log line either way."""
+def _reload(router: Router, hooks: HookCheck) -> None:
+    """SIGHUP: re-read the routes; on failure the old ones stay. One log line either way.
+    Then Postfix's hooks are checked again, in a thread (hookcheck.py)."""
     try:
         routes = router.reload()
     except PostfixConfigError as exc:
@@ -95,6 +97,7 @@ def _reload(router: Router) -> None:
         log.exception("SIGHUP: reload failed, keeping the old routes")
     else:
         log.info("SIGHUP: routes reloaded: %s", routes)
+    hooks.start()
 
 
 async def _close(
@@ -131,7 +134,8 @@ def serve(config: Config) -> int:
     metrics = Metrics()
     parts = build_policy(config, loop, metrics)
     cache, engine = parts.cache, parts.engine
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(parts.router))
+    hooks = HookCheck(config, metrics)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload(parts.router, hooks))
     longest = answer_time(config)
     if config.socket and longest >= MILTER_COMMAND_TIMEOUT:
         log.warning(
@@ -218,11 +222,14 @@ def serve(config: Config) -> int:
             config.policy_listen or "off",
             parts.router.describe(),
             metrics_shown,
-            redact_url(config.redis_url) if config.redis_url else "off",
+            redact_url(config.redis_url) if parts.shared is not None else "off",
             loop.implementation,
         )
         if config.dry_run:
             log.warning("CALLAHEAD_DRY_RUN=yes: recipients are judged and logged, never refused")
+        # Does Postfix name callahead where it listens? postconf takes ~0.1 s a call: read
+        # in a thread, so READY=1 does not wait for it (hookcheck.py).
+        hooks.start()
         threading.Thread(
             target=_exit_on_second_signal, name="callahead-signals", daemon=True
         ).start()

@@ -2,7 +2,9 @@
 fix; exit 0 only when every item passes, 1 when one fails.
 
 It reads callahead's configuration as the unit does (``/etc/default/callahead``, the
-unit's ``EnvironmentFile``, over the shell's environment) and the backup's Postfix
+unit's ``EnvironmentFile``, over the unit's own ``Environment=`` lines, such as the
+package's drop-in that keeps 0.1's TCP listener, over the shell's environment) and the
+backup's Postfix
 (``/etc/postfix``, or ``MAIL_CONFIG``), then checks, in order:
 
 - ``hook``: an smtpd service attaches callahead (``smtpd_milters`` or
@@ -14,6 +16,8 @@ unit's ``EnvironmentFile``, over the shell's environment) and the backup's Postf
 - ``answer-time``: Postfix waits longer than callahead's longest answer;
 - ``rcpt-macros``: the milter gets the queue id and the client address at RCPT;
 - ``policy-order``: ``check_policy_service`` comes after ``reject_unauth_destination``;
+- ``redis``: a ``CALLAHEAD_REDIS_URL`` that is set is used (one without a password off
+  loopback turns the shared cache off);
 - ``routes``: every relay domain has a route;
 - ``mx-targets``: an MX route's addresses that are never probed (loopback, unspecified,
   link-local, multicast) are named: a warning, a failure when none is left;
@@ -26,10 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 
 from ...base.address import normalize_recipient
 from ...base.errors import CallaheadError
+from ...base.logfmt import redact_url
 from ...routing.postfixsettings import PostfixConfigError
 from ..config import Config
 from ..postfixconf import DEFAULT_POSTFIX_CONFIG
@@ -39,6 +47,12 @@ from .probes import check_primaries, check_routes, relay_domains
 
 ENV_FILE = "/etc/default/callahead"
 """The unit's EnvironmentFile, read by default when it exists."""
+UNIT = "callahead.service"
+SYSTEMD_RUNNING = "/run/systemd/system"
+"""Exists while systemd is the init system (sd_booted(3))."""
+SYSTEMCTL_TIMEOUT = 5.0
+UNPRINTABLE = "[unprintable]"
+"""What ``systemctl show`` prints for a value with a space or a newline."""
 EX_FAILED = 1
 
 
@@ -73,10 +87,62 @@ def read_env_file(path: str) -> dict[str, str]:
     return values
 
 
-def doctor_environment(env: Mapping[str, str], env_file: str | None) -> dict[str, str]:
-    """The environment doctor configures itself from: ``env_file`` (None: ENV_FILE if
-    it exists; empty: none) over ``env``."""
+def parse_unit_environment(text: str) -> tuple[dict[str, str], int]:
+    """``systemctl show -p Environment --value``'s ``NAME=value`` words, and how many
+    it could not print (a value with a space shows as ``[unprintable]``)."""
+    values: dict[str, str] = {}
+    unprintable = 0
+    for word in text.split():
+        name, sep, value = word.partition("=")
+        if word == UNPRINTABLE or not sep or not name:
+            unprintable += 1
+            continue
+        values[name] = value
+    return values, unprintable
+
+
+def unit_environment(unit: str = UNIT, running: str = SYSTEMD_RUNNING) -> dict[str, str]:
+    """The unit's own ``Environment=`` (its drop-ins' too) when systemd runs and knows
+    the unit; empty without systemd or systemctl, or when it fails. A value systemctl
+    cannot print is named on standard error."""
+    systemctl = shutil.which("systemctl")
+    if not os.path.isdir(running) or systemctl is None:
+        return {}
+    try:
+        done = subprocess.run(
+            [systemctl, "show", "-p", "Environment", "--value", unit],
+            capture_output=True,
+            text=True,
+            timeout=SYSTEMCTL_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if done.returncode != 0:
+        return {}
+    values, unprintable = parse_unit_environment(done.stdout)
+    if unprintable:
+        print(
+            f"callahead doctor: {unit}'s Environment= has {unprintable} value(s) with a "
+            "space that systemctl show cannot print: left out (put them in "
+            f"{ENV_FILE} instead)",
+            file=sys.stderr,
+        )
+    return values
+
+
+def doctor_environment(
+    env: Mapping[str, str],
+    env_file: str | None,
+    unit: Callable[[], Mapping[str, str]] = unit_environment,
+) -> dict[str, str]:
+    """The environment doctor configures itself from, as the unit sees it: ``env_file``
+    (None: ENV_FILE if it exists; empty: none) over, when ``env_file`` is None, the
+    unit's ``Environment=`` lines (systemd: EnvironmentFile wins over Environment=),
+    over ``env``."""
     merged = dict(env)
+    if env_file is None:
+        merged.update(unit())
     path = ENV_FILE if env_file is None and os.path.exists(ENV_FILE) else env_file
     if path:
         merged.update(read_env_file(path))
@@ -92,6 +158,24 @@ def known_addresses(addresses: Sequence[str]) -> dict[str, str]:
             raise DoctorUsageError(f"--known {text!r} is not an address (expected user@domain)")
         known.setdefault(normalized.domain, normalized.address)
     return known
+
+
+def redis_findings(config: Config) -> list[Finding]:
+    """``redis``: the shared cache is on when ``CALLAHEAD_REDIS_URL`` is set."""
+    if not config.redis_url:
+        return []
+    url = f"CALLAHEAD_REDIS_URL={redact_url(config.redis_url)}"
+    if not config.redis_refused:
+        return [Finding("redis", True, f"{url}: the shared cache uses it")]
+    return [
+        Finding(
+            "redis",
+            False,
+            f"{url} is not used, the shared cache is off: {config.redis_refused}",
+            "give Redis a password (requirepass, or an ACL user) and put it in the URL: "
+            "CALLAHEAD_REDIS_URL=redis://:PASSWORD@HOST:PORT/DB",
+        )
+    ]
 
 
 async def _primary_side(
@@ -116,12 +200,13 @@ def run_doctor(config: Config, config_dir: str | None, known: Mapping[str, str])
                     False,
                     f"cannot read it: {exc}",
                     "point --postfix (or MAIL_CONFIG) at the backup's main.cf",
-                )
+                ),
+                *redis_findings(config),
             ]
         )
         print("\n".join(lines))
         return EX_FAILED
-    findings = postfix_findings(config, view)
+    findings = postfix_findings(config, view) + redis_findings(config)
     findings += asyncio.run(_primary_side(config, view, known))
     lines, passed = report(findings)
     print("\n".join(lines))
