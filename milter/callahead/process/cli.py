@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-file",
         metavar="FILE",
         help="callahead's environment file (default /etc/default/callahead when it "
-        "exists; empty: none)",
+        "exists, over the unit's own Environment= such as an upgrade's drop-in; "
+        "given: that file alone over the shell's environment; empty: none)",
     )
     sub.add_parser(
         "status",

@@ -206,7 +206,8 @@ VARIABLES: tuple[Variable, ...] = (
         "CALLAHEAD_REDIS_URL",
         "",
         "Redis shared by the backup MXes of a site (redis://:PASSWORD@HOST:PORT/DB, a "
-        "password required off loopback; rediss:// for TLS, the host name checked; "
+        "password required off loopback (without one the URL is not used: each backup goes "
+        "on alone, with an error at start); rediss:// for TLS, the host name checked; "
         "unix:///path): positive answers and probes in flight are shared, flushes act on "
         "all; every backup and nothing else may reach it; Redis down or slow: each backup "
         "goes on alone; empty: not shared",
