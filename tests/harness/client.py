@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -70,3 +71,24 @@ def send(
         else:
             smtp.rset()
     return tx
+
+
+POLICY_REQUEST = (
+    "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\n"
+    "queue_id=POLICYQID\nrecipient={}\n\n"
+)
+"""A policy request for one RCPT as smtpd sends it (queue id POLICYQID in the log)."""
+
+
+def ask_policy(port: int, recipient: str, timeout: float = 10.0) -> bytes:
+    """One policy request on a new connection to 127.0.0.1:``port``; the whole answer
+    (up to its empty line, or what came before the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(POLICY_REQUEST.format(recipient).encode())
+        answer = b""
+        while not answer.endswith(b"\n\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer

@@ -566,3 +566,23 @@ def front_end(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def delta(stack: Stack) -> MetricsDelta:
     return MetricsDelta(stack.callahead)
+
+
+ONE_USER = "known@example.test"
+"""The one user of ``known_primary``."""
+
+
+@pytest.fixture
+def known_primary() -> Iterator[Primary]:
+    """A stand-in primary that knows ``ONE_USER`` alone, stopped after the test."""
+    server = Primary([ONE_USER], hostname="primary.test")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh 0755 work dir (``make_workdir``), removed after the test."""
+    with make_workdir() as path:
+        yield path

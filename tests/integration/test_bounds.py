@@ -20,24 +20,15 @@ from pathlib import Path
 import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
+from tests.harness.client import POLICY_REQUEST, ask_policy
 from tests.harness.milterclient import MAX_DATA, MilterClient, MilterClosed
 from tests.harness.ports import free_port, read_until
 from tests.harness.primary import Primary
 from tests.harness.waiting import wait_for
+from tests.integration.conftest import ONE_USER
 
-KNOWN = "known@example.test"
-RCPT_REQUEST = (
-    "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\n"
-    "queue_id=POLICYQID\nrecipient={}\n\n"
-)
-
-
-@pytest.fixture
-def known_primary() -> Iterator[Primary]:
-    server = Primary([KNOWN], hostname="primary.test")
-    server.start()
-    yield server
-    server.stop()
+KNOWN = ONE_USER
+RCPT_REQUEST = POLICY_REQUEST
 
 
 def serve(
@@ -66,18 +57,6 @@ def running(process: CallaheadProcess) -> Iterator[CallaheadProcess]:
         yield process
     finally:
         process.stop()
-
-
-def ask_policy(process: CallaheadProcess, recipient: str, timeout: float = 10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", process.policy_port), timeout=timeout) as conn:
-        conn.sendall(RCPT_REQUEST.format(recipient).encode())
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
 
 
 def ask_milter(process: CallaheadProcess, argument: bytes) -> tuple[bytes, str]:
@@ -133,11 +112,11 @@ def test_idle_connections_past_the_descriptor_limit_are_survived_with_one_log_li
             for conn in flood[:100]:  # the flood ebbs: descriptors come free
                 conn.close()
             wait_for(lambda: descriptors_of(process.pid or 0) < 100, 10, what="fds freed")
-            assert ask_policy(process, "ghost@example.test") == (
+            assert ask_policy(process.policy_port, "ghost@example.test") == (
                 b"action=550 5.1.1 User unknown\n\n"
             )
             assert ask_milter(process, b"<ghost2@example.test>")[0] == b"y"
-            assert ask_policy(process, KNOWN) == b"action=DUNNO\n\n"
+            assert ask_policy(process.policy_port, KNOWN) == b"action=DUNNO\n\n"
         finally:
             for conn in flood:
                 conn.close()
@@ -166,7 +145,7 @@ def test_an_idle_policy_flood_at_the_cap_displaces_itself_and_postfix_is_answere
                 b"action=DUNNO\n\n"
             )
             flood = idle_connections(process.policy_port, 300)
-            assert ask_policy(process, "ghost@example.test") == (
+            assert ask_policy(process.policy_port, "ghost@example.test") == (
                 b"action=550 5.1.1 User unknown\n\n"
             )
             kept.sendall(RCPT_REQUEST.format("ghost4@example.test").encode())
@@ -222,7 +201,7 @@ def test_half_sent_metrics_requests_hold_no_threads_and_a_scrape_goes_on(
         finally:
             for conn in flood:
                 conn.close()
-        assert ask_policy(process, KNOWN) == b"action=DUNNO\n\n"
+        assert ask_policy(process.policy_port, KNOWN) == b"action=DUNNO\n\n"
         log = process.log()
         assert log.count("metrics: connections:") == 1
         assert tracebacks(log) == 0
@@ -281,10 +260,10 @@ def test_a_64_kib_recipient_straight_to_the_milter_is_answered_at_once(
             command, _ = ask_milter(process, argument)
             assert time.monotonic() - started < 0.5
             assert command == b"c"  # the tempfail action (accept) or no opinion
-        assert ask_policy(process, "ghost@example.test").startswith(b"action=550")
+        assert ask_policy(process.policy_port, "ghost@example.test").startswith(b"action=550")
         long_domain = "bob@" + "a." * 6000 + "example.test"  # a 12 KB policy request
         started = time.monotonic()
-        assert ask_policy(process, long_domain) == b"action=DUNNO\n\n"
+        assert ask_policy(process.policy_port, long_domain) == b"action=DUNNO\n\n"
         assert time.monotonic() - started < 0.5
         log = process.log()
         asked = [r.address for r in known_primary.rcpts]

@@ -6,46 +6,16 @@ unverified: the unit does not restart on 78, and the package's restart does not 
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
-from tests.harness.fixtures import make_workdir
+from tests.harness.client import ask_policy
 from tests.harness.primary import Primary
+from tests.integration.conftest import ONE_USER
 
-KNOWN = "known@example.test"
-
-
-@pytest.fixture
-def primary() -> Iterator[Primary]:
-    server = Primary([KNOWN], hostname="primary.test")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with make_workdir() as path:
-        yield path
-
-
-def ask_policy(process: CallaheadProcess, recipient: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", process.policy_port), timeout=30) as conn:
-        conn.sendall(
-            b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.7\n"
-            + f"recipient={recipient}\n\n".encode()
-        )
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+KNOWN = ONE_USER
 
 
 @pytest.mark.parametrize(
@@ -57,20 +27,22 @@ def ask_policy(process: CallaheadProcess, recipient: str) -> bytes:
     ids=["no-password", "user-only"],
 )
 def test_serve_starts_without_the_shared_cache_and_verifies_alone(
-    workdir: Path, primary: Primary, url: str, shown: str, why: str
+    workdir: Path, known_primary: Primary, url: str, shown: str, why: str
 ) -> None:
     process = CallaheadProcess(
         workdir,
         {
-            "CALLAHEAD_ROUTES": "example.test=[{}]:{}".format(*primary.address),
+            "CALLAHEAD_ROUTES": "example.test=[{}]:{}".format(*known_primary.address),
             "CALLAHEAD_REDIS_URL": url,
         },
     )
     process.start()
     try:
-        assert ask_policy(process, "stranger@example.test").startswith(b"action=550 5.1.1")
-        assert ask_policy(process, KNOWN) == b"action=DUNNO\n\n"
-        assert primary.probes_for(KNOWN) == 1
+        assert ask_policy(process.policy_port, "stranger@example.test").startswith(
+            b"action=550 5.1.1"
+        )
+        assert ask_policy(process.policy_port, KNOWN) == b"action=DUNNO\n\n"
+        assert known_primary.probes_for(KNOWN) == 1
         log = process.log()
     finally:
         process.stop()

@@ -16,19 +16,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
-from tests.harness.fixtures import make_workdir
 from tests.harness.milterclient import MilterClient
 from tests.harness.ports import accepts
 from tests.harness.primary import Primary
 from tests.harness.waiting import wait_for
+from tests.integration.conftest import ONE_USER
 
-KNOWN = "known@example.test"
+KNOWN = ONE_USER
 EX_UNAVAILABLE = 69
 CHECKOUT_PACKAGES = Path(__file__).resolve().parents[2] / "milter"
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -108,31 +107,17 @@ def python(request: pytest.FixtureRequest) -> str:
     return chosen
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with make_workdir() as path:
-        yield path
-
-
-@pytest.fixture
-def primary() -> Iterator[Primary]:
-    server = Primary([KNOWN], hostname="primary.test")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_a_second_serve_exits_69_and_the_first_keeps_its_socket(
-    workdir: Path, primary: Primary, python: str
+    workdir: Path, known_primary: Primary, python: str
 ) -> None:
     path = workdir / "milter.sock"
-    first = UnixMilterCallahead(workdir, primary, path, name="first", python=python)
+    first = UnixMilterCallahead(workdir, known_primary, path, name="first", python=python)
     first.start()
     try:
         assert ask(path, KNOWN)[0] == b"c"
         inode = path.stat().st_ino
 
-        second = UnixMilterCallahead(workdir, primary, path, name="second", python=python)
+        second = UnixMilterCallahead(workdir, known_primary, path, name="second", python=python)
         done = second.run_to_exit()
 
         assert done.returncode == EX_UNAVAILABLE, done.stderr
@@ -147,10 +132,10 @@ def test_a_second_serve_exits_69_and_the_first_keeps_its_socket(
 
 
 def test_a_stale_socket_of_a_callahead_that_died_is_replaced(
-    workdir: Path, primary: Primary, python: str
+    workdir: Path, known_primary: Primary, python: str
 ) -> None:
     path = workdir / "milter.sock"
-    dead = UnixMilterCallahead(workdir, primary, path, name="dead", python=python)
+    dead = UnixMilterCallahead(workdir, known_primary, path, name="dead", python=python)
     dead.start()
     assert dead.pid is not None
     os.kill(dead.pid, signal.SIGKILL)  # no clean-up: its socket file stays
@@ -158,7 +143,7 @@ def test_a_stale_socket_of_a_callahead_that_died_is_replaced(
     dead.stop()
     assert path.is_socket() and not unix_accepts(path)
 
-    again = UnixMilterCallahead(workdir, primary, path, name="again", python=python)
+    again = UnixMilterCallahead(workdir, known_primary, path, name="again", python=python)
     again.start()
     try:
         assert ask(path, KNOWN)[0] == b"c"
