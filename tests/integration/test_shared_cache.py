@@ -22,15 +22,17 @@ from pathlib import Path
 import pytest
 import redis as redispy
 
-from callahead.caching.redisstore import CHANNEL, lock_key, valid_key
+from callahead.caching.catchall import CHECK_PREFIX
+from callahead.caching.redisstore import CHANNEL, control_key, lock_key, valid_key
 from callahead.caching.untrusted import FLUSH_BURST
 from tests.harness.callahead_process import CallaheadProcess
-from tests.harness.client import Transaction, make_message, send
+from tests.harness.client import Transaction, ask_policy, make_message, send
 from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
 from tests.harness.postfix import SNIPPET, Listener, PostfixInstance, backup_mx_main_cf
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
+from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_for
 from tests.integration.conftest import RAISED_LIMITS, SENDER, MetricsDelta, hop
 
@@ -313,3 +315,63 @@ def test_a_forged_lock_costs_at_most_the_redis_timeout_after_the_first(cluster: 
     assert [tx.code(user) for user in users] == [250] * 20
     assert all(cluster.primary.probes_for(user) == 1 for user in users)
     assert LOCK_WAIT <= took < LOCK_WAIT + 19 * REDIS_TIMEOUT + 8.0, took
+
+
+# -- catch-all checks (issue 27, item 1) ---------------------------------------------------
+
+
+def test_nothing_of_a_catch_all_check_reaches_redis() -> None:
+    """Two backups (real ``callahead serve``, asked through the policy service) with
+    catch-all checks on, one real redis-server, a primary that accepts every address:
+    each backup's check finds it accepting all, and Redis holds the recipients' own
+    entries and nothing of the checks (no entry, lock or control of a made-up address),
+    so no backup takes a made-up address as its control."""
+    domain = "catchall.test"
+    with (
+        make_workdir() as workdir,
+        RedisServer(workdir) as redis,
+        ScriptedServer(Script(rcpt_default="250 2.1.5 Ok")) as primary,
+    ):
+        env = {
+            "CALLAHEAD_ROUTES": f"{domain}={hop(primary.port)}",
+            "CALLAHEAD_PROBE_TIMEOUT": str(PROBE_TIMEOUT),
+            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+            "CALLAHEAD_CATCHALL_CHECK": "3600",
+            "CALLAHEAD_REDIS_URL": redis.url,
+        }
+        backups = [CallaheadProcess(workdir, env, name=f"callahead-{n}") for n in "ab"]
+        recipients = [f"first@{domain}", f"second@{domain}"]
+        try:
+            for callahead, rcpt in zip(backups, recipients, strict=True):
+                callahead.start()
+                assert b"action=" in ask_policy(callahead.policy_port, rcpt)
+                wait_for(
+                    lambda c=callahead: (
+                        c.samples().get(  # type: ignore[misc]
+                            ("callahead_domain_accepts_all", (("domain", domain),))
+                        )
+                        == 1.0
+                    ),
+                    10.0,
+                    what="the check to find the primary accepting all",
+                )
+            made_up = [a for a in primary.rcpts() if a.startswith(CHECK_PREFIX)]
+            assert len(made_up) == 2  # one check per backup
+            # Every background write is done once the recipients' own entries are there.
+            expected = {valid_key(r) for r in recipients} | {control_key(domain)}
+            client = redispy.Redis.from_url(redis.url)
+            try:
+                wait_for(
+                    lambda: {k.decode() for k in client.scan_iter("callahead:*")} == expected,
+                    5.0,
+                    what="only the recipients' entries in Redis",
+                )
+                control = client.get(control_key(domain))
+                assert isinstance(control, bytes) and control.decode() in recipients
+                for address in made_up:
+                    assert client.exists(valid_key(address), lock_key(address)) == 0
+            finally:
+                client.close()
+        finally:
+            for callahead in backups:
+                callahead.stop()

@@ -33,20 +33,22 @@ class Asked:
     hops: tuple[Nexthop, ...]
     recheck: bool
     background: bool
+    keep: bool = True
 
 
 class ProbeFlags(TypedDict, total=False):
-    """The keyword arguments of ``ProbeEngine.probe`` (both False unless given)."""
+    """The keyword arguments of ``ProbeEngine.probe`` (False unless given; keep True)."""
 
     recheck: bool
     background: bool
+    keep: bool
 
 
 class AnsweredEngine(ProbeEngine):
     """Probes wait until the test answers them (``give``, ``answer``); a valid answer is
-    cached in ``cache``, if given, as the real engine does. ``free`` is what
-    ``has_free_slot`` says; ``started`` is set by the first probe, ``cancelled`` when a
-    waiting probe is cancelled."""
+    cached in ``cache``, if given, as the real engine does (not with ``keep=False``).
+    ``free`` is what ``has_free_slot`` says; ``started`` is set by the first probe,
+    ``cancelled`` when a waiting probe is cancelled."""
 
     def __init__(
         self, cache: PositiveCache | None = None, settings: EngineSettings | None = None
@@ -68,9 +70,10 @@ class AnsweredEngine(ProbeEngine):
         self, address: str, hops: Sequence[Nexthop], **flags: Unpack[ProbeFlags]
     ) -> ProbeResult:
         recheck, background = flags.get("recheck", False), flags.get("background", False)
+        keep = flags.get("keep", True)
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
         with self._lock:
-            self.asked.append(Asked(address, tuple(hops), recheck, background))
+            self.asked.append(Asked(address, tuple(hops), recheck, background, keep))
             self._answers[address] = future
         self.started.set()
         try:
@@ -78,7 +81,7 @@ class AnsweredEngine(ProbeEngine):
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-        if result.verdict is Verdict.VALID and self._cache is not None:
+        if keep and result.verdict is Verdict.VALID and self._cache is not None:
             self._cache.add(address)
         return result
 

@@ -10,6 +10,20 @@ primary accepts it, the domain *accepts all*, which is logged once and shown as
 probe (reason ``accepts_all``) until a later check finds the primary rejecting made-up
 addresses again. An undecided check keeps what was known and is tried again sooner.
 
+**What a check decides.** Accepted: the domain accepts all. Refused as unknown: it
+does not, also when the evidence rules withheld the 550 (``REFUSED_UNPROVEN``: a
+verified control of the domain refused too, which reads as drift, or a bare reply with
+no control accepted): a primary that refuses an address made up at random is not
+accepting everything, and the domain's recipients are then probed and judged as usual.
+Anything else decides nothing.
+
+**Nothing kept, nothing shared.** The check's answer is its own (the engine's
+``keep=False``): the made-up address is never cached, so never a control, and nothing
+of the check reaches Redis (no lookup, lock, valid entry or control), so no backup
+takes it as a control. Were it one, the primary refusing it once its catch-all goes
+would read as drift: the domain's unknowns undecided, and the next check undecided
+too, keeping ``accepts_all`` for a ``CALLAHEAD_CACHE_TTL``.
+
 **What is checked.** The state is kept per route entry (``CALLAHEAD_ROUTES`` key), never
 per recipient domain, so it is bounded by the configuration whatever senders make up,
 and so are the metric's labels. An exact entry ``example.com`` is checked at
@@ -43,7 +57,7 @@ from ..probing.engine import ProbeEngine
 from ..probing.loop import ProbeLoop
 from ..probing.validcache import ValidCache
 from ..routing.routes import Nexthop
-from ..smtp.verdict import ProbeResult, Verdict
+from ..smtp.verdict import Basis, ProbeResult, Verdict
 
 log = logging.getLogger("callahead.catchall")
 
@@ -63,9 +77,31 @@ def check_address(domain: str) -> str:
     return f"{CHECK_PREFIX}{secrets.token_hex(12)}@{domain}"
 
 
+def is_check_address(address: str) -> bool:
+    """Is ``address`` one that a catch-all check made up?"""
+    return address[: len(CHECK_PREFIX)].lower() == CHECK_PREFIX and "@" in address
+
+
 def check_domain(route: str) -> str:
     """Where a route entry is checked: the domain itself, or a parent entry's parent."""
     return route.lstrip(".")
+
+
+REFUSED_UNPROVEN = frozenset({Basis.DRIFT, Basis.UNPROVEN})
+"""Undecided answers that are still a refusal of the made-up address as unknown: the
+evidence rules withheld the 550 (a verified control refused too, or a bare reply with
+no control accepted), but a primary that refuses an address made up at random does not
+accept all."""
+
+
+def check_verdict(result: ProbeResult) -> Verdict | None:
+    """What a check's answer says of its domain: valid (accepts all), unknown (rejects
+    made-up addresses), tempfail (nothing either way), None (skipped)."""
+    if result.skipped is not None:
+        return None
+    if result.verdict is Verdict.TEMPFAIL and result.basis in REFUSED_UNPROVEN:
+        return Verdict.UNKNOWN
+    return result.verdict
 
 
 @dataclass(slots=True)
@@ -180,13 +216,15 @@ class LoopCatchAll:
     async def _run(self, route: str, hops: tuple[Nexthop, ...]) -> None:
         address = check_address(check_domain(route))
         try:
-            result = await self._engine.probe(address, hops, recheck=True, background=True)
+            # keep=False: nothing of it is cached or reaches Redis (see the module).
+            result = await self._engine.probe(
+                address, hops, recheck=True, background=True, keep=False
+            )
         except BaseException:  # cancelled (shutdown) or failed: no verdict
             self._settle(route, None, None, address)
             raise
-        if result.verdict is Verdict.VALID:
-            self._cache.discard(address)  # the engine keeps valid answers; not this one
-        self._settle(route, result, result.verdict if result.skipped is None else None, address)
+        self._cache.discard(address)  # should an engine have kept it all the same
+        self._settle(route, result, check_verdict(result), address)
 
     def _settle(
         self, route: str, result: ProbeResult | None, verdict: Verdict | None, address: str

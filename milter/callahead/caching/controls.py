@@ -6,6 +6,11 @@ so refusing it now means the primary stopped judging (drift), or the user was re
 They come from the local positive cache (the few addresses of each domain verified
 last) and, when it has none, from Redis (the address any backup of the site verified
 last). postmaster@ is the session's own last resort and is not listed here.
+
+A catch-all check's made-up address is never a control: the primary accepted it only
+because it accepted everything, and refuses it once it stops, which would read as drift.
+The checks keep and share nothing (catchall.py); the filter here also covers what an
+earlier version published to Redis.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .cache import PositiveCache
+from .catchall import is_check_address
 
 
 class SharedControls(Protocol):
@@ -29,11 +35,11 @@ class Controls:
         self._shared = shared
 
     async def controls(self, domain: str) -> tuple[str, ...]:
-        found = self._local.recent(domain)
+        found = tuple(a for a in self._local.recent(domain) if not is_check_address(a))
         if found or self._shared is None:
             return found
         shared = await self._shared.recent_valid(domain)
-        return () if shared is None else (shared,)
+        return () if shared is None or is_check_address(shared) else (shared,)
 
     def stale(self, address: str) -> None:
         self._local.forget_recent(address)

@@ -1,6 +1,9 @@
 """The probe engine: every probe callahead makes goes through here, on the probe loop.
 
 * **Coalescing**: concurrent requests for the same address share one probe.
+* **What is kept**: a valid answer goes into the cache (``known_valid``), and through the
+  cluster gate to Redis; a probe with ``keep=False`` (a catch-all check's made-up
+  address) keeps and shares nothing, and never asks the gate.
 * **Bounds**: at most ``max_probes`` probes in flight over all primaries; a request that
   cannot get a slot within ``probe_wait`` seconds is answered at once (``overload``).
 * **A primary** is a literal nexthop (``[host]:port``) or an MX host with its port
@@ -154,6 +157,7 @@ class ProbeEngine:
         *,
         recheck: bool = False,
         background: bool = False,
+        keep: bool = True,
     ) -> ProbeResult:
         """Probe ``address`` (already normalized), sharing a probe already in flight.
 
@@ -161,7 +165,10 @@ class ProbeEngine:
         the ones that arrive meanwhile wait on a future that it fills. ``recheck``: probe
         even when the address is in the cache (a refresh near the end of its TTL).
         ``background``: nobody waits for the answer (a refresh, a catch-all check): it
-        takes a primary's budget token only if one is there now, never waits for one."""
+        takes a primary's budget token only if one is there now, never waits for one.
+        ``keep=False``: the answer is the caller's alone (a catch-all check's made-up
+        address): never cached, so never a control, and the cluster gate is not asked,
+        so nothing of the probe reaches Redis (no lookup, lock, entry or control)."""
         shared = self._inflight.get(address)
         if shared is not None:
             self._observer.coalesced_wait()
@@ -173,7 +180,7 @@ class ProbeEngine:
         shared = asyncio.get_running_loop().create_future()
         self._inflight[address] = shared
         try:
-            if self._cluster is None:
+            if self._cluster is None or not keep:
                 result = await self._within_slots(address, tuple(hops), background)
             else:
                 result = await self._cluster.probe(
@@ -191,7 +198,8 @@ class ProbeEngine:
         # in between finds one or the other, never neither.
         # (A shared hit is already cached, for the time it has left.)
         if (
-            result.verdict is Verdict.VALID
+            keep
+            and result.verdict is Verdict.VALID
             and result.basis is not Basis.SHARED
             and self._known_valid is not None
         ):

@@ -7,26 +7,32 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
 from callahead.caching.cache import PositiveCache
 from callahead.caching.catchall import (
     CHECK_PREFIX,
+    REFUSED_UNPROVEN,
     SKIPPED,
     CatchAllBook,
     LoopCatchAll,
     check_domain,
 )
+from callahead.caching.controls import Controls
+from callahead.caching.redisstore import RedisStore
+from callahead.caching.sharedcache import SharedGate
 from callahead.core.policy import Action, Policy, Reason, TempfailAction
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import ProbeEngine
 from callahead.probing.loop import LoopProber, ProbeLoop
 from callahead.routing.routes import Nexthop, parse_routes
-from callahead.smtp.verdict import ProbeResult, Skip, Stage, Verdict
+from callahead.smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from tests.harness.fixtures import StartScripted
+from tests.harness.redis import RedisServer
 from tests.harness.scripted import Script
-from tests.harness.waiting import wait_for
+from tests.harness.waiting import wait_for, wait_until
 from tests.unit.clock import Clock
 from tests.unit.engines import AnsweredEngine, Asked, answer_of
 from tests.unit.probers import SyncProber
@@ -142,7 +148,8 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     address = made.engine.give_next(loop, answer_of(Verdict.VALID))
     match = CHECK.match(address)
     assert match is not None and match.group(1) == "example.com"
-    assert made.engine.asked == [Asked(address, HOPS, True, True)]  # recheck, in the background
+    # A recheck, in the background, whose answer the engine neither keeps nor shares.
+    assert made.engine.asked == [Asked(address, HOPS, True, True, keep=False)]
     wait_for(lambda: made.outcomes == ["valid"], 5.0)
     assert made.catchall.accepts_all(".example.com")
     assert made.states == [(".example.com", True)]
@@ -187,6 +194,33 @@ def test_a_normal_primary_is_not_flagged_and_a_tempfail_changes_nothing(
     wait_for(lambda: made.outcomes == ["unknown", "tempfail"], 5.0)
     assert made.states == [("a.test", False)]
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("basis", [Basis.DRIFT, Basis.UNPROVEN])
+def test_a_refusal_that_the_evidence_rules_withheld_still_clears_accepts_all(
+    made: Made, loop: ProbeLoop, basis: Basis
+) -> None:
+    """The made-up address refused as unknown, with drift or without a control: still a
+    refusal, so the domain no longer accepts all (its recipients are probed again); any
+    other undecided answer decides nothing."""
+    made.catchall.check_if_due("a.test", HOPS)
+    made.engine.give_next(loop, answer_of(Verdict.VALID))
+    wait_for(lambda: made.outcomes == ["valid"], 5.0)
+    kept = (Basis.TEMPORARY, Basis.PROBER, Basis.SECONDARY, Basis.NO_REPLY)
+    for n, other in enumerate(kept, start=2):
+        made.clock.now += 3600
+        made.catchall.check_if_due("a.test", HOPS)
+        made.engine.give_next(loop, replace(answer_of(Verdict.TEMPFAIL), basis=other))
+        wait_for(lambda n=n: len(made.outcomes) == n, 5.0)  # type: ignore[misc]
+        assert made.outcomes[-1] == "tempfail" and made.catchall.accepts_all("a.test"), other
+    made.clock.now += 3600
+    made.catchall.check_if_due("a.test", HOPS)
+    made.engine.give_next(loop, replace(answer_of(Verdict.TEMPFAIL), basis=basis))
+    wait_for(lambda: len(made.outcomes) == len(kept) + 2, 5.0)
+    assert made.outcomes[-1] == "unknown"
+    assert not made.catchall.accepts_all("a.test")
+    assert made.states == [("a.test", True), ("a.test", False)]
+    assert basis in REFUSED_UNPROVEN
 
 
 def test_a_check_is_skipped_without_a_free_slot_or_a_budget_token(
@@ -326,3 +360,142 @@ def test_checks_through_the_engine_against_a_scripted_primary(
     finally:
         loop.run(catchall.aclose(), timeout=5.0)
         loop.run(engine.aclose(), timeout=5.0)
+
+
+# --- nothing of a check is kept or shared (issue 27, item 1) -----------------------------
+
+
+class SharedBackup:
+    """One backup MX as assembly.py builds it, on the probe loop: a local cache in front
+    of a real Redis (SharedGate), controls from both, a real engine and catch-all checks
+    on a clock the test moves."""
+
+    def __init__(self, loop: ProbeLoop, redis_url: str) -> None:
+        self.loop = loop
+        self.clock = Clock()
+        self.cache = PositiveCache(ttl=60, maxsize=100)
+        self.gate = SharedGate(
+            RedisStore(redis_url, timeout=1.0),
+            self.cache,
+            ttl=86400,
+            lock_wait=2.0,
+            probe_timeout=5.0,
+        )
+        self.controls = Controls(self.cache, self.gate)
+        self.engine = ProbeEngine(
+            probe_settings(), known_valid=self.cache, cluster=self.gate, controls=self.controls
+        )
+        self.outcomes: list[str] = []
+        self.catchall = LoopCatchAll(
+            loop,
+            self.engine,
+            self.cache,
+            interval=3600,
+            on_check=self.outcomes.append,
+            clock=self.clock,
+        )
+
+    def check(self, route: str, hops: Sequence[Nexthop]) -> None:
+        """Run one check of ``route`` (due now) to its end."""
+        count = len(self.outcomes)
+        self.catchall.check_if_due(route, hops)
+        wait_for(lambda: len(self.outcomes) > count, 10.0)
+
+    def shared_controls(self, domain: str) -> tuple[str, ...]:
+        return self.loop.run(self.controls.controls(domain), timeout=5.0)
+
+    def close(self) -> None:
+        self.loop.run(self.catchall.aclose(), timeout=5.0)
+        self.loop.run(self.engine.aclose(), timeout=5.0)
+        self.loop.run(self.gate.aclose(), timeout=5.0)
+
+
+def test_a_check_publishes_nothing_and_keeps_no_made_up_address(
+    scripted: StartScripted, loop: ProbeLoop, redis: RedisServer
+) -> None:
+    """A primary accepting everything: the made-up address it accepted reaches neither
+    Redis (no valid entry, no control, no lock), nor the local cache, nor the controls
+    of this backup or of another one."""
+    server = scripted(Script(rcpt_default="250 2.1.5 Ok"))
+    hops = (Nexthop(server.host, server.port),)
+    a, b = SharedBackup(loop, redis.url), SharedBackup(loop, redis.url)
+    try:
+        a.check("d.test", hops)
+        assert a.outcomes == ["valid"] and a.catchall.accepts_all("d.test")
+        made_up = [r for r in server.rcpts() if r.startswith(CHECK_PREFIX)]
+        assert len(made_up) == 1
+        loop.run(settle_gate(a.gate), timeout=5.0)
+        assert redis.keys("callahead:*") == 0
+        assert made_up[0] not in a.cache and a.cache.recent("d.test") == ()
+        assert a.shared_controls("d.test") == ()
+        assert b.shared_controls("d.test") == ()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_recheck_clears_accepts_all_once_the_primary_refuses_made_up_addresses(
+    scripted: StartScripted, loop: ProbeLoop, redis: RedisServer
+) -> None:
+    """The catch-all is switched off on a primary without postmaster@: the next check's
+    made-up address gets 5.1.1 and, with no control of its own earlier check to refuse
+    (which read as drift and kept accepts_all for a CALLAHEAD_CACHE_TTL), the domain is
+    verified again at once, on this backup and on another one."""
+    server = scripted(Script(rcpt_default="250 2.1.5 Ok"))
+    hops = (Nexthop(server.host, server.port),)
+    a, b = SharedBackup(loop, redis.url), SharedBackup(loop, redis.url)
+    try:
+        a.check("d.test", hops)
+        b.check("d.test", hops)
+        assert a.catchall.accepts_all("d.test") and b.catchall.accepts_all("d.test")
+        checks = set(server.rcpts())
+        # An hour later, on new sessions (the restart closes the pooled ones).
+        server.update(rcpt_default="550 5.1.1 <x@d.test>: Recipient address rejected")
+        server.restart()
+        for backup in (a, b):
+            backup.clock.now += 3600
+            before = set(server.rcpts())
+            backup.check("d.test", hops)
+            assert backup.outcomes == ["valid", "unknown"]
+            assert not backup.catchall.accepts_all("d.test")
+            # Its own made-up address, and no earlier one asked as a control.
+            (asked,) = set(server.rcpts()) - before
+            assert CHECK.match(asked) and asked not in checks
+        assert redis.keys("callahead:*") == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_recheck_behind_a_control_of_the_catch_all_era_clears_accepts_all(
+    scripted: StartScripted, loop: ProbeLoop, redis: RedisServer
+) -> None:
+    """A recipient verified while the primary accepted everything (before the first
+    check decided) is every backup's control; once the catch-all goes, the primary
+    refuses it, so the next check reads as drift. Its made-up address was refused all
+    the same: the domain is verified again (and its unknowns stay undecided, drift)."""
+    server = scripted(Script(rcpt_default="250 2.1.5 Ok"))
+    hops = (Nexthop(server.host, server.port),)
+    a, b = SharedBackup(loop, redis.url), SharedBackup(loop, redis.url)
+    try:
+        ghost = loop.run(b.engine.probe("ghost@d.test", hops), timeout=10.0)
+        assert ghost.verdict is Verdict.VALID
+        loop.run(settle_gate(b.gate), timeout=5.0)
+        assert a.shared_controls("d.test") == ("ghost@d.test",)
+        a.check("d.test", hops)
+        assert a.catchall.accepts_all("d.test")
+        server.update(rcpt_default="550 5.1.1 <x@d.test>: Recipient address rejected")
+        server.restart()
+        a.clock.now += 3600
+        a.check("d.test", hops)
+        assert "ghost@d.test" in server.rcpts()[-3:]  # asked as the control, refused
+        assert a.outcomes == ["valid", "unknown"]
+        assert not a.catchall.accepts_all("d.test")
+    finally:
+        a.close()
+        b.close()
+
+
+async def settle_gate(gate: SharedGate) -> None:
+    """Let the gate's background writes to Redis (if any) finish."""
+    await wait_until(lambda: not gate._tasks, what="background writes")

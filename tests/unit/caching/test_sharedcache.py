@@ -14,6 +14,7 @@ import pytest
 
 from callahead.base.logfmt import redact_url
 from callahead.caching.cache import PositiveCache
+from callahead.caching.catchall import CHECK_PREFIX
 from callahead.caching.controls import Controls
 from callahead.caching.redisstore import (
     CHANNEL,
@@ -317,6 +318,28 @@ def test_a_valid_answer_is_every_backups_control_until_flushed(redis: RedisServe
         redis.command("SET", control_key("example.test"), "x@evil.test")
         assert await b.gate.recent_valid("example.test") is None
         await closed(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_catch_all_checks_made_up_address_is_never_a_control(redis: RedisServer) -> None:
+    """As an earlier version published it (valid, and the domain's control, for a
+    CALLAHEAD_CACHE_TTL): neither that nor a local entry is offered as a control, so a
+    primary that stops accepting everything is not taken for one in drift."""
+
+    async def scenario() -> None:
+        a = backup(redis.url)
+        made_up = f"{CHECK_PREFIX}0123456789abcdef01234567@example.test"
+        await a.gate.store.store_valid(made_up, int(TTL * 1000))
+        assert await a.gate.recent_valid("example.test") == made_up  # there, in Redis
+        cache = PositiveCache(ttl=60, maxsize=10)
+        controls = Controls(cache, a.gate)
+        assert await controls.controls("example.test") == ()
+        cache.add(made_up)
+        assert await controls.controls("example.test") == ()
+        cache.add("u1@example.test")
+        assert await controls.controls("example.test") == ("u1@example.test",)
+        await closed(a)
 
     asyncio.run(scenario())
 
