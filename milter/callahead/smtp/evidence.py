@@ -11,15 +11,24 @@ The rules:
   has accepted a **control** address of the domain: one verified valid recently (from
   the ``ControlSource``: the local cache or Redis), else ``postmaster@domain``;
 * **drift**: when a recently verified control is itself rejected as unknown and no
-  other control is accepted, the primary may have stopped judging recipients (a broken
-  directory lookup, the wrong host): that session's rejections of the domain are
-  undecided. If another control is accepted instead, the refused one was a user since
-  removed: it is no longer offered as a control.
+  other verified address of the domain is accepted, the primary may have stopped
+  judging recipients (a broken directory lookup, the wrong host): that session's
+  rejections of the domain are undecided. postmaster@ accepted does not tell this from
+  a removed user: it is often an alias (virtual_alias_maps, /etc/aliases, Debian's
+  Exim ACL) that never reaches the user table, so it is not asked then and counts for
+  nothing. If another verified address is accepted instead, the refused one was a user
+  since removed: it is no longer offered as a control;
+* **answered**: a control counts only once the primary has answered about it (2xx or
+  5xx at RCPT). An ask that ends otherwise (no reply in time, 421, a lost or retired
+  session, a 4xx, a refused MAIL FROM) makes that session's rejections of the domain
+  undecided: the controls it was to ask are spent, so a later rejection cannot be
+  judged "unknown on its own" for want of one.
 
-Controls are asked once per session and domain, right after the first rejection that
-needs them, in the same transaction (no RSET; a Postfix primary counts a rejected
-RCPT as an error, an accepted one as nothing). A probe of the domain accepted earlier
-on the same session vouches as a control would: no control is asked then.
+Controls are asked once per session and domain (at most two verified ones and
+postmaster@), right after the first rejection that needs them, in the same transaction
+(no RSET; a Postfix primary counts a rejected RCPT as an error, an accepted one as
+nothing). An address of the domain (not postmaster@) accepted earlier on the same
+session vouches as a verified control would: no control is asked then.
 
 Concurrent probes on one session (pipelining) judge their rejections of a domain one at
 a time: a rejection is never judged while the controls another probe asked are still
@@ -38,7 +47,7 @@ import aiosmtplib
 
 from ..base.address import UnsendableAddress, needs_smtputf8, wire_address
 from .classify import Classification, classify, drifted, unproven
-from .verdict import Stage, Verdict
+from .verdict import Basis, Stage, Verdict
 
 VERIFIED_CONTROLS = 2
 """Recently verified addresses asked as controls per session and domain at most."""
@@ -73,10 +82,20 @@ class _Evidence:
     """What a session learnt about one domain's controls."""
 
     vouched_by: str = ""
-    """The control accepted on this session."""
+    """An address of the domain other than postmaster@ accepted on this session (a
+    verified control, or a probe)."""
+    postmaster_accepted: bool = False
+    """postmaster@ was accepted on this session: evidence only while no verified control
+    of the domain was refused (it is often an alias that never reaches the user table)."""
+    verified_refused: bool = False
+    """A recently verified control was refused (5xx) on this session: postmaster@ is no
+    evidence then."""
     suspect: str = ""
     """A recently verified control refused as unknown on this session."""
     suspect_reply: str = ""
+    unanswered: str = ""
+    """A control whose ask ended without an answer about it (no reply, 421, a lost or
+    retired session, a 4xx, a refused MAIL FROM), with what happened."""
     postmaster_tried: bool = False
     tried: set[str] = field(default_factory=set)
     """The verified controls asked."""
@@ -106,9 +125,14 @@ class EvidenceBook:
 
     def accepted(self, address: str) -> None:
         """An address of the domain accepted on this session vouches for its rejections
-        as well as any control would (the same view of the tables)."""
-        evidence = self._by_domain.setdefault(address.rpartition("@")[2], _Evidence())
-        evidence.vouched_by = evidence.vouched_by or address
+        as well as any control would (the same view of the tables); postmaster@ only
+        as postmaster@ does."""
+        local, _, domain = address.rpartition("@")
+        evidence = self._by_domain.setdefault(domain, _Evidence())
+        if local.lower() == POSTMASTER:
+            evidence.postmaster_accepted = True
+        else:
+            evidence.vouched_by = evidence.vouched_by or address
 
     async def judge_unknown(self, address: str, found: Classification) -> Classification:
         """Apply the evidence rules to ``found``, a rejection of the recipient."""
@@ -120,12 +144,27 @@ class EvidenceBook:
         self, local: str, domain: str, address: str, found: Classification
     ) -> Classification:
         evidence = await self._evidence_for(domain, address, need_postmaster=found.bare)
-        if evidence.suspect and not evidence.vouched_by:
-            return drifted(evidence.suspect, evidence.suspect_reply)
         if evidence.vouched_by:
             return dataclasses.replace(
                 found,
                 why=f"{found.why}; the control {evidence.vouched_by} was accepted on the "
+                "same session, so the primary is judging recipients",
+            )
+        if evidence.suspect:
+            # postmaster@ accepted proves nothing then: it may be an alias.
+            return drifted(evidence.suspect, evidence.suspect_reply)
+        if evidence.unanswered:
+            return Classification(
+                Verdict.TEMPFAIL,
+                Basis.TEMPORARY,
+                f"rule controls: the control {evidence.unanswered}, so whether the primary "
+                "is judging recipients is not known: its rejections of the domain decide "
+                "nothing on this session",
+            )
+        if evidence.postmaster_accepted and not evidence.verified_refused:
+            return dataclasses.replace(
+                found,
+                why=f"{found.why}; the control {POSTMASTER}@{domain} was accepted on the "
                 "same session, so the primary is judging recipients",
             )
         if found.bare:
@@ -137,19 +176,31 @@ class EvidenceBook:
     async def _evidence_for(self, domain: str, address: str, *, need_postmaster: bool) -> _Evidence:
         """The controls of ``domain`` on this session, asked now if need be: recently
         verified addresses first (they can reveal drift), then postmaster@ when a bare
-        rejection needs a control or a verified one was refused."""
+        rejection needs a control and no verified one was refused or went unanswered."""
         evidence = self._by_domain.setdefault(domain, _Evidence())
-        if not evidence.vouched_by and len(evidence.tried) < VERIFIED_CONTROLS:
+        if (
+            not evidence.vouched_by
+            and not evidence.unanswered
+            and len(evidence.tried) < VERIFIED_CONTROLS
+        ):
             # Addresses verified since the last look are asked too (up to the limit).
             for control in await self._controls.controls(domain):
                 if len(evidence.tried) >= VERIFIED_CONTROLS or evidence.vouched_by:
                     break
-                if control != address and control not in evidence.tried:
+                if (
+                    control != address
+                    and control not in evidence.tried
+                    # A verified postmaster@ is still postmaster@ (an alias, often).
+                    and control.rpartition("@")[0].lower() != POSTMASTER
+                ):
                     evidence.tried.add(control)
                     await self._ask_control(control, evidence, verified=True)
         if (
-            not evidence.vouched_by
-            and (need_postmaster or evidence.suspect)
+            need_postmaster
+            and not evidence.vouched_by
+            and not evidence.verified_refused
+            and not evidence.unanswered
+            and not evidence.postmaster_accepted
             and not evidence.postmaster_tried
         ):
             evidence.postmaster_tried = True
@@ -159,25 +210,43 @@ class EvidenceBook:
         return evidence
 
     async def _ask_control(self, control: str, evidence: _Evidence, *, verified: bool) -> None:
+        """Ask ``control`` and record what its answer proves. An ask that ends without
+        an answer about the address (raised, cancelled: the probe's timeout) leaves
+        ``evidence.unanswered`` set, so that no rejection judged after it on this
+        session is taken for unknown for want of a control."""
         if needs_smtputf8(control) and not self._utf8():
             return
         try:
             path = wire_address(control, allow_utf8=True)
         except UnsendableAddress:
             return
-        stage, reply = await self._ask(path)
+        answered = False
+        try:
+            stage, reply = await self._ask(path)
+            answered = True
+        finally:
+            if not answered:
+                evidence.unanswered = f"{control} got no answer"
         text = f"{control}: {reply.code} {reply.message}"
-        if stage is Stage.RCPT and 200 <= reply.code < 300:
+        if stage is not Stage.RCPT or reply.code < 200 or 300 <= reply.code < 500:
+            # A refused MAIL FROM, a 4xx: nothing said about the address.
+            evidence.unanswered = f"{control} got no answer about it ({reply.code})"
+            evidence.replies.append(text)
+            return
+        if 200 <= reply.code < 300:
+            if not verified:
+                evidence.postmaster_accepted = True
+                return
             evidence.vouched_by = control
             if evidence.suspect:
-                # Another control vouches: the suspect is a user removed since.
+                # Another verified control vouches: the suspect is a user removed since.
                 self._note(f"control {evidence.suspect} is refused: no longer a control")
                 self._controls.stale(evidence.suspect)
             return
         evidence.replies.append(text)
+        evidence.verified_refused = evidence.verified_refused or verified
         if (
             verified
-            and stage is Stage.RCPT
             and not evidence.suspect
             and classify(Stage.RCPT, reply.code, reply.message).verdict is Verdict.UNKNOWN
         ):
