@@ -171,6 +171,7 @@ class Failover:
         fallback sender if the primary refused the sender. Returns the result and the
         session that gave it (None: no session was had)."""
         pool = primary.pool
+        domain = address.rpartition("@")[2]
         session: Session | None = None
         lost_retry = sender_retry = queued = False
         try:
@@ -178,7 +179,7 @@ class Failover:
                 while True:
                     session = None
                     session = await pool.acquire(
-                        hop, opened_after=self._judged.since(address), avoid=tried
+                        hop, opened_after=self._judged.since(address), avoid=tried, domain=domain
                     )
                     mark: int | None = None
                     try:
@@ -214,7 +215,7 @@ class Failover:
                             session.close()
                         raise
                     finally:
-                        pool.release(session)
+                        pool.release(session, domain)
                     if session.refused_multi_recipient:
                         self._primaries.note_shape(primary)
                     if result.basis is Basis.SENDER and not sender_retry:

@@ -12,8 +12,10 @@ RCPT behind the ones in flight, rather than waiting for one to finish. The pool 
 opens its ``size`` sessions first, so that a primary works on as many probes at once as
 before (a reply that waits, as an accepted RCPT for an inflow token, holds up only the
 probes behind it on its session). A session is shared only once the primary accepted
-its sender, only while even a refusal of every probe on it would keep it within its
-error budget, and only when opened after the probe's address was last judged.
+its sender, only while even a refusal of every probe on it, and of every control their
+rejections may ask, would keep it within its error budget (``has_room``: 6 probes of one
+domain, 2 of different domains), and only when opened after the probe's address was
+last judged.
 
 **One pool per primary, not per address.** A primary named by its MX host (a large MX
 pool such as Microsoft 365's hands out other addresses at every lookup) has sessions to
@@ -41,19 +43,41 @@ from collections import deque
 from collections.abc import Callable, Collection
 
 from ..routing.routes import Nexthop
+from ..smtp.evidence import VERIFIED_CONTROLS
 from ..smtp.session import ERROR_BUDGET, MAX_RCPTS_PER_SESSION, MAX_RSETS_PER_SESSION, Session
 
 PIPELINE_DEPTH = 8
 """Probes that may share one session of a primary that offers PIPELINING."""
 
+CONTROLS_PER_DOMAIN = VERIFIED_CONTROLS + 1
+"""Control RCPTs one session may ask about one domain, all of which a primary in drift
+refuses: up to ``VERIFIED_CONTROLS`` recently verified addresses, then postmaster@ (the
+evidence rules, smtp/evidence.py's ``EvidenceBook._evidence_for``; keep in step). They
+are asked once per session and domain, after the first rejection that needs them."""
 
-def joinable(session: Session) -> bool:
-    """One more probe may share ``session`` now: the primary offers PIPELINING and has
-    accepted the session's sender, no control address is being asked on it (an accepted
-    control may open a queue file at the primary and wait up to ``in_flow_delay`` for
-    it: 1 s at a Postfix primary whose inflow tokens are spent), and even if every probe
-    on it (this one too) were refused, the session would stay within ``ERROR_BUDGET``
-    and its recipient and RSET limits."""
+
+def has_room(session: Session, probes: int, domains: int) -> bool:
+    """``probes`` probes on ``session``, of ``domains`` domains, would keep it within
+    ``ERROR_BUDGET`` and its recipient and RSET limits even if every probe were refused
+    and every domain's controls asked and refused too (a Postfix primary sleeps before
+    each reply after its 10th error, ``smtpd_soft_error_limit``). The controls of a
+    domain already asked on the session are counted in its errors and again here: a
+    bound, not a forecast."""
+    rcpts = probes + domains * CONTROLS_PER_DOMAIN
+    return (
+        session.errors + rcpts <= ERROR_BUDGET
+        and session.rcpts + rcpts <= MAX_RCPTS_PER_SESSION
+        and session.rsets + probes <= MAX_RSETS_PER_SESSION
+    )
+
+
+def joinable(session: Session, domains: int) -> bool:
+    """One more probe may share ``session`` now, making ``domains`` domains among its
+    probes: the primary offers PIPELINING and has accepted the session's sender, no
+    control address is being asked on it (an accepted control may open a queue file at
+    the primary and wait up to ``in_flow_delay`` for it: 1 s at a Postfix primary whose
+    inflow tokens are spent), and the session has room (``has_room``) for every probe on
+    it, this one too."""
     holders = session.holders
     return (
         session.pipelining
@@ -61,10 +85,15 @@ def joinable(session: Session) -> bool:
         and not session.asking_controls
         and 0 < holders < PIPELINE_DEPTH
         and session.reusable
-        and session.errors + holders < ERROR_BUDGET
-        and session.rcpts + holders < MAX_RCPTS_PER_SESSION
-        and session.rsets + holders < MAX_RSETS_PER_SESSION
+        and has_room(session, holders + 1, domains)
     )
+
+
+def _domains(held: list[str], domain: str) -> int:
+    """Distinct domains of the probes ``held`` and one more of ``domain``; an unknown
+    domain ("") counts as a domain of its own."""
+    all_held = [*held, domain]
+    return len({d for d in all_held if d}) + all_held.count("")
 
 
 class SessionPool:
@@ -85,6 +114,8 @@ class SessionPool:
         self._idle: list[Session] = []
         self._busy: list[Session] = []
         """Sessions held by at least one probe (opened, or being opened)."""
+        self._held: dict[Session, list[str]] = {}
+        """The domains of the probes holding each busy session."""
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._on_open = on_open
         self._on_share = on_share
@@ -107,13 +138,16 @@ class SessionPool:
         *,
         opened_after: float = float("-inf"),
         avoid: Collection[Nexthop] = (),
+        domain: str = "",
     ) -> Session:
         """An open session opened after ``opened_after`` (monotonic time) to an address
         not in ``avoid`` (one to ``hop`` first): an idle one, else a new unopened one to
         ``hop`` (the caller opens it), else a busy one to share. Waits for one of these;
-        cancel the wait to give up. Every session acquired is released."""
+        cancel the wait to give up. Every session acquired is released, with the same
+        ``domain`` (the probed address's: a session's probes of one domain share one
+        reserve for its controls; "" for unknown)."""
         while True:
-            session = self._take(hop, opened_after, avoid)
+            session = self._take(hop, opened_after, avoid, domain)
             if session is not None:
                 return session
             waiter = asyncio.get_running_loop().create_future()
@@ -126,7 +160,7 @@ class SessionPool:
                 raise
 
     def _take(
-        self, hop: Nexthop, opened_after: float, avoid: Collection[Nexthop]
+        self, hop: Nexthop, opened_after: float, avoid: Collection[Nexthop], domain: str
     ) -> Session | None:
         now = time.monotonic()
         chosen: int | None = None
@@ -144,29 +178,35 @@ class SessionPool:
             ):
                 chosen = index
         if chosen is not None:
-            return self._hold(self._idle.pop(chosen))
+            return self._hold(self._idle.pop(chosen), domain)
         if self.open_sessions < self._size:
-            return self._new(hop)
-        shared = self._shared(hop, opened_after, avoid, now)
+            return self._new(hop, domain)
+        shared = self._shared(hop, opened_after, avoid, now, domain)
         if shared is not None:
             shared.holders += 1
+            self._held.setdefault(shared, []).append(domain)
             self._on_share()
             return shared
         if self._idle:
             # Only sessions too old for this address, or to addresses already tried,
             # are idle: make room.
             self._retire_session(self._idle.pop(0))
-            return self._new(hop)
+            return self._new(hop, domain)
         return None
 
     def _shared(
-        self, hop: Nexthop, opened_after: float, avoid: Collection[Nexthop], now: float
+        self,
+        hop: Nexthop,
+        opened_after: float,
+        avoid: Collection[Nexthop],
+        now: float,
+        domain: str,
     ) -> Session | None:
         """The busy session a probe may share: one to ``hop`` first, the least shared."""
         best: Session | None = None
         for session in self._busy:
             if (
-                joinable(session)
+                joinable(session, _domains(self._held.get(session, []), domain))
                 and session.created > opened_after
                 and now - session.created < self._max_age
                 and session.hop not in avoid
@@ -178,22 +218,27 @@ class SessionPool:
                 best = session
         return best
 
-    def _new(self, hop: Nexthop) -> Session:
+    def _new(self, hop: Nexthop, domain: str) -> Session:
         self._on_open()
-        return self._hold(self._factory(hop))
+        return self._hold(self._factory(hop), domain)
 
-    def _hold(self, session: Session) -> Session:
+    def _hold(self, session: Session, domain: str) -> Session:
         session.holders = 1
+        self._held[session] = [domain]
         session.on_joinable = self._wake
         self._busy.append(session)
         return session
 
-    def release(self, session: Session) -> None:
-        """Give a session back: once its last probe is done, kept if still reusable,
-        retired otherwise."""
+    def release(self, session: Session, domain: str = "") -> None:
+        """Give a session back (``domain`` as acquired): once its last probe is done,
+        kept if still reusable, retired otherwise."""
         session.holders -= 1
+        held = self._held.get(session, [])
+        if domain in held:
+            held.remove(domain)
         if session.holders <= 0:
             session.holders = 0
+            self._held.pop(session, None)
             self._busy.remove(session)
             now = time.monotonic()
             if session.reusable and now - session.created < self._max_age:

@@ -314,7 +314,9 @@ VARIABLES: tuple[Variable, ...] = (
         "CALLAHEAD_PROBE_PIPELINING",
         "yes",
         "yes: where the primary offers PIPELINING, send a probe's MAIL FROM and RCPT TO in "
-        "one write and let up to 8 concurrent probes share a session; no: one command, "
+        "one write and let up to 8 concurrent probes share a session (fewer, so that a "
+        "refusal of each and of its controls stays within the primary's error limit); "
+        "no: one command, "
         "then its reply",
         kind=YES_NO,
     ),

@@ -211,3 +211,61 @@ def test_a_slow_primary_answering_a_long_queue_is_not_marked_down(
                 assert engine.breaker_state(hop(server)) is State.CLOSED
 
     run(go)
+
+
+def test_a_shared_session_stays_within_the_error_budget_when_rejections_ask_controls(
+    scripted: StartScripted,
+) -> None:
+    # A primary in drift refuses everyone with 5.1.1, the controls included, and counts
+    # errors as Postfix does by default: a 1 s sleep before each reply after the 10th
+    # error, 421 at the 20th. Every probe is of its own domain, with verified controls, so
+    # every rejection asks all the controls it may (the verified ones, then postmaster@),
+    # and all of them are refused. No session collects more refusals than ERROR_BUDGET,
+    # so the primary never slows down, and no rejection is taken for unknown.
+    server = scripted(
+        Script(
+            rcpt_default=UNKNOWN,
+            delay={"RCPT": 0.005},
+            soft_error_limit=10,
+            error_sleep=1.0,
+            max_errors=20,
+        )
+    )
+    domains = [f"d{n}.example.test" for n in range(12)]
+    known_valid = PositiveCache(ttl=3600, maxsize=100)
+    for domain in domains:
+        for user in ("alice", "bob", "carol"):
+            known_valid.add(f"{user}@{domain}")
+
+    async def go() -> list[tuple[Verdict, Basis]]:
+        async with engine_with(settings(pool_size=2), known_valid=known_valid) as engine:
+            results = await asyncio.gather(
+                *(engine.probe(f"x@{domain}", [hop(server)]) for domain in domains)
+            )
+            return [(r.verdict, r.basis) for r in results]
+
+    results = run(go)
+    refused = [
+        sum((c.reply or " ")[0] in "45" for c in session.commands) for session in server.sessions
+    ]
+    assert max(refused) <= ERROR_BUDGET, refused
+    assert results == [(Verdict.TEMPFAIL, Basis.DRIFT)] * len(domains)
+    # Probes still shared sessions (each rejection asked two verified controls; never
+    # postmaster@ once one of them was refused: evidence.py).
+    assert server.count("RCPT") == 3 * len(domains)
+    assert sum(c.pipelined for c in rcpts(server)) > 0
+
+
+def test_sessions_are_shared_when_the_primary_accepts(scripted: StartScripted) -> None:
+    # Counting the controls a rejection may ask leaves room for more than one probe per
+    # session: a primary that accepts still sees pipelined RCPTs on one session.
+    server = scripted(Script(rcpt_default=OK, delay={"RCPT": 0.02}))
+    targets = addresses(PIPELINE_DEPTH)
+    metrics = Metrics()
+    assert probe_all(server, targets, metrics, pool_size=1) == [Verdict.VALID] * len(targets)
+    assert len(server.sessions) == 1
+    shared = metrics.registry.get_sample_value(
+        "callahead_probe_shared_sessions_total", {"primary": str(hop(server))}
+    )
+    assert shared is not None and shared >= 1
+    assert sum(c.pipelined for c in rcpts(server)) >= 1

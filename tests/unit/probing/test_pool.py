@@ -9,9 +9,10 @@ from typing import TypeVar
 
 import pytest
 
-from callahead.probing.pool import SessionPool
+from callahead.probing.pool import CONTROLS_PER_DOMAIN, PIPELINE_DEPTH, SessionPool, joinable
 from callahead.routing.routes import Nexthop
-from callahead.smtp.session import Session, SessionSettings
+from callahead.smtp.evidence import VERIFIED_CONTROLS
+from callahead.smtp.session import ERROR_BUDGET, Session, SessionSettings
 from callahead.smtp.tls import TlsMode
 
 T = TypeVar("T")
@@ -317,6 +318,96 @@ def test_sessions_to_any_address_of_the_primary_are_reused_unless_avoided() -> N
         await asyncio.sleep(0)  # the retired session's QUIT task runs
         assert [s.quits for s in factory.made[:2]] == [1, 0]
         pool.release(third)
+        await pool.aclose()
+
+    run(go)
+
+
+class PipelinedSession(FakeSession):
+    """A session to a primary that offers PIPELINING, has accepted the sender, and has
+    refused ``refused`` RCPTs so far (the test decides)."""
+
+    def __init__(self, number: int, hop: Nexthop = HOP) -> None:
+        super().__init__(number, hop)
+        self.pipelining = True
+        self.refused = 0
+
+    @property
+    def sender_accepted(self) -> bool:
+        return True
+
+    @property
+    def errors(self) -> int:
+        return self.refused
+
+
+def test_a_shared_session_reserves_each_probe_and_each_domain_s_controls() -> None:
+    # A rejection may ask the domain's verified controls and postmaster@ (once per
+    # session and domain, smtp/evidence.py), all of which a primary in drift refuses: a
+    # session takes no more probes than would keep even that within ERROR_BUDGET, below
+    # Postfix's smtpd_soft_error_limit (10).
+    assert CONTROLS_PER_DOMAIN == VERIFIED_CONTROLS + 1
+    session = PipelinedSession(1)
+    for refused in range(ERROR_BUDGET + 1):
+        session.refused = refused
+        for holders in range(1, PIPELINE_DEPTH + 1):
+            session.holders = holders
+            for domains in range(1, holders + 2):
+                worst = refused + holders + 1 + domains * CONTROLS_PER_DOMAIN
+                expected = worst <= ERROR_BUDGET and holders < PIPELINE_DEPTH
+                assert joinable(session, domains) is expected, (refused, holders, domains)
+
+
+async def share(pool: SessionPool, domains: list[str]) -> tuple[Session, int]:
+    """Acquire for probes of ``domains`` in turn, while they share the first session;
+    the session and how many hold it."""
+    first = await pool.acquire(HOP, domain=domains[0])
+    for domain in domains[1:]:
+        waiter = asyncio.ensure_future(pool.acquire(HOP, domain=domain))
+        await asyncio.sleep(0)
+        if not waiter.done():
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            break
+        assert waiter.result() is first
+    return first, first.holders
+
+
+def pipelined_pool() -> tuple[SessionPool, list[PipelinedSession]]:
+    made: list[PipelinedSession] = []
+
+    def factory(hop: Nexthop) -> Session:
+        made.append(PipelinedSession(len(made) + 1, hop))
+        return made[-1]
+
+    return SessionPool(factory, size=1, idle=30.0), made
+
+
+def test_probes_share_a_session_while_the_worst_case_fits() -> None:
+    async def go() -> None:
+        # Each of its own domain: 1 + 3 RCPTs each, two probes fit in 9.
+        pool, made = pipelined_pool()
+        session, holders = await share(pool, [f"d{n}.test" for n in range(8)])
+        assert holders == 2
+        pool.release(session, "d1.test")
+        pool.release(session, "d0.test")
+        # All of one domain (the domain's controls are asked once): 6 + 3 fit in 9.
+        session, holders = await share(pool, ["example.test"] * 8)
+        assert holders == ERROR_BUDGET - CONTROLS_PER_DOMAIN == 6
+        # Once the primary has refused RCPTs, the room left shrinks with them: after 4,
+        # two probes of the domain (4 + 2 + 3 = 9), not three.
+        for _ in range(holders - 1):
+            pool.release(session, "example.test")
+        made[0].refused = 4
+        await share(pool, ["example.test"] * 8)
+        assert session.holders == 2
+        # A probe of unknown domain ("") counts as a domain of its own.
+        pool.release(session, "example.test")
+        made[0].refused = 0
+        await share(pool, ["", "", "", ""])
+        assert session.holders == 1 + 1  # 2 + 2 * 3 fit in 9; 3 + 3 * 3 do not
+        assert len(made) == 1
         await pool.aclose()
 
     run(go)
