@@ -15,8 +15,10 @@ stage      reply                                                        verdict
 =========  ===========================================================  ===========
 RCPT       2xx                                                          valid
 RCPT       5xx whose text is one of Postfix's delayed rejections of     undecided
-           the client, HELO or sender, or names a blocklist or a relay
-           or policy refusal (``PROBER_TEXTS``, ``SENDER_TEXTS``)
+           the client, HELO or sender, names a blocklist, the client's
+           DNS, a relay or policy refusal (``PROBER_TEXTS``,
+           ``SENDER_TEXTS``), or a ``5.1.0``, ``5.0.x`` or bare 5xx
+           that names the sender
 RCPT       5xx with enhanced code ``5.1.x`` (not ``5.1.7``/``5.1.8``,   unknown
            which are about the sender) or ``5.4.1`` (Microsoft 365
            directory-based blocking)
@@ -32,15 +34,9 @@ RCPT       ``452``, ``4.5.3``, ``4.7.5xx``: throttling                  undecide
 any        other 4xx, ``421``, no reply, a 5xx before RCPT TO           undecided
 =========  ===========================================================  ===========
 
-The evidence rules (session.py applies them; docs/verdicts.md explains them):
-
-* **explicit**: an enhanced code about the recipient, and no prober phrase, is unknown
-  on its own;
-* **bare**: a bare rejection with an unknown-user text is unknown only on a session that
-  has accepted a *control* address of the domain (an address verified valid recently,
-  or postmaster@); otherwise ``Basis.UNPROVEN``;
-* **drift**: a recently verified control refused as unknown on the session, with no
-  other control accepted, makes that session's rejections undecided (``Basis.DRIFT``).
+The evidence rules (explicit, bare, drift) are evidence.py's; docs/verdicts.md explains
+them. ``tests/unit/smtp/replies.tsv`` holds replies real mail systems send, each with
+its source, and ``test_reply_corpus.py`` runs them through this table.
 """
 
 from __future__ import annotations
@@ -112,6 +108,16 @@ PROBER_TEXTS = (
     "relaying denied",
     # Exim's default text for an ACL deny without a message.
     "administrative prohibition",
+    "recipient preferences",  # Facebook's "RCP-P2 ... Refused due to recipient preferences"
+    # The client's DNS: Postfix's "cannot find your hostname", "Your host does not
+    # exist in DNS", "Fix reverse DNS", Gmail's "does not have a PTR record".
+    "cannot find your",
+    "your host",
+    "in dns",
+    "reverse dns",
+    "reverse hostname",
+    "rdns",
+    "ptr record",
 )
 """Phrases that say a 5xx at RCPT TO refuses the prober, whatever its code says: the
 recipient's existence is not what was judged. They win over every recipient-level
@@ -119,7 +125,12 @@ code (an explicit ``5.1.1 ... blocked using ...`` is undecided)."""
 SENDER_TEXTS = (
     "sender address rejected",  # Postfix, delayed to RCPT TO
     "sender verify failed",  # Exim
+    "sender denied",  # Exchange's sender filter: "554 5.1.0 Sender Denied"
+    "sender rejected",  # Cox, Spectrum: "550 5.1.0 <...> sender rejected"
+    "domain of sender",  # Sendmail: "Domain of sender address ... does not exist"
+    "spf",  # "550 5.1.0 ... is not allowed to send from <...> per it's SPF Record"
 )
+_SENDER_WORD = re.compile(r"\bsender\b")  # a 5.1.0, 5.0.x or bare 5xx naming it
 UNKNOWN_USER_TEXTS = (
     "user unknown",
     "unknown user",
@@ -142,11 +153,17 @@ UNKNOWN_USER_TEXTS = (
     "invalid mailbox",
     "unrouteable address",
     "unroutable address",
-    "does not exist",
+    "user doesn't have a",  # Yahoo: "This user doesn't have a yahoo.com account"
 )
 """Texts that say the user is unknown. A *bare* 5xx (no enhanced status code, as Exim
 and OpenSMTPD answer) is unknown only with one of these, and only on a session that has
-accepted a control address of the domain; a ``5.0.x`` is unknown only with one."""
+accepted a control address of the domain; a ``5.0.x`` is unknown only with one. Or
+"... does not exist" about the user, mailbox, account or address (``_NOT_EXIST``)."""
+_NOT_EXIST = re.compile(  # "User not exist"; never "Your host does not exist in DNS"
+    r"\b(?:user|recipient|mailbox|addressee|account|address|local[- ]part)\b.{0,60}?"
+    r"\b(?:does not|doesn't|do not|not|no longer) exists?\b"
+)
+_ELSEWHERE = re.compile(r"\b(?:host|domain|dns|sender|client|server|your)\b")
 MULTI_RECIPIENT_TEXTS = ("multi-recipient bounce",)
 """Postfix's ``reject_multi_recipient_bounce`` (``550 5.5.3 <...>: Recipient address
 rejected: Multi-recipient bounce``) on a later RCPT of a ``MAIL FROM:<>`` transaction."""
@@ -180,6 +197,18 @@ it is never read for phrases (``<michelo@...>`` must not read as "helo")."""
 def _mentions(text: str, phrases: tuple[str, ...]) -> str | None:
     lowered = _QUOTED_PATH.sub("<>", text).lower()
     return next((phrase for phrase in phrases if phrase in lowered), None)
+
+
+def _says_unknown(text: str) -> str | None:
+    """The unknown-user phrase of ``text``, if it has one."""
+    phrase = _mentions(text, UNKNOWN_USER_TEXTS)
+    if phrase is not None:
+        return phrase
+    for clause in re.split(r"[.;:\n]", _QUOTED_PATH.sub("<>", text).lower()):
+        found = _NOT_EXIST.search(clause)
+        if found and not _ELSEWHERE.search(clause):  # the sender's, a host's, the DNS's
+            return found[0]
+    return None
 
 
 def is_throttle(code: int, enhanced: EnhancedCode | None) -> bool:
@@ -262,8 +291,15 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             "policy), not the recipient (Postfix delays client and HELO restrictions to "
             "RCPT TO with smtpd_delay_reject = yes)",
         )
+    unsure = enhanced is None or enhanced.subject == 0 or str(enhanced) == "5.1.0"
+    if unsure and _SENDER_WORD.search(_QUOTED_PATH.sub("<>", text).lower()):
+        return Classification(
+            Verdict.TEMPFAIL,
+            Basis.SENDER,
+            f"{enhanced or code} names the sender: it refuses the sender, not the recipient",
+        )
     if enhanced is None:
-        phrase = _mentions(text, UNKNOWN_USER_TEXTS)
+        phrase = _says_unknown(text)
         if phrase is not None:
             return Classification(
                 Verdict.UNKNOWN,
@@ -305,7 +341,7 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             f"rule explicit: {enhanced} (the recipient cannot be expanded) is OpenSMTPD's "
             "answer for a recipient its tables do not know",
         )
-    if enhanced.subject == 0 and _mentions(text, UNKNOWN_USER_TEXTS) is not None:
+    if enhanced.subject == 0 and _says_unknown(text) is not None:
         return Classification(
             Verdict.UNKNOWN,
             Basis.RECIPIENT,

@@ -144,6 +144,36 @@ RCPT_CASES = [
         Basis.SENDER,
     ),
     (550, "5.1.7 Bad sender address syntax", TEMPFAIL, Basis.SENDER),
+    # -- texts about the sender, the client host or its DNS are never "unknown" (issue 27) ----
+    (554, "5.1.0 Sender Denied", TEMPFAIL, Basis.SENDER),  # Exchange's sender filter
+    (550, "5.1.0 Sender rejected", TEMPFAIL, Basis.SENDER),
+    (550, "5.1.0 <b@example.test> sender rejected. AUP#CDRBL", TEMPFAIL, Basis.SENDER),
+    (
+        550,
+        "5.1.0 192.0.2.7 is not allowed to send from <x.test> per it's SPF Record",
+        TEMPFAIL,
+        Basis.SENDER,
+    ),
+    (550, "Your host does not exist in DNS", TEMPFAIL, Basis.PROBER),
+    (550, "5.0.0 Your host does not exist in DNS", TEMPFAIL, Basis.PROBER),
+    (550, "Host does not exist", TEMPFAIL, Basis.TEMPORARY),
+    (550, "Domain of sender address x@nowhere.test does not exist", TEMPFAIL, Basis.SENDER),
+    (550, "5.0.0 Sender domain does not exist", TEMPFAIL, Basis.SENDER),
+    (550, "The domain of your address does not exist", TEMPFAIL, Basis.TEMPORARY),
+    (550, "5.7.1 Client host rejected: cannot find your reverse hostname", TEMPFAIL, Basis.PROBER),
+    (550, "5.1.1 Refused due to recipient preferences", TEMPFAIL, Basis.PROBER),
+    # ... while "does not exist" about the recipient still is.
+    (550, "The email account that you tried to reach does not exist", UNKNOWN, Basis.RECIPIENT),
+    (550, "<x@example.test>... User not exist", UNKNOWN, Basis.RECIPIENT),
+    (550, "Recipient address does not exist", UNKNOWN, Basis.RECIPIENT),
+    (550, "5.0.0 Mailbox does not exist", UNKNOWN, Basis.RECIPIENT),
+    (
+        554,
+        "delivery error: dd This user doesn't have a yahoo.com account",
+        UNKNOWN,
+        Basis.RECIPIENT,
+    ),
+    (550, "5.1.0 <sender@example.test>: Address rejected", UNKNOWN, Basis.RECIPIENT),
     # -- the mailbox exists but cannot take mail ----------------------------------------------
     (552, "5.2.2 Mailbox full", TEMPFAIL, Basis.MAILBOX),
     (550, "5.2.1 Mailbox disabled, not accepting messages", TEMPFAIL, Basis.MAILBOX),
