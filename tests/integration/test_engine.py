@@ -86,7 +86,9 @@ def test_pipelined_probes_on_one_session_to_a_postfix_primary(stack: Stack) -> N
     shared = metrics.registry.get_sample_value(
         "callahead_probe_shared_sessions_total", {"primary": str(hop)}
     )
-    assert shared is not None and shared >= 20
+    # A shared session keeps room for the controls its probes' rejections may ask (three
+    # per domain), so fewer join it than the 8 of PIPELINE_DEPTH: half of them at least.
+    assert shared is not None and shared >= 10
     log = stack.pf_primary.maillog()[log_before:]
     assert "pipelining" not in log
     assert "too many errors" not in log

@@ -154,7 +154,10 @@ def test_accept_out_of_descriptors_is_one_line_without_a_traceback(
     lines = [r for r in caplog.records if "out of system resource" in r.getMessage()]
     assert len(lines) == 1
     assert "Too many open files" in lines[0].getMessage()
-    assert not [r for r in caplog.records if r.exc_info or r.name == "asyncio"]
+    # Only what the accept errors logged: a task of an earlier test that the garbage
+    # collector finds meanwhile is logged by asyncio too, and is not this test's concern.
+    about_accept = [r for r in caplog.records if "accept" in r.getMessage()]
+    assert not [r for r in about_accept if r.exc_info or r.name == "asyncio"], about_accept
 
 
 def test_repeated_errors_are_counted_into_one_line_per_interval(
