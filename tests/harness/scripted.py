@@ -61,7 +61,7 @@ import copy
 import dataclasses
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +76,7 @@ __all__ = [
     "Script",
     "ScriptedServer",
     "Session",
+    "exim_without_postmaster",
     "path_of",
 ]
 
@@ -166,6 +167,22 @@ class Script:
         if self.postmaster is not None and key.startswith("postmaster@"):
             return self.postmaster
         return self.rcpt_default
+
+
+def exim_without_postmaster(users: Iterable[str]) -> Script:
+    """A primary with Exim's own texts and no postmaster@ accept: RCPT accepted ``250
+    Accepted`` (exim src/smtp_in.c, ``smtp_user_msg(US"250", US"Accepted")``), an address
+    that does not route ``550 Unrouteable address`` (exim src/route.c, ``addr->message =
+    US"Unrouteable address"``), postmaster@ included; MAIL ``250 OK``; no
+    ENHANCEDSTATUSCODES (Exim has none). An Exim whose ACL lost Debian's postmaster@
+    accept, or any MTA that answers with bare codes and has no postmaster@."""
+    return Script(
+        banner="220 mx.exim.test ESMTP Exim 4.96 Mon, 07 Dec 2026 12:00:00 +0000",
+        mail="250 OK",
+        rcpt_ok="250 Accepted",
+        rcpt_default="550 Unrouteable address",
+        users=frozenset(users),
+    )
 
 
 _SCRIPT_FIELDS = frozenset(f.name for f in dataclasses.fields(Script))

@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
-from tests.harness.fixtures import make_workdir
+from tests.harness.fixtures import StartScripted, make_workdir, scripted
 from tests.harness.ports import free_port
 from tests.harness.postfix import Listener, PostfixInstance, backup_mx_main_cf, primary_main_cf
+from tests.harness.scripted import exim_without_postmaster
+
+__all__ = ["scripted"]
 
 DOMAIN = "doc.test"
 USER = f"u1@{DOMAIN}"
@@ -139,6 +142,66 @@ def test_the_good_setup_passes_every_item(rig: Rig) -> None:
     assert f"ok   probe: {USER} is valid" in out
     assert "unknown: refused with 550" in out
     assert out.rstrip().endswith("all items pass, 2 with a warning")
+
+
+def controls_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
+    lines = done.stdout.splitlines()
+    found = []
+    for n, line in enumerate(lines):
+        if " controls: " in line:
+            fix = (
+                lines[n + 1] if n + 1 < len(lines) and lines[n + 1].startswith("     fix:") else ""
+            )
+            found.append(f"{line}\n{fix}".rstrip())
+    return found
+
+
+def test_a_bare_primary_without_postmaster_gets_a_control_asked_for(
+    rig: Rig, scripted: StartScripted
+) -> None:
+    """Exim's texts, no postmaster@ (issue 27, item 6): a warning naming the gap and
+    the variable that closes it; with CALLAHEAD_CONTROLS set, its address is probed
+    and the warning is gone."""
+    bare = scripted(exim_without_postmaster([USER]))
+    routes = {"CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{bare.port}"}
+    config = rig.backup("bare")
+
+    done = rig.doctor(config, "--known", USER, **routes)
+    assert failed(done) == [], done.stdout
+    assert controls_lines(done) == [
+        f"warn controls: {DOMAIN}: the primary's rejections carry no enhanced status code "
+        f"(a bare 550) and it refuses postmaster@ (550 Unrouteable address): until "
+        f"callahead has verified a user of {DOMAIN}, its unknown recipients are accepted"
+        f"\n     fix: name a user known to exist: CALLAHEAD_CONTROLS=user@{DOMAIN}"
+    ], done.stdout
+    assert f"postmaster@{DOMAIN}" in bare.rcpts()
+
+    done = rig.doctor(config, **routes, CALLAHEAD_CONTROLS=USER)
+    assert done.returncode == 0, done.stdout
+    assert controls_lines(done) == [f"ok   controls: {USER} (CALLAHEAD_CONTROLS) is accepted"]
+    assert f"ok   probe: {USER} is valid" in done.stdout  # the real address, unasked for
+
+
+def test_a_control_the_primary_refuses_fails(rig: Rig) -> None:
+    gone = f"gone@{DOMAIN}"
+    done = rig.doctor(rig.backup("gone"), CALLAHEAD_CONTROLS=f"{gone} it@elsewhere.test")
+    assert done.returncode == 1
+    lines = controls_lines(done)
+    assert lines[0].startswith(
+        f"FAIL controls: CALLAHEAD_CONTROLS names {gone}, which the "
+        "primary does not accept (unknown: 550 5.1.1"
+    ), done.stdout
+    assert lines[0].endswith(f"fix: name a user of {DOMAIN} that exists in CALLAHEAD_CONTROLS")
+    assert lines[1].startswith(
+        "warn controls: CALLAHEAD_CONTROLS names it@elsewhere.test, but elsewhere.test is "
+        "not a relay domain with a route: it is never asked"
+    ), done.stdout
+
+
+def test_an_explicit_primary_needs_no_control(rig: Rig) -> None:
+    """Postfix's 550 5.1.1 is believed on its own: no controls line at all."""
+    done = rig.doctor(rig.backup("explicit"), "--known", USER)
+    assert controls_lines(done) == [], done.stdout
 
 
 class UnixCallahead(CallaheadProcess):

@@ -194,7 +194,7 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         known_valid=cache,
         resolver=resolver,
         cluster=shared,
-        controls=Controls(cache, shared),
+        controls=Controls(cache, shared, config.controls),
     )
     prober = LoopProber(
         loop, engine, wait=engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN

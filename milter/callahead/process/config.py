@@ -49,6 +49,7 @@ class Config:
     cache_save_interval: float
     cache_refresh: float
     catchall_check: float
+    controls: tuple[str, ...]
     redis_url: str
     redis_timeout: float
     redis_lock_wait: float

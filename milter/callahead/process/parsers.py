@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ..base.address import UnsendableAddress, wire_address
+from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..base.errors import CallaheadError
 from ..base.logfmt import redact_url
 
@@ -164,6 +164,37 @@ def _parse_address(name: str, value: str) -> str:
 
 ADDRESS = Kind(_parse_address, as_is)
 """An email address for MAIL FROM, ``<>`` or empty for the null sender."""
+
+
+def _parse_controls(name: str, value: str) -> tuple[str, ...]:
+    """Addresses separated by spaces or commas, each a user known to exist at its
+    domain; the domain normalized as a recipient's is (lower case, IDNA A-label)."""
+    found: dict[str, None] = {}
+    for item in value.replace(",", " ").split():
+        recipient = normalize_recipient(item)
+        if recipient is None:
+            raise ConfigError(name, value, f"{item!r} is not an address (expected user@domain)")
+        try:
+            wire_address(recipient.address, allow_utf8=True)
+        except UnsendableAddress:
+            raise ConfigError(name, value, f"{item!r} cannot be sent in an SMTP command") from None
+        if recipient.address.rpartition("@")[0].lower() == "postmaster":
+            raise ConfigError(
+                name,
+                value,
+                f"{item!r}: postmaster@ is asked anyway, and is often an alias that never "
+                "reaches the user table; name a user known to exist",
+            )
+        found[recipient.address] = None
+    return tuple(found)
+
+
+def _controls_text(addresses: tuple[str, ...]) -> str:
+    return " ".join(addresses)
+
+
+CONTROLS = Kind(_parse_controls, _controls_text)
+"""Addresses known to exist, the controls of their domains (evidence.py)."""
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -1,6 +1,7 @@
 """``callahead probe ADDRESS [--explain]``: one probe with the configuration of ``serve``
-and no cache; with ``--explain``, the MX targets never probed, the SMTP transcript, the
-line that decided and why it was classified so."""
+and no cache (as ``serve`` before it has verified a user of the domain: its controls are
+``CALLAHEAD_CONTROLS`` and postmaster@); with ``--explain``, the MX targets never
+probed, the SMTP transcript, the line that decided and why it was classified so."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from ..base.address import UnsendableAddress, normalize_recipient, wire_address
+from ..caching.cache import PositiveCache
+from ..caching.controls import Controls
 from ..probing.engine import ProbeEngine
 from ..routing.postfixmaps import PostfixRoutes
 from ..routing.router import describe_routes
@@ -78,7 +81,11 @@ def run_probe(config: Config, address_arg: str, *, explain: bool = False) -> int
         skipped: tuple[SkippedTarget, ...] = ()
         if explain and any(hop.mx for hop in hops):
             skipped, _ = await resolver.left_out(hops, normalized.domain)
-        engine = ProbeEngine(engine_settings(config, transcript=explain), resolver=resolver)
+        engine = ProbeEngine(
+            engine_settings(config, transcript=explain),
+            resolver=resolver,
+            controls=Controls(PositiveCache(ttl=0, maxsize=0), None, config.controls),
+        )
         result = await engine.probe(address, hops)
         code = "no reply" if result.code is None else str(result.code)
         print(

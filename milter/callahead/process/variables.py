@@ -24,6 +24,7 @@ from .endpoints import (
 )
 from .parsers import (
     ADDRESS,
+    CONTROLS,
     LOG_LEVEL,
     PATH,
     REDIS_URL,
@@ -201,6 +202,16 @@ VARIABLES: tuple[Variable, ...] = (
         "accepts every address; such a domain's recipients are accepted without a probe "
         "(reason accepts_all); 0 disables",
         kind=seconds(high=604800),
+    ),
+    Variable(
+        "CALLAHEAD_CONTROLS",
+        "",
+        "addresses known to exist at the primary, separated by spaces or commas (e.g. "
+        "abuse@example.com it@example.net), one or more per domain: asked as the "
+        "domain's control while callahead has verified none of its users yet, so that a "
+        "bare 5xx (no enhanced status code, as Exim sends) is trusted behind a primary "
+        "without postmaster@; not postmaster@ itself; empty: none",
+        kind=CONTROLS,
     ),
     Variable(
         "CALLAHEAD_REDIS_URL",

@@ -74,6 +74,7 @@ def test_defaults() -> None:
     assert config.cache_save_interval == 300
     assert config.cache_refresh == 0.1
     assert config.catchall_check == 3600
+    assert config.controls == ()
     assert config.dry_run is False
     assert config.admin_socket == "/run/callahead/admin.sock"
     assert config.policy_listen is None
@@ -83,6 +84,15 @@ def test_defaults() -> None:
     assert config.policy_max_idle == 300  # Postfix's smtpd_policy_service_max_idle
     # Every answer to Postfix stays well inside milter_command_timeout (30 s).
     assert config.probe_wait + config.probe_timeout < 30
+
+
+def test_controls_are_normalized_deduplicated_and_written_back() -> None:
+    config = load_config(
+        env_with(CALLAHEAD_CONTROLS=" It@Example.COM., it@example.com,ops@bücher.de ")
+    )
+    assert config.controls == ("It@example.com", "it@example.com", "ops@xn--bcher-kva.de")
+    written = dict(config.describe())["CALLAHEAD_CONTROLS"]
+    assert load_config(env_with(CALLAHEAD_CONTROLS=written)).controls == config.controls
 
 
 def test_documented_defaults_match_the_effective_ones() -> None:
@@ -112,6 +122,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_CACHE_SAVE_INTERVAL",
         "CALLAHEAD_CACHE_REFRESH",
         "CALLAHEAD_CATCHALL_CHECK",
+        "CALLAHEAD_CONTROLS",
         "CALLAHEAD_REDIS_URL",
         "CALLAHEAD_REDIS_TIMEOUT",
         "CALLAHEAD_REDIS_LOCK_WAIT",
@@ -460,6 +471,10 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_PRIMARY_RATE", "inf", "number from 0 to 100000"),
     ("CALLAHEAD_CATCHALL_CHECK", "-5", "seconds >= 0"),
     ("CALLAHEAD_CATCHALL_CHECK", "604801", "at most 604800"),
+    ("CALLAHEAD_CONTROLS", "it@example.com nobody", "'nobody' is not an address"),
+    ("CALLAHEAD_CONTROLS", "@example.com", "not an address"),
+    ("CALLAHEAD_CONTROLS", "Postmaster@example.com", "name a user known to exist"),
+    ("CALLAHEAD_CONTROLS", "a\x7fb@example.com", "cannot be sent in an SMTP command"),
     ("CALLAHEAD_BREAKER_FAILURES", "-1", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_FAILURES", "many", "whole number from 0 to 1000"),
     ("CALLAHEAD_BREAKER_COOLDOWN", "0", "seconds > 0"),

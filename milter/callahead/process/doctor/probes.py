@@ -6,8 +6,10 @@ unspecified, link-local, multicast: routing/targets.py) are named (``mx-targets`
 
 One domain per distinct route is probed (domains behind one primary tell the same
 thing), with the engine ``serve`` uses, without a cache. The real address is the one
-given with ``--known`` for that domain, else one the running ``serve`` verified
-recently (asked over the admin socket), else postmaster@.
+given with ``--known`` for that domain, else its ``CALLAHEAD_CONTROLS`` address, else one
+the running ``serve`` verified recently (asked over the admin socket), else postmaster@.
+What protects a domain before any of its users is verified is the ``controls`` item
+(controls.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ...routing.targets import AFTER_THIS_HOST, THIS_HOST, SkippedTarget, descri
 from ...smtp.verdict import Basis, ProbeResult, Stage, Verdict
 from ..assembly import build_resolver, engine_settings
 from ..config import Config
+from .controls import configured_controls, configured_finding, postmaster_finding
 from .postfixhooks import Finding
 from .postfixview import PostfixView
 
@@ -290,7 +293,11 @@ async def check_primaries(
             Finding("primary", None, f"{len(chosen) - MAX_PRIMARIES} more routes not probed")
         )
         chosen = chosen[:MAX_PRIMARIES]
-    reals = {d: known.get(d) or verified_address(config, d) or f"postmaster@{d}" for d in chosen}
+    configured = configured_controls(config)
+    reals = {
+        d: known.get(d) or configured.get(d) or verified_address(config, d) or f"postmaster@{d}"
+        for d in chosen
+    }
     resolver, _ = build_resolver(config)
     valid: dict[str, str] = {}
     """The real addresses found valid: controls of the made-up probes (one refused is
@@ -311,6 +318,45 @@ async def check_primaries(
             findings.append(primary)
             if primary.ok:
                 findings += _probe_findings(domain, reals[domain], real, made_up, fake)
+                control = configured.get(domain)
+                if control is not None:
+                    done = real if reals[domain] == control else None
+                    findings.append(await configured_finding(engine, routed[domain], control, done))
+                else:
+                    found = await postmaster_finding(
+                        engine, domain, routed[domain], fake, {reals[domain]: real}
+                    )
+                    findings += [] if found is None else [found]
+        findings += await _other_controls(engine, configured, routed, chosen)
     finally:
         await engine.aclose()
+    return findings
+
+
+async def _other_controls(
+    engine: ProbeEngine,
+    configured: Mapping[str, str],
+    routed: Mapping[str, tuple[Nexthop, ...]],
+    probed: Sequence[str],
+) -> list[Finding]:
+    """The ``CALLAHEAD_CONTROLS`` of domains not probed above: each is probed (a wrong
+    one makes its domain's rejections read as drift); one of a domain callahead does
+    not route is never asked."""
+    findings: list[Finding] = []
+    for domain, control in list(configured.items())[:MAX_PRIMARIES]:
+        if domain in probed:
+            continue
+        if domain not in routed:
+            findings.append(
+                Finding(
+                    "controls",
+                    True,
+                    f"CALLAHEAD_CONTROLS names {control}, but {domain} is not a relay domain "
+                    "with a route: it is never asked",
+                    f"remove it, or add {domain} to relay_domains",
+                    warn=True,
+                )
+            )
+            continue
+        findings.append(await configured_finding(engine, routed[domain], control, None))
     return findings
