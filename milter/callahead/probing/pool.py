@@ -71,6 +71,20 @@ def has_room(session: Session, probes: int, domains: int) -> bool:
     )
 
 
+def room_for_one(session: Session, domain: str) -> bool:
+    """An idle ``session`` may take one probe of ``domain``: its refusal, and every
+    control of the domain the session may still ask refused too (none once one vouched:
+    ``Session.controls_left``), keep it within ``ERROR_BUDGET`` and its recipient and
+    RSET limits. A session that judged the domain already keeps taking its probes up to
+    the budget; one of other domains leaves room for their controls."""
+    rcpts = 1 + session.controls_left(domain)
+    return (
+        session.errors + rcpts <= ERROR_BUDGET
+        and session.rcpts + rcpts <= MAX_RCPTS_PER_SESSION
+        and session.rsets + 1 <= MAX_RSETS_PER_SESSION
+    )
+
+
 def joinable(session: Session, domains: int) -> bool:
     """One more probe may share ``session`` now, making ``domains`` domains among its
     probes: the primary offers PIPELINING and has accepted the session's sender, no
@@ -174,6 +188,7 @@ class SessionPool:
             elif (
                 session.created > opened_after
                 and session.hop not in avoid
+                and room_for_one(session, domain)
                 and (chosen is None or (session.hop == hop != self._idle[chosen].hop))
             ):
                 chosen = index

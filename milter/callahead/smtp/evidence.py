@@ -134,6 +134,20 @@ class EvidenceBook:
         else:
             evidence.vouched_by = evidence.vouched_by or address
 
+    def controls_left(self, domain: str) -> int:
+        """Control RCPTs this session may still send about ``domain`` at most: all of
+        them for a domain it has not judged yet, none once one vouched or one went
+        unanswered. Each may be refused (an error at a Postfix primary)."""
+        evidence = self._by_domain.get(domain)
+        if evidence is None:
+            return VERIFIED_CONTROLS + 1
+        if evidence.vouched_by or evidence.unanswered:
+            return 0
+        postmaster = not (
+            evidence.postmaster_tried or evidence.postmaster_accepted or evidence.verified_refused
+        )
+        return VERIFIED_CONTROLS - len(evidence.tried) + postmaster
+
     async def judge_unknown(self, address: str, found: Classification) -> Classification:
         """Apply the evidence rules to ``found``, a rejection of the recipient."""
         local, _, domain = address.rpartition("@")

@@ -223,6 +223,11 @@ class Session:
         finish, and it takes no other (one would wait behind the reply nobody reads)."""
         self._draining = True
 
+    def controls_left(self, domain: str) -> int:
+        """Control RCPTs this session may still send about ``domain`` ("" unknown: as
+        many as for a domain not judged yet): ``EvidenceBook.controls_left``."""
+        return self._evidence.controls_left(domain)
+
     @property
     def reusable(self) -> bool:
         return (

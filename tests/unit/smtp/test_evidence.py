@@ -217,3 +217,25 @@ def test_a_verified_postmaster_is_no_verified_control() -> None:
     )
     assert (found.verdict, found.basis) == (Verdict.TEMPFAIL, Basis.DRIFT), found
     assert primary.asked == ["u1@example.test"]
+
+
+CONTROLS_LEFT = [
+    # (the controls' answers, the rejection judged, control RCPTs the session may still send)
+    ({}, None, 3),  # the domain not judged yet: two verified ones and postmaster@
+    ({"u1@example.test": OK}, EXPLICIT, 0),  # vouched: nothing more is asked
+    ({"u1@example.test": (450, "4.2.0 Try again")}, EXPLICIT, 0),  # unanswered: none
+    ({"u1@example.test": EXPLICIT}, EXPLICIT, 1),  # refused: one more verified, no postmaster@
+    ({"postmaster@example.test": EXPLICIT}, BARE, 2),  # no verified yet, postmaster@ spent
+]
+
+
+@pytest.mark.parametrize(("answers", "reply", "left"), CONTROLS_LEFT)
+def test_controls_left_bounds_what_a_session_may_still_ask(
+    answers: dict[str, Answer], reply: tuple[int, str] | None, left: int
+) -> None:
+    """What the pool reserves in a reused session's error budget (pool.room_for_one)."""
+    verified = [a for a in answers if not a.startswith("postmaster@")]
+    evidence = book(Primary(answers), Controls(*verified))
+    if reply is not None:
+        asyncio.run(evidence.judge_unknown("nobody@example.test", rejected(reply)))
+    assert evidence.controls_left("example.test") == left
