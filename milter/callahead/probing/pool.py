@@ -74,10 +74,10 @@ def has_room(session: Session, probes: int, domains: int) -> bool:
 def room_for_one(session: Session, domain: str) -> bool:
     """An idle ``session`` may take one probe of ``domain``: its refusal, and every
     control of the domain the session may still ask refused too (none once one vouched:
-    ``Session.controls_left``), keep it within ``ERROR_BUDGET`` and its recipient and
+    ``EvidenceBook.controls_left``), keep it within ``ERROR_BUDGET`` and its recipient and
     RSET limits. A session that judged the domain already keeps taking its probes up to
     the budget; one of other domains leaves room for their controls."""
-    rcpts = 1 + session.controls_left(domain)
+    rcpts = 1 + session.evidence.controls_left(domain)
     return (
         session.errors + rcpts <= ERROR_BUDGET
         and session.rcpts + rcpts <= MAX_RCPTS_PER_SESSION

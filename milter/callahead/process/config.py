@@ -19,8 +19,8 @@ from ..routing.postfixsettings import PostfixSettings
 from ..routing.routes import RouteTable
 from ..smtp.tls import TlsMode
 from .endpoints import Listen, Network, loopback_host, loopback_network, parse_socket
-from .parsers import ConfigError, redis_url_refusal
-from .variables import DEFAULT_POLICY_CLIENTS, NAMES, VARIABLES, Variable
+from .parsers import ConfigError, Variable, redis_url_refusal
+from .variables import DEFAULT_POLICY_CLIENTS, NAMES, VARIABLES
 
 # The entry: load_config, what it gives and what it raises (ConfigError, of parsers).
 __all__ = ["EX_CONFIG", "Config", "ConfigError", "load_config"]

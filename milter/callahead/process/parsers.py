@@ -13,7 +13,7 @@ import math
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..base.address import UnsendableAddress, normalize_recipient, wire_address
 from ..base.errors import CallaheadError
@@ -282,3 +282,31 @@ def _local(parts: urllib.parse.SplitResult) -> bool:
 
 REDIS_URL = Kind(_parse_redis_url, redact_url)
 """A Redis URL, shown with its password hidden."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable: its default, its meaning (for ``--help`` and docs/reference.md),
+    the ``Config`` field it sets, and the kind of its value: how its text is parsed (raising
+    ``ConfigError``) and how the effective value is written back (``callahead config``)."""
+
+    name: str
+    default: str
+    """The text used when the variable is not set."""
+    meaning: str
+    kind: Kind[Any]
+    field: str = ""
+    """The ``Config`` field; empty: the name without ``CALLAHEAD_``, in lower case."""
+    shown: str = ""
+    """The default as ``--help`` shows it, when it is computed (else ``default``)."""
+    secret: Callable[[str], str] | None = None
+    """For a value that can carry a secret (a password in a URL): how its text is shown
+    in a ``ConfigError``, whatever is wrong with it (its kind renders it redacted too)."""
+
+    def __post_init__(self) -> None:
+        if not self.field:
+            object.__setattr__(self, "field", self.name.removeprefix("CALLAHEAD_").lower())
+
+    @property
+    def shown_default(self) -> str:
+        return self.shown or self.default

@@ -1,13 +1,10 @@
 """The one table of ``CALLAHEAD_*`` variables: for each, its default, its meaning (which
 ``--help``, the README and docs/reference.md give), the ``Config`` field it sets and the
-``Kind`` of its value. ``config.load_config`` reads them in this order.
+``Kind`` of its value (``parsers.Variable``). ``config.load_config`` reads them in this
+order.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from ..base.logfmt import redact_url
 from ..core.policy import TempfailAction
@@ -29,7 +26,7 @@ from .parsers import (
     PATH,
     REDIS_URL,
     YES_NO,
-    Kind,
+    Variable,
     choice,
     fmt_number,
     number,
@@ -37,35 +34,6 @@ from .parsers import (
     whole,
 )
 from .postfixconf import HELO, POSTFIX_CONFIG, POSTFIX_POLICY_MAX_IDLE
-
-
-@dataclass(frozen=True, slots=True)
-class Variable:
-    """One environment variable: its default, its meaning (for ``--help`` and docs/reference.md),
-    the ``Config`` field it sets, and the kind of its value: how its text is parsed (raising
-    ``ConfigError``) and how the effective value is written back (``callahead config``)."""
-
-    name: str
-    default: str
-    """The text used when the variable is not set."""
-    meaning: str
-    kind: Kind[Any]
-    field: str = ""
-    """The ``Config`` field; empty: the name without ``CALLAHEAD_``, in lower case."""
-    shown: str = ""
-    """The default as ``--help`` shows it, when it is computed (else ``default``)."""
-    secret: Callable[[str], str] | None = None
-    """For a value that can carry a secret (a password in a URL): how its text is shown
-    in a ``ConfigError``, whatever is wrong with it (its kind renders it redacted too)."""
-
-    def __post_init__(self) -> None:
-        if not self.field:
-            object.__setattr__(self, "field", self.name.removeprefix("CALLAHEAD_").lower())
-
-    @property
-    def shown_default(self) -> str:
-        return self.shown or self.default
-
 
 SOCKET_DIRECTORY = "/var/spool/postfix/callahead"
 """Where the unix sockets Postfix connects to live: inside Postfix's queue directory, where

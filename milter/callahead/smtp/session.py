@@ -12,9 +12,8 @@ share the session, each with its own RCPT in the same transaction: their replies
 back in the order they were sent. Without PIPELINING every command waits for the reply
 before it, and a session carries one probe at a time.
 
-Replies are classified by ``classify.classify`` (stage, enhanced status code, text); a
-rejection then goes through the evidence rules of evidence.py (docs/verdicts.md).
-"""
+Replies are classified by ``classify.classify``; a rejection then goes through the
+evidence rules of evidence.py (docs/verdicts.md)."""
 
 from __future__ import annotations
 
@@ -56,10 +55,9 @@ __all__ = [
 log = logging.getLogger("callahead.session")
 
 ERROR_BUDGET = 9
-"""4xx/5xx replies a session may collect. A Postfix primary counts every one as an
-error, sleeps 1 s before each reply after the 10th and hangs up at the 20th; only a
-delivered message resets the count. A session is retired after this many, without
-sending it another command."""
+"""4xx/5xx replies a session may collect (then it is retired without another command).
+A Postfix primary counts each as an error, sleeps 1 s before each reply after the 10th
+and hangs up at the 20th; only a delivered message resets the count."""
 MAX_RCPTS_PER_SESSION = 500
 """RCPTs in one session (and transaction); Postfix's smtpd_recipient_limit is 1000."""
 QUIT_TIMEOUT = 2.0
@@ -135,13 +133,10 @@ class Session:
         self.stage = Stage.CONNECT
         """Where the dialogue is, for reporting a timeout."""
         self._dialogue = Dialogue(settings.transcript)
-        self._evidence = EvidenceBook(
-            controls,
-            self._ask_control,
-            lambda: self._utf8,
-            self._dialogue.note,
-        )
-        """Per domain: the controls this session asked, and what they got."""
+        note = self._dialogue.note
+        self.evidence = EvidenceBook(controls, self._ask_control, lambda: self._utf8, note)
+        """Per domain: the controls this session asked, and what they got (the pool
+        reserves room for those it may still ask: ``controls_left``)."""
         self._retired = False
         self._draining = False
 
@@ -222,11 +217,6 @@ class Session:
         """A probe gave up on the session, which still owes it a reply: the probes on it
         finish, and it takes no other (one would wait behind the reply nobody reads)."""
         self._draining = True
-
-    def controls_left(self, domain: str) -> int:
-        """Control RCPTs this session may still send about ``domain`` ("" unknown: as
-        many as for a domain not judged yet): ``EvidenceBook.controls_left``."""
-        return self._evidence.controls_left(domain)
 
     @property
     def reusable(self) -> bool:
@@ -323,9 +313,9 @@ class Session:
                 return self._result(Stage.MAIL, reply.code, reply.message, started)
             found = classify(Stage.RCPT, reply.code, reply.message)
             if found.verdict is Verdict.VALID:
-                self._evidence.accepted(address)
+                self.evidence.accepted(address)
             elif found.verdict is Verdict.UNKNOWN:
-                found = await self._evidence.judge_unknown(address, found)
+                found = await self.evidence.judge_unknown(address, found)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self._retired = True
             raise SessionLost(str(exc) or type(exc).__name__) from None
@@ -349,12 +339,16 @@ class Session:
         return await self._txn.ask(path)
 
     async def _ask_control(self, path: bytes) -> tuple[Stage, aiosmtplib.SMTPResponse]:
-        """RCPT TO a control address (evidence.py), counted in ``asking_controls``."""
+        """RCPT TO a control address (evidence.py), counted in ``asking_controls``. A
+        throttle reply or a refused sender retires the session, as for a probe's own."""
         self.asking_controls += 1
         try:
-            return await self._ask(path)
+            stage, reply = await self._ask(path)
         finally:
             self.asking_controls -= 1
+        if classify(stage, reply.code, reply.message).basis in (Basis.THROTTLE, Basis.SENDER):
+            self._retired = True
+        return stage, reply
 
     def _retire(self) -> None:
         self._retired = True

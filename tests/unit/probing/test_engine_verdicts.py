@@ -546,6 +546,27 @@ def test_a_session_retired_by_a_throttle_before_the_control_lets_no_rejection_th
     assert IN_DRIFT_CONTROL not in first
 
 
+def test_a_throttle_reply_to_a_control_retires_its_session(scripted: StartScripted) -> None:
+    """Microsoft 365's throttle reply to the control (issue 27): undecided, and the
+    session is retired as after a probe's own throttle reply; the next probe opens a
+    new one instead of pressing on where the primary asked it to slow down."""
+    throttle = "451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (S77719)"
+    server = scripted(Script(rcpt_hook=in_drift(throttle)))
+    known_valid = PositiveCache(ttl=3600, maxsize=100)
+    known_valid.add(IN_DRIFT_CONTROL)
+
+    async def go() -> list[ProbeResult]:
+        async with engine_with(settings(pool_size=1), known_valid=known_valid) as engine:
+            return [await engine.probe(f"real{n}@example.test", [hop(server)]) for n in range(2)]
+
+    results = run(go)
+    assert [r.verdict for r in results] == [Verdict.TEMPFAIL] * 2, results
+    assert [s.rcpts() for s in server.sessions] == [
+        ["real0@example.test", IN_DRIFT_CONTROL],
+        ["real1@example.test", IN_DRIFT_CONTROL],
+    ]
+
+
 def test_an_accepted_postmaster_never_overrules_refused_verified_controls(
     scripted: StartScripted,
 ) -> None:
