@@ -106,8 +106,7 @@ PROBER_TEXTS = (
     "relay access denied",
     "relay not permitted",
     "relaying denied",
-    # Exim's default text for an ACL deny without a message.
-    "administrative prohibition",
+    "administrative prohibition",  # Exim's default text for an ACL deny without a message
     "recipient preferences",  # Facebook's "RCP-P2 ... Refused due to recipient preferences"
     # The client's DNS: Postfix's "cannot find your hostname", "Your host does not
     # exist in DNS", "Fix reverse DNS", Gmail's "does not have a PTR record".
@@ -154,6 +153,7 @@ UNKNOWN_USER_TEXTS = (
     "unrouteable address",
     "unroutable address",
     "user doesn't have a",  # Yahoo: "This user doesn't have a yahoo.com account"
+    "no mailbox here by that name",  # qmail: chkuser, the rcptcheck patch, vpopmail
 )
 """Texts that say the user is unknown. A *bare* 5xx (no enhanced status code, as Exim
 and OpenSMTPD answer) is unknown only with one of these, and only on a session that has

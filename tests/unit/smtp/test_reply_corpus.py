@@ -2,7 +2,8 @@
 
 Each row is a reply a real mail system sends at RCPT TO, with its source (a repository,
 commit and path: the system's own code or test suite, its documentation, or a bounce
-classifier's corpus of real bounces). Each is judged as a probe's RCPT reply on a
+classifier's corpus of real bounces; or the address of an issue thread or a vendor's
+page that quotes the reply). Each is judged as a probe's RCPT reply on a
 session that has already accepted a control address of the domain, the case where a
 bare rejection can become a 550:
 
@@ -30,7 +31,9 @@ from callahead.smtp.verdict import Stage, Verdict
 
 CORPUS = Path(__file__).with_name("replies.tsv")
 LABELS = ("unknown", "prober", "other")
-SOURCE = re.compile(r"^[\w.-]+/[\w.-]+@[0-9a-f]{7,40} \S+$")
+SOURCE = re.compile(r"^(?:[\w.-]+/[\w.-]+@[0-9a-f]{7,40} \S+|https?://\S+)$")
+"""``owner/repo@commit path`` (a file of a public repository), or the address of a public
+page that quotes the reply (an issue thread, a vendor's documentation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,11 @@ UNREADABLE = {
     "not our user": "a 551 is 'user not local' (RFC 5321), not 'no such user'",
     "'kijitora@nyaan.example.com' is not a registered gateway user": "no unknown-user "
     "phrase; this wording is one gateway's",
+    "4.1.1 <recipient@RemoteDomain.com>: Recipient address rejected: unverified address: "
+    'unknown user: "recipient@RemoteDomain.com"': "a 4xx is temporary: Postfix's "
+    "unverified_recipient_reject_code is 450 by default, and no 4xx is ever final",
+    "sorry, this recipient is not in my validrcptto list (#5.7.1)": "a 5.7.1 is policy, "
+    "whatever its text (qmail's badrcptto answers 5.7.1 for users that exist)",
 }
 """Recipient-unknown replies the classifier leaves undecided, and why."""
 
@@ -125,3 +133,26 @@ def test_the_corpus_covers_every_label_and_many_systems() -> None:
     assert set(UNREADABLE) <= {reply.text for reply in REPLIES if reply.label == "unknown"}
     rows = {(reply.code, reply.text, reply.system) for reply in REPLIES}
     assert len(rows) == len(REPLIES), "a row is there twice"
+
+
+VERDICTS_MD = Path(__file__).resolve().parents[3] / "docs" / "verdicts.md"
+_TABLE_ROW = re.compile(r"^\| ([^|]+?) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", re.MULTILINE)
+
+
+def test_the_summary_in_docs_verdicts_md_is_the_corpus() -> None:
+    """docs/verdicts.md's corpus summary: its totals, and its rows per system and label."""
+    text = VERDICTS_MD.read_text(encoding="utf-8")
+    flat = " ".join(text.split())
+    per_system: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for reply in REPLIES:
+        per_system[reply.system.split(" (")[0]][reply.label] += 1
+    named = len(per_system.keys() - {"unnamed"})
+    assert f"`tests/unit/smtp/replies.tsv`: {len(REPLIES)} replies from {named} systems" in flat
+    labels = collections.Counter(reply.label for reply in REPLIES)
+    unknown, prober, other = (labels[label] for label in LABELS)
+    assert f"unknown ({unknown}), prober ({prober}) or other ({other})" in flat
+    table = {row[1]: tuple(int(n) for n in row.groups()[1:]) for row in _TABLE_ROW.finditer(text)}
+    assert table == {
+        name: (sum(count.values()), count["unknown"], count["prober"], count["other"])
+        for name, count in per_system.items()
+    }
