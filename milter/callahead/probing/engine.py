@@ -35,6 +35,9 @@
 * **Fallback sender**: a primary that refuses the probe's sender (at MAIL FROM, or at
   RCPT TO when Postfix delays the rejection) is asked again once with
   ``fallback_sender``, which its later sessions keep using.
+* **A primary that verifies by itself** (a Postfix edge with
+  ``reject_unverified_recipient``): "Address verification in progress" is asked again
+  on new sessions, after short pauses, within the probe's deadline (see reask.py).
 * **A probe budget** per primary (see budget.py, ``primary_rate``): a probe waits for a
   token within what is left of ``probe_wait``, or is skipped (``primary_budget``);
   background probes (refresh, catch-all checks) take a token only if one is there. A

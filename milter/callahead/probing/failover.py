@@ -5,13 +5,16 @@ a probe). For each primary met on the way its breaker admits the probe once and 
 budget gives one token, however many of its addresses are tried; each address is asked
 on a pooled session opened after the recipient was last judged (a current view), again
 on a fresh session when a reused one was lost, and once with the fallback sender when
-the sender is refused. A tempfail tries the next address, a definite answer ends the
-search, and the answer of a secondary MX host is undecided (see engine.py).
+the sender is refused; and again on new sessions while the primary's own verification
+of the address is in progress (reask.py). A tempfail tries the next address, a definite
+answer ends the search, and the answer of a secondary MX host is undecided (see
+engine.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -22,9 +25,11 @@ from ..base.logfmt import escape
 from ..routing.routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
 from ..smtp.session import Session, SessionFailed, SessionLost
 from ..smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
+from ..smtp.verifying import verification_in_progress
 from .enginetypes import EngineSettings, HopResolver
 from .freshness import LastJudged
 from .primaries import Primaries, Primary, Visit
+from .reask import ask_while_verifying
 
 log = logging.getLogger("callahead.engine")
 
@@ -100,6 +105,13 @@ class Failover:
                         # not moved.
                         result = queued.result
                         break
+                    if verification_in_progress(result):
+                        again = functools.partial(
+                            self._again, primary, hop, visit.tried, address, started, deadline
+                        )
+                        result, session = await ask_while_verifying(
+                            result, session, again, deadline, address
+                        )
                     used = hop if session is None else session.hop
                     visit.tried.add(used)
                     if result.reached:
@@ -164,9 +176,11 @@ class Failover:
         address: str,
         started: float,
         budget: float,
+        opened_after: float = float("-inf"),
     ) -> tuple[ProbeResult, Session | None]:
-        """One primary: a pooled session opened after ``address`` was last judged, to an
-        address of the primary not ``tried`` in this probe (a new one to ``hop``);
+        """One primary: a pooled session opened after ``address`` was last judged (and
+        after ``opened_after``), to an address of the primary not ``tried`` in this probe
+        (a new one to ``hop``);
         retried once on a fresh session if a reused one was lost, and once with the
         fallback sender if the primary refused the sender. Returns the result and the
         session that gave it (None: no session was had)."""
@@ -179,7 +193,10 @@ class Failover:
                 while True:
                     session = None
                     session = await pool.acquire(
-                        hop, opened_after=self._judged.since(address), avoid=tried, domain=domain
+                        hop,
+                        opened_after=max(self._judged.since(address), opened_after),
+                        avoid=tried,
+                        domain=domain,
                     )
                     mark: int | None = None
                     try:
@@ -237,6 +254,25 @@ class Failover:
                     session.hop,
                 ) from None
             return session.timed_out(budget, started), session
+
+    async def _again(
+        self,
+        primary: Primary,
+        hop: Nexthop,
+        tried: set[Nexthop],
+        address: str,
+        started: float,
+        deadline: float,
+        opened_after: float,
+    ) -> tuple[ProbeResult, Session | None]:
+        """Ask again on a session opened after ``opened_after`` (reask.py); waiting for
+        a free session all the time left is no reply."""
+        try:
+            return await self._on_session(
+                primary, hop, tried, address, started, deadline - time.monotonic(), opened_after
+            )
+        except Queued as queued:
+            return queued.result, None
 
 
 def _secondary(result: ProbeResult) -> ProbeResult:
