@@ -24,6 +24,13 @@ takes it as a control. Were it one, the primary refusing it once its catch-all g
 would read as drift: the domain's unknowns undecided, and the next check undecided
 too, keeping ``accepts_all`` for a ``CALLAHEAD_CACHE_TTL``.
 
+**What the catch-all said before.** When a check finds a domain accepting all, the
+addresses of it this backup cached as valid are forgotten (``discard_domain``): the
+primary would have said "valid" to anyone, so they prove nothing, and none of them is
+later offered as a control. They are accepted without a probe while the catch-all
+lasts, and probed again once it goes. (Redis entries are left to their TTL: the other
+backups find the catch-all themselves.)
+
 **What is checked.** The state is kept per route entry (``CALLAHEAD_ROUTES`` key), never
 per recipient domain, so it is bounded by the configuration whatever senders make up,
 and so are the metric's labels. An exact entry ``example.com`` is checked at
@@ -51,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..base.logfmt import escape
 from ..probing.engine import ProbeEngine
@@ -163,6 +171,14 @@ class CatchAllBook:
         }
 
 
+class CheckedCache(ValidCache, Protocol):
+    """The local cache as the checks use it (cache.PositiveCache)."""
+
+    def discard_domain(self, domain: str) -> int:
+        """Forget every address at ``domain``; how many."""
+        ...
+
+
 class LoopCatchAll:
     """The policy's ``CatchAll``: answers from memory, runs checks on the probe loop.
     Thread-safe."""
@@ -171,7 +187,7 @@ class LoopCatchAll:
         self,
         loop: ProbeLoop,
         engine: ProbeEngine,
-        cache: ValidCache,
+        cache: CheckedCache,
         *,
         interval: float,
         on_check: Callable[[str], None] = lambda outcome: None,
@@ -248,17 +264,23 @@ class LoopCatchAll:
     ) -> None:
         primary = result.primary if result is not None else "?"
         if state and not before:
+            # What the primary said "valid" to meanwhile proves nothing: no cached entry
+            # outlives the catch-all as valid, and none is offered as a control (refused
+            # once the catch-all goes, it would read as drift).
+            forgotten = self._cache.discard_domain(check_domain(route))
             log.warning(
                 "domain %s accepts all: its primary %s accepted <%s>, an address made up at "
                 "random, so callahead cannot verify the recipients of %s (the primary "
                 "probably has a catch-all, or accepts now and bounces later). They are "
                 "accepted without a probe (reason accepts_all) until a check (every %gs) "
-                "finds the primary rejecting made-up addresses again",
+                "finds the primary rejecting made-up addresses again; %d of its addresses "
+                "cached as valid are forgotten",
                 route,
                 primary,
                 escape(address),
                 route,
                 self._interval,
+                forgotten,
             )
         elif before and not state:
             log.warning(

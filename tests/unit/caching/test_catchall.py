@@ -143,6 +143,8 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     made: Made, loop: ProbeLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="callahead.catchall")
+    made.cache.add("alice@example.com")  # said "valid" before the catch-all was known
+    made.cache.add("bob@example.org")
     made.catchall.check_if_due(".example.com", HOPS)
     made.catchall.check_if_due(".example.com", HOPS)  # already running: nothing more
     address = made.engine.give_next(loop, answer_of(Verdict.VALID))
@@ -158,6 +160,11 @@ def test_an_accept_all_primary_is_detected_logged_once_and_rechecked(
     assert len(warnings) == 1
     assert "domain .example.com accepts all" in warnings[0]
     assert "cannot verify" in warnings[0]
+    # What the catch-all said "valid" to is no evidence: no entry, no control left.
+    assert "1 of its addresses cached as valid are forgotten" in warnings[0]
+    assert "alice@example.com" not in made.cache
+    assert made.cache.recent("example.com") == ()
+    assert "bob@example.org" in made.cache
 
     # Not due again within the interval; then the same answer logs nothing new.
     made.catchall.check_if_due(".example.com", HOPS)
