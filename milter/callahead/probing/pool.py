@@ -43,17 +43,11 @@ from collections import deque
 from collections.abc import Callable, Collection
 
 from ..routing.routes import Nexthop
-from ..smtp.evidence import VERIFIED_CONTROLS
+from ..smtp.evidence import CONTROLS_PER_DOMAIN
 from ..smtp.session import ERROR_BUDGET, MAX_RCPTS_PER_SESSION, MAX_RSETS_PER_SESSION, Session
 
 PIPELINE_DEPTH = 8
 """Probes that may share one session of a primary that offers PIPELINING."""
-
-CONTROLS_PER_DOMAIN = VERIFIED_CONTROLS + 1
-"""Control RCPTs one session may ask about one domain, all of which a primary in drift
-refuses: up to ``VERIFIED_CONTROLS`` recently verified addresses, then postmaster@ (the
-evidence rules, smtp/evidence.py's ``EvidenceBook._evidence_for``; keep in step). They
-are asked once per session and domain, after the first rejection that needs them."""
 
 
 def has_room(session: Session, probes: int, domains: int) -> bool:

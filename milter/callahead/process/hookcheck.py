@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ..frontends.metrics import Metrics
 from ..routing.postfixsettings import PostfixConfigError, split_list
 from .config import Config
-from .doctor.postfixhooks import _postfix_name, _same_inet, _split_inet
+from .doctor.postfixhooks import postfix_name, same_inet, split_inet
 from .doctor.postfixview import Hook, PostfixView, Service, read_postfix
 from .endpoints import Listen, loopback_host, parse_listen
 from .postfixconf import DEFAULT_POSTFIX_CONFIG
@@ -112,8 +112,8 @@ def names(view: PostfixView, service: Service, hook: Hook, front: FrontEnd) -> b
     if hook.kind != front.kind or hook.family != listen.kind:
         return False
     if listen.kind == "inet":
-        parsed = _split_inet(hook.address)
-        return parsed is not None and _same_inet(listen, *parsed)
+        parsed = split_inet(hook.address)
+        return parsed is not None and same_inet(listen, *parsed)
     host_path = view.host_path(service, hook.address)
     return os.path.realpath(host_path) == os.path.realpath(listen.path)
 
@@ -143,7 +143,7 @@ class Verdict:
 
 
 def _wanted(view: PostfixView, front: FrontEnd) -> str:
-    name = _postfix_name(view, front.listen)
+    name = postfix_name(view, front.listen)
     if front.kind == "milter":
         return f"smtpd_milters = {name}"
     return f"check_policy_service {name} after reject_unauth_destination"

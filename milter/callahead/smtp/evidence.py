@@ -51,6 +51,12 @@ from .verdict import Basis, Stage, Verdict
 
 VERIFIED_CONTROLS = 2
 """Recently verified addresses asked as controls per session and domain at most."""
+CONTROLS_PER_DOMAIN = VERIFIED_CONTROLS + 1
+"""Control RCPTs one session may ask about one domain, all of which a primary in drift
+refuses: up to ``VERIFIED_CONTROLS`` recently verified addresses, then postmaster@
+(``EvidenceBook._evidence_for``). They are asked once per session and domain, after the
+first rejection that needs them; the pool keeps room for them in a session's error
+budget (pool.py)."""
 
 
 POSTMASTER = "postmaster"
@@ -140,7 +146,7 @@ class EvidenceBook:
         unanswered. Each may be refused (an error at a Postfix primary)."""
         evidence = self._by_domain.get(domain)
         if evidence is None:
-            return VERIFIED_CONTROLS + 1
+            return CONTROLS_PER_DOMAIN
         if evidence.vouched_by or evidence.unanswered:
             return 0
         postmaster = not (

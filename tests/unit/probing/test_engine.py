@@ -24,9 +24,9 @@ from callahead.frontends.metrics import Metrics
 from callahead.probing.breaker import State
 from callahead.probing.engine import EngineSettings, ProbeEngine
 from callahead.probing.loop import LoopProber, ProbeLoop
-from callahead.probing.pool import CONTROLS_PER_DOMAIN
 from callahead.routing.routes import Nexthop, parse_routes
 from callahead.smtp import session as session_module
+from callahead.smtp.evidence import CONTROLS_PER_DOMAIN
 from callahead.smtp.session import ERROR_BUDGET
 from callahead.smtp.tls import TlsMode
 from callahead.smtp.verdict import ProbeResult, Skip, Stage, Verdict

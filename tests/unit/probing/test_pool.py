@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import pytest
 
-from callahead.probing.pool import CONTROLS_PER_DOMAIN, PIPELINE_DEPTH, SessionPool, joinable
+from callahead.probing.pool import PIPELINE_DEPTH, SessionPool, joinable
 from callahead.routing.routes import Nexthop
-from callahead.smtp.evidence import VERIFIED_CONTROLS
+from callahead.smtp.evidence import CONTROLS_PER_DOMAIN, VERIFIED_CONTROLS
 from callahead.smtp.session import ERROR_BUDGET, Session, SessionSettings
 from callahead.smtp.tls import TlsMode
 

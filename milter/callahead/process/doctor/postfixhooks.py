@@ -60,7 +60,7 @@ class Attached:
     hook: Hook
 
 
-def _split_inet(address: str) -> tuple[str, int] | None:
+def split_inet(address: str) -> tuple[str, int] | None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         return None
@@ -74,7 +74,7 @@ def _addresses(host: str) -> set[str]:
         return set()
 
 
-def _same_inet(listen: Listen, host: str, port: int) -> bool:
+def same_inet(listen: Listen, host: str, port: int) -> bool:
     if port != listen.port:
         return False
     if listen.host in ("", "0.0.0.0", "::") or host == listen.host:
@@ -92,7 +92,7 @@ def _listens(config: Config) -> list[tuple[str, str, Listen]]:
     return out
 
 
-def _postfix_name(view: PostfixView, listen: Listen) -> str:
+def postfix_name(view: PostfixView, listen: Listen) -> str:
     """How main.cf should name ``listen``."""
     if listen.kind == "inet":
         host = f"[{listen.host}]" if ":" in listen.host else listen.host
@@ -126,7 +126,7 @@ def check_hooks(
         if not mine and (service.kind == "pass" or service.name in MX_FACING):
             wanted = " or ".join(
                 f"{'smtpd_milters =' if k == 'milter' else 'check_policy_service'} "
-                f"{_postfix_name(view, listen)}"
+                f"{postfix_name(view, listen)}"
                 for k, _, listen in listens
             )
             findings.append(
@@ -140,7 +140,7 @@ def check_hooks(
             )
     if not findings:
         names = ", ".join(
-            f"{variable}={_postfix_name(view, listen)}" for _, variable, listen in listens
+            f"{variable}={postfix_name(view, listen)}" for _, variable, listen in listens
         )
         findings.append(
             Finding(
@@ -166,8 +166,8 @@ def _check_hook(
     another program's."""
     label = f"{service} {hook.kind} {hook}"
     if listen.kind == "inet":
-        parsed = _split_inet(hook.address)
-        if parsed is None or not _same_inet(listen, *parsed):
+        parsed = split_inet(hook.address)
+        if parsed is None or not same_inet(listen, *parsed):
             return None
         problem = inet_reach(*parsed)
         if problem:
@@ -187,7 +187,7 @@ def _check_hook(
                 False,
                 f"{label}: smtpd runs chrooted in {view.queue_directory} (master.cf), so it "
                 f"looks for {host_path}, not {listen.path}",
-                f"name it relative to the queue directory: {_postfix_name(view, listen)}",
+                f"name it relative to the queue directory: {postfix_name(view, listen)}",
             )
         return None
     problem = unix_reach(host_path, who)
