@@ -27,6 +27,7 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
+from ..base.logfmt import escape
 from .cache import PositiveCache
 from .catchall import is_check_address
 
@@ -72,10 +73,10 @@ class Controls:
             if address not in self._said_gone:
                 self._said_gone.add(address)
                 log.warning(
-                    "CALLAHEAD_CONTROLS names %r, which the primary refused as unknown while "
-                    "another address of its domain was accepted: the user is gone; name "
-                    "one that exists",
-                    address,
+                    "CALLAHEAD_CONTROLS names <%s>, which the primary refused as unknown "
+                    "while another address of its domain was accepted: the user is gone; "
+                    "name one that exists",
+                    escape(address),
                 )
             return
         self._local.forget_recent(address)

@@ -78,7 +78,7 @@ def test_a_refused_operators_control_is_kept_and_said_once(
         controls.stale("it@example.com")
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1
-    assert "CALLAHEAD_CONTROLS names 'it@example.com'" in said[0]
+    assert "CALLAHEAD_CONTROLS names <it@example.com>" in said[0]
     controls.stale("anna@example.com")
     assert local.recent("example.com") == ()
 
