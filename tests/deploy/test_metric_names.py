@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from callahead.caching.redismaster import MasterInfo
 from callahead.core.policy import Action, Decision, Reason
 from callahead.frontends.metrics import Metrics
 from callahead.probing.engine import PrimaryState

@@ -12,17 +12,25 @@ import functools
 import hashlib
 import json
 import logging
-import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ..base.errors import CallaheadError
 from ..base.logfmt import escape, redact_url
 from ..probing.breaker import Breaker, State
+from .redisclient import (
+    SentinelTarget,
+    close_client,
+    master_client,
+    sentinel_manager,
+    tls_options,
+    unchecked_tls,
+    url_client,
+)
+from .redismaster import WATCH_DOWN, WATCH_EVERY, MasterInfo, MasterWatch, follow_master
+from .redisobserver import SharedObserver, _Unobserved
 from .redisscripts import CLAIM, CONTROL, ENTRY, POLL, PUBLISH_VALID, RELEASE
 from .untrusted import Distrust, is_address, shown
 
@@ -83,85 +91,32 @@ class SharedUnavailable(CallaheadError):
     """Redis did not answer (error, timeout, or the breaker is open)."""
 
 
-class SharedObserver(Protocol):
-    """What the shared cache reports (metrics.Metrics is the real one)."""
-
-    def watch_redis(self, breaker_open: Callable[[], bool]) -> None: ...
-
-    def redis_round_trip(self, ok: bool) -> None:
-        """One Redis command or script ran (``ok``) or failed."""
-
-    def redis_lookup(self, hit: bool) -> None:
-        """A local miss was looked up in Redis: found valid there, or not."""
-
-    def redis_lock_wait(self, outcome: str) -> None:
-        """A wait for another backup's probe ended: ``shared`` (it found the address
-        valid), ``released`` (it did not), ``timeout`` or ``error``."""
-
-    def refreshed(self, outcome: str) -> None: ...
-
-    def redis_invalid(self, kind: str) -> None:
-        """A value read from Redis was invalid and ignored (untrusted.INVALID_KINDS)."""
-
-
-class _Unobserved:
-    def watch_redis(self, breaker_open: Callable[[], bool]) -> None:
-        pass
-
-    def redis_round_trip(self, ok: bool) -> None:
-        pass
-
-    def redis_lookup(self, hit: bool) -> None:
-        pass
-
-    def redis_lock_wait(self, outcome: str) -> None:
-        pass
-
-    def refreshed(self, outcome: str) -> None:
-        pass
-
-    def redis_invalid(self, kind: str) -> None:
-        pass
-
-
-def tls_options(url: str) -> dict[str, Any]:
-    """For ``rediss://``: the server's certificate checked, and its host name (redis-py
-    4.3, Debian 12's, checks no name by default), unless the URL's own query says
-    otherwise (``?ssl_cert_reqs=none``, ``?ssl_check_hostname=false``: redis-py takes
-    the URL's word over these)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "rediss":
-        return {}
-    asked = urllib.parse.parse_qs(parts.query).get("ssl_cert_reqs", ["required"])[0]
-    return {"ssl_cert_reqs": "required", "ssl_check_hostname": asked.lower() != "none"}
-
-
-def _unchecked_tls(url: str) -> str:
-    """What a ``rediss://`` URL turns off of the certificate checks, if anything."""
-    parts = urllib.parse.urlsplit(url)
-    query = {k: v[0].lower() for k, v in urllib.parse.parse_qs(parts.query).items()}
-    if parts.scheme != "rediss":
-        return ""
-    if query.get("ssl_cert_reqs", "required") != "required":
-        return f"the server's certificate is not required (ssl_cert_reqs={query['ssl_cert_reqs']})"
-    if query.get("ssl_check_hostname", "true") in ("false", "0", "no", "f", "n", "off"):
-        return "the server's certificate is not checked for its host name"
-    return ""
+__all__ = [
+    "RedisStore",
+    "SentinelTarget",
+    "SharedObserver",
+    "SharedUnavailable",
+    "_Unobserved",
+    "tls_options",
+]
 
 
 class RedisStore:
     """The Redis side: every call bounded, counted, and behind a breaker. Lives on the
-    probe loop (the breaker is not thread-safe)."""
+    probe loop (the breaker is not thread-safe). ``url``: a Redis URL, or the sentinels
+    that name the master (``SentinelTarget``)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | SentinelTarget,
         *,
         timeout: float,
         observer: SharedObserver | None = None,
         breaker: Breaker | None = None,
     ) -> None:
-        self.url = url
+        self.url = url if isinstance(url, str) else ""
+        self.target = url
+        self.shown = redact_url(url) if isinstance(url, str) else url.shown
         self.timeout = timeout
         self._observer: SharedObserver = observer if observer is not None else _Unobserved()
         self._breaker = (
@@ -171,6 +126,9 @@ class RedisStore:
         )
         self._down = False
         self.distrust = Distrust(self._observer)
+        self._sentinel = None if isinstance(url, str) else sentinel_manager(url, timeout)
+        self.master = None if isinstance(url, str) else MasterWatch(url.service)
+        self._watching: asyncio.Task[None] | None = None
         self._client = self._connect()
         self._claim = self._client.register_script(CLAIM)
         self._poll = self._client.register_script(POLL)
@@ -179,27 +137,53 @@ class RedisStore:
         self._release = self._client.register_script(RELEASE)
         self._control = self._client.register_script(CONTROL)
         self._observer.watch_redis(lambda: not self.up)
-        unchecked = _unchecked_tls(url)
+        unchecked = unchecked_tls(self.url)
         if unchecked:
             log.warning(
                 "redis %s: %s, as the URL asks: whoever is on the path can pose as Redis",
-                redact_url(url),
+                self.shown,
                 unchecked,
             )
 
     def _connect(self, *, blocking: bool = False) -> aioredis.Redis:
         """A client with no retries of its own (the breaker decides) and every socket
         operation bounded; ``blocking``: for the subscription, which waits for messages
-        as long as it takes."""
-        return aioredis.Redis.from_url(
-            self.url,
-            socket_timeout=None if blocking else self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=30 if blocking else 0,
-            **tls_options(self.url),
+        as long as it takes. Behind Sentinel, each new connection asks the sentinels
+        where the master is (inside the same bounds)."""
+        if isinstance(self.target, str):
+            return url_client(self.target, self.timeout, blocking=blocking)
+        assert self._sentinel is not None
+        return master_client(self._sentinel, self.target, self.timeout, blocking=blocking)
+
+    @property
+    def master_info(self) -> MasterInfo | None:
+        """Behind Sentinel: the master the sentinels last named and since when."""
+        return None if self.master is None else self.master.info
+
+    def watch_master(self) -> None:
+        """On the loop, behind Sentinel: start asking the sentinels where the master is
+        (``redismaster.follow_master``); once."""
+        if self.master is None or self._watching is not None or self._sentinel is None:
+            return
+        sentinel, service = self._sentinel, self.master.service
+        self._watching = asyncio.get_running_loop().create_task(
+            follow_master(
+                self.master,
+                lambda: sentinel.discover_master(service),
+                self._new_master,
+                timeout=self.timeout,
+                every=lambda: WATCH_EVERY if self.up else min(self.timeout, WATCH_DOWN),
+            )
         )
+
+    async def _new_master(self) -> None:
+        """The sentinels name a new master: drop idle connections to the old one; while
+        Redis is treated as down, one PING to the new master closes the breaker if it
+        answers (sharing resumes now, not after the cooldown)."""
+        await self._client.connection_pool.disconnect(inuse_connections=False)
+        if not self.up:
+            await self._client.ping()
+            self._breaker.record(True)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -214,6 +198,7 @@ class RedisStore:
         self, what: str, make: Callable[[], Awaitable[T]], *, timeout: float | None = None
     ) -> T:
         """One bounded round trip; raises ``SharedUnavailable`` instead of any error."""
+        self.watch_master()
         admission = self._breaker.allow()
         if admission is None:
             raise SharedUnavailable("redis is treated as down")
@@ -234,7 +219,7 @@ class RedisStore:
                 log.warning(
                     "redis %s is not answering (%s: %s): local cache only, probing as "
                     "without it; trying again every %g s",
-                    redact_url(self.url),
+                    self.shown,
                     what,
                     escape(str(exc) or type(exc).__name__, spaces=True),
                     BREAKER_COOLDOWN,
@@ -244,7 +229,7 @@ class RedisStore:
         self._breaker.record(True, admission)
         if self._down:
             self._down = False
-            log.info("redis %s answers again: the cache is shared again", redact_url(self.url))
+            log.info("redis %s answers again: the cache is shared again", self.shown)
         return value
 
     # -- the probe path ---------------------------------------------------------------
@@ -373,6 +358,7 @@ class RedisStore:
 
     async def invalidations(self) -> aioredis.client.PubSub:
         """A subscription to the flush channel, on a connection of its own."""
+        self.watch_master()
         client = self._connect(blocking=True)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
@@ -380,10 +366,18 @@ class RedisStore:
                 await pubsub.subscribe(CHANNEL)
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 5.x
-            await client.aclose()
+            await close_client(client)
             raise
         return pubsub
 
     async def aclose(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
         with contextlib.suppress(Exception):
-            await self._client.aclose()
+            await close_client(self._client)
+        for client in [] if self._sentinel is None else self._sentinel.sentinels:
+            with contextlib.suppress(Exception):
+                await close_client(client)

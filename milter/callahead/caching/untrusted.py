@@ -40,9 +40,9 @@ from ..base.logfmt import escape
 
 log = logging.getLogger("callahead.sharedcache")
 
-INVALID_KINDS = ("entry", "lock", "control", "flush")
+INVALID_KINDS = ("entry", "lock", "control", "flush", "budget")
 """What ``callahead_redis_invalid_total`` counts: a valid entry, a probe lock, a control
-address, a flush message."""
+address, a flush message, a site probe budget (sitebudget.py)."""
 LOG_BURST = 5
 LOG_WINDOW = 60.0
 """At most ``LOG_BURST`` lines per kind of invalid value in ``LOG_WINDOW`` seconds."""

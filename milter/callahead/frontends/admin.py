@@ -275,11 +275,24 @@ class AdminServer:
             "dry_run": health.dry_run,
             "loop": {"alive": health.loop_alive, "silent_for": health.loop_silent_for},
             "primaries": [_primary(p) for p in health.primaries],
+            **({} if self._shared is None else {"redis": redis_status(self._shared)}),
         }
 
 
 def redis_state(shared: SharedGate) -> str:
     return "redis up" if shared.store.up else "redis down (this backup's own cache only)"
+
+
+def redis_status(shared: SharedGate) -> dict[str, Any]:
+    """The shared cache's Redis for ``status``: up or not, and behind Sentinel the master
+    the sentinels name and since when (Unix time; None before they first answered)."""
+    info = shared.store.master_info
+    return {
+        "up": shared.store.up,
+        "sentinel": shared.store.master is not None,
+        "master": None if info is None else info.address,
+        "master_since": None if info is None else info.since,
+    }
 
 
 def _primary(state: PrimaryState) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -77,6 +78,8 @@ def status_lines(answer: Mapping[str, Any]) -> Iterable[str]:
         yield f"probe loop: STALLED (no beat for {loop['silent_for']:.1f} s)"
     if answer.get("dry_run"):
         yield "dry run: yes (nothing is rejected or deferred)"
+    if answer.get("redis") is not None:
+        yield redis_line(answer["redis"])
     primaries = answer["primaries"]
     if not primaries:
         yield "primaries: none probed yet"
@@ -94,3 +97,14 @@ def status_lines(answer: Mapping[str, Any]) -> Iterable[str]:
         if p["problem"]:
             line += f" -- DEGRADED: {p['problem']}"
         yield line
+
+
+def redis_line(redis: Mapping[str, Any]) -> str:
+    """The shared cache's line of ``callahead status``."""
+    line = "redis: up" if redis["up"] else "redis: DOWN (this backup's own cache only)"
+    if redis.get("master"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(redis["master_since"]))
+        line += f", master {escape(str(redis['master']))} (Sentinel) since {since}"
+    elif redis.get("sentinel"):
+        line += ", master not named by the sentinels yet"
+    return line

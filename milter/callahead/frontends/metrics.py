@@ -32,8 +32,10 @@ _disable_created_series()
 REFRESH_OUTCOMES = (*(v.value for v in Verdict), "skipped")
 CATCHALL_OUTCOMES = REFRESH_OUTCOMES
 REDIS_LOCK_WAIT_OUTCOMES = ("shared", "released", "timeout", "error")
-REDIS_INVALID_KINDS = ("entry", "lock", "control", "flush")
+REDIS_INVALID_KINDS = ("entry", "lock", "control", "flush", "budget")
 """caching.untrusted.INVALID_KINDS"""
+SITE_BUDGET_OUTCOMES = ("granted", "waited", "refused", "unavailable")
+"""caching.sitebudget.OUTCOMES"""
 
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -245,7 +247,7 @@ class Metrics:
         self.redis_invalid_values = Counter(
             "callahead_redis_invalid",
             "Values read from Redis that callahead does not write, by kind (entry, lock, "
-            "control, flush); logged and ignored (a TTL over the cap is cut to it)",
+            "control, flush, budget); logged and ignored (a TTL over the cap is cut to it)",
             ["kind"],
             registry=r,
         )
@@ -329,6 +331,9 @@ class Metrics:
 
     def redis_invalid(self, kind: str) -> None:
         self.redis_invalid_values.labels(kind).inc()
+
+    def site_budget(self, outcome: str) -> None:
+        self.site_budget_outcomes.labels(outcome).inc()
 
     def refreshed(self, outcome: str) -> None:
         """One background refresh ended: a verdict's value, or ``skipped``."""

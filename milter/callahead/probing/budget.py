@@ -12,6 +12,10 @@ caller whose token would come later than it may wait is refused at once (it woul
 refused anyway after the wait, and meanwhile it would hold a probe slot and a Postfix
 smtpd process for nothing). A reservation given up (a cancelled probe) is refunded.
 
+``SiteBudget`` is the same budget over every backup of a site
+(``CALLAHEAD_SITE_PRIMARY_RATE``), which the engine asks after the local one; the
+caching layer keeps it in Redis (caching/sitebudget.py).
+
 Lives on the probe event loop; not thread-safe.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 
 def burst_for(rate: float) -> float:
@@ -81,3 +86,19 @@ class TokenBucket:
                 self.refund()
                 raise
         return True
+
+
+class SiteBudget(Protocol):
+    """The probe budget of a primary over every backup MX of a site
+    (``CALLAHEAD_SITE_PRIMARY_RATE``, kept in the shared Redis: caching/sitebudget.py),
+    asked after this callahead's own ``TokenBucket``, which stays the floor."""
+
+    rate: float
+
+    async def take(self, primary: str, max_wait: float) -> bool:
+        """Take a token of ``primary``'s site budget, waiting for it at most
+        ``max_wait`` seconds (0: only one there now); False (at once, nothing taken)
+        when it would come later. True, too, when the site budget cannot be asked
+        (Redis down, slow or lying): never a refusal because of it. A wait cancelled
+        gives its token back."""
+        ...

@@ -41,7 +41,9 @@
 * **A probe budget** per primary (see budget.py, ``primary_rate``): a probe waits for a
   token within what is left of ``probe_wait``, or is skipped (``primary_budget``);
   background probes (refresh, catch-all checks) take a token only if one is there. A
-  probe takes one token of a primary however many of its addresses it tries.
+  probe takes one token of a primary however many of its addresses it tries; then one
+  of the primary's site budget (``site_budget``: every backup sharing a Redis), when
+  there is one, within the same wait.
 * **Refusals of the prober** are counted per primary and logged once, so the operator
   learns that callahead cannot protect a domain (and why).
 * **MX routes**: nexthops that need a DNS lookup are expanded by the injected
@@ -67,6 +69,7 @@ from ..smtp.session import SessionSettings
 from ..smtp.tls import TlsMode, unverified_tls_context
 from ..smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from .breaker import State
+from .budget import SiteBudget
 from .enginetypes import (
     ClusterGate,
     EngineObserver,
@@ -102,11 +105,14 @@ class ProbeEngine:
         cluster: ClusterGate | None = None,
         controls: ControlSource | None = None,
         *,
+        site_budget: SiteBudget | None = None,
         primary_limit: int = PRIMARY_LIMIT,
         primary_idle: float = PRIMARY_IDLE,
     ) -> None:
         """``controls``: recently verified addresses per domain, asked as controls when
         a primary rejects a recipient (session.py); None: postmaster@ only.
+        ``site_budget``: each primary's budget over every backup of the site, asked
+        after its own (budget.py); None: this callahead's budget alone.
         ``primary_limit``, ``primary_idle``: see ``PRIMARY_LIMIT``, ``PRIMARY_IDLE``."""
         self.settings = settings
         self._known_valid = known_valid
@@ -132,7 +138,7 @@ class ProbeEngine:
             limit=primary_limit,
             idle=primary_idle,
         )
-        self._failover = Failover(settings, self._primaries, self._judged, resolver)
+        self._failover = Failover(settings, self._primaries, self._judged, resolver, site_budget)
         self._janitor: asyncio.Task[None] | None = None
         self._observer.watch_primaries(self.primary_states)
 

@@ -2,7 +2,8 @@
 
 MX routes are expanded first (a recipient domain that does not exist is unknown without
 a probe). For each primary met on the way its breaker admits the probe once and its
-budget gives one token, however many of its addresses are tried; each address is asked
+budget gives one token (then its site budget, when several backups share one: see
+budget.py), however many of its addresses are tried; each address is asked
 on a pooled session opened after the recipient was last judged (a current view), again
 on a fresh session when a reused one was lost, and once with the fallback sender when
 the sender is refused; and again on new sessions while the primary's own verification
@@ -26,6 +27,7 @@ from ..routing.routes import Expansion, Nexthop, NoSuchDomain, RouteUnavailable
 from ..smtp.session import Session, SessionFailed, SessionLost
 from ..smtp.verdict import Basis, ProbeResult, Skip, Stage, Verdict
 from ..smtp.verifying import verification_in_progress
+from .budget import SiteBudget
 from .enginetypes import EngineSettings, HopResolver
 from .freshness import LastJudged
 from .primaries import Primaries, Primary, Visit
@@ -41,11 +43,13 @@ class Failover:
         primaries: Primaries,
         judged: LastJudged,
         resolver: HopResolver | None,
+        site: SiteBudget | None = None,
     ) -> None:
         self._settings = settings
         self._primaries = primaries
         self._judged = judged
         self._resolver = resolver
+        self._site = site
 
     async def run(self, address: str, hops: tuple[Nexthop, ...], wait_until: float) -> ProbeResult:
         """Failover: each nexthop in order, all within one deadline. A nexthop over its
@@ -144,20 +148,28 @@ class Failover:
     async def _spend(
         self, visit: Visit, hop: Nexthop, wait_until: float, deadline: float
     ) -> ProbeResult | None:
-        """Take a token of the visited primary's budget; the skipped result when there is
-        none by ``wait_until`` (the primary's addresses are then all skipped)."""
+        """Take a token of the visited primary's budget, then of its site budget (one
+        wait in all, within ``wait_until``); the skipped result when either has none in
+        time (the primary's addresses are then all skipped, and a local token taken is
+        given back)."""
         primary = visit.primary
-        if primary.budget is None:
+        local, site = primary.budget, self._site
+        until = min(wait_until, deadline)
+        if local is not None and not await local.take(until - time.monotonic()):
+            return _over_budget(visit, hop, f"{local.rate:g} probes per second")
+        if site is None:
             return None
-        spent = await primary.budget.take(min(wait_until, deadline) - time.monotonic())
-        if spent:
+        try:
+            granted = await site.take(primary.name, max(0.0, until - time.monotonic()))
+        except BaseException:
+            if local is not None:
+                local.refund()
+            raise
+        if granted:
             return None
-        visit.over_budget = True
-        return ProbeResult.not_probed(
-            Skip.PRIMARY_BUDGET,
-            (hop,),
-            f"over the probe budget of {primary.name} ({primary.budget.rate:g} probes per second)",
-        )
+        if local is not None:
+            local.refund()
+        return _over_budget(visit, hop, f"{site.rate:g} probes per second over every backup")
 
     async def _expand(self, hops: tuple[Nexthop, ...], domain: str, deadline: float) -> Expansion:
         if self._resolver is None:
@@ -273,6 +285,13 @@ class Failover:
             )
         except Queued as queued:
             return queued.result, None
+
+
+def _over_budget(visit: Visit, hop: Nexthop, budget: str) -> ProbeResult:
+    visit.over_budget = True
+    return ProbeResult.not_probed(
+        Skip.PRIMARY_BUDGET, (hop,), f"over the probe budget of {visit.primary.name} ({budget})"
+    )
 
 
 def _secondary(result: ProbeResult) -> ProbeResult:

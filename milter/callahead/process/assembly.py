@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..base.logfmt import redact_url
 from ..caching.cache import PositiveCache
 from ..caching.catchall import LoopCatchAll
 from ..caching.controls import Controls
 from ..caching.redisstore import RedisStore
 from ..caching.refresh import LoopRefresher, refresh_limit
 from ..caching.sharedcache import SharedGate
+from ..caching.sitebudget import RedisSiteBudget
 from ..core.guard import ClientGuard
 from ..core.policy import Policy
 from ..frontends.metrics import Metrics
@@ -128,14 +128,14 @@ class Parts:
 def local_ttl(config: Config) -> float:
     """Seconds a positive answer stays in this backup's own cache: with Redis, a short
     while in front of it (``CALLAHEAD_REDIS_LOCAL_TTL``)."""
-    if config.shared_redis_url:
+    if config.shared_redis:
         return min(config.cache_ttl, config.redis_local_ttl)
     return config.cache_ttl
 
 
 def shared_delay(config: Config) -> float:
     """The longest the shared cache can add to an answer (0 without it)."""
-    if not config.shared_redis_url:
+    if not config.shared_redis:
         return 0.0
     return config.redis_lock_wait + 3 * config.redis_timeout
 
@@ -159,6 +159,25 @@ def answer_time(config: Config) -> float:
     )
 
 
+def site_budget(
+    config: Config, shared: SharedGate | None, metrics: Metrics
+) -> RedisSiteBudget | None:
+    """Each primary's probe budget over every backup (``CALLAHEAD_SITE_PRIMARY_RATE``),
+    kept in the shared cache's Redis; None when it is off, or there is no Redis."""
+    if config.site_primary_rate <= 0:
+        return None
+    if shared is None:
+        log.warning(
+            "CALLAHEAD_SITE_PRIMARY_RATE=%g is not used: it is kept in the shared Redis, "
+            "and there is none (CALLAHEAD_REDIS_URL); CALLAHEAD_PRIMARY_RATE alone applies",
+            config.site_primary_rate,
+        )
+        return None
+    return RedisSiteBudget(
+        shared.store, config.site_primary_rate, longest_wait=config.probe_wait, observer=metrics
+    )
+
+
 def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
     host = this_host(config)
     resolver, dns_client = build_resolver(config, host)
@@ -169,14 +188,16 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
     engine: ProbeEngine | None = None
     if config.redis_refused:
         log.error(
-            "CALLAHEAD_REDIS_URL=%s is not used: %s; the shared cache is off, and this "
+            "%s is not used: %s; the shared cache is off, and this "
             "backup verifies every recipient alone (as while Redis is down)",
-            redact_url(config.redis_url),
+            config.redis_shown,
             config.redis_refused,
         )
-    if config.shared_redis_url:
+    if config.shared_redis:
+        store = RedisStore(config.shared_redis, timeout=config.redis_timeout, observer=metrics)
+        metrics.redis_master.info = lambda: store.master_info
         shared = SharedGate(
-            RedisStore(config.shared_redis_url, timeout=config.redis_timeout, observer=metrics),
+            store,
             cache,
             ttl=config.cache_ttl,
             lock_wait=config.redis_lock_wait,
@@ -195,6 +216,7 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         resolver=resolver,
         cluster=shared,
         controls=Controls(cache, shared, config.controls),
+        site_budget=site_budget(config, shared, metrics),
     )
     prober = LoopProber(
         loop, engine, wait=engine.settings.longest_answer + shared_delay(config) + HANDOFF_MARGIN

@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"{name}={value}")
         print(f"# routes from: {routes_source(config)}")
         if config.redis_refused:
-            print(f"# shared cache: off, CALLAHEAD_REDIS_URL is not used: {config.redis_refused}")
+            name = config.redis_shown.partition("=")[0]
+            print(f"# shared cache: off, {name} is not used: {config.redis_refused}")
         return 0
     if command == "probe":
         return run_probe(config, args.address, explain=args.explain)

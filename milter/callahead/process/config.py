@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..base.logfmt import HIDDEN, looks_like_credential
+from ..base.logfmt import HIDDEN, looks_like_credential, redact_url
+from ..caching.redisclient import SentinelTarget
 from ..core.policy import TempfailAction
 from ..probing.loop import LoopKind
 from ..routing.postfixsettings import PostfixSettings
@@ -20,6 +21,7 @@ from ..routing.routes import RouteTable
 from ..smtp.tls import TlsMode
 from .endpoints import Listen, Network, loopback_host, loopback_network, parse_socket
 from .parsers import ConfigError, Variable, redis_url_refusal
+from .sentinelconfig import check_sentinels, sentinel_refusal, sentinel_target, sentinels_text
 from .variables import DEFAULT_POLICY_CLIENTS, NAMES, VARIABLES
 
 # The entry: load_config, what it gives and what it raises (ConfigError, of parsers).
@@ -54,6 +56,10 @@ class Config:
     redis_timeout: float
     redis_lock_wait: float
     redis_local_ttl: float
+    redis_sentinels: tuple[tuple[str, int], ...]
+    redis_service: str
+    redis_sentinel_password: str
+    redis_password: str
     tempfail_action: TempfailAction
     dry_run: bool
     probe_timeout: float
@@ -72,6 +78,7 @@ class Config:
     max_probes: int
     probe_wait: float
     primary_rate: float
+    site_primary_rate: float
     breaker_failures: int
     breaker_cooldown: float
     client_unknown_limit: int
@@ -85,14 +92,33 @@ class Config:
 
     @property
     def redis_refused(self) -> str:
-        """Why ``CALLAHEAD_REDIS_URL`` is not used (the shared cache is off, each backup
-        verifies alone), or empty (``parsers.redis_url_refusal``)."""
-        return redis_url_refusal(self.redis_url)
+        """Why ``CALLAHEAD_REDIS_URL`` (or the sentinels) is not used (the shared cache
+        is off, each backup verifies alone), or empty (``parsers.redis_url_refusal``,
+        ``sentinelconfig.sentinel_refusal``)."""
+        target = sentinel_target(self)
+        return redis_url_refusal(self.redis_url) if target is None else sentinel_refusal(target)
 
     @property
     def shared_redis_url(self) -> str:
-        """The Redis the shared cache uses: empty without one, or when it is refused."""
+        """The Redis URL the shared cache uses: empty without one, or when it is refused."""
         return "" if self.redis_refused else self.redis_url
+
+    @property
+    def shared_redis(self) -> str | SentinelTarget:
+        """What the shared cache uses: the URL, or the sentinels; empty: none (not
+        configured, or refused)."""
+        target = sentinel_target(self)
+        if target is None:
+            return self.shared_redis_url
+        return "" if self.redis_refused else target
+
+    @property
+    def redis_shown(self) -> str:
+        """The Redis configured, for messages (no password)."""
+        target = sentinel_target(self)
+        if target is None:
+            return f"CALLAHEAD_REDIS_URL={redact_url(self.redis_url)}"
+        return f"CALLAHEAD_REDIS_SENTINELS={sentinels_text(target.sentinels)}"
 
     def describe(self) -> list[tuple[str, str]]:
         """(variable, effective value) pairs, in the order of ``VARIABLES``."""
@@ -117,11 +143,12 @@ def load_config(env: Mapping[str, str]) -> Config:
     unknown = sorted(k for k in env if k.startswith("CALLAHEAD_") and k not in NAMES)
     if unknown:
         name = unknown[0]
-        # CALLAHEAD_REDIS_PASSWORD does not exist, but its value is a password.
+        # CALLAHEAD_REDIS_PASSWD does not exist, but its value is a password.
         value = HIDDEN if looks_like_credential(name) else env[name]
         raise ConfigError(name, value, "unknown variable (see --help)")
     values = {v.field: _parse_variable(v, env.get(v.name, v.default)) for v in VARIABLES}
     config = Config(**values)
+    check_sentinels(config, env)
     _check_policy_exposure(config, env.get("CALLAHEAD_POLICY_CLIENTS", DEFAULT_POLICY_CLIENTS))
     return config
 

@@ -17,7 +17,6 @@ import time
 
 import Milter
 
-from ..base.logfmt import redact_url
 from ..caching import cachefile
 from ..caching.catchall import LoopCatchAll
 from ..caching.refresh import LoopRefresher
@@ -222,7 +221,7 @@ def serve(config: Config) -> int:
             config.policy_listen or "off",
             parts.router.describe(),
             metrics_shown,
-            redact_url(config.redis_url) if parts.shared is not None else "off",
+            parts.shared.store.shown if parts.shared is not None else "off",
             loop.implementation,
         )
         if config.dry_run:

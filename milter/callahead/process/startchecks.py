@@ -28,7 +28,7 @@ def answer_time_problem(
     engine_longest = engine_settings(config).longest_answer + shared_delay(config)
     redis = (
         " (+ CALLAHEAD_REDIS_LOCK_WAIT and 3 CALLAHEAD_REDIS_TIMEOUT)"
-        if config.shared_redis_url
+        if config.shared_redis
         else ""
     )
     lookup = route_wait(config)

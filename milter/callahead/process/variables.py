@@ -34,6 +34,7 @@ from .parsers import (
     whole,
 )
 from .postfixconf import HELO, POSTFIX_CONFIG, POSTFIX_POLICY_MAX_IDLE
+from .sentinelconfig import SENTINEL_VARIABLES
 
 SOCKET_DIRECTORY = "/var/spool/postfix/callahead"
 """Where the unix sockets Postfix connects to live: inside Postfix's queue directory, where
@@ -228,6 +229,7 @@ VARIABLES: tuple[Variable, ...] = (
         "(the log line says dry_run=yes and what would have happened)",
         kind=YES_NO,
     ),
+    *SENTINEL_VARIABLES,
     Variable(
         "CALLAHEAD_PROBE_TIMEOUT",
         "10",
@@ -353,6 +355,14 @@ VARIABLES: tuple[Variable, ...] = (
         "30",
         "seconds a primary treated as down gets no probes; then one trial probe",
         kind=seconds(positive=True, high=3600),
+    ),
+    Variable(
+        "CALLAHEAD_SITE_PRIMARY_RATE",
+        "0",
+        "probes per second each primary may get from every backup sharing the Redis "
+        "(CALLAHEAD_REDIS_URL), as CALLAHEAD_PRIMARY_RATE is per backup, which stays the "
+        "floor while Redis cannot be used; 0: off",
+        kind=number(float, maximum=100_000, what="expected a number from 0 to 100000"),
     ),
     Variable(
         "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",

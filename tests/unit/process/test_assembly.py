@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from types import SimpleNamespace
+from typing import cast
 
-from callahead.process.assembly import engine_settings
+import pytest
+
+from callahead.caching.redisstore import RedisStore
+from callahead.caching.sharedcache import SharedGate
+from callahead.caching.sitebudget import RedisSiteBudget
+from callahead.frontends.metrics import Metrics
+from callahead.process.assembly import engine_settings, site_budget
 from callahead.process.config import load_config
 
 
@@ -44,3 +53,21 @@ def test_every_engine_setting_comes_from_its_variable() -> None:
         "primary_rate": 2.5,
         "pipelining": False,
     }
+
+
+def test_the_site_budget_is_built_with_a_shared_redis_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    url = "redis://127.0.0.1:9/0"
+    shared = cast(SharedGate, SimpleNamespace(store=RedisStore(url, timeout=0.2)))
+    off = load_config({"CALLAHEAD_REDIS_URL": url})
+    assert site_budget(off, shared, metrics) is None
+    on = load_config({"CALLAHEAD_REDIS_URL": url, "CALLAHEAD_SITE_PRIMARY_RATE": "40"})
+    built = site_budget(on, shared, metrics)
+    assert isinstance(built, RedisSiteBudget) and built.rate == 40.0
+    alone = load_config({"CALLAHEAD_SITE_PRIMARY_RATE": "40"})
+    with caplog.at_level(logging.WARNING, logger="callahead.sharedcache"):
+        assert site_budget(alone, None, metrics) is None
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "CALLAHEAD_SITE_PRIMARY_RATE=40 is not used" in line

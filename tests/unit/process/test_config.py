@@ -66,6 +66,7 @@ def test_defaults() -> None:
     assert config.max_probes == 64
     assert config.probe_wait == 2
     assert config.primary_rate == 0
+    assert config.site_primary_rate == 0
     assert config.breaker_failures == 5
     assert config.breaker_cooldown == 30
     assert config.client_unknown_limit == 20
@@ -127,6 +128,10 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_REDIS_TIMEOUT",
         "CALLAHEAD_REDIS_LOCK_WAIT",
         "CALLAHEAD_REDIS_LOCAL_TTL",
+        "CALLAHEAD_REDIS_SENTINELS",
+        "CALLAHEAD_REDIS_SERVICE",
+        "CALLAHEAD_REDIS_SENTINEL_PASSWORD",
+        "CALLAHEAD_REDIS_PASSWORD",
         "CALLAHEAD_TEMPFAIL_ACTION",
         "CALLAHEAD_DRY_RUN",
         "CALLAHEAD_PROBE_TIMEOUT",
@@ -145,6 +150,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_MAX_PROBES",
         "CALLAHEAD_PROBE_WAIT",
         "CALLAHEAD_PRIMARY_RATE",
+        "CALLAHEAD_SITE_PRIMARY_RATE",
         "CALLAHEAD_BREAKER_FAILURES",
         "CALLAHEAD_BREAKER_COOLDOWN",
         "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",
@@ -469,6 +475,8 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_PROBE_WAIT", "nan", "seconds >= 0"),
     ("CALLAHEAD_PRIMARY_RATE", "-1", "number from 0 to 100000"),
     ("CALLAHEAD_PRIMARY_RATE", "inf", "number from 0 to 100000"),
+    ("CALLAHEAD_SITE_PRIMARY_RATE", "-1", "number from 0 to 100000"),
+    ("CALLAHEAD_SITE_PRIMARY_RATE", "nan", "number from 0 to 100000"),
     ("CALLAHEAD_CATCHALL_CHECK", "-5", "seconds >= 0"),
     ("CALLAHEAD_CATCHALL_CHECK", "604801", "at most 604800"),
     ("CALLAHEAD_CONTROLS", "it@example.com nobody", "'nobody' is not an address"),
@@ -971,8 +979,8 @@ def test_no_error_about_the_redis_url_shows_its_password(
 
 def test_an_unknown_variable_named_like_a_password_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(env_with(CALLAHEAD_REDIS_PASSWORD=PASSWORD))
-    assert "CALLAHEAD_REDIS_PASSWORD='***' is invalid: unknown variable" in str(info.value)
+        load_config(env_with(CALLAHEAD_REDIS_PASSWD=PASSWORD))
+    assert "CALLAHEAD_REDIS_PASSWD='***' is invalid: unknown variable" in str(info.value)
     assert PASSWORD not in str(info.value)
 
 

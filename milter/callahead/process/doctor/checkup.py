@@ -44,6 +44,7 @@ from ..postfixconf import DEFAULT_POSTFIX_CONFIG
 from .postfixhooks import Finding, postfix_findings, report
 from .postfixview import PostfixView, read_postfix
 from .probes import check_primaries, check_routes, relay_domains
+from .sentinelcheck import sentinel_findings
 
 ENV_FILE = "/etc/default/callahead"
 """The unit's EnvironmentFile, read by default when it exists."""
@@ -161,7 +162,10 @@ def known_addresses(addresses: Sequence[str]) -> dict[str, str]:
 
 
 def redis_findings(config: Config) -> list[Finding]:
-    """``redis``: the shared cache is on when ``CALLAHEAD_REDIS_URL`` is set."""
+    """``redis``: the shared cache is on when ``CALLAHEAD_REDIS_URL`` is set (or the
+    sentinels: ``sentinelcheck``)."""
+    if config.redis_sentinels:
+        return sentinel_findings(config)
     if not config.redis_url:
         return []
     url = f"CALLAHEAD_REDIS_URL={redact_url(config.redis_url)}"
