@@ -93,6 +93,12 @@ def exercised() -> Metrics:
     metrics.catchall_checked("valid")
     metrics.domain_state("example.test", True)
     metrics.watch_primaries(lambda: [PrimaryState("[mx]:25", 1, False, True, False)])
+    metrics.maillog.outcomes.labels("primary_down", "bounced").inc()
+    metrics.maillog.backscatter.labels("primary_down").inc()
+    metrics.maillog.evictions.inc()
+    metrics.maillog.reopens.labels("rotated").inc()
+    metrics.maillog.errors.inc()
+    metrics.redis_master.info = lambda: MasterInfo("127.0.0.1:6379", 1.0)
     return metrics
 
 

@@ -20,6 +20,8 @@
   off, the policy service exits 69.
 * ``RequestError`` (policyrequest.py): a policy request that cannot be Postfix's; the
   connection is closed.
+* ``JournalUnavailable`` (maillog/journal.py): ``CALLAHEAD_MAILLOG=journal`` without
+  python3-systemd or a readable journal; logged, the backscatter meter stays off.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import logging
 from ..base.address import normalize_recipient
 from ..base.logfmt import escape
 from ..core.policy import Action, Decision, Policy, Reason
+from .maillog.ledger import Ledger
 from .metrics import Metrics
 
 log = logging.getLogger("callahead.decision")
@@ -27,9 +28,12 @@ time and within journald's line limit."""
 
 
 class Judge:
-    def __init__(self, policy: Policy, metrics: Metrics) -> None:
+    def __init__(self, policy: Policy, metrics: Metrics, ledger: Ledger | None = None) -> None:
         self.policy = policy
         self._metrics = metrics
+        self.ledger = ledger
+        """The backscatter meter's join (``CALLAHEAD_MAILLOG``); None: off. The front ends
+        hand it what they accepted (``maillog.ledger.Held``)."""
 
     def judge(self, recipient: str, client: str | None, queue_id: str) -> Decision:
         """From a thread other than the probe loop's."""

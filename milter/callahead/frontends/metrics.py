@@ -12,8 +12,10 @@ from prometheus_client import metrics as _client_metrics
 from ..core.policy import Action, Decision, Reason
 from ..probing.engine import PrimaryState
 from ..smtp.verdict import Basis, ProbeResult, Verdict
+from .maillog.meter import MaillogMetrics
 from .metricshttp import MetricsServer
 from .primarygauges import PrimariesCollector
+from .redisgauges import RedisMasterCollector
 
 
 def _disable_created_series() -> None:
@@ -253,8 +255,18 @@ class Metrics:
         )
         for kind in REDIS_INVALID_KINDS:
             self.redis_invalid_values.labels(kind)
+        self.site_budget_outcomes = Counter(
+            "callahead_site_budget",
+            "Asks of a primary's site probe budget (CALLAHEAD_SITE_PRIMARY_RATE) by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in SITE_BUDGET_OUTCOMES:
+            self.site_budget_outcomes.labels(outcome)
+        self.maillog = MaillogMetrics(r)  # the backscatter meter (frontends/maillog)
         self._primaries = PrimariesCollector()
         r.register(self._primaries)
+        self.redis_master = RedisMasterCollector(r)  # its .info: set behind Sentinel
         # Pre-create the label sets so that every series exists from the first scrape.
         self._probe_counts = {v: self.probes.labels(v.value) for v in Verdict}
         for outcome in REFRESH_OUTCOMES:

@@ -45,6 +45,7 @@ from ..base.address import external_form
 from ..base.logfmt import escape
 from ..core.policy import RECIPIENT_REJECTED, Decision
 from .judge import Judge
+from .maillog.ledger import Transactions
 from .metrics import Metrics
 from .policyrequest import MAX_REQUEST, PolicyRequest, RequestError, RequestReader
 from .unixsocket import BoundSocket, bind_unix
@@ -125,6 +126,8 @@ class PolicyService:
         self._other_state = self._state_counters[""]
         self._refusals: dict[str, tuple[float, int]] = {}
         """Reason -> (when its last log line was written, refusals since then)."""
+        self._transactions = Transactions(judge.ledger)
+        """What was accepted, for the backscatter meter (``CALLAHEAD_MAILLOG``)."""
 
     async def start(self, kind: str, host: str, port: int, path: str) -> None:
         """Listen on ``inet`` ``host``:``port`` or ``unix`` ``path``; raises OSError, or
@@ -326,15 +329,17 @@ class PolicyService:
             return DUNNO
         state = request.get("protocol_state")
         self._state_counters.get(state, self._other_state).inc()
+        queue_id = request.get("queue_id") or "NOQUEUE"
         if state != "RCPT":
+            self._transactions.bind(request.get("instance"), queue_id)
             return DUNNO
         client = request.get("client_address") or None
-        queue_id = request.get("queue_id") or "NOQUEUE"
         # Postfix hands a policy service the recipient in its internal form, a quoted
         # local part unquoted ("a b"@x as a b@x); quoted back, it is the mailbox the
         # client named, the one the milter sees and the primary is asked about.
         recipient = external_form(request.get("recipient"))
         decision = await self._judge.judge_async(recipient, client, queue_id)
+        self._transactions.note(request.get("instance"), decision, queue_id)
         return action_for(decision)
 
 

@@ -52,6 +52,7 @@ class Config:
     cache_refresh: float
     catchall_check: float
     controls: tuple[str, ...]
+    maillog: str
     redis_url: str
     redis_timeout: float
     redis_lock_wait: float

@@ -148,6 +148,22 @@ PATH = Kind(_parse_path, as_is)
 """An absolute path, or empty to turn it off."""
 
 
+def _parse_maillog(name: str, value: str) -> str:
+    text = value.strip()
+    if text == "journal":
+        return text
+    try:
+        return _parse_path(name, text)
+    except ConfigError:
+        raise ConfigError(
+            name, value, "expected journal, an absolute path (/var/log/mail.log) or empty"
+        ) from None
+
+
+MAILLOG = Kind(_parse_maillog, as_is)
+"""``journal``, a log file's absolute path, or empty (off): ``CALLAHEAD_MAILLOG``."""
+
+
 def _parse_address(name: str, value: str) -> str:
     sender = value.strip()
     if sender.startswith("<") and sender.endswith(">"):

@@ -24,6 +24,7 @@ from ..caching.sharedcache import SharedGate
 from ..frontends.adapter import CallaheadMilter
 from ..frontends.admin import AdminError, AdminServer, Health
 from ..frontends.judge import Judge
+from ..frontends.maillog.meterstart import start_meter
 from ..frontends.metrics import Metrics
 from ..frontends.milterloop import MilterStartError, open_milter, run_milter
 from ..frontends.policyservice import IDLE_MARGIN, PolicyService
@@ -170,7 +171,8 @@ def serve(config: Config) -> int:
     if parts.shared is not None:
         loop.call_soon(parts.shared.start)
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
-    judge = Judge(parts.policy, metrics)
+    meter = start_meter(config.maillog, metrics.maillog)  # CALLAHEAD_MAILLOG
+    judge = Judge(parts.policy, metrics, meter.ledger if meter is not None else None)
     policy_service = PolicyService(
         judge,
         metrics,
@@ -245,6 +247,8 @@ def serve(config: Config) -> int:
         if left:
             log.warning("%d recipient(s) still waiting on a probe at exit", left)
         monitor.stop()
+        if meter is not None:
+            meter.stop()
         if saver is not None:
             saver.cancel()
         try:

@@ -23,6 +23,7 @@ from .parsers import (
     ADDRESS,
     CONTROLS,
     LOG_LEVEL,
+    MAILLOG,
     PATH,
     REDIS_URL,
     YES_NO,
@@ -183,6 +184,15 @@ VARIABLES: tuple[Variable, ...] = (
         kind=CONTROLS,
     ),
     Variable(
+        "CALLAHEAD_MAILLOG",
+        "",
+        "Postfix's mail log, read for the backscatter meter (what became of each recipient "
+        "callahead accepted: callahead_relay_outcomes_total, callahead_backscatter_total): "
+        "journal (the systemd journal, needs python3-systemd) or a file's absolute path "
+        "(/var/log/mail.log, followed across logrotate); empty: off",
+        kind=MAILLOG,
+    ),
+    Variable(
         "CALLAHEAD_REDIS_URL",
         "",
         "Redis shared by the backup MXes of a site (redis://:PASSWORD@HOST:PORT/DB, a "
@@ -216,6 +226,7 @@ VARIABLES: tuple[Variable, ...] = (
         "unreachable can go unseen, and how often an address is re-probed while it is",
         kind=seconds(positive=True, high=86400),
     ),
+    *SENTINEL_VARIABLES,
     Variable(
         "CALLAHEAD_TEMPFAIL_ACTION",
         "accept",
@@ -229,7 +240,6 @@ VARIABLES: tuple[Variable, ...] = (
         "(the log line says dry_run=yes and what would have happened)",
         kind=YES_NO,
     ),
-    *SENTINEL_VARIABLES,
     Variable(
         "CALLAHEAD_PROBE_TIMEOUT",
         "10",
@@ -344,6 +354,14 @@ VARIABLES: tuple[Variable, ...] = (
         kind=number(float, maximum=100_000, what="expected a number from 0 to 100000"),
     ),
     Variable(
+        "CALLAHEAD_SITE_PRIMARY_RATE",
+        "0",
+        "probes per second each primary may get from every backup sharing the Redis "
+        "(CALLAHEAD_REDIS_URL), as CALLAHEAD_PRIMARY_RATE is per backup, which stays the "
+        "floor while Redis cannot be used; 0: off",
+        kind=number(float, maximum=100_000, what="expected a number from 0 to 100000"),
+    ),
+    Variable(
         "CALLAHEAD_BREAKER_FAILURES",
         "5",
         "consecutive connection-level failures after which a primary is treated as "
@@ -355,14 +373,6 @@ VARIABLES: tuple[Variable, ...] = (
         "30",
         "seconds a primary treated as down gets no probes; then one trial probe",
         kind=seconds(positive=True, high=3600),
-    ),
-    Variable(
-        "CALLAHEAD_SITE_PRIMARY_RATE",
-        "0",
-        "probes per second each primary may get from every backup sharing the Redis "
-        "(CALLAHEAD_REDIS_URL), as CALLAHEAD_PRIMARY_RATE is per backup, which stays the "
-        "floor while Redis cannot be used; 0: off",
-        kind=number(float, maximum=100_000, what="expected a number from 0 to 100000"),
     ),
     Variable(
         "CALLAHEAD_CLIENT_UNKNOWN_LIMIT",

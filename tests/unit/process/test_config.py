@@ -76,6 +76,10 @@ def test_defaults() -> None:
     assert config.cache_refresh == 0.1
     assert config.catchall_check == 3600
     assert config.controls == ()
+    assert config.maillog == ""
+    assert (config.redis_sentinels, config.redis_service) == ((), "")
+    assert config.redis_password == config.redis_sentinel_password == ""
+    assert config.shared_redis == ""
     assert config.dry_run is False
     assert config.admin_socket == "/run/callahead/admin.sock"
     assert config.policy_listen is None
@@ -124,6 +128,7 @@ def test_variables_list_is_complete_and_ordered() -> None:
         "CALLAHEAD_CACHE_REFRESH",
         "CALLAHEAD_CATCHALL_CHECK",
         "CALLAHEAD_CONTROLS",
+        "CALLAHEAD_MAILLOG",
         "CALLAHEAD_REDIS_URL",
         "CALLAHEAD_REDIS_TIMEOUT",
         "CALLAHEAD_REDIS_LOCK_WAIT",
@@ -349,7 +354,12 @@ def test_probe_tls(text: str, mode: TlsMode) -> None:
         ("CALLAHEAD_PROBE_WAIT", "probe_wait", "0.25", 0.25),
         ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "0", 0.0),
         ("CALLAHEAD_PRIMARY_RATE", "primary_rate", "2.5", 2.5),
+        ("CALLAHEAD_SITE_PRIMARY_RATE", "site_primary_rate", "0", 0.0),
+        ("CALLAHEAD_SITE_PRIMARY_RATE", "site_primary_rate", "40", 40.0),
         ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "0", 0.0),
+        ("CALLAHEAD_MAILLOG", "maillog", " journal ", "journal"),
+        ("CALLAHEAD_MAILLOG", "maillog", "/var/log/mail.log", "/var/log/mail.log"),
+        ("CALLAHEAD_MAILLOG", "maillog", "", ""),
         ("CALLAHEAD_CATCHALL_CHECK", "catchall_check", "600", 600.0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", "0", 0),
         ("CALLAHEAD_BREAKER_FAILURES", "breaker_failures", " 3 ", 3),
@@ -480,6 +490,9 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("CALLAHEAD_CATCHALL_CHECK", "-5", "seconds >= 0"),
     ("CALLAHEAD_CATCHALL_CHECK", "604801", "at most 604800"),
     ("CALLAHEAD_CONTROLS", "it@example.com nobody", "'nobody' is not an address"),
+    ("CALLAHEAD_MAILLOG", "mail.log", "expected journal, an absolute path"),
+    ("CALLAHEAD_MAILLOG", "Journal", "expected journal, an absolute path"),
+    ("CALLAHEAD_MAILLOG", "/var/log/mail\0log", "expected journal, an absolute path"),
     ("CALLAHEAD_CONTROLS", "@example.com", "not an address"),
     ("CALLAHEAD_CONTROLS", "Postmaster@example.com", "name a user known to exist"),
     ("CALLAHEAD_CONTROLS", "a\x7fb@example.com", "cannot be sent in an SMTP command"),
