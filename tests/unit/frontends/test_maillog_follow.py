@@ -172,15 +172,22 @@ def test_the_pump_feeds_the_ledger_and_counts(log_path: Path, metrics: MaillogMe
 
 class FakeReader:
     """The calls JournalFollower makes of ``systemd.journal.Reader`` (python3-systemd
-    235): ``add_match``, ``seek_tail``, ``get_previous``, ``get_next`` (an empty dict at
-    the end), ``wait`` and ``close``."""
+    235): ``has_runtime_files``, ``has_persistent_files``, ``add_match``, ``seek_tail``,
+    ``get_previous``, ``get_next`` (an empty dict at the end), ``wait`` and ``close``."""
 
-    def __init__(self) -> None:
+    def __init__(self, readable: bool = True) -> None:
+        self.readable = readable
         self.matches: list[dict[str, str]] = []
         self.entries: list[dict[str, Any]] = [{"MESSAGE": "old", "SYSLOG_IDENTIFIER": "x"}]
         self.position = 0
         self.waited = 0
         self.closed = False
+
+    def has_runtime_files(self) -> bool:
+        return False
+
+    def has_persistent_files(self) -> bool:
+        return self.readable
 
     def add_match(self, **match: str) -> None:
         self.matches.append(match)
@@ -228,6 +235,15 @@ def test_the_journal_from_its_end() -> None:
     assert reader.closed
 
 
+def test_a_journal_with_no_readable_file_is_refused() -> None:
+    """What the package's unit (a dynamic user in group postfix) gets from
+    ``sd_journal_open`` without the systemd-journal group: no file, nothing ever read."""
+    reader = FakeReader(readable=False)
+    with pytest.raises(JournalUnavailable, match="SupplementaryGroups=systemd-journal"):
+        JournalFollower(lambda: reader)
+    assert reader.closed
+
+
 def test_the_journal_without_python3_systemd(
     monkeypatch: pytest.MonkeyPatch, metrics: MaillogMetrics, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -245,8 +261,15 @@ def test_the_journal_without_python3_systemd(
 def test_the_real_reader_takes_these_calls() -> None:
     """python3-systemd's own Reader (Debian's package; the Debian-libraries run has it):
     the calls above exist and a poll of whatever journal this host has parses or skips
-    each entry."""
-    pytest.importorskip("systemd.journal")
+    each entry; on a host with no journal file it can read, it refuses, saying why."""
+    journal = pytest.importorskip("systemd.journal")
+    reader = journal.Reader()
+    readable = reader.has_runtime_files() or reader.has_persistent_files()
+    reader.close()
+    if not readable:
+        with pytest.raises(JournalUnavailable, match="no systemd journal file is readable"):
+            JournalFollower()
+        return
     f = JournalFollower()
     try:
         assert all(result in Result for result, _ in f.poll())

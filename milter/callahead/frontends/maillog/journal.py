@@ -1,7 +1,14 @@
 """Postfix's mail log from the systemd journal (``CALLAHEAD_MAILLOG=journal``), read with
 python3-systemd's ``systemd.journal.Reader``: the entries of the mail facility (Postfix
 logs with ``syslog_facility = mail`` from every daemon of every instance's unit,
-``postfix@-.service`` on Debian), from the journal's end at start-up."""
+``postfix@-.service`` on Debian; ``SYSLOG_IDENTIFIER`` ``postfix/smtp`` and so on), from
+the journal's end at start-up.
+
+The system journal's files are readable by root and the ``systemd-journal`` (and
+``adm``) groups only: the package's unit, a dynamic user in group ``postfix``, needs
+``SupplementaryGroups=systemd-journal``. Without it ``sd_journal_open`` succeeds on no
+file at all and every read finds nothing, so a reader that opened no journal file is
+refused here, saying why, rather than left reading nothing."""
 
 from __future__ import annotations
 
@@ -41,6 +48,13 @@ class JournalFollower:
         make = reader_class if reader_class is not None else _reader_class()
         try:
             self._reader = make()
+            if not (self._reader.has_runtime_files() or self._reader.has_persistent_files()):
+                self._reader.close()
+                raise JournalUnavailable(
+                    "no systemd journal file is readable (is journald running? callahead's"
+                    " user needs the systemd-journal group: SupplementaryGroups=systemd-journal"
+                    " in a drop-in, systemctl edit callahead)"
+                )
             self._reader.add_match(SYSLOG_FACILITY=MAIL_FACILITY)
             self._reader.seek_tail()
             self._reader.get_previous()  # sd_journal_seek_tail needs a step to settle
