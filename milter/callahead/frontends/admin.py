@@ -14,6 +14,9 @@ JSON object back on one line, then the server closes. Requests (``op``):
   the file is saved before the answer, which says ``"saved": bool``
 * ``cache-stats`` -> entries, size, TTL, hits, misses, refreshes, the cache file
 * ``status`` -> ``{"healthy": bool, "loop": {...}, "primaries": [...]}``
+* ``report`` -> ``{"since": unix time, "metered": bool, "domains": {...}}``: ``callahead
+  report``'s counts per domain since serve started (maillog/tally.py); ``metered``:
+  the mail log is read (``CALLAHEAD_MAILLOG``), so the fates are counted
 
 Every answer has ``"ok": true``, or ``"ok": false`` with ``"error"``. A request that is
 too long, not JSON, or unknown gets an error answer, never more than that.
@@ -35,6 +38,7 @@ from ..caching.cache import PositiveCache
 from ..caching.redisstore import SharedUnavailable
 from ..caching.sharedcache import SharedGate
 from ..probing.engine import PrimaryState
+from .maillog.tally import DomainTally
 from .unixsocket import BoundSocket, UnixSocketError, bind_unix
 
 log = logging.getLogger("callahead.admin")
@@ -87,6 +91,7 @@ class AdminServer:
         cache_file: str = "",
         shared: SharedGate | None = None,
         save: Callable[[], Awaitable[bool]] | None = None,
+        report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """``shared``: the shared cache (Redis), on which ``cache show`` and ``cache
         flush`` act too, for every backup. ``save``: saves the cache file (True when
@@ -98,6 +103,7 @@ class AdminServer:
         self._health = health
         self._counters = counters
         self._cache_file = cache_file
+        self._report = report
         self._server: asyncio.Server | None = None
         self._bound: BoundSocket | None = None
 
@@ -226,6 +232,8 @@ class AdminServer:
             return self._recent(request)
         if op == "status":
             return self._status()
+        if op == "report" and self._report is not None:
+            return {"ok": True, **self._report()}
         return _error(f"unknown op {str(op)[:40]!r}")
 
     def _show(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,6 +285,11 @@ class AdminServer:
             "primaries": [_primary(p) for p in health.primaries],
             **({} if self._shared is None else {"redis": redis_status(self._shared)}),
         }
+
+
+def report_answer(tally: DomainTally, *, metered: bool) -> dict[str, Any]:
+    """The ``report`` op's answer, but ``ok``."""
+    return {"since": tally.since, "metered": metered, "domains": tally.snapshot()}
 
 
 def redis_state(shared: SharedGate) -> str:

@@ -15,6 +15,7 @@ from ..base.address import normalize_recipient
 from ..base.logfmt import escape
 from ..core.policy import Action, Decision, Policy, Reason
 from .maillog.ledger import Ledger
+from .maillog.tally import DomainTally
 from .metrics import Metrics
 
 log = logging.getLogger("callahead.decision")
@@ -28,9 +29,17 @@ time and within journald's line limit."""
 
 
 class Judge:
-    def __init__(self, policy: Policy, metrics: Metrics, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        metrics: Metrics,
+        ledger: Ledger | None = None,
+        tally: DomainTally | None = None,
+    ) -> None:
         self.policy = policy
         self._metrics = metrics
+        self._tally = tally
+        """``callahead report``'s counts per domain; None: not kept."""
         self.ledger = ledger
         """The backscatter meter's join (``CALLAHEAD_MAILLOG``); None: off. The front ends
         hand it what they accepted (``maillog.ledger.Held``)."""
@@ -65,6 +74,8 @@ class Judge:
 
     def _done(self, decision: Decision, client: str | None, queue_id: str) -> Decision:
         self._metrics.observe(decision)
+        if self._tally is not None:
+            self._tally.decided(decision)
         log.info(
             "%s: client=%s %s",
             escape(queue_id),

@@ -20,6 +20,7 @@ from ..caching.sharedcache import SharedGate
 from ..caching.sitebudget import RedisSiteBudget
 from ..core.guard import ClientGuard
 from ..core.policy import Policy
+from ..frontends.maillog.learning import Learner, RelayCheck
 from ..frontends.metrics import Metrics
 from ..probing.engine import EngineSettings, ProbeEngine
 from ..probing.loop import HANDOFF_MARGIN, LoopProber, ProbeLoop
@@ -123,6 +124,8 @@ class Parts:
     """None when CALLAHEAD_CATCHALL_CHECK is 0."""
     shared: SharedGate | None = None
     """The shared cache (``CALLAHEAD_REDIS_URL``), if configured and not refused."""
+    resolver: MxResolver | None = None
+    """The engine's MX resolver (the cache that learns checks relays against it)."""
 
 
 def local_ttl(config: Config) -> float:
@@ -253,4 +256,17 @@ def build_policy(config: Config, loop: ProbeLoop, metrics: Metrics) -> Parts:
         refresh_within=refresh_within,
         catchall=catchall,
     )
-    return Parts(policy, cache, engine, prober, refresher, router, catchall, shared)
+    return Parts(policy, cache, engine, prober, refresher, router, catchall, shared, resolver)
+
+
+def build_learner(config: Config, parts: Parts, loop: ProbeLoop, metrics: Metrics) -> Learner:
+    """The cache that learns from the mail log (frontends/maillog/learning.py)."""
+    check = RelayCheck(parts.router, parts.resolver)
+    return Learner(
+        parts.cache,
+        check,
+        loop.submit,
+        metrics.maillog,
+        shared=parts.shared,
+        shared_ttl=config.cache_ttl,
+    )

@@ -1,6 +1,6 @@
 """The command line: ``callahead serve``, ``probe ADDRESS`` (probecmd.py), ``config``,
 ``cache ...``, ``status`` (these two ask a running ``serve`` over the admin socket,
-admin.py) and ``doctor`` (doctor/)."""
+admin.py), ``report`` (reportcmd.py) and ``doctor`` (doctor/)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .doctor.checkup import (
     run_doctor,
 )
 from .probecmd import EX_USAGE, no_routes, routes_source, run_probe
+from .reportcmd import add_report_parser, run_report
 from .socketaccess import postfix_socket_problems
 from .startchecks import answer_time_problem, exposure_warnings, helo_warning
 from .variables import VARIABLES
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 healthy, 1 degraded, 69 not running.",
         **common,  # type: ignore[arg-type]
     )
+    add_report_parser(sub, common)
     return parser
 
 
@@ -187,6 +189,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return run_cache(config, args)
     if command == "status":
         return run_status(config)
+    if command == "report":
+        return run_report(config, args)
     if command == "doctor":
         return run_doctor(config, args.postfix, known)
     return run_serve(config)

@@ -22,9 +22,10 @@ from ..caching.catchall import LoopCatchAll
 from ..caching.refresh import LoopRefresher
 from ..caching.sharedcache import SharedGate
 from ..frontends.adapter import CallaheadMilter
-from ..frontends.admin import AdminError, AdminServer, Health
+from ..frontends.admin import AdminError, AdminServer, Health, report_answer
 from ..frontends.judge import Judge
 from ..frontends.maillog.meterstart import start_meter
+from ..frontends.maillog.tally import DomainTally
 from ..frontends.metrics import Metrics
 from ..frontends.milterloop import MilterStartError, open_milter, run_milter
 from ..frontends.policyservice import IDLE_MARGIN, PolicyService
@@ -33,7 +34,7 @@ from ..probing.engine import ProbeEngine
 from ..probing.loop import ProbeLoop
 from ..routing.postfixsettings import PostfixConfigError
 from ..routing.router import Router
-from .assembly import answer_time, build_policy
+from .assembly import answer_time, build_learner, build_policy
 from .config import Config
 from .hookcheck import HookCheck
 from .watchdog import HealthMonitor, notify
@@ -171,8 +172,11 @@ def serve(config: Config) -> int:
     if parts.shared is not None:
         loop.call_soon(parts.shared.start)
     metrics.probe_loop_up.set_function(lambda: 1.0 if loop.healthy else 0.0)
-    meter = start_meter(config.maillog, metrics.maillog)  # CALLAHEAD_MAILLOG
-    judge = Judge(parts.policy, metrics, meter.ledger if meter is not None else None)
+    tally = DomainTally()  # `callahead report`: per domain, bounded
+    meter = start_meter(  # CALLAHEAD_MAILLOG, and the cache that learns from it
+        config.maillog, metrics.maillog, build_learner(config, parts, loop, metrics), tally
+    )
+    judge = Judge(parts.policy, metrics, meter.ledger if meter is not None else None, tally)
     policy_service = PolicyService(
         judge,
         metrics,
@@ -189,6 +193,7 @@ def serve(config: Config) -> int:
         save=(
             cachefile.SaveAfterChange(cache, config.cache_file).save if config.cache_file else None
         ),
+        report=lambda: report_answer(tally, metered=meter is not None),
     )
     monitor = HealthMonitor(lambda: loop.healthy)
     saver: concurrent.futures.Future[None] | None = None

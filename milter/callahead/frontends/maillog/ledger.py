@@ -11,6 +11,8 @@ A recipient is counted once per fate: ``sent`` and ``expired`` end its entry;
 ``deferred`` is counted at the first deferral only (a retry says nothing new);
 ``bounced`` is counted at once, and as backscatter when the bounce daemon logs the
 sender's non-delivery notification for its queue id (none when the sender was ``<>``).
+Each delivery line of an accepted recipient is also told to ``on_fate`` (the cache that
+learns, learning.py), after the lock is let go.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ...base.address import normalize_recipient
 from ...core.policy import Action, Decision
 from .lines import Event, Fate, Kind
 from .meter import MaillogMetrics
+from .tally import DomainTally, domain_of
 
 WINDOW = 6 * 86400.0
 """Seconds an accepted recipient is kept: Postfix's ``maximal_queue_lifetime`` (5 days)
@@ -41,6 +44,13 @@ class _Entry:
     reason: str
     since: float
     fate: Fate | None = None
+    address: str = ""
+    """As callahead judged it (its cache's key)."""
+
+
+OnFate = Callable[[str, str, Event], None]
+"""Told each delivery line of an accepted recipient, outside the lock: its address as
+judged, callahead's reason at RCPT, the event (learning.Learner)."""
 
 
 def recipient_key(address: str) -> str:
@@ -63,8 +73,13 @@ class Ledger:
         window: float = WINDOW,
         limit: int = LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        on_fate: OnFate | None = None,
+        tally: DomainTally | None = None,
     ) -> None:
         self._metrics = metrics
+        self.tally = tally
+        """``callahead report``'s counts per domain (tally.py); None: not kept."""
+        self._on_fate = on_fate
         self._window = window
         self._limit = limit
         self._clock = clock
@@ -87,7 +102,7 @@ class Ledger:
             key = recipient_key(address)
             if key not in message:
                 self._size += 1
-            message[key] = _Entry(reason, now)
+            message[key] = _Entry(reason, now, address=address)
             self._evict(now)
 
     def reason_of(self, queue_id: str, address: str) -> str | None:
@@ -97,16 +112,19 @@ class Ledger:
 
     def read(self, event: Event) -> None:
         """One event from the mail log."""
+        told: tuple[str, str] | None = None
         with self._lock:
             message = self._messages.get(event.queue_id)
             if message is None:
                 return
             if event.kind is Kind.DELIVERY:
-                self._delivered(message, event)
+                told = self._delivered(message, event)
             elif event.kind is Kind.NOTIFICATION:
                 for key, entry in list(message.items()):
                     if entry.fate is Fate.BOUNCED:
                         self._metrics.backscatter.labels(entry.reason).inc()
+                        if self.tally is not None:
+                            self.tally.backscatter(domain_of(entry.address), entry.reason)
                         self._forget(message, key)
             elif event.kind is Kind.EXPIRED:
                 for key, entry in list(message.items()):
@@ -118,28 +136,35 @@ class Ledger:
                 message.clear()
             if not message:
                 del self._messages[event.queue_id]
+        if told is not None and self._on_fate is not None:
+            self._on_fate(*told, event)
 
-    def _delivered(self, message: dict[str, _Entry], event: Event) -> None:
+    def _delivered(self, message: dict[str, _Entry], event: Event) -> tuple[str, str] | None:
+        """Counts the fate; the recipient's (address, reason) for ``on_fate``."""
         key = recipient_key(event.recipient)
         entry = message.get(key)
         if entry is None and event.original:
             key = recipient_key(event.original)
             entry = message.get(key)
         if entry is None or event.fate is None or entry.fate is Fate.BOUNCED:
-            return
+            return None
+        told = (entry.address or key, entry.reason)
         if event.fate is Fate.DEFERRED:
             if entry.fate is None:
                 self._count(entry, Fate.DEFERRED)
                 entry.fate = Fate.DEFERRED
-            return
+            return told
         self._count(entry, event.fate)
         if event.fate is Fate.BOUNCED:
             entry.fate = Fate.BOUNCED  # kept until the notification, or the removal
         else:
             self._forget(message, key)
+        return told
 
     def _count(self, entry: _Entry, fate: Fate) -> None:
         self._metrics.outcomes.labels(entry.reason, fate.value).inc()
+        if self.tally is not None:
+            self.tally.fate(domain_of(entry.address), entry.reason, fate, entry.fate)
 
     def _forget(self, message: dict[str, _Entry], key: str) -> None:
         del message[key]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LINE = 8192
 """Bytes of a line read at most: Postfix cuts a record at 2000 (``MSG_LOGGER_RECLEN``),
@@ -89,6 +89,10 @@ class Event:
     """``orig_to``, when a rewrite changed the recipient."""
     fate: Fate | None = None
     dsn: str = ""
+    relay: str = field(default="", compare=False)
+    """``relay=``: ``name[address]:port`` of an SMTP delivery, ``none``, ``local``..."""
+    text: str = field(default="", compare=False)
+    """The status's text in parentheses (a remote server's reply, quoted)."""
 
 
 class Result(enum.Enum):
@@ -156,4 +160,6 @@ def _event(daemon: str, body: str) -> Event | None:
         original=delivery["orig"] or "",
         fate=fate,
         dsn=delivery["dsn"],
+        relay=delivery["relay"],
+        text=delivery["text"],
     )

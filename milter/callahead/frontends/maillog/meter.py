@@ -63,5 +63,20 @@ class MaillogMetrics:
             registry=r,
         )
 
+        self.cache_learned = Counter(
+            "callahead_cache_learned",
+            "Recipients added to the positive cache because their primary accepted them "
+            "when the backup relayed a message to it (status=sent in the mail log)",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "callahead_cache_evictions",
+            "Cached recipients removed (locally and from Redis) by cause: relay_bounce "
+            "(their primary refused them as unknown when the backup relayed a message)",
+            ["cause"],
+            registry=r,
+        )
+        self.cache_evictions.labels("relay_bounce")
+
     def track(self, size: Callable[[], int]) -> None:
         self.tracked.set_function(lambda: float(size()))

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from .follow import FileFollower, Pump, Source
 from .journal import JournalFollower, JournalUnavailable
-from .ledger import Ledger
+from .ledger import Ledger, OnFate
 from .meter import MaillogMetrics
+from .tally import DomainTally
 
 log = logging.getLogger("callahead.maillog")
 
@@ -23,9 +24,15 @@ class Meter:
         self.pump.stop()
 
 
-def start_meter(setting: str, metrics: MaillogMetrics) -> Meter | None:
+def start_meter(
+    setting: str,
+    metrics: MaillogMetrics,
+    on_fate: OnFate | None = None,
+    tally: DomainTally | None = None,
+) -> Meter | None:
     """None when ``setting`` is empty, or the journal cannot be read (an ERROR line
-    says why; callahead serves on without the meter)."""
+    says why; callahead serves on without the meter). ``on_fate``: the cache that learns
+    (learning.Learner)."""
     if not setting:
         return None
     source: Source
@@ -37,7 +44,7 @@ def start_meter(setting: str, metrics: MaillogMetrics) -> Meter | None:
             return None
     else:
         source = FileFollower(setting, metrics)
-    ledger = Ledger(metrics)
+    ledger = Ledger(metrics, on_fate=on_fate, tally=tally)
     pump = Pump(source, ledger, metrics)
     pump.start()
     log.info("backscatter meter: reading %s from its end", setting)
