@@ -15,20 +15,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
 from callahead.caching.redisstore import valid_key
-from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.fixtures import make_workdir
-from tests.harness.postfix import PostfixInstance
 from tests.harness.primary import Primary
 from tests.harness.sentinel import SentinelSet
 from tests.harness.waiting import wait_for
 from tests.integration.conftest import hop
-from tests.integration.test_shared_cache import DOMAIN, Backup, _backup_mx, shared_hits
+from tests.integration.test_shared_cache import DOMAIN, Backup, shared_hits, two_backups
 
 REDIS_TIMEOUT = 0.2  # the default
 WATCH_DOWN = 0.1  # redismaster.WATCH_DOWN
@@ -64,23 +61,8 @@ def site() -> Iterator[Site]:
             "CALLAHEAD_REDIS_TIMEOUT": str(REDIS_TIMEOUT),
             **redis.env(),
         }
-        started: list[CallaheadProcess] = []
-        instances: list[PostfixInstance] = []
-        try:
-            backups: list[Backup] = []
-            for name in ("a", "b"):
-                callahead = CallaheadProcess(workdir, env, name=f"callahead-{name}")
-                started.append(callahead)
-                callahead.start()
-                backup = _backup_mx(workdir, name, callahead, primary.port)
-                instances.append(backup.postfix)
-                backups.append(backup)
-            yield Site(redis, primary, backups[0], backups[1])
-        finally:
-            for instance in instances:
-                instance.stop()
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda process: process.stop(), started))
+        with two_backups(workdir, env, primary.port) as (a, b):
+            yield Site(redis, primary, a, b)
 
 
 def test_a_known_address_verified_through_a_is_a_shared_hit_at_b(site: Site) -> None:

@@ -76,7 +76,9 @@ class Cluster:
         return f"u{uuid.uuid4().hex[:12]}@{DOMAIN}"
 
 
-def _backup_mx(workdir: Path, name: str, callahead: CallaheadProcess, primary_port: int) -> Backup:
+def backup_mx(
+    workdir: Path, name: str, callahead: CallaheadProcess, primary_port: int, domain: str = DOMAIN
+) -> Backup:
     """A real Postfix backup MX built from deploy/postfix-main.cf, as conftest.py builds
     the stack's, with ``callahead`` as its milter; started."""
     directory = workdir / f"backup-{name}"
@@ -87,8 +89,8 @@ def _backup_mx(workdir: Path, name: str, callahead: CallaheadProcess, primary_po
         backup_mx_main_cf(
             SNIPPET,
             workdir=directory,
-            relay_domains=[DOMAIN],
-            transports={DOMAIN: hop(primary_port)},
+            relay_domains=[domain],
+            transports={domain: hop(primary_port)},
             milter=callahead.socket,
             hostname=f"backup-{name}.test",
         ),
@@ -96,6 +98,32 @@ def _backup_mx(workdir: Path, name: str, callahead: CallaheadProcess, primary_po
     )
     postfix.start()
     return Backup(name, callahead, postfix, port)
+
+
+@contextlib.contextmanager
+def two_backups(
+    workdir: Path, env: dict[str, str], primary_port: int, domain: str = DOMAIN
+) -> Iterator[tuple[Backup, Backup]]:
+    """Backups a and b of ``domain``, each a real Postfix with its own ``callahead
+    serve`` (``env``) as its milter, started; all stopped afterwards, even on failure."""
+    started: list[CallaheadProcess] = []
+    instances: list[PostfixInstance] = []
+    try:
+        backups: list[Backup] = []
+        for name in ("a", "b"):
+            callahead = CallaheadProcess(workdir, env, name=f"callahead-{name}")
+            started.append(callahead)
+            callahead.start()
+            backup = backup_mx(workdir, name, callahead, primary_port, domain)
+            instances.append(backup.postfix)
+            backups.append(backup)
+        yield backups[0], backups[1]
+    finally:
+        for instance in instances:
+            instance.stop()
+        # libmilter takes up to ~5 s to wind down: stop both side by side.
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda process: process.stop(), started))
 
 
 @pytest.fixture(scope="module")
@@ -110,24 +138,8 @@ def cluster() -> Iterator[Cluster]:
             "CALLAHEAD_CATCHALL_CHECK": "0",
             "CALLAHEAD_REDIS_URL": redis.url,
         }
-        started: list[CallaheadProcess] = []
-        instances: list[PostfixInstance] = []
-        try:
-            backups: list[Backup] = []
-            for name in ("a", "b"):
-                callahead = CallaheadProcess(workdir, env, name=f"callahead-{name}")
-                started.append(callahead)
-                callahead.start()
-                backup = _backup_mx(workdir, name, callahead, primary.port)
-                instances.append(backup.postfix)
-                backups.append(backup)
-            yield Cluster(redis, primary, backups[0], backups[1])
-        finally:
-            for instance in instances:
-                instance.stop()
-            # libmilter takes up to ~5 s to wind down: stop both side by side.
-            with ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda process: process.stop(), started))
+        with two_backups(workdir, env, primary.port) as (a, b):
+            yield Cluster(redis, primary, a, b)
 
 
 def shared_hits(backup: Backup) -> float:

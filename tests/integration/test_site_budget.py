@@ -23,18 +23,16 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import send
 from tests.harness.fixtures import make_workdir
-from tests.harness.ports import free_port
-from tests.harness.postfix import SNIPPET, Listener, PostfixInstance, backup_mx_main_cf
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
-from tests.integration.conftest import RAISED_LIMITS, SENDER, MetricsDelta, hop
+from tests.integration.conftest import SENDER, MetricsDelta, hop
+from tests.integration.test_shared_cache import two_backups
 
 DOMAIN = "site.test"
 RATE = 4.0
@@ -67,40 +65,6 @@ class Sent:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _backup(
-    workdir: Path, name: str, callahead: CallaheadProcess, primary_port: int
-) -> PostfixInstance:
-    """A real Postfix backup MX (deploy/postfix-main.cf) with ``callahead`` as its
-    milter, started."""
-    directory = workdir / f"backup-{name}"
-    directory.mkdir(mode=0o755)
-    port = free_port()
-    postfix = PostfixInstance(
-        directory,
-        backup_mx_main_cf(
-            SNIPPET,
-            workdir=directory,
-            relay_domains=[DOMAIN],
-            transports={DOMAIN: hop(primary_port)},
-            milter=callahead.socket,
-            hostname=f"backup-{name}.test",
-        ),
-        [Listener(port, RAISED_LIMITS)],
-    )
-    postfix.start()
-    return postfix
-
-
-def _stop_all(instances: list[PostfixInstance]) -> None:
-    for instance in instances:
-        instance.stop()
-
-
-def _stop_side_by_side(processes: list[CallaheadProcess]) -> None:
-    with ThreadPoolExecutor(len(processes)) as pool:
-        list(pool.map(lambda process: process.stop(), processes))
-
-
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     with contextlib.ExitStack() as started:
@@ -122,20 +86,8 @@ def site() -> Iterator[Site]:
             # in tests/unit/caching/test_sitebudget.py, not here.
             "CALLAHEAD_REDIS_TIMEOUT": "1",
         }
-        callaheads = {
-            name: CallaheadProcess(workdir, env, name=f"callahead-{name}") for name in "ab"
-        }
-        # libmilter takes up to ~5 s to wind down: stop both side by side, after Postfix.
-        started.callback(_stop_side_by_side, list(callaheads.values()))
-        postfixes: list[PostfixInstance] = []
-        started.callback(_stop_all, postfixes)
-        backups = {}
-        for name, callahead in callaheads.items():
-            callahead.start()
-            postfix = _backup(workdir, name, callahead, primary.port)
-            postfixes.append(postfix)
-            backups[name] = (callahead, postfix.port)
-        yield Site(redis, primary, backups)
+        pair = started.enter_context(two_backups(workdir, env, primary.port, DOMAIN))
+        yield Site(redis, primary, {b.name: (b.callahead, b.port) for b in pair})
 
 
 def test_two_backups_keep_to_one_site_budget(site: Site) -> None:
