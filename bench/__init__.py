@@ -20,4 +20,7 @@ Modules:
 - :mod:`bench.run` -- ``main``: the stack, the phases in turn, the report written.
 - :mod:`bench.shape` -- on its own (not in ``./dev bench``): what one recipient per
   transaction costs a default Postfix primary (``bench/RESULTS-shape.md``).
+- :mod:`bench.backscatter` -- on its own: how much backscatter callahead prevents and
+  lets through, by reason, through a real backup with the meter on, beside plain
+  Postfix (``bench/RESULTS-backscatter.md``).
 """
