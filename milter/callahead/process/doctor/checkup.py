@@ -18,6 +18,8 @@ backup's Postfix
 - ``policy-order``: ``check_policy_service`` comes after ``reject_unauth_destination``;
 - ``redis``: a ``CALLAHEAD_REDIS_URL`` that is set is used (one without a password off
   loopback turns the shared cache off);
+- ``maillog``: the backscatter meter (``CALLAHEAD_MAILLOG``) can read Postfix's log as
+  the unit runs (maillogcheck.py);
 - ``routes``: every relay domain has a route;
 - ``mx-targets``: an MX route's addresses that are never probed (loopback, unspecified,
   link-local, multicast) are named: a warning, a failure when none is left;
@@ -41,6 +43,7 @@ from ...base.logfmt import redact_url
 from ...routing.postfixsettings import PostfixConfigError
 from ..config import Config
 from ..postfixconf import DEFAULT_POSTFIX_CONFIG
+from .maillogcheck import maillog_findings
 from .postfixhooks import Finding, postfix_findings, report
 from .postfixview import PostfixView, read_postfix
 from .probes import check_primaries, check_routes, relay_domains
@@ -211,6 +214,7 @@ def run_doctor(config: Config, config_dir: str | None, known: Mapping[str, str])
         print("\n".join(lines))
         return EX_FAILED
     findings = postfix_findings(config, view) + redis_findings(config)
+    findings += maillog_findings(config.maillog, view.main)
     findings += asyncio.run(_primary_side(config, view, known))
     lines, passed = report(findings)
     print("\n".join(lines))
