@@ -157,6 +157,15 @@ def test_known_sent_unknown_bounced_read_from_the_journal(journal_meter: System)
         what="the backscatter",
     )
     assert system.primary.mailbox(known)
+    # The delivery was logged by Postfix's own user (journald's _UID, which no local user
+    # can forge): it teaches the cache, and the known user is valid without a probe.
+    wait_for(
+        lambda: f"{known}: cached" in system.sh(f"callahead cache show {known}", check=False),
+        TIMEOUT,
+        interval=0.2,
+        what="the known user learnt from the journal",
+    )
+    assert f"{unknown}: cached" not in system.sh(f"callahead cache show {unknown}", check=False)
     lines = samples("callahead_maillog_lines", "result")
     assert lines.get(("parsed",), 0) >= 5, lines  # 2 deferred, sent, bounced, the DSN
     assert lines.get(("malformed",), 0) == 0, lines

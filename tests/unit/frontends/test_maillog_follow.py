@@ -235,6 +235,20 @@ def test_the_journal_from_its_end() -> None:
     assert reader.closed
 
 
+def test_only_entries_of_postfixs_own_user_are_authentic() -> None:
+    """journald sets ``_UID``; ``logger -t postfix/smtp`` by a local user carries theirs."""
+    reader = FakeReader()
+    f = JournalFollower(lambda: reader, writers={107})
+    line = "B12345: removed"
+    reader.entries += [
+        {"SYSLOG_IDENTIFIER": "postfix/qmgr", "MESSAGE": line, "_UID": 107},
+        {"SYSLOG_IDENTIFIER": "postfix/qmgr", "MESSAGE": line, "_UID": 1000},
+        {"SYSLOG_IDENTIFIER": "postfix/qmgr", "MESSAGE": line},
+    ]
+    events = [e for _, e in f.poll()]
+    assert [e is not None and e.authentic for e in events] == [True, False, False]
+
+
 def test_a_journal_with_no_readable_file_is_refused() -> None:
     """What the package's unit (a dynamic user in group postfix) gets from
     ``sd_journal_open`` without the systemd-journal group: no file, nothing ever read."""

@@ -16,6 +16,7 @@ to the source's format.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
@@ -71,10 +72,12 @@ BOUNCED_HERE = (
 )
 
 
-def event(line: str) -> Event:
+def event(line: str, *, authentic: bool = True) -> Event:
+    """``line`` as the journal hands it (``authentic``: logged by Postfix's own user), or
+    as a file's line (never authentic)."""
     parsed = parse_line(line)[1]
     assert parsed is not None, line
-    return parsed
+    return dataclasses.replace(parsed, authentic=authentic)
 
 
 # -- which lines teach ----------------------------------------------------------------
@@ -94,6 +97,14 @@ def test_parsed_lines_keep_the_relay_and_the_reply() -> None:
 @pytest.mark.parametrize("reason", ["primary_down", "probe_tempfail", "cache_hit", "probe_valid"])
 def test_a_recipient_sent_to_a_relay_teaches(reason: str) -> None:
     assert lesson(reason, event(SENT)) is Lesson.LEARN
+
+
+def test_a_line_postfix_may_not_have_written_teaches_nothing_but_still_evicts() -> None:
+    """A file's line (or a journal entry of another uid) may be anyone's: ``logger -t
+    postfix/smtp`` or ``postlog -t postfix/smtp`` write one. A forged ``sent`` would make
+    a made-up address valid for a day on every backup; a forged bounce costs a probe."""
+    assert lesson("primary_down", event(SENT, authentic=False)) is None
+    assert lesson("cache_hit", event(BOUNCED, authentic=False)) is Lesson.EVICT
 
 
 @pytest.mark.parametrize("reason", ["accepts_all", "probe_unknown", "no_domain", "bad_address"])

@@ -8,12 +8,19 @@ The system journal's files are readable by root and the ``systemd-journal`` (and
 ``adm``) groups only: the package's unit, a dynamic user in group ``postfix``, needs
 ``SupplementaryGroups=systemd-journal``. Without it ``sd_journal_open`` succeeds on no
 file at all and every read finds nothing, so a reader that opened no journal file is
-refused here, saying why, rather than left reading nothing."""
+refused here, saying why, rather than left reading nothing.
+
+An entry is *authentic* (``Event.authentic``: it may teach the cache, learning.py) only
+when journald's own ``_UID`` is Postfix's ``mail_owner`` (``postfix``), under which its
+delivery agents and bounce daemon log: an entry any local user forges with ``logger``
+or ``postlog`` carries that user's ``_UID``."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+import pwd
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ...base.errors import CallaheadError
@@ -26,6 +33,16 @@ BATCH = 1000
 """Entries read per poll, at most."""
 WAIT = 0.25
 """Seconds a poll waits for new entries."""
+MAIL_OWNER = "postfix"
+"""Postfix's ``mail_owner`` (its default, Debian's): the user its daemons log as."""
+
+
+def postfix_uids() -> frozenset[int]:
+    """The uid of ``MAIL_OWNER``; none when there is no such user."""
+    try:
+        return frozenset({pwd.getpwnam(MAIL_OWNER).pw_uid})
+    except KeyError:
+        return frozenset()
 
 
 class JournalUnavailable(CallaheadError):
@@ -44,8 +61,14 @@ def _reader_class() -> Callable[[], Any]:
 
 
 class JournalFollower:
-    def __init__(self, reader_class: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        reader_class: Callable[[], Any] | None = None,
+        writers: Collection[int] | None = None,
+    ) -> None:
+        """``writers``: the uids whose entries are authentic (default: Postfix's)."""
         make = reader_class if reader_class is not None else _reader_class()
+        self._writers = frozenset(writers) if writers is not None else postfix_uids()
         try:
             self._reader = make()
             if not (self._reader.has_runtime_files() or self._reader.has_persistent_files()):
@@ -67,7 +90,10 @@ class JournalFollower:
             entry = self._reader.get_next()
             if not entry:
                 break
-            out.append(parse_entry(entry))
+            result, event = parse_entry(entry)
+            if event is not None and entry.get("_UID") in self._writers:
+                event = dataclasses.replace(event, authentic=True)
+            out.append((result, event))
         if not out:
             self._reader.wait(WAIT)
         return out

@@ -3,7 +3,10 @@ added to the positive cache; a cached one the primary refused as unknown is evic
 
 What teaches (``lesson``, on the meter's thread, from the ledger's join):
 
-- **learnt**: a ``status=sent`` line of a recipient callahead accepted, whose ``relay=``
+- **learnt**: an *authentic* ``status=sent`` line (``Event.authentic``: from the
+  journal, logged by Postfix's own user; never from a file, where any local user can
+  write a line that reads as Postfix's and so make a made-up address valid for a day,
+  on every backup) of a recipient callahead accepted, whose ``relay=``
   is one of the hosts callahead itself probes for the domain as its *primary* (a literal
   nexthop of its route, or an address of the most-preferred MX hosts; checked on the
   probe loop against the route and its MX lookup, ``RelayCheck``). The primary said 2xx
@@ -27,7 +30,8 @@ What teaches (``lesson``, on the meter's thread, from the ledger's join):
   is from the local cache and from Redis (``SharedGate.flush_address``, as ``callahead
   cache flush`` does, telling every backup), counted in
   ``callahead_cache_evictions_total{cause="relay_bounce"}``. It refuses nothing: the
-  next RCPT of the address is probed as any address not cached.
+  next RCPT of the address is probed as any address not cached. So any line may evict,
+  from a file too: a forged one costs a probe, never a verdict.
 
 Everything that touches the caches runs on the probe loop (handed over with
 ``run_coroutine_threadsafe``, never waited for: the meter's thread reads on), at most
@@ -118,7 +122,7 @@ def lesson(reason: str, event: Event) -> Lesson | None:
     if event.kind is not Kind.DELIVERY:
         return None
     if event.fate is Fate.SENT:
-        if reason in LEARNING_REASONS and relay_hop(event.relay) is not None:
+        if event.authentic and reason in LEARNING_REASONS and relay_hop(event.relay) is not None:
             return Lesson.LEARN
         return None
     if event.fate is Fate.BOUNCED and relay_hop(event.relay) is not None:

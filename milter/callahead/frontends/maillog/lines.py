@@ -93,6 +93,12 @@ class Event:
     """``relay=``: ``name[address]:port`` of an SMTP delivery, ``none``, ``local``..."""
     text: str = field(default="", compare=False)
     """The status's text in parentheses (a remote server's reply, quoted)."""
+    authentic: bool = field(default=False, compare=False)
+    """Written by Postfix itself, as far as the source can tell: only the journal can
+    (its ``_UID``, which journald sets and no client can forge, is Postfix's
+    ``mail_owner``). A file's line never is: any local user can write one there with
+    ``logger -p mail.info -t postfix/smtp`` (syslog) or ``postlog -t postfix/smtp``
+    (Postfix's own ``maillog_file``: postlog takes any tag)."""
 
 
 class Result(enum.Enum):
