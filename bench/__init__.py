@@ -23,4 +23,7 @@ Modules:
 - :mod:`bench.backscatter` -- on its own: how much backscatter callahead prevents and
   lets through, by reason, through a real backup with the meter on, beside plain
   Postfix (``bench/RESULTS-backscatter.md``).
+- :mod:`bench.coldpath` -- on its own: callahead's CPU per cold recipient through each
+  front end, and its py-spy profile (:mod:`bench.profilesummary`; ``RESULTS-coldpath.md``);
+  :mod:`bench.coldsteps` the CPU of single steps of it, in process.
 """

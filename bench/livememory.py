@@ -9,6 +9,11 @@ loads at start as after a restart. Once the second holds all N (its
 ``callahead_cache_entries`` gauge), each one's VmRSS is read.
 Prints one JSON object: the two RSS figures, their difference per address, and how long
 the load took.
+
+``python -m bench.livememory N --live`` (as root) fills the second one by probing
+instead: a real Postfix primary that knows the N addresses, and each of them asked once
+through the policy service (10 connections, ``bench/coldpath.py``'s requests), as a
+flood of first contacts would; then both RSS figures are read the same way.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from pathlib import Path
 
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.fixtures import make_workdir
+from tests.harness.ports import free_port
+from tests.harness.postfix import Listener, PostfixInstance, primary_main_cf
 from tests.harness.waiting import wait_for
 
 from callahead.caching import cachefile
 
-from .memory import address
+from .coldpath import send_policy
+from .memory import DOMAINS, address
 from .tools import rss_bytes
 
 TTL = 86400.0
@@ -54,14 +62,44 @@ def start(workdir: Path, name: str, n: int, entries: int) -> tuple[CallaheadProc
     return process, time.monotonic() - started
 
 
+def start_live(workdir: Path, n: int) -> tuple[CallaheadProcess, PostfixInstance, float]:
+    """A serve whose cache holds N addresses, each verified by a probe of a real primary."""
+    users = [address(i) for i in range(n)]
+    pdir = workdir / "primary"
+    pdir.mkdir(mode=0o755)
+    main_cf = primary_main_cf(workdir=pdir, users=users, domains=DOMAINS)
+    primary = PostfixInstance(pdir, main_cf, [Listener(free_port())])
+    primary.start()
+    process = CallaheadProcess(
+        workdir,
+        {
+            "CALLAHEAD_ROUTES": " ".join(f"{d}=[127.0.0.1]:{primary.port}" for d in DOMAINS),
+            "CALLAHEAD_CACHE_SIZE": str(n),
+            "CALLAHEAD_LOG_LEVEL": "INFO",
+            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
+        },
+        name="live",
+    )
+    process.start()
+    started = time.monotonic()
+    replies = send_policy(process.policy_port, 10, users)
+    wait_for(lambda: cached(process) >= n, 60.0, interval=0.5, what=f"live: {replies}")
+    return process, primary, time.monotonic() - started
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m bench.livememory N", file=sys.stderr)
+    live = argv[1:] == ["--live"]
+    if len(argv) != 1 + live or not argv[0].isdigit():
+        print("usage: python -m bench.livememory N [--live]", file=sys.stderr)
         return 64
     n = int(argv[0])
     with make_workdir() as workdir:
         empty, _ = start(workdir, "empty", n, 0)
-        full, load_seconds = start(workdir, "full", n, n)
+        primary: PostfixInstance | None = None
+        if live:
+            full, primary, load_seconds = start_live(workdir, n)
+        else:
+            full, load_seconds = start(workdir, "full", n, n)
         try:
             assert empty.pid is not None and full.pid is not None
             before, after = rss_bytes(empty.pid), rss_bytes(full.pid)
@@ -69,10 +107,13 @@ def main(argv: list[str]) -> int:
         finally:
             full.stop()
             empty.stop()
+            if primary is not None:
+                primary.stop()
     print(
         json.dumps(
             {
                 "addresses": held,
+                "filled": "probed live" if live else "loaded from a cache file",
                 "rss_empty": before,
                 "rss_full": after,
                 "bytes_per_address": round((after - before) / held, 1),

@@ -26,16 +26,28 @@ def _code(char: str) -> str:
     return f"\\U{n:08x}"
 
 
+def _unsafe(char: str) -> bool:
+    return char in '\\"<>=' or not char.isprintable() or char.isspace()
+
+
+_ASCII = {n: _code(chr(n)) for n in range(128) if _unsafe(chr(n))}
+"""``str.translate`` tables for ASCII text (a primary's reply, nearly always): the same
+escapes as the loop below, in C."""
+_ASCII_SPACES = {n: code for n, code in _ASCII.items() if n != ord(" ")}
+
+
 def escape(text: str, *, spaces: bool = False) -> str:
     """``text`` with every character that could end or forge a log field escaped; plain
     spaces are kept when ``spaces`` (for a field written inside double quotes)."""
     if _UNSAFE.search(text) is None:
         return text
+    if text.isascii():
+        return text.translate(_ASCII_SPACES if spaces else _ASCII)
     out = []
     for char in text:
         if char == " " and spaces:
             out.append(char)
-        elif char in '\\"<>=' or not char.isprintable() or char.isspace():
+        elif _unsafe(char):
             out.append(_code(char))
         else:
             out.append(char)  # printable non-ASCII, as in an SMTPUTF8 address

@@ -194,17 +194,17 @@ _QUOTED_PATH = re.compile(r"<[^<>]*>")
 it is never read for phrases (``<michelo@...>`` must not read as "helo")."""
 
 
-def _mentions(text: str, phrases: tuple[str, ...]) -> str | None:
-    lowered = _QUOTED_PATH.sub("<>", text).lower()
+def _mentions(lowered: str, phrases: tuple[str, ...]) -> str | None:
+    """The first of ``phrases`` in a reply's text, lowered, its paths emptied."""
     return next((phrase for phrase in phrases if phrase in lowered), None)
 
 
-def _says_unknown(text: str) -> str | None:
-    """The unknown-user phrase of ``text``, if it has one."""
-    phrase = _mentions(text, UNKNOWN_USER_TEXTS)
+def _says_unknown(lowered: str) -> str | None:
+    """The unknown-user phrase of a reply's text (lowered, paths emptied), if any."""
+    phrase = _mentions(lowered, UNKNOWN_USER_TEXTS)
     if phrase is not None:
         return phrase
-    for clause in re.split(r"[.;:\n]", _QUOTED_PATH.sub("<>", text).lower()):
+    for clause in re.split(r"[.;:\n]", lowered):
         found = _NOT_EXIST.search(clause)
         if found and not _ELSEWHERE.search(clause):  # the sender's, a host's, the DNS's
             return found[0]
@@ -258,7 +258,7 @@ def _before_rcpt(stage: Stage, code: int, text: str) -> Classification:
             Basis.TEMPORARY,
             f"{code} at {stage.value.upper()} says nothing about the recipient",
         )
-    phrase = _mentions(text, PROBER_TEXTS)
+    phrase = _mentions(_QUOTED_PATH.sub("<>", text).lower(), PROBER_TEXTS)
     if stage is Stage.MAIL and phrase is None:
         return Classification(
             Verdict.TEMPFAIL,
@@ -274,7 +274,8 @@ def _before_rcpt(stage: Stage, code: int, text: str) -> Classification:
 
 
 def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classification:
-    phrase = _mentions(text, SENDER_TEXTS)
+    lowered = _QUOTED_PATH.sub("<>", text).lower()  # once for every phrase list below
+    phrase = _mentions(lowered, SENDER_TEXTS)
     if phrase is not None:
         return Classification(
             Verdict.TEMPFAIL,
@@ -282,7 +283,7 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             f'"{phrase}" at RCPT TO refuses the probe\'s sender, not the recipient (Postfix '
             "delays sender restrictions to RCPT TO with smtpd_delay_reject = yes)",
         )
-    phrase = _mentions(text, PROBER_TEXTS)
+    phrase = _mentions(lowered, PROBER_TEXTS)
     if phrase is not None:
         return Classification(
             Verdict.TEMPFAIL,
@@ -292,14 +293,14 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             "RCPT TO with smtpd_delay_reject = yes)",
         )
     unsure = enhanced is None or enhanced.subject == 0 or str(enhanced) == "5.1.0"
-    if unsure and _SENDER_WORD.search(_QUOTED_PATH.sub("<>", text).lower()):
+    if unsure and _SENDER_WORD.search(lowered):
         return Classification(
             Verdict.TEMPFAIL,
             Basis.SENDER,
             f"{enhanced or code} names the sender: it refuses the sender, not the recipient",
         )
     if enhanced is None:
-        phrase = _says_unknown(text)
+        phrase = _says_unknown(lowered)
         if phrase is not None:
             return Classification(
                 Verdict.UNKNOWN,
@@ -341,7 +342,7 @@ def _rcpt_5xx(code: int, enhanced: EnhancedCode | None, text: str) -> Classifica
             f"rule explicit: {enhanced} (the recipient cannot be expanded) is OpenSMTPD's "
             "answer for a recipient its tables do not know",
         )
-    if enhanced.subject == 0 and _says_unknown(text) is not None:
+    if enhanced.subject == 0 and _says_unknown(lowered) is not None:
         return Classification(
             Verdict.UNKNOWN,
             Basis.RECIPIENT,
@@ -395,5 +396,5 @@ def refuses_multi_recipient_bounce(code: int, text: str) -> bool:
         return False
     enhanced = enhanced_code(code, text)
     return (enhanced is not None and (enhanced.subject, enhanced.detail) == (5, 3)) or (
-        _mentions(text, MULTI_RECIPIENT_TEXTS) is not None
+        _mentions(_QUOTED_PATH.sub("<>", text).lower(), MULTI_RECIPIENT_TEXTS) is not None
     )
