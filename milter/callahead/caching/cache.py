@@ -6,7 +6,10 @@ the lock.
 
 Each entry keeps its own expiry, so that entries loaded from ``CALLAHEAD_CACHE_FILE``
 keep the time they had left, and so that the operator can see it (``callahead cache
-show``). When the cache is full, the least recently added or looked-up entry goes.
+show``). When the cache is full, the entry nearest its expiry goes: with one TTL for
+all, the one verified longest ago (an address in use is verified again before it
+expires, ``CALLAHEAD_REFRESH_WITHIN``). The entries live in an ``ExpiringMap``
+(expiring.py), about 160 bytes each beside the address.
 
 It also remembers, per domain, the few addresses verified most recently (``recent``):
 they are the *control* addresses a probe session asks when the primary rejects a
@@ -21,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cachetools import TLRUCache
+from .expiring import ExpiringMap
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +45,6 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2]
 
 
-def _expiry(_address: str, expires: float, _now: float) -> float:
-    return expires
-
-
 class PositiveCache:
     """A bounded TTL set of valid addresses. ``ttl`` or ``maxsize`` of 0 disables it."""
 
@@ -57,9 +56,7 @@ class PositiveCache:
         self._enabled = ttl > 0 and maxsize > 0
         self._clock = clock if clock is not None else time.monotonic
         # The value of an entry is its expiry on ``clock``.
-        self._entries: TLRUCache[str, float] = TLRUCache(
-            maxsize=max(maxsize, 1), ttu=_expiry, timer=self._clock
-        )
+        self._entries = ExpiringMap(maxsize, self._clock)
         self._recent: OrderedDict[str, list[str]] = OrderedDict()
         """Domain -> its most recently verified addresses, newest first."""
         self._lock = threading.Lock()
@@ -71,15 +68,17 @@ class PositiveCache:
     def __contains__(self, address: object) -> bool:
         if not self._enabled:
             return False
+        if not isinstance(address, str):
+            return False
         with self._lock:
-            return address in self._entries
+            return self._entries.get(address) is not None
 
     def add(self, address: str) -> None:
         """Trust ``address`` for the whole TTL from now."""
         if not self._enabled:
             return
         with self._lock:
-            self._entries[address] = self._clock() + self.ttl
+            self._entries.put(address, self._clock() + self.ttl)
             self._remember(address)
 
     def _remember(self, address: str) -> None:
@@ -100,7 +99,7 @@ class PositiveCache:
             return ()
         with self._lock:
             addresses = self._recent.get(domain, ())
-            return tuple(a for a in addresses if a in self._entries)
+            return tuple(a for a in addresses if self._entries.get(a) is not None)
 
     def forget_recent(self, address: str) -> None:
         """Stop offering ``address`` as a control (its primary refused it while another
@@ -129,12 +128,7 @@ class PositiveCache:
 
     def _pop(self, address: str) -> bool:
         self._unremember(address)
-        present = address in self._entries
-        try:
-            del self._entries[address]
-        except KeyError:  # absent, or expired meanwhile
-            return False
-        return present
+        return self._entries.pop(address)
 
     def discard_domain(self, domain: str) -> int:
         """Forget every address at ``domain`` (already normalized); returns how many."""
@@ -157,7 +151,7 @@ class PositiveCache:
         """Every live entry with the seconds it has left, soonest to expire first."""
         with self._lock:
             now = self._clock()
-            entries = [(a, e - now) for a, e in self._entries.items() if e > now]
+            entries = [(a, e - now) for a, e in self._entries.items()]
         entries.sort(key=lambda entry: entry[1])
         return entries
 
@@ -172,7 +166,7 @@ class PositiveCache:
             for address, left in sorted(entries, key=lambda entry: entry[1]):
                 if left <= 0:
                     continue
-                self._entries[address] = now + min(left, self.ttl)
+                self._entries.put(address, now + min(left, self.ttl))
                 self._remember(address)
                 taken += 1
         return taken
