@@ -13,7 +13,12 @@ the load took.
 ``python -m bench.livememory N --live`` (as root) fills the second one by probing
 instead: a real Postfix primary that knows the N addresses, and each of them asked once
 through the policy service (10 connections, ``bench/coldpath.py``'s requests), as a
-flood of first contacts would; then both RSS figures are read the same way.
+flood of first contacts would; then both RSS figures are read the same way. A live fill
+pays once for what probing itself leaves behind (the probe sessions, their buffers, the
+freshness record of the last ``CALLAHEAD_POOL_MAX_AGE`` seconds, the allocator's
+high-water marks), which the empty serve never did: so its RSS is also read when half the
+addresses are in, and the second half's growth per address (``marginal``) is what one
+more address probed live costs.
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ def start(workdir: Path, name: str, n: int, entries: int) -> tuple[CallaheadProc
     return process, time.monotonic() - started
 
 
-def start_live(workdir: Path, n: int) -> tuple[CallaheadProcess, PostfixInstance, float]:
-    """A serve whose cache holds N addresses, each verified by a probe of a real primary."""
+def start_live(
+    workdir: Path, n: int
+) -> tuple[CallaheadProcess, PostfixInstance, float, tuple[int, int]]:
+    """A serve whose cache holds N addresses, each verified by a probe of a real primary;
+    and its RSS and cache size when the first half were in."""
     users = [address(i) for i in range(n)]
     pdir = workdir / "primary"
     pdir.mkdir(mode=0o755)
@@ -82,9 +90,14 @@ def start_live(workdir: Path, n: int) -> tuple[CallaheadProcess, PostfixInstance
     )
     process.start()
     started = time.monotonic()
-    replies = send_policy(process.policy_port, 10, users)
+    half = n // 2
+    replies = send_policy(process.policy_port, 10, users[:half])
+    wait_for(lambda: cached(process) >= half, 60.0, interval=0.5, what=f"live: {replies}")
+    assert process.pid is not None
+    halfway = (rss_bytes(process.pid), cached(process))
+    replies += send_policy(process.policy_port, 10, users[half:])
     wait_for(lambda: cached(process) >= n, 60.0, interval=0.5, what=f"live: {replies}")
-    return process, primary, time.monotonic() - started
+    return process, primary, time.monotonic() - started, halfway
 
 
 def main(argv: list[str]) -> int:
@@ -96,8 +109,9 @@ def main(argv: list[str]) -> int:
     with make_workdir() as workdir:
         empty, _ = start(workdir, "empty", n, 0)
         primary: PostfixInstance | None = None
+        halfway: tuple[int, int] | None = None
         if live:
-            full, primary, load_seconds = start_live(workdir, n)
+            full, primary, load_seconds, halfway = start_live(workdir, n)
         else:
             full, load_seconds = start(workdir, "full", n, n)
         try:
@@ -109,18 +123,20 @@ def main(argv: list[str]) -> int:
             empty.stop()
             if primary is not None:
                 primary.stop()
-    print(
-        json.dumps(
-            {
-                "addresses": held,
-                "filled": "probed live" if live else "loaded from a cache file",
-                "rss_empty": before,
-                "rss_full": after,
-                "bytes_per_address": round((after - before) / held, 1),
-                "load_seconds": round(load_seconds, 1),
-            }
-        )
-    )
+    figures: dict[str, object] = {
+        "addresses": held,
+        "filled": "probed live" if live else "loaded from a cache file",
+        "rss_empty": before,
+        "rss_full": after,
+        "bytes_per_address": round((after - before) / held, 1),
+        "load_seconds": round(load_seconds, 1),
+    }
+    if halfway is not None:
+        rss_half, held_half = halfway
+        figures["rss_half"] = rss_half
+        figures["addresses_half"] = held_half
+        figures["marginal"] = round((after - rss_half) / max(1, held - held_half), 1)
+    print(json.dumps(figures))
     return 0
 
 

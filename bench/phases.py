@@ -14,6 +14,7 @@ from tests.harness.waiting import wait_for
 
 from .plan import (
     DRAIN_TIMEOUT,
+    EXTRAS,
     MESSAGE_SIZE,
     PROBE_LINE,
     SENDER,
@@ -48,12 +49,19 @@ from .tools import LogCursor, SourceResult, cpu_seconds, smtp_source
 
 
 class Meter:
-    """Snapshots before a run; ``finish`` returns the ``Delta`` once the backup is idle."""
+    """Snapshots before a run; ``finish`` returns the ``Delta`` once the backup is idle.
+
+    A Meter spans one case's run and the drain after it, and the runs of a phase follow
+    one another, so ``Delta.cpu`` is what the process behind that case (``Stack.cpu_pid``:
+    the callahead, or the floor's own process for 2t and 2pt) spent in that run alone,
+    plus whatever it does in the background meanwhile (case 1's runs show that amount,
+    measured on case 2's idle callahead)."""
 
     def __init__(self, stack: Stack, spec: PrimarySpec, case: Case, report: Report) -> None:
         self._stack = stack
         self._report = report
-        self._process, self._pid = stack.process(case)
+        self._process, _ = stack.process(case)
+        self._pid = stack.cpu_pid(case)
         self._primary_port = stack.primary_port(spec.domain)
         self._cpu = cpu_seconds(self._pid)
         self._samples = self._process.samples()
@@ -331,28 +339,16 @@ def phase_memory(report: Report) -> None:
             report.memory.append(found)
 
 
-EXTRAS = (
-    # name, argv after "python -m", timeout: each prints one JSON document
-    (
-        "policycpu",
-        ["bench.policycpu", "--rounds", "6", "--requests", "20000", "--case", "callahead:"],
-        600,
-    ),
-    ("livememory", ["bench.livememory", "1000000"], 600),
-    ("flood", ["bench.flood", "--runs", "3", "--sessions", "1000"], 1500),
-    ("firstcontact", ["bench.firstcontact", "--rounds", "3"], 600),
-)
-"""The drivers that start their own processes (bench/policycpu.py, livememory.py,
-flood.py, firstcontact.py), run after the main stack is stopped."""
-
-
 def phase_extras(report: Report) -> None:
-    for name, argv, timeout in EXTRAS:
-        if not report.within_budget(name):
+    """The drivers of ``EXTRAS`` that the settings ask for, in their order."""
+    settings = report.settings
+    for extra in EXTRAS:
+        if extra.name not in settings.extras or not report.within_budget(extra.name):
             continue
-        found = _run_json(report, name, argv, timeout)
+        argv = extra.quick if settings.quick_extras else extra.argv
+        found = _run_json(report, extra.name, argv, extra.timeout)
         if found is not None:
-            report.extras[name] = found
+            report.extras[extra.name] = found
 
 
 PHASES: tuple[tuple[str, Callable[[Stack, Settings, Report, PrimarySpec], None], str], ...] = (

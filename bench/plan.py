@@ -34,6 +34,52 @@ PROBE_LINE = "relay=127.0.0.1[127.0.0.1]:{port},"
 
 
 @dataclass(frozen=True)
+class Extra:
+    """A driver that starts its own processes and prints one JSON document, run by
+    ``python -m bench.run`` after its main stack is stopped (``Report.extras[name]``)."""
+
+    name: str
+    argv: list[str]
+    """After ``python -m``: what ``./dev bench`` runs."""
+    quick: list[str]
+    """The same with small counts (``--quick-extras``): a smoke test of the report, whose
+    figures mean little."""
+    timeout: float
+
+
+EXTRAS = (
+    Extra(
+        "policycpu",
+        ["bench.policycpu", "--rounds", "6", "--requests", "20000", "--case", "callahead:"],
+        ["bench.policycpu", "--rounds", "1", "--requests", "2000", "--case", "callahead:"],
+        600,
+    ),
+    Extra("livememory", ["bench.livememory", "1000000"], ["bench.livememory", "20000"], 600),
+    Extra(
+        "livememory_live",
+        ["bench.livememory", "100000", "--live"],
+        ["bench.livememory", "4000", "--live"],
+        600,
+    ),
+    Extra(
+        "flood",
+        ["bench.flood", "--runs", "3", "--sessions", "1000"],
+        ["bench.flood", "--runs", "1", "--sessions", "100"],
+        1500,
+    ),
+    Extra(
+        "firstcontact",
+        ["bench.firstcontact", "--rounds", "3"],
+        # Level 1 too, first: the very first sessions pay the stack's warm-up.
+        ["bench.firstcontact", "--rounds", "1", "--samples", "20", "--levels", "1,10"],
+        600,
+    ),
+)
+"""The drivers (bench/policycpu.py, livememory.py at 1,000,000 addresses loaded from a
+file and at 100,000 probed live, flood.py, firstcontact.py), in the order they run."""
+
+
+@dataclass(frozen=True)
 class Settings:
     runs: int
     messages: int
@@ -52,6 +98,9 @@ class Settings:
     """Seconds after which no new measurement starts (the rest is reported as skipped)."""
     output: Path | None
     callahead_env: dict[str, str]
+    extras: tuple[str, ...]
+    """The ``EXTRAS`` to run, by name."""
+    quick_extras: bool
 
 
 def parse_args(argv: Sequence[str]) -> Settings:
@@ -100,7 +149,24 @@ def parse_args(argv: Sequence[str]) -> Settings:
         metavar="CALLAHEAD_X=VALUE",
         help="extra setting for case 2's callahead (repeatable), e.g. CALLAHEAD_POOL_SIZE=8",
     )
+    names = [extra.name for extra in EXTRAS]
+    parser.add_argument(
+        "--extras",
+        default=",".join(names),
+        metavar="NAME,...",
+        help=f"the separate drivers to run after the main stack (default all: "
+        f"{','.join(names)}; 'none' for none)",
+    )
+    parser.add_argument(
+        "--quick-extras",
+        action="store_true",
+        help="run the separate drivers with small counts (a smoke test of the report)",
+    )
     args = parser.parse_args(argv)
+    extras = tuple(x for x in args.extras.split(",") if x and x != "none")
+    unknown = [x for x in extras if x not in names]
+    if unknown:
+        parser.error(f"--extras: unknown {', '.join(unknown)} (known: {', '.join(names)})")
     callahead_env: dict[str, str] = {}
     for item in args.callahead_env:
         key, sep, value = item.partition("=")
@@ -114,12 +180,13 @@ def parse_args(argv: Sequence[str]) -> Settings:
     same_names = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(Settings)
-        if field.name not in ("output", "callahead_env")
+        if field.name not in ("output", "callahead_env", "extras")
     }
     return Settings(
         **same_names,
         output=None if args.no_write else args.output,
         callahead_env=callahead_env,
+        extras=extras,
     )
 
 

@@ -118,15 +118,24 @@ class Stack:
     backup: PostfixInstance
     ports: dict[str, int]
     """smtpd ports of the backup by case key, plus ``verify-fill``."""
+    floor_pids: dict[str, int]
+    """The do-nothing floors' pids by case key (``trivial``, ``nullpolicy``)."""
 
     def port(self, case: Case) -> int:
         return self.ports[case.key]
 
     def process(self, case: Case) -> tuple[CallaheadProcess, int]:
-        """The callahead process (and its pid) behind a case; case 2's for cases 1 and 3."""
+        """The callahead process (and its pid) behind a case; case 2's for cases 1 and 3
+        and for the floors (2t, 2pt), which are not callahead (see ``cpu_pid``)."""
         if case.key == GUARD.key:
             return self.guard, self.guard_pid
         return self.callahead, self.callahead_pid
+
+    def cpu_pid(self, case: Case) -> int:
+        """The process whose CPU a case's run costs: the floor's own for 2t and 2pt, the
+        callahead behind it otherwise (for cases 1 and 3 that is case 2's callahead,
+        idle: what it spends in the background)."""
+        return self.floor_pids.get(case.key, self.process(case)[1])
 
     def primary_port(self, domain: str) -> int:
         return self.primaries[domain].port
@@ -256,14 +265,22 @@ def build_stack(
             policy_listener(ports["nullpolicy"], null_policy.service),
         ]
         backup = stack.enter_context(PostfixInstance(workdir / "backup", main_cf, listeners))
+        callahead_pid = pid_listening_on(callahead.milter_port)
+        if pid_listening_on(callahead.policy_port) != callahead_pid:
+            # Cases 2 and 2p are charged the CPU of one pid: it must serve both.
+            raise RuntimeError("callahead's milter and policy service are not one process")
         yield Stack(
             workdir=workdir,
             sink=sink,
             primaries=primaries,
             callahead=callahead,
-            callahead_pid=pid_listening_on(callahead.milter_port),
+            callahead_pid=callahead_pid,
             guard=guard,
             guard_pid=pid_listening_on(guard.milter_port),
             backup=backup,
             ports=ports,
+            floor_pids={
+                TRIVIAL.key: pid_listening_on(trivial.port),
+                NULL_POLICY.key: pid_listening_on(null_policy.port),
+            },
         )

@@ -42,6 +42,8 @@ def settings() -> Settings:
         budget=480.0,
         output=None,
         callahead_env={"CALLAHEAD_POOL_SIZE": "8"},
+        extras=("flood",),
+        quick_extras=False,
     )
 
 
@@ -87,6 +89,13 @@ def sample_report(*, fast: bool) -> Report:
             throughput("attack", spec, CALLAHEAD, [480, 470]),
             throughput("attack", spec, VERIFY, [1.66, 1.65]),
         ]
+    for item in report.throughput:
+        # CPU seconds of the process behind the case over its runs: callahead's cold
+        # figures against 0.6 and 0.3 ms per message, its warm ones against the floors'.
+        if item.case in (CALLAHEAD, POLICY) and item.workload in ("cold", "warm"):
+            item.delta.cpu = (0.2 if fast else 1.0) * item.messages / 1000
+        elif item.case in (TRIVIAL, NULL_POLICY):
+            item.delta.cpu = 0.3 * item.messages / 1000
     report.throughput.append(throughput("attack", a, GUARD, [760, 780]))
     report.throughput.append(Throughput("attack", b, GUARD, "load", 100))  # skipped: no runs
     p99 = 0.005 if fast else 0.030
@@ -160,6 +169,15 @@ def sample_report(*, fast: bool) -> Report:
         "bytes_per_address": 320.0 if fast else 420.0,
         "load_seconds": 7.6,
     }
+    report.extras["livememory_live"] = {
+        "addresses": 100000,
+        "rss_empty": 44 * 2**20,
+        "rss_half": 60 * 2**20,
+        "rss_full": 80 * 2**20,
+        "bytes_per_address": 380.0 if fast else 472.0,
+        "marginal": 350.0,
+        "load_seconds": 90.1,
+    }
     report.extras["firstcontact"] = {
         "settings": {"rounds": 3, "samples": 100},
         "primary": "a.test",
@@ -170,7 +188,7 @@ def sample_report(*, fast: bool) -> Report:
                 "kind": kind,
                 "samples": 300,
                 "p50_ms": 3.0,
-                "p99_ms": 8.0 if fast else 20.0,
+                "p99_ms": 8.0 if fast or name.startswith("1 ") else 20.0,
                 "p99_ms_rounds": [7.0, 8.0, 9.0],
                 "replies": {"250": 300} if kind == "valid" else {"550": 300},
                 "primary_connections_per_100_probes": None if name.startswith("1 ") else 5.5,
@@ -249,7 +267,7 @@ def targets_rows(text: str) -> dict[str, str]:
 def test_every_table_is_well_formed(fast: bool) -> None:
     text = render(sample_report(fast=fast), ENV)
     found = tables(text)
-    assert len(found) == 10
+    assert len(found) == 11
     for lines in found:
         width = len(cells(lines[0]))
         assert lines[1] == "|" + "---|" * width
@@ -261,10 +279,48 @@ def test_every_table_is_well_formed(fast: bool) -> None:
 def test_targets_are_judged(fast: bool) -> None:
     rows = targets_rows(render(sample_report(fast=fast), ENV))
     judged = {name: met for name, met in rows.items() if not name.startswith("(for comparison)")}
-    assert len(judged) == 29, judged
+    assert len(judged) == 34, judged
     assert set(judged.values()) == {"yes" if fast else "**no**"}, judged
     context = [met for name, met in rows.items() if name.startswith("(for comparison)")]
-    assert len(context) == 15 and set(context) == {""}
+    assert len(context) == 22 and set(context) == {""}
+
+
+def issue_30_rows(text: str) -> list[list[str]]:
+    section = text.split("## The cold path (issue 30)", 1)[1].split("\n## ", 1)[0]
+    return [cells(row) for row in tables(section)[0][2:]]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_issue_30_table_has_each_figure_before_measured_and_target(fast: bool) -> None:
+    rows = issue_30_rows(render(sample_report(fast=fast), ENV))
+    # cold rate and cold CPU: 2 front ends x 2 primaries; warm CPU: 2; flood rate and
+    # made-up 250s: 3 cases each; first contact: 2 front ends x 2 kinds; memory: 2.
+    assert len(rows) == 8 + 2 + 6 + 4 + 2, rows
+    judged = [row for row in rows if row[3] != "(for comparison)"]
+    assert {row[4] for row in judged} == {"yes" if fast else "**no**"}
+    before = {row[0]: row[1] for row in rows}
+    assert before["cold msg/s / plain Postfix, milter (2), primary 0s"] == "0.64"
+    live = "memory per address probed live through serve (bench.livememory --live)"
+    assert before[f"{live}, 100,000 addresses"] == "472 B"
+    warm = next(row for row in rows if row[0].startswith("callahead CPU per warm message, milter"))
+    assert warm[2] == ("0.20" if fast else "1.00") + " ms against 2t's 0.30 ms: " + (
+        "0.67" if fast else "3.33"
+    )
+    assert warm[3] == "≤ 1.10 x the floor's"
+
+
+def test_issue_30_table_says_what_was_not_measured() -> None:
+    report = sample_report(fast=True)
+    del report.extras["flood"], report.extras["livememory_live"]
+    rows = issue_30_rows(render(report, ENV))
+    missing = [row for row in rows if row[2] == "not measured"]
+    assert [row[0] for row in missing] == [
+        "the flood (bench.flood) sessions/s / plain Postfix",
+        "the flood: made-up recipients answered 250",
+        "memory per address probed live through serve (bench.livememory --live)",
+        "(for comparison) the same, the second half's growth per address (marginal)",
+    ]
+    assert {row[4] for row in missing} == {"-"}
 
 
 def test_every_target_is_in_the_report() -> None:
