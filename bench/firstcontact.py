@@ -12,6 +12,14 @@ callahead with ``CALLAHEAD_PROBE_PIPELINING=no`` (guard off too): what pipelinin
 Reported per case, level and kind (median over rounds, and over all samples): the RCPT
 reply's p50 and p99, the replies, and the new connections to the primary per 100 probes.
 ``--callahead-env VAR=VALUE`` changes case 2's callahead.
+
+Each measured run comes right after an unmeasured warm-up of ``--warmup`` sessions per
+concurrent session (new valid users of the primary) on the same listener: what is
+measured is a stream of first contacts, as in a flood, not the opening of the
+processes and connections that a quiet minute lets go (the backup's smtpd processes,
+the primary's, callahead's pooled sessions). Without it the p99 of a run at 10
+sessions was the first few RCPTs, each waiting for a new smtpd process on the primary
+(``--warmup 0`` measures that).
 """
 
 from __future__ import annotations
@@ -58,12 +66,20 @@ def addresses(domain: str, round_: int, case: Case, level: int, n: int) -> tuple
     )
 
 
+def warmup_addresses(domain: str, round_: int, case: Case, level: int, n: int) -> list[str]:
+    """Valid users for the warm-up before a run (a made-up one would retire sessions)."""
+    return [f"f{round_}c{case.number}s{level}w{i}@{domain}" for i in range(n)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.firstcontact", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--levels", default="1,10,50", help="concurrent sessions")
     parser.add_argument("--samples", type=int, default=100, help="per kind, round and level")
     parser.add_argument("--primary", choices=[p.key for p in PRIMARIES], default="a")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="unmeasured sessions per concurrent session"
+    )
     parser.add_argument("--callahead-env", action="append", default=[], metavar="VAR=VALUE")
     args = parser.parse_args(argv)
     spec = next(p for p in PRIMARIES if p.key == args.primary)
@@ -73,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in range(args.rounds)
         for case in CASES
         for level in levels
-        for a in addresses(spec.domain, r, case, level, args.samples)[0]
+        for a in [
+            *addresses(spec.domain, r, case, level, args.samples)[0],
+            *warmup_addresses(spec.domain, r, case, level, args.warmup * level),
+        ]
     ]
     seconds: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     p99s: dict[tuple[str, int, str], list[float]] = defaultdict(list)
@@ -101,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         case,
                         level,
                         args.samples,
+                        args.warmup,
                         seconds,
                         p99s,
                         replies,
@@ -151,6 +171,7 @@ def one(
     case: Case,
     level: int,
     samples: int,
+    warmup: int,
     seconds: dict[tuple[str, int, str], list[float]],
     p99s: dict[tuple[str, int, str], list[float]],
     replies: dict[tuple[str, int, str], Counter[int]],
@@ -159,6 +180,11 @@ def one(
 ) -> None:
     valid, unknown = addresses(domain, round_, case, level, samples)
     jobs = [Job(SENDER, (a,)) for pair in zip(valid, unknown, strict=True) for a in pair]
+    warm = [
+        Job(SENDER, (a,)) for a in warmup_addresses(domain, round_, case, level, warmup * level)
+    ]
+    if warm:
+        run_load(stack.port(case), warm, concurrency=level, deadline=60.0)
     primary_log = LogCursor(stack.primaries[domain].maillog_path)
     before = cpu_snapshot(stack, case, domain)
     result = run_load(stack.port(case), jobs, concurrency=level, deadline=60.0)
