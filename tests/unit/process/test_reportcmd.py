@@ -23,7 +23,7 @@ from callahead.frontends.admin import AdminServer, Health, report_answer
 from callahead.frontends.judge import Judge
 from callahead.frontends.maillog.follow import Pump
 from callahead.frontends.maillog.ledger import Ledger
-from callahead.frontends.maillog.lines import parse_line
+from callahead.frontends.maillog.lines import Fate, parse_line
 from callahead.frontends.maillog.meter import MaillogMetrics
 from callahead.frontends.maillog.replay import Replay, read_journal
 from callahead.frontends.maillog.tally import OTHER, DomainTally
@@ -267,6 +267,27 @@ def test_the_tally_is_bounded_in_domains() -> None:
     snapshot = tally.snapshot()
     assert sorted(snapshot) == ["d0.test", "d1.test", "d2.test", OTHER]
     assert snapshot[OTHER]["refused"] == {"probe_unknown": 7}
+
+
+def test_refused_names_give_their_place_to_a_domain_with_accepted_mail() -> None:
+    # A flood of made-up subdomains under a parent route fills the tally with refusals;
+    # a relay domain whose mail callahead accepts still gets a row of its own.
+    tally = DomainTally(max_domains=3)
+    tally.decided(Decision(Action.ACCEPT, Reason.PROBE_VALID, "u@real.test"))
+    for n in range(10):
+        tally.decided(Decision(Action.REJECT, Reason.NO_DOMAIN, f"u@r{n}.real.test"))
+    tally.decided(Decision(Action.ACCEPT, Reason.CACHE_HIT, "v@late.test"))
+    tally.fate("later.test", "probe_valid", Fate.SENT, None)
+    snapshot = tally.snapshot()
+    assert set(snapshot) == {"late.test", "later.test", "real.test", OTHER}
+    assert snapshot["late.test"]["accepted"]["cache_hit"]["accepted"] == 1
+    assert snapshot["later.test"]["accepted"]["probe_valid"]["sent"] == 1
+    # Nothing counted is lost: the two refused names that had places are in OTHER too.
+    assert snapshot[OTHER]["refused"] == {"no_domain": 10}
+    assert snapshot["real.test"]["accepted"]["probe_valid"]["accepted"] == 1
+    # With no refusal-only place left, another accepted domain goes to OTHER.
+    tally.decided(Decision(Action.ACCEPT, Reason.PROBE_VALID, "w@last.test"))
+    assert tally.snapshot()[OTHER]["accepted"]["probe_valid"]["accepted"] == 1
 
 
 @pytest.fixture

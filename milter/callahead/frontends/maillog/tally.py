@@ -2,7 +2,10 @@
 (the backscatter it prevented), what it accepted by its reason, and what became of that
 in the mail log. The metrics carry no domain label (a label per domain is unbounded);
 this tally is bounded instead: at most ``MAX_DOMAINS`` domains, the rest under
-``OTHER``.
+``OTHER``. A domain that callahead only refused or deferred (a made-up subdomain under a
+parent route, a dictionary attack's) gives its place to one where it accepted a
+recipient, its counts moved to ``OTHER``: random names refused by the thousand never
+push the relay domains out of the report.
 
 Fed by the front ends' ``Judge`` (one ``decided`` per decision) and by the ledger (one
 ``fate`` per fate read, ``backscatter`` per non-delivery notification); read by the
@@ -51,6 +54,16 @@ class _Domain:
             row = self.accepted[reason] = dict.fromkeys(("accepted", *FATES), 0)
         return row
 
+    def add_to(self, other: _Domain) -> None:
+        for reason, count in self.refused.items():
+            other.refused[reason] = other.refused.get(reason, 0) + count
+        for reason, count in self.deferred.items():
+            other.deferred[reason] = other.deferred.get(reason, 0) + count
+        for reason, row in self.accepted.items():
+            into = other.row(reason)
+            for column, count in row.items():
+                into[column] += count
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "refused": dict(self.refused),
@@ -66,17 +79,35 @@ class DomainTally:
         self._max = max_domains
         self._lock = threading.Lock()
         self._domains: dict[str, _Domain] = {}
+        self._refusals_only: dict[str, None] = {}
+        """The tallied domains with nothing accepted yet, the oldest first: the places
+        that a domain with an accepted recipient may take."""
         self.since = clock()
         """Unix time the counts start at."""
 
-    def _domain(self, name: str) -> _Domain:
+    def _domain(self, name: str, *, accepted: bool) -> _Domain:
+        """The counts of ``name`` (or ``OTHER``); ``accepted``: for a recipient
+        callahead accepted (or its fate)."""
         found = self._domains.get(name)
+        if found is not None:
+            if accepted:
+                self._refusals_only.pop(name, None)
+            return found
+        if len(self._domains) - (OTHER in self._domains) >= self._max:
+            if not accepted or not self._refusals_only:
+                return self._other()
+            gone = next(iter(self._refusals_only))
+            del self._refusals_only[gone]
+            self._domains.pop(gone).add_to(self._other())
+        found = self._domains[name] = _Domain()
+        if not accepted:
+            self._refusals_only[name] = None
+        return found
+
+    def _other(self) -> _Domain:
+        found = self._domains.get(OTHER)
         if found is None:
-            if len(self._domains) >= self._max:
-                name = OTHER
-                found = self._domains.get(OTHER)
-            if found is None:
-                found = self._domains[name] = _Domain()
+            found = self._domains[OTHER] = _Domain()
         return found
 
     def decided(self, decision: Decision) -> None:
@@ -93,7 +124,7 @@ class DomainTally:
         if action is Action.SKIP:
             return
         with self._lock:
-            counts = self._domain(domain)
+            counts = self._domain(domain, accepted=accepted)
             if accepted:
                 counts.row(reason)["accepted"] += 1
             elif action is Action.REJECT:
@@ -105,14 +136,14 @@ class DomainTally:
         """A recipient accepted for ``reason`` met ``fate``; ``before``: the fate it had
         (None, or deferred)."""
         with self._lock:
-            row = self._domain(domain).row(reason)
+            row = self._domain(domain, accepted=True).row(reason)
             if before is Fate.DEFERRED and fate is not Fate.DEFERRED:
                 row["deferred"] -= 1
             row[fate.value] += 1
 
     def backscatter(self, domain: str, reason: str) -> None:
         with self._lock:
-            self._domain(domain).row(reason)["backscatter"] += 1
+            self._domain(domain, accepted=True).row(reason)["backscatter"] += 1
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per domain: ``refused`` and ``deferred`` by reason, ``accepted`` by reason
