@@ -13,9 +13,7 @@ no sharing, the recipients decided locally meanwhile."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -24,8 +22,8 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.primary import Primary
 from tests.harness.sentinel import SentinelSet
 from tests.harness.waiting import wait_for
-from tests.integration.conftest import hop
-from tests.integration.test_shared_cache import DOMAIN, Backup, shared_hits, two_backups
+from tests.integration import sites
+from tests.integration.sites import shared_hits, site_env, two_backups
 
 REDIS_TIMEOUT = 0.2  # the default
 WATCH_DOWN = 0.1  # redismaster.WATCH_DOWN
@@ -33,36 +31,19 @@ ITERATION_SLACK = 0.5
 """Seconds one round of mail through both backups may add to when sharing is seen."""
 
 
-@dataclass
-class Site:
-    redis: SentinelSet
-    primary: Primary
-    a: Backup
-    b: Backup
-
-    def new_user(self) -> str:
-        address = self.new_address()
-        self.primary.add_user(address)
-        return address
-
-    @staticmethod
-    def new_address() -> str:
-        return f"s{uuid.uuid4().hex[:12]}@{DOMAIN}"
+Site = sites.Site[SentinelSet]
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     with make_workdir() as workdir, SentinelSet(workdir) as redis, Primary([]) as primary:
         env = {
-            "CALLAHEAD_ROUTES": f"{DOMAIN}={hop(primary.port)}",
-            "CALLAHEAD_PROBE_TIMEOUT": "2",
-            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
-            "CALLAHEAD_CATCHALL_CHECK": "0",
+            **site_env(primary, 2.0),
             "CALLAHEAD_REDIS_TIMEOUT": str(REDIS_TIMEOUT),
             **redis.env(),
         }
         with two_backups(workdir, env, primary.port) as (a, b):
-            yield Site(redis, primary, a, b)
+            yield Site(redis, primary, a, b, tag="s")
 
 
 def test_a_known_address_verified_through_a_is_a_shared_hit_at_b(site: Site) -> None:

@@ -13,11 +13,8 @@ import contextlib
 import functools
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis as redispy
@@ -26,126 +23,37 @@ from callahead.caching.catchall import CHECK_PREFIX
 from callahead.caching.redisstore import CHANNEL, control_key, lock_key, valid_key
 from callahead.caching.untrusted import FLUSH_BURST
 from tests.harness.callahead_process import CallaheadProcess
-from tests.harness.client import Transaction, ask_policy, make_message, send
+from tests.harness.client import ask_policy
 from tests.harness.fixtures import make_workdir
-from tests.harness.ports import free_port
-from tests.harness.postfix import SNIPPET, Listener, PostfixInstance, backup_mx_main_cf
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
 from tests.harness.scripted import Script, ScriptedServer
 from tests.harness.waiting import wait_for
-from tests.integration.conftest import RAISED_LIMITS, SENDER, MetricsDelta, hop
+from tests.integration.conftest import MetricsDelta, hop
+from tests.integration.sites import (
+    DOMAIN,
+    Site,
+    shared_hits,
+    site_env,
+    two_backups,
+)
 
 PROBE_TIMEOUT = 2.0
-DOMAIN = "shared.test"
 CACHE_TTL = 86400  # the default
 LOCK_WAIT = 2.0  # the default
 REDIS_TIMEOUT = 0.2  # the default
 INVALID = "callahead_redis_invalid_total"
 
 
-@dataclass
-class Backup:
-    name: str
-    callahead: CallaheadProcess
-    postfix: PostfixInstance
-    port: int
-
-    def rcpt(self, *rcpts: str, body: bool = False) -> Transaction:
-        message = make_message(SENDER, list(rcpts))[1] if body else None
-        return send(self.port, SENDER, list(rcpts), message)
-
-    def counter(self, name: str, **labels: str) -> float:
-        return self.callahead.samples().get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@dataclass
-class Cluster:
-    redis: RedisServer
-    primary: Primary
-    a: Backup
-    b: Backup
-
-    def new_user(self) -> str:
-        address = self.new_address()
-        self.primary.add_user(address)
-        return address
-
-    @staticmethod
-    def new_address() -> str:
-        return f"u{uuid.uuid4().hex[:12]}@{DOMAIN}"
-
-
-def backup_mx(
-    workdir: Path, name: str, callahead: CallaheadProcess, primary_port: int, domain: str = DOMAIN
-) -> Backup:
-    """A real Postfix backup MX built from deploy/postfix-main.cf, as conftest.py builds
-    the stack's, with ``callahead`` as its milter; started."""
-    directory = workdir / f"backup-{name}"
-    directory.mkdir(mode=0o755)
-    port = free_port()
-    postfix = PostfixInstance(
-        directory,
-        backup_mx_main_cf(
-            SNIPPET,
-            workdir=directory,
-            relay_domains=[domain],
-            transports={domain: hop(primary_port)},
-            milter=callahead.socket,
-            hostname=f"backup-{name}.test",
-        ),
-        [Listener(port, RAISED_LIMITS)],
-    )
-    postfix.start()
-    return Backup(name, callahead, postfix, port)
-
-
-@contextlib.contextmanager
-def two_backups(
-    workdir: Path, env: dict[str, str], primary_port: int, domain: str = DOMAIN
-) -> Iterator[tuple[Backup, Backup]]:
-    """Backups a and b of ``domain``, each a real Postfix with its own ``callahead
-    serve`` (``env``) as its milter, started; all stopped afterwards, even on failure."""
-    started: list[CallaheadProcess] = []
-    instances: list[PostfixInstance] = []
-    try:
-        backups: list[Backup] = []
-        for name in ("a", "b"):
-            callahead = CallaheadProcess(workdir, env, name=f"callahead-{name}")
-            started.append(callahead)
-            callahead.start()
-            backup = backup_mx(workdir, name, callahead, primary_port, domain)
-            instances.append(backup.postfix)
-            backups.append(backup)
-        yield backups[0], backups[1]
-    finally:
-        for instance in instances:
-            instance.stop()
-        # libmilter takes up to ~5 s to wind down: stop both side by side.
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda process: process.stop(), started))
+Cluster = Site[RedisServer]
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     with make_workdir() as workdir, RedisServer(workdir) as redis, Primary([]) as primary:
-        env = {
-            "CALLAHEAD_ROUTES": f"{DOMAIN}={hop(primary.port)}",
-            "CALLAHEAD_PROBE_TIMEOUT": str(PROBE_TIMEOUT),
-            "CALLAHEAD_CLIENT_UNKNOWN_LIMIT": "0",
-            # A catch-all check is a background probe whose rejection asks a verified
-            # user as its control: the primary's counts here are of the tests' own.
-            "CALLAHEAD_CATCHALL_CHECK": "0",
-            "CALLAHEAD_REDIS_URL": redis.url,
-        }
+        env = {**site_env(primary, PROBE_TIMEOUT), "CALLAHEAD_REDIS_URL": redis.url}
         with two_backups(workdir, env, primary.port) as (a, b):
             yield Cluster(redis, primary, a, b)
-
-
-def shared_hits(backup: Backup) -> float:
-    return backup.counter(
-        "callahead_rcpt_decisions_total", decision="accept", reason="shared_cache_hit"
-    )
 
 
 def test_an_address_verified_through_a_is_answered_by_b_from_redis(cluster: Cluster) -> None:

@@ -32,7 +32,7 @@ from tests.harness.fixtures import make_workdir
 from tests.harness.primary import Primary
 from tests.harness.redis import RedisServer
 from tests.integration.conftest import SENDER, MetricsDelta, hop
-from tests.integration.test_shared_cache import two_backups
+from tests.integration.sites import two_backups
 
 DOMAIN = "site.test"
 RATE = 4.0
