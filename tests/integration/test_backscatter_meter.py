@@ -28,20 +28,17 @@ import pytest
 
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import make_message, send
-from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
     Listener,
     PostfixInstance,
     _tool,
-    backup_mx_main_cf,
-    instance_paths,
     policy_listener,
-    primary_main_cf,
 )
 from tests.harness.waiting import wait_for
 
 from .conftest import SENDER, MetricsDelta
+from .loggedbackup import logged_backup
 
 DOMAIN = "meter.test"
 TIMEOUT = 30.0
@@ -105,61 +102,24 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
-    with make_workdir("callahead-meter-") as workdir:
-        primary_dir, backup_dir = workdir / "primary", workdir / "backup"
-        primary_dir.mkdir(mode=0o755)
-        backup_dir.mkdir(mode=0o755)
-        primary_port = free_port()
-        primary = PostfixInstance(
-            primary_dir,
-            primary_main_cf(
-                workdir=primary_dir,
-                users=[f"known-milter@{DOMAIN}", f"known-policy@{DOMAIN}"],
-                hostname="primary.test",
-            ),
-            [Listener(primary_port)],
-        )
-        callahead = CallaheadProcess(
-            workdir,
-            {
-                "CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{primary_port}",
-                # Started before the backup: its log does not exist yet, and is read
-                # from its first line once it appears.
-                "CALLAHEAD_MAILLOG": str(instance_paths(backup_dir).maillog),
-                # The first refused connection marks the primary down, for long enough.
-                "CALLAHEAD_BREAKER_FAILURES": "1",
-                # No catch-all check: a background probe at the domain's first recipient,
-                # which would race the tests' own (a refusal of it opens the breaker).
-                "CALLAHEAD_CATCHALL_CHECK": "0",
-                "CALLAHEAD_BREAKER_COOLDOWN": "3600",
-            },
-        )
-        ports = {"milter": free_port(), "policy": free_port()}
-        backup = PostfixInstance(
-            backup_dir,
-            backup_mx_main_cf(
-                workdir=backup_dir,
-                relay_domains=[DOMAIN],
-                transports={DOMAIN: f"[127.0.0.1]:{primary_port}"},
-                milter=callahead.socket,
-            ),
-            [
-                Listener(ports["milter"]),
-                # Asked at RCPT only, as the production snippet asks: the first
-                # recipient has no queue id yet, the second one brings it.
-                policy_listener(ports["policy"], callahead.policy_service),
-            ],
-        )
-        callahead.start()
-        try:
-            backup.start()
-            try:
-                yield Rig(workdir, callahead, backup, primary, ports)
-            finally:
-                backup.stop()
-                primary.stop()
-        finally:
-            callahead.stop()
+    ports = {"milter": free_port(), "policy": free_port()}
+    with logged_backup(
+        "callahead-meter-",
+        DOMAIN,
+        [f"known-milter@{DOMAIN}", f"known-policy@{DOMAIN}"],
+        {
+            # The first refused connection marks the primary down, for long enough.
+            "CALLAHEAD_BREAKER_FAILURES": "1",
+            "CALLAHEAD_BREAKER_COOLDOWN": "3600",
+        },
+        lambda callahead: [
+            Listener(ports["milter"]),
+            # Asked at RCPT only, as the production snippet asks: the first recipient
+            # has no queue id yet, the second one brings it.
+            policy_listener(ports["policy"], callahead.policy_service),
+        ],
+    ) as logged:
+        yield Rig(logged.workdir, logged.callahead, logged.backup, logged.primary, ports)
 
 
 def copytruncate(path: Path) -> None:

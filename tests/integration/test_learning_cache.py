@@ -27,18 +27,15 @@ import pytest
 from callahead.frontends.adminclient import ask
 from tests.harness.callahead_process import CallaheadProcess
 from tests.harness.client import make_message, send
-from tests.harness.fixtures import make_workdir
 from tests.harness.ports import free_port
 from tests.harness.postfix import (
     Listener,
     PostfixInstance,
-    backup_mx_main_cf,
-    instance_paths,
-    primary_main_cf,
 )
 from tests.harness.waiting import wait_for
 
 from .conftest import SENDER, MetricsDelta
+from .loggedbackup import logged_backup
 
 DOMAIN = "learn.test"
 KNOWN, VICTIM = f"known@{DOMAIN}", f"victim@{DOMAIN}"
@@ -78,50 +75,17 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
-    with make_workdir("callahead-learn-") as workdir:
-        primary_dir, backup_dir = workdir / "primary", workdir / "backup"
-        primary_dir.mkdir(mode=0o755)
-        backup_dir.mkdir(mode=0o755)
-        primary_port = free_port()
-        primary = PostfixInstance(
-            primary_dir,
-            primary_main_cf(workdir=primary_dir, users=[KNOWN, VICTIM], hostname="primary.test"),
-            [Listener(primary_port)],
-        )
-        callahead = CallaheadProcess(
-            workdir,
-            {
-                "CALLAHEAD_ROUTES": f"{DOMAIN}=[127.0.0.1]:{primary_port}",
-                "CALLAHEAD_MAILLOG": str(instance_paths(backup_dir).maillog),
-                # Every probe tries the primary: refused while it is down (undecided),
-                # answered at once when it is back.
-                "CALLAHEAD_BREAKER_FAILURES": "0",
-                # No catch-all check: a background probe at the domain's first recipient,
-                # which would race the tests' own (a refusal of it opens the breaker).
-                "CALLAHEAD_CATCHALL_CHECK": "0",
-            },
-        )
-        port = free_port()
-        backup = PostfixInstance(
-            backup_dir,
-            backup_mx_main_cf(
-                workdir=backup_dir,
-                relay_domains=[DOMAIN],
-                transports={DOMAIN: f"[127.0.0.1]:{primary_port}"},
-                milter=callahead.socket,
-            ),
-            [Listener(port)],
-        )
-        callahead.start()
-        try:
-            backup.start()
-            try:
-                yield Rig(callahead, backup, primary, port)
-            finally:
-                backup.stop()
-                primary.stop()
-        finally:
-            callahead.stop()
+    port = free_port()
+    with logged_backup(
+        "callahead-learn-",
+        DOMAIN,
+        [KNOWN, VICTIM],
+        # Every probe tries the primary: refused while it is down (undecided), answered
+        # at once when it is back.
+        {"CALLAHEAD_BREAKER_FAILURES": "0"},
+        lambda _: [Listener(port)],
+    ) as logged:
+        yield Rig(logged.callahead, logged.backup, logged.primary, port)
 
 
 def test_a_user_sent_to_the_primary_is_not_learnt_from_a_file(rig: Rig) -> None:
