@@ -31,19 +31,6 @@ def test_put_again_gives_a_new_expiry_and_the_old_one_never_removes_it() -> None
     assert entries.get("a") == clock.now + 2
 
 
-def test_put_again_with_an_equal_expiry_is_still_the_live_entry() -> None:
-    # Within the clock's resolution two puts have equal expiries: the stale one must
-    # not be taken for the live one (identity, not equality).
-    clock = Clock()
-    entries = ExpiringMap(1, clock)
-    entries.put("a", clock.now + 5)
-    entries.put("a", clock.now + 5)
-    entries.put("b", clock.now + 5)  # full: the live "a" goes, not a stale copy
-    assert entries.get("a") is None
-    assert entries.get("b") is not None
-    assert len(entries) == 1
-
-
 def test_when_full_the_entry_nearest_its_expiry_goes() -> None:
     clock = Clock()
     entries = ExpiringMap(3, clock)
@@ -63,41 +50,76 @@ def test_a_discarded_entry_is_gone_and_its_stale_slot_does_not_count() -> None:
     assert sorted(entries) == ["b", "c"]  # a's stale slot took nobody's place
 
 
-def test_an_out_of_order_entry_is_never_answered_after_its_expiry() -> None:
+def test_an_out_of_order_entry_expires_on_time_and_is_not_counted_after() -> None:
     clock = Clock()
     entries = ExpiringMap(10, clock)
     entries.put("late", clock.now + 100)
     entries.put("early", clock.now + 10)  # restored from Redis with 10 s left
+    assert len(entries) == 2
     clock.now += 10
     assert entries.get("early") is None
     assert entries.get("late") is not None
     assert [key for key, _ in entries.items()] == ["late"]
+    assert len(entries) == 1  # the callahead_cache_entries gauge: exact
 
 
-def test_an_already_expired_put_removes_the_entry() -> None:
+def test_when_full_an_out_of_order_entry_nearer_its_expiry_goes_first() -> None:
     clock = Clock()
-    entries = ExpiringMap(10, clock)
-    entries.put("a", clock.now + 10)
-    entries.put("a", clock.now)
-    assert entries.get("a") is None
-    assert len(entries) == 0
+    entries = ExpiringMap(2, clock)
+    entries.put("a", clock.now + 100)
+    entries.put("b", clock.now + 60)  # out of order, but live
+    entries.put("c", clock.now + 100)
+    assert sorted(entries) == ["a", "c"]
 
 
-def test_the_deques_stay_bounded_and_in_expiry_order_under_churn() -> None:
+def test_an_expired_out_of_order_entry_never_costs_a_live_one_its_place() -> None:
+    clock = Clock()
+    entries = ExpiringMap(2, clock)
+    entries.put("a", clock.now + 100)
+    entries.put("b", clock.now + 10)
+    clock.now += 50  # b has expired
+    entries.put("c", clock.now + 100)
+    assert sorted(entries) == ["a", "c"]
+    assert len(entries) == 2
+
+
+def test_slots_left_by_entries_put_again_are_compacted() -> None:
+    # Live entries at the front of the deques and at the top of the heap keep the stale
+    # slots behind them from being dropped as they come to the front.
     clock = Clock()
     entries = ExpiringMap(100, clock)
+    entries.put("anchor", clock.now + 1000)
+    entries.put("heap-anchor", clock.now + 400)  # out of order: the heap's top
+    for step in range(5 * COMPACT_SLACK):
+        entries.put(f"k{step % 10}", clock.now + 1000)  # in order, behind "anchor"
+        entries.put(f"l{step % 10}", clock.now + 500)  # out of order, under "heap-anchor"
+        clock.now += 0.001
+        held = len(entries._keys) + len(entries._late)
+        assert held <= 2 * len(entries._expiry) + COMPACT_SLACK
+    assert len(entries) == 22
+
+
+def test_under_churn_it_holds_what_a_plain_model_holds() -> None:
+    """Random puts (in and out of order), discards and time against a dict that
+    expires and evicts by scanning everything."""
+    clock = Clock()
+    maxsize = 20
+    entries = ExpiringMap(maxsize, clock)
     rng = random.Random(7)
-    live: dict[str, float] = {}
-    for step in range(20 * COMPACT_SLACK):
+    model: dict[str, float] = {}
+    for step in range(5000):
+        model = {k: e for k, e in model.items() if clock.now < e}
         key = f"k{rng.randrange(50)}"
-        expires = clock.now + rng.uniform(1, 1000)  # in and out of order
+        expires = clock.now + rng.uniform(1, 100)
         entries.put(key, expires)
-        live[key] = expires
+        model[key] = expires
+        while len(model) > maxsize:
+            del model[min(model, key=model.__getitem__)]
         if step % 7 == 0:
             gone = f"k{rng.randrange(50)}"
-            entries.pop(gone)
-            live.pop(gone, None)
-        clock.now += 0.01
-        live = {k: e for k, e in live.items() if clock.now < e}
-        assert len(entries._keys) <= 2 * len(entries._expiry) + COMPACT_SLACK + 1
-    assert dict(entries.items()) == live
+            assert entries.pop(gone) == (gone in model)
+            model.pop(gone, None)
+        clock.now += rng.uniform(0, 0.5)
+        model = {k: e for k, e in model.items() if clock.now < e}
+        assert dict(entries.items()) == model
+        assert len(entries) == len(model)
