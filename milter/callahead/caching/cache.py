@@ -141,8 +141,7 @@ class PositiveCache:
     def clear(self) -> int:
         """Forget everything; returns how many entries went."""
         with self._lock:
-            self._entries.expire()
-            count = len(self._entries)
+            count = len(self._entries)  # the live ones: len expires the others first
             self._entries.clear()
             self._recent.clear()
             return count
@@ -176,5 +175,4 @@ class PositiveCache:
 
     def __len__(self) -> int:
         with self._lock:
-            self._entries.expire()
             return len(self._entries)
