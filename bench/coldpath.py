@@ -44,7 +44,7 @@ from tests.harness.milterclient import MilterClient
 from tests.harness.ports import free_port
 from tests.harness.postfix import Listener, PostfixInstance, primary_main_cf
 
-from .policycpu import request
+from .policycpu import parse_case, request
 from .profilesummary import summarise
 from .tools import cpu_seconds
 
@@ -110,11 +110,6 @@ def measure(
     before = cpu_seconds(pid)
     replies = send(connections, recipients)
     return (cpu_seconds(pid) - before) / len(recipients), dict(replies)
-
-
-def parse_case(text: str) -> tuple[str, dict[str, str]]:
-    name, _, settings = text.partition(":")
-    return name, dict(item.split("=", 1) for item in settings.split(",") if item)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
